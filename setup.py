@@ -1,0 +1,51 @@
+"""laser_jax: LaSeR (Last-Token Self-Rewarding) RLVR training in JAX."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=1.0",
+    "transformers>=4.50",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "tensorflow-datasets>=4.9",
+    "math-verify>=0.7",
+    "tensorboardX>=2.6",
+    "tqdm>=4.66",
+    "numpy>=1.26",
+    "pyarrow>=15",
+    "absl-py>=2.0",
+]
+
+EXTRAS = {
+    # Test-only: torch is the independent reference implementation.
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "hypothesis>=6.100",
+        "torch==2.13.0",
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+        "matplotlib>=3.8",
+    ],
+    "tpu": ["jax[tpu]"],
+    "gpu": ["jax[cuda12]"],
+    "notebook": ["matplotlib>=3.8", "ipykernel>=6.29"],
+    # Benchmarks only: the Tunix comparison (issue 7) pulls in its own stack.
+    "bench": ["torch==2.13.0", "matplotlib>=3.8"],
+}
+
+setup(
+    name="laser_jax",
+    version="0.1.0",
+    description="LaSeR: RL with last-token self-rewarding, in JAX/Flax for TPU and GPU.",
+    packages=find_packages(include=["laser_jax", "laser_jax.*"]),
+    package_data={"laser_jax": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
