@@ -11,6 +11,8 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.21",
     "safetensors>=0.4",
     "tensorflow-datasets>=4.9",
+    # tfds resolves builder code paths with it; without TensorFlow it is not pulled in.
+    "importlib_resources>=6",
     "math-verify>=0.7",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
