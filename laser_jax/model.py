@@ -1,0 +1,350 @@
+"""Decoder-only transformer (Qwen2 / Qwen2.5, Llama 3.x, Qwen3) in Flax linen.
+
+One module tree serves both paths:
+  * `forward`: full-sequence forward for training (left- or right-padded batches, explicit positions);
+  * `forward_cached`: prefill / one-token decode into a preallocated `KVCache` for sampling.
+
+Parameters are the plain nested dict `variables["params"]` of the linen module, laid out as
+  embed/embedding [V, H]
+  layers_{i}/input_norm/scale [H]
+  layers_{i}/attn/{q,k,v}_proj/{kernel [H, heads*D], bias [heads*D] (Qwen2 only)}
+  layers_{i}/attn/o_proj/kernel [heads*D, H]
+  layers_{i}/attn/{q,k}_norm/scale [D] (Qwen3 only)
+  layers_{i}/post_attn_norm/scale [H]
+  layers_{i}/mlp/{gate,up}_proj/kernel [H, I], layers_{i}/mlp/down_proj/kernel [I, H]
+  final_norm/scale [H]
+  lm_head/kernel [H, V] (untied heads only)
+Kernels are stored [in, out] (the transpose of torch's nn.Linear weight).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+
+FAMILIES = ("qwen2", "llama", "qwen3")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture + numerics of a decoder. Frozen and hashable so it can be a static jit argument."""
+  family: str  # "qwen2" | "llama" | "qwen3"
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  # Llama-3 rope scaling as a sorted tuple of (key, value) pairs, e.g.
+  # (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+  #  ("original_max_position_embeddings", 8192), ("rope_type", "llama3")).
+  rope_scaling: tuple | None = None
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2: True
+  qk_norm: bool = False  # Qwen3: True
+  max_position_embeddings: int = 32768
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: bool = False  # per-layer rematerialisation in the full forward
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"ModelConfig.family={self.family!r}: expected one of {FAMILIES}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {tuple(_DTYPES)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModelConfig: num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+    if self.rope_scaling is not None:
+      scaling = dict(self.rope_scaling)
+      if scaling.get("rope_type") != "llama3":
+        raise ValueError(f"ModelConfig.rope_scaling: only rope_type 'llama3' is supported, got {scaling}")
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **kwargs) -> "ModelConfig":
+    return dataclasses.replace(self, **kwargs)
+
+  def num_params(self) -> int:
+    """Analytic parameter count (no allocation); equals the HF model's parameter count."""
+    h, d = self.hidden_size, self.head_dim
+    q, kv = self.num_heads * d, self.num_kv_heads * d
+    attn = h * q + 2 * h * kv + q * h
+    if self.qkv_bias:
+      attn += q + 2 * kv
+    if self.qk_norm:
+      attn += 2 * d
+    mlp = 3 * h * self.intermediate_size
+    layer = attn + mlp + 2 * h
+    head = 0 if self.tie_word_embeddings else h * self.vocab_size
+    return self.vocab_size * h + self.num_layers * layer + h + head
+
+
+class KVCache(NamedTuple):
+  """Preallocated key/value cache (a pytree)."""
+  k: jax.Array  # [num_layers, batch, max_len, num_kv_heads, head_dim], compute dtype
+  v: jax.Array  # same
+  mask: jax.Array  # [batch, max_len] bool: slot holds a valid (non-pad) token
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure math.
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [head_dim // 2] (float32), with Llama-3 scaling when configured."""
+  d = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+  inv_freq = inv_freq.astype(np.float32)
+  if cfg.rope_scaling is None:
+    return inv_freq
+  s = dict(cfg.rope_scaling)
+  factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+  old_len = float(s["original_max_position_embeddings"])
+  wavelen = 2 * math.pi / inv_freq
+  # Long wavelengths (low frequencies) are slowed down by `factor`, short ones are kept, and the band
+  # in between interpolates smoothly between the two (Llama 3.1 rope scaling).
+  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary embedding, half-split convention. x [B, T, N, D], positions [B, T] int."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query attention. q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] bool -> [B,T,N,D].
+
+  Scores and softmax are float32. Masked scores are *replaced* (not offset) by the lowest finite
+  value, so a row with no visible key gives a uniform (finite) distribution instead of NaN.
+  """
+  b, t, n, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, d)  # query head h uses kv head h // (n // kv_heads)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(d)
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, n, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+def _dense(features, cfg, name, use_bias=False):
+  return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                  name=name)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, kv_cache=None, write_index=None):
+    """x [B,T,H]. Without a cache attends within x (mask [B,T,T]); with kv_cache=(k, v) [B,S,K,D]
+    writes this step's k/v at write_index and attends over the cache (mask [B,T,S])."""
+    cfg = self.cfg
+    b, t, _ = x.shape
+    d = cfg.head_dim
+    q = _dense(cfg.num_heads * d, cfg, "q_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.num_heads, d)
+    k = _dense(cfg.num_kv_heads * d, cfg, "k_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.num_kv_heads, d)
+    v = _dense(cfg.num_kv_heads * d, cfg, "v_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.num_kv_heads, d)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="q_norm")(q)
+      k = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="k_norm")(k)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    new_cache = None
+    if kv_cache is not None:
+      k_cache, v_cache = kv_cache
+      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
+      k, v, new_cache = k_cache, v_cache, (k_cache, v_cache)
+    out = attend(q, k, v, mask).reshape(b, t, cfg.num_heads * d)
+    return _dense(cfg.hidden_size, cfg, "o_proj")(out), new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    gate = _dense(cfg.intermediate_size, cfg, "gate_proj")(x)
+    up = _dense(cfg.intermediate_size, cfg, "up_proj")(x)
+    return _dense(cfg.hidden_size, cfg, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, kv_cache=None, write_index=None):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
+    attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, mask,
+                                                      kv_cache, write_index)
+    x = x + attn_out
+    x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
+    return x, new_cache
+
+
+class LMHead(nn.Module):
+  """Untied output head; logits are accumulated in float32 even for bf16 compute."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden):
+    cfg = self.cfg
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (cfg.hidden_size, cfg.vocab_size),
+                        cfg.weight_dtype)
+    return _logits(hidden, kernel, cfg)
+
+
+def _logits(hidden, w, cfg):
+  return jnp.einsum("...h,hv->...v", hidden.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype),
+                    preferred_element_type=jnp.float32)
+
+
+class Decoder(nn.Module):
+  """Embedding -> num_layers decoder layers -> final RMSNorm. Returns hidden states (not logits)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.weight_dtype, name="embed")
+    layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")
+    if not cfg.tie_word_embeddings:
+      self.lm_head = LMHead(cfg, name="lm_head")
+
+  def __call__(self, tokens, positions, attention_mask):
+    """Full sequence: causal attention restricted to real tokens. Returns normed hidden [B,T,H]."""
+    t = tokens.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    mask = causal[None] & attention_mask[:, None, :].astype(bool)
+    x = self.embed(tokens)
+    for layer in self.layers:
+      x, _ = layer(x, positions, mask)
+    return self.final_norm(x)
+
+  def cached(self, tokens, positions, token_mask, cache: KVCache, write_index):
+    """Prefill / decode step into `cache` at slots [write_index, write_index + T)."""
+    t = tokens.shape[1]
+    max_len = cache.mask.shape[1]
+    cache_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, token_mask.astype(bool), write_index, axis=1)
+    query_slot = write_index + jnp.arange(t)
+    visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [T, S]
+    mask = visible[None] & cache_mask[:, None, :]
+    x = self.embed(tokens)
+    ks, vs = [], []
+    for i, layer in enumerate(self.layers):
+      x, (k, v) = layer(x, positions, mask, (cache.k[i], cache.v[i]), write_index)
+      ks.append(k)
+      vs.append(v)
+    return self.final_norm(x), KVCache(jnp.stack(ks), jnp.stack(vs), cache_mask)
+
+  def unembed(self, hidden):
+    if self.cfg.tie_word_embeddings:
+      return _logits(hidden, self.embed.embedding.T, self.cfg)
+    return self.lm_head(hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functional API.
+
+def _init_everything(module, tokens, positions, mask):
+  return module.unembed(module(tokens, positions, mask))
+
+
+def init_params(cfg: ModelConfig, rng) -> Params:
+  """Random parameters (flax default initialisers). Returns the nested dict `variables["params"]`."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = Decoder(cfg).init(rng, tokens, tokens, jnp.ones((1, 1), bool), method=_init_everything)
+  return variables["params"]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+  """An empty cache: zeros, every slot invalid."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
+                 jnp.zeros((batch, max_len), bool))
+
+
+def forward(params, cfg: ModelConfig, tokens, positions, attention_mask, *, return_hidden=False):
+  """Full-sequence forward. tokens/positions int32 [B,T], attention_mask bool [B,T] (True = real).
+
+  Returns float32 logits [B,T,V], or with return_hidden=True the final-normed hidden states [B,T,H]
+  (compute dtype). Padding positions produce finite values that callers must ignore.
+  """
+  hidden = Decoder(cfg).apply({"params": params}, tokens, positions, attention_mask)
+  return hidden if return_hidden else unembed(params, cfg, hidden)
+
+
+def unembed(params, cfg: ModelConfig, hidden) -> jax.Array:
+  """hidden [..., H] -> float32 logits [..., V] through the (tied or untied) output head."""
+  return Decoder(cfg).apply({"params": params}, hidden, method=Decoder.unembed)
+
+
+def forward_cached(params, cfg: ModelConfig, tokens, positions, token_mask, cache: KVCache, write_index):
+  """Cached forward for prefill (T = prompt length) and decode (T = 1).
+
+  Writes the new tokens' keys/values into cache slots [write_index, write_index + T), sets
+  cache.mask there to token_mask, and lets the query in slot s attend to valid slots <= s.
+  Returns (float32 logits [B,T,V], updated cache).
+  """
+  write_index = jnp.asarray(write_index, jnp.int32)
+  hidden, cache = Decoder(cfg).apply({"params": params}, tokens, positions, token_mask, cache, write_index,
+                                     method=Decoder.cached)
+  return unembed(params, cfg, hidden), cache
+
+
+def default_positions(attention_mask) -> jax.Array:
+  """Positions counting real tokens only: cumsum(mask) - 1, clipped at 0 (works for left/right padding)."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
