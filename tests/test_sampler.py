@@ -1,0 +1,307 @@
+"""Tests for laser_jax.sampler.
+
+References: a toy decode function over a fixed logits table (exact probabilities written in
+NumPy), the full-sequence `model.forward` (self-reward and per-token log-probs), and
+`transformers` greedy `generate` on the same tiny checkpoint.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from laser_jax import model as model_lib
+from laser_jax import sampler as sampler_lib
+from laser_jax import sharding as sharding_lib
+from laser_jax.sampler import Sampler, SamplingParams
+
+# ------------------------------------------------------------------------------------------------
+# Toy step function: logits depend only on the token being consumed (a fixed [V, V] table).
+
+
+def toy_decode(params, tokens, positions, token_mask, cache, write_index):
+  del positions, token_mask, write_index
+  return params[tokens].astype(jnp.float32), cache
+
+
+def toy_cache(batch, max_len):
+  return jnp.zeros((batch, max_len), jnp.int32)
+
+
+def exact_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+  """Exact sampling distribution written from the definitions (NumPy, float64)."""
+  z = np.asarray(logits, np.float64) / temperature
+  keep = np.ones_like(z, bool)
+  if top_k:
+    keep &= z >= np.sort(z)[::-1][top_k - 1]
+  p = np.where(keep, np.exp(z - z.max()), 0.0)
+  p /= p.sum()
+  if top_p < 1.0:
+    order = np.argsort(-p)
+    mass_before = np.cumsum(p[order]) - p[order]
+    kept = order[mass_before < top_p]
+    keep2 = np.zeros_like(keep)
+    keep2[kept] = True
+    p = np.where(keep2, p, 0.0)
+    p /= p.sum()
+  return p
+
+
+def chi2_critical(df, z=3.29):
+  """Wilson-Hilferty approximation of the chi-square quantile (z=3.29: upper 0.05%)."""
+  return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+LOGITS = np.array([2.0, 1.2, 0.9, 0.3, -0.4, -1.5], np.float32)  # distinct, well-separated masses
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0),
+    (0.6, 0, 1.0),
+    (1.7, 0, 1.0),
+    (1.0, 3, 1.0),
+    (1.0, 0, 0.75),
+    (1.5, 4, 0.8),
+])
+def test_sampling_distribution_matches_exact(temperature, top_k, top_p):
+  vocab = LOGITS.shape[0]
+  table = jnp.asarray(np.tile(LOGITS, (vocab, 1)))  # same next-token distribution everywhere
+  sampler = Sampler(toy_decode, toy_cache)
+  sp = SamplingParams(n=1500, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=4)
+  out = sampler(table, [[0]], sp, jax.random.key(3))
+  draws = out.tokens.reshape(-1)
+  assert out.lengths.tolist() == [4] * 1500 and not out.finished.any()
+  p = exact_probs(LOGITS, temperature, top_k, top_p)
+  counts = np.bincount(draws, minlength=vocab)
+  # Support is exactly the allowed set.
+  np.testing.assert_array_equal(counts > 0, p > 0)
+  support = p > 0
+  expected = p[support] * draws.size
+  chi2 = np.sum((counts[support] - expected) ** 2 / expected)
+  df = int(support.sum()) - 1
+  if df > 0:
+    assert chi2 < chi2_critical(df), (chi2, counts, expected)
+  # Reported log-probs: the untruncated temperature-scaled log-softmax at the drawn token.
+  z = LOGITS.astype(np.float64) / temperature
+  log_softmax = z - np.log(np.exp(z - z.max()).sum()) - z.max()
+  np.testing.assert_allclose(out.logprobs.reshape(-1), log_softmax[draws], atol=1e-5)
+
+
+def test_greedy_toy_chain_and_eos_handling():
+  # Table chain: 1 -> 2 -> 3(EOS); 4 -> 5 -> 6 -> 7 -> 3(EOS); 8 -> 8 -> ... (never ends).
+  vocab = 10
+  table = np.full((vocab, vocab), -5.0, np.float32)
+  for a, b in [(1, 2), (2, 3), (4, 5), (5, 6), (6, 7), (7, 3), (8, 8), (3, 9), (9, 9), (0, 0)]:
+    table[a, b] = 5.0
+  sampler = Sampler(toy_decode, toy_cache)
+  sp = SamplingParams(greedy=True, max_new_tokens=4, eos_ids=(3,), pad_id=0, self_reward_token_id=9)
+  out = sampler(jnp.asarray(table), [[1], [4], [8]], sp, jax.random.key(0))
+  np.testing.assert_array_equal(out.tokens, [[2, 0, 0, 0], [5, 6, 7, 0], [8, 8, 8, 8]])
+  np.testing.assert_array_equal(out.lengths, [1, 3, 4])
+  np.testing.assert_array_equal(out.finished, [True, True, False])
+  np.testing.assert_array_equal(out.truncated, [False, False, True])
+  np.testing.assert_array_equal(out.eos_token, [3, 3, 0])
+  np.testing.assert_array_equal(out.response_tokens, [[2, 3, 0, 0], [5, 6, 7, 3], [8, 8, 8, 8]])
+  np.testing.assert_array_equal(out.response_lengths, [2, 4, 4])
+  # Self-reward: log_softmax(table[EOS])[z_c]; the second row's EOS is its 4th (= last allowed) token.
+  row = table[3].astype(np.float64)
+  expected_sr = row[9] - np.log(np.exp(row).sum())
+  np.testing.assert_allclose(out.self_reward_logprob[:2], expected_sr, atol=1e-5)
+  assert np.isnan(out.self_reward_logprob[2])
+  # Without a self-reward token, scores are NaN and nothing else changes.
+  out2 = sampler(jnp.asarray(table), [[1], [4], [8]], dataclass_replace(sp, self_reward_token_id=None),
+                 jax.random.key(0))
+  np.testing.assert_array_equal(out2.tokens, out.tokens)
+  assert np.isnan(out2.self_reward_logprob).all()
+
+
+def dataclass_replace(sp, **kw):
+  import dataclasses
+  return dataclasses.replace(sp, **kw)
+
+
+def test_seeds_and_groups():
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(16, 16)).astype(np.float32))
+  sampler = Sampler(toy_decode, toy_cache)
+  sp = SamplingParams(n=4, max_new_tokens=12, temperature=1.0)
+  prompts = [[1, 2, 3], [5], [7, 7]]
+  a = sampler(table, prompts, sp, jax.random.key(11))
+  b = sampler(table, prompts, sp, jax.random.key(11))
+  c = sampler(table, prompts, sp, jax.random.key(12))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.logprobs, b.logprobs)
+  assert (a.tokens != c.tokens).mean() > 0.5
+  np.testing.assert_array_equal(a.group_ids, [0] * 4 + [1] * 4 + [2] * 4)
+  # Rows of one group share the (left-padded) prompt.
+  np.testing.assert_array_equal(a.prompt_tokens[4:8], np.tile([[0] * 15 + [5]], (4, 1)))
+  np.testing.assert_array_equal(a.prompt_mask.sum(1), [3] * 4 + [1] * 4 + [2] * 4)
+  assert len({tuple(t) for t in a.tokens[:4]}) > 1  # the n samples of a prompt differ
+
+
+def test_bucketing_does_not_recompile():
+  table = jnp.asarray(np.random.default_rng(1).normal(size=(16, 16)).astype(np.float32))
+  sampler = Sampler(toy_decode, toy_cache)
+  sp = SamplingParams(n=2, max_new_tokens=5)
+  sampler(table, [[1, 2, 3], [4]], sp, jax.random.key(0))
+  traces = sampler.num_traces
+  assert traces == 2  # prefill + decode
+  sampler(table, [[1] * 11, [4, 5]], sp, jax.random.key(1))  # same bucket (16), same batch
+  assert sampler.num_traces == traces
+  sampler(table, [[1] * 17, [4, 5]], sp, jax.random.key(1))  # bucket 32
+  assert sampler.num_traces == traces + 2
+  assert sampler_lib.bucket_length(3) == 16 and sampler_lib.bucket_length(17) == 32
+  assert sampler_lib.bucket_length(64) == 64 and sampler_lib.bucket_length(65) == 128
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingParams(top_p=0.0)
+  with pytest.raises(ValueError, match="temperature"):
+    SamplingParams(temperature=0.0)
+  with pytest.raises(TypeError, match="eos_ids"):
+    SamplingParams(eos_ids=[1, 2])
+  sampler = Sampler(toy_decode, toy_cache)
+  with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+    sampler(jnp.zeros((4, 4)), [[1], []], SamplingParams(), jax.random.key(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# The Transformer: scores and log-probs against the full-sequence forward.
+
+TINY = model_lib.ModelConfig(family="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64,
+                             num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
+                             tie_word_embeddings=False)
+Z_C = 127
+PROMPTS = [[5, 17, 33, 2], [9], [40, 41, 42, 43, 44, 45, 46], [77, 3], [100, 1, 2], [64, 64, 12, 90, 4, 8]]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_params():
+  return model_lib.init_params(TINY, jax.random.key(0))
+
+
+def full_forward_logits(params, prompt, response):
+  """Logits [len(prompt)+len(response), V] of the full forward over prompt + response."""
+  seq = np.asarray(list(prompt) + list(response), np.int32)[None]
+  mask = np.ones_like(seq, bool)
+  pos = np.arange(seq.shape[1], dtype=np.int32)[None]
+  return np.asarray(model_lib.forward(params, TINY, seq, pos, mask)[0], np.float64)
+
+
+def log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def check_against_full_forward(params, prompts, out, temperature):
+  """Every row: per-token log-probs, EOS log-prob and self-reward equal the full forward's."""
+  for i in range(len(out.tokens)):
+    prompt = prompts[out.group_ids[i]]
+    resp = out.response_tokens[i, :out.response_lengths[i]].tolist()
+    logits = full_forward_logits(params, prompt, resp)
+    p = len(prompt)
+    # Token t of the response is predicted by the logits at position p - 1 + t.
+    lp = log_softmax(logits[p - 1:p - 1 + len(resp)] / temperature)[np.arange(len(resp)), resp]
+    np.testing.assert_allclose(out.response_logprobs[i, :len(resp)], lp, atol=1e-4, rtol=1e-4)
+    if out.finished[i]:
+      # Logits at the EOS position = the distribution after `prompt, response, EOS`.
+      expected = log_softmax(logits[-1])[Z_C]
+      np.testing.assert_allclose(out.self_reward_logprob[i], expected, atol=1e-4, rtol=1e-5)
+      np.testing.assert_allclose(out.eos_logprob[i], lp[-1], atol=1e-4, rtol=1e-4)
+    else:
+      assert np.isnan(out.self_reward_logprob[i]) and np.isnan(out.eos_logprob[i])
+
+
+def choose_eos_set(seqs, max_new):
+  """EOS ids making greedy rows finish at different steps, one on the last allowed step.
+
+  Rows are independent under greedy decoding, so row r stops at the first index whose token is
+  in the set; we pick the set from the EOS-free greedy continuations `seqs` [N, max_new].
+  """
+  first = [{} for _ in seqs]
+  for r, s in enumerate(seqs):
+    for j, t in enumerate(s):
+      first[r].setdefault(int(t), j)
+
+  def finish(eos):
+    return [min([first[r][e] for e in eos if e in first[r]], default=None) for r in range(len(seqs))]
+
+  for r0 in range(len(seqs)):
+    last = int(seqs[r0][max_new - 1])
+    if first[r0][last] != max_new - 1:
+      continue
+    eos = {last}
+    for r in range(len(seqs)):
+      for t, j in sorted(first[r].items(), key=lambda kv: kv[1]):
+        trial = eos | {t}
+        f = finish(trial)
+        if f[r0] == max_new - 1 and f[r] is not None and 0 < f[r] and f[r] not in finish(eos):
+          eos = trial
+          break
+    f = finish(eos)
+    if len({x for x in f if x is not None}) >= 3:
+      return tuple(sorted(eos)), f
+  raise AssertionError(f"could not build an EOS set from greedy sequences {seqs}")
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_setup(max_new=6):
+  params = tiny_params()
+  free = sampler_lib.sample(params, TINY, PROMPTS, SamplingParams(greedy=True, max_new_tokens=max_new),
+                            jax.random.key(0))
+  eos, finish = choose_eos_set(free.tokens, max_new)
+  sp = SamplingParams(greedy=True, max_new_tokens=max_new, eos_ids=eos, pad_id=0, self_reward_token_id=Z_C)
+  return free, sp, finish
+
+
+def test_greedy_self_reward_equals_full_forward_including_last_step():
+  params = tiny_params()
+  free, sp, finish = greedy_setup()
+  out = sampler_lib.sample(params, TINY, PROMPTS, sp, jax.random.key(0))
+  max_new = sp.max_new_tokens
+  assert max_new - 1 in finish  # some row emits EOS as its last allowed token
+  for i, f in enumerate(finish):
+    if f is None:
+      assert not out.finished[i] and out.truncated[i] and out.lengths[i] == max_new
+      np.testing.assert_array_equal(out.tokens[i], free.tokens[i])
+    else:
+      assert out.finished[i] and out.lengths[i] == f
+      np.testing.assert_array_equal(out.tokens[i, :f], free.tokens[i, :f])
+      assert (out.tokens[i, f:] == sp.pad_id).all()
+      assert out.eos_token[i] == free.tokens[i, f]
+  assert np.isfinite(out.self_reward_logprob[out.finished]).all()
+  check_against_full_forward(params, PROMPTS, out, temperature=1.0)
+
+
+def test_sampled_logprobs_and_scores_equal_full_forward():
+  params = tiny_params()
+  sp = SamplingParams(n=3, temperature=0.8, top_p=0.95, top_k=60, max_new_tokens=10,
+                      eos_ids=tuple(range(10, 24)), pad_id=0, self_reward_token_id=Z_C)
+  out = sampler_lib.sample(params, TINY, PROMPTS[:4], sp, jax.random.key(5))
+  assert out.finished.any() and out.truncated.any()
+  assert len(set(out.lengths[out.finished].tolist())) >= 2  # rows finish at different steps
+  check_against_full_forward(params, PROMPTS[:4], out, temperature=0.8)
+
+
+def test_sharded_matches_single_device():
+  params = tiny_params()
+  _, sp, _ = greedy_setup()
+  single = sampler_lib.sample(params, TINY, PROMPTS, sp, jax.random.key(0))
+  mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
+  sharded_params = sharding_lib.shard_params(params, TINY, mesh)
+  # 6 prompts x n=1 rows are padded to 8 (a multiple of data*fsdp = 4) and stripped again.
+  out = sampler_lib.sample(sharded_params, TINY, PROMPTS, sp, jax.random.key(0), mesh=mesh)
+  np.testing.assert_array_equal(out.tokens, single.tokens)
+  np.testing.assert_array_equal(out.finished, single.finished)
+  np.testing.assert_allclose(out.self_reward_logprob, single.self_reward_logprob, atol=1e-5)
+  np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
+  # Sampling with the same key gives the same draws when no padding rows are involved.
+  sp_t = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, eos_ids=tuple(range(10, 20)),
+                        self_reward_token_id=Z_C)
+  a = sampler_lib.sample(params, TINY, PROMPTS[:4], sp_t, jax.random.key(3))
+  b = sampler_lib.sample(sharded_params, TINY, PROMPTS[:4], sp_t, jax.random.key(3), mesh=mesh)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.self_reward_logprob, b.self_reward_logprob, atol=1e-5)
