@@ -1,0 +1,146 @@
+"""Test-time metrics: accuracy, self-verification, and test-time scaling with self-reward scores.
+
+Inputs, for P problems with n sampled responses each:
+- `acc` [P, n]: verifier reward (0/1) of each response.
+- `scores` [P, n]: self-reward score r_s of each response; NaN for a truncated response (it has no
+  EOS, hence no score).
+- `answers` (P lists of n): the extracted answer of each response (e.g. its last boxed string),
+  or None when there is none. Answers vote together iff the strings are equal, so callers should
+  pass a canonical form.
+
+Conventions (documented because they change numbers):
+- Self-verification counts finished responses only (score not NaN): the model predicts
+  "correct" iff score > threshold. Truncated responses are excluded and counted.
+- Voting ignores responses whose answer is None; a subset with no answer at all scores 0.
+  Self-reward-weighted voting adds each response's raw score to its answer (NaN scores add 0)
+  and picks among the answers present in the subset. Ties go to the answer that appears first
+  among the problem's n responses. A voted answer is correct iff its responses are (all
+  responses with the same answer string share one verdict; the first one's is used).
+- Best-of-k picks the response with the highest score (NaN = -inf); ties and an all-NaN subset
+  go to the first drawn response.
+- @k metrics are bootstrapped as verl reports maj@k / best@k: per problem, `num_bootstrap`
+  subsets of k responses drawn with replacement (seeded), averaged, then averaged over problems.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def _as_2d(x, name: str, dtype) -> np.ndarray:
+  arr = np.asarray(x, dtype)
+  if arr.ndim != 2:
+    raise ValueError(f"{name} must be [num_problems, n], got shape {arr.shape}")
+  return arr
+
+
+def mean_at_n(acc) -> float:
+  """mean@n: the accuracy averaged over all responses of all problems."""
+  return float(_as_2d(acc, "acc", np.float64).mean())
+
+
+def self_verification(acc, scores, threshold: float = 0.5) -> dict[str, float]:
+  """Self-verification of finished responses: predict correct iff score > threshold.
+
+  Returns acc_on_correct (recall of the correct class), acc_on_incorrect, overall accuracy, their
+  F1 (harmonic mean of the two class accuracies; NaN if a class is empty) and counts.
+  """
+  acc = _as_2d(acc, "acc", np.float64).ravel()
+  scores = _as_2d(scores, "scores", np.float64).ravel()
+  if acc.shape != scores.shape:
+    raise ValueError(f"acc has {acc.size} entries but scores has {scores.size}")
+  finished = ~np.isnan(scores)
+  truth = acc[finished] > 0.5
+  pred = scores[finished] > threshold
+  on_correct = float(np.mean(pred[truth])) if truth.any() else float("nan")
+  on_incorrect = float(np.mean(~pred[~truth])) if (~truth).any() else float("nan")
+  overall = float(np.mean(pred == truth)) if truth.size else float("nan")
+  denom = on_correct + on_incorrect
+  f1 = 2 * on_correct * on_incorrect / denom if denom > 0 else float("nan")
+  return {"acc_on_correct": on_correct, "acc_on_incorrect": on_incorrect, "overall": overall,
+          "f1": float(f1), "num_correct": int(truth.sum()), "num_incorrect": int((~truth).sum()),
+          "num_truncated": int((~finished).sum())}
+
+
+def _group_ids(answers: Sequence[str | None]) -> tuple[np.ndarray, int]:
+  """Answer strings -> ids in order of first appearance; None -> -1."""
+  ids, table = [], {}
+  for a in answers:
+    ids.append(-1 if a is None else table.setdefault(a, len(table)))
+  return np.array(ids, np.int64), len(table)
+
+
+def vote(answers: Sequence[str | None], acc, weights=None) -> float:
+  """Correctness of the (weighted) majority answer of one set of responses.
+
+  `weights=None` is plain majority voting; otherwise each response adds its weight (NaN -> 0).
+  """
+  gid, num_groups = _group_ids(answers)
+  acc = np.asarray(acc, np.float64)
+  w = np.ones(len(gid)) if weights is None else np.nan_to_num(np.asarray(weights, np.float64))
+  return float(_vote(gid[None], acc[None], w[None], num_groups)[0])
+
+
+def _vote(gid: np.ndarray, acc: np.ndarray, w: np.ndarray, num_groups: int) -> np.ndarray:
+  """Batched vote over rows of [B, k] group ids / verdicts / weights -> [B] correctness."""
+  if num_groups == 0:
+    return np.zeros(gid.shape[0])
+  onehot = (gid[..., None] == np.arange(num_groups)).astype(np.float64)  # [B, k, G]
+  present = onehot.sum(1) > 0  # [B, G]
+  totals = np.where(present, np.einsum("bkg,bk->bg", onehot, w), -np.inf)
+  winner = np.argmax(totals, axis=1)  # first max: the earliest-appearing answer wins ties
+  # Verdict of the winning answer: any of its responses in the row (they share one verdict).
+  first = np.argmax(gid == winner[:, None], axis=1)
+  return np.where(present.any(1), acc[np.arange(len(gid)), first], 0.0)
+
+
+def best_of(acc, scores) -> float:
+  """Correctness of the highest-scoring response (NaN scores never win unless all are NaN)."""
+  acc = np.asarray(acc, np.float64)
+  return float(_best_of(acc[None], np.asarray(scores, np.float64)[None])[0])
+
+
+def _best_of(acc: np.ndarray, scores: np.ndarray) -> np.ndarray:
+  best = np.argmax(np.where(np.isnan(scores), -np.inf, scores), axis=1)
+  return acc[np.arange(len(acc)), best]
+
+
+def scaling_ks(n: int) -> list[int]:
+  """k = 1, 2, 4, ... <= n."""
+  return [2**i for i in range(int(np.log2(n)) + 1)] if n >= 1 else []
+
+
+def scaling_metrics(answers: Sequence[Sequence[str | None]], acc, scores,
+                    ks: Sequence[int] | None = None, num_bootstrap: int = 1000,
+                    seed: int = 0) -> dict[str, float]:
+  """Bootstrapped maj@k, self_weighted_maj@k and best@k for each k (default 1, 2, 4, ... <= n)."""
+  acc = _as_2d(acc, "acc", np.float64)
+  scores = _as_2d(scores, "scores", np.float64)
+  num_problems, n = acc.shape
+  if scores.shape != acc.shape or len(answers) != num_problems or \
+      any(len(a) != n for a in answers):
+    raise ValueError(f"answers, acc {acc.shape} and scores {scores.shape} must all be "
+                     "[num_problems, n]")
+  ks = scaling_ks(n) if ks is None else list(ks)
+  rng = np.random.default_rng(seed)
+  sums = {f"{name}@{k}": 0.0 for k in ks for name in ("maj", "self_weighted_maj", "best")}
+  for p in range(num_problems):
+    gid, num_groups = _group_ids(answers[p])
+    weights = np.nan_to_num(scores[p])
+    for k in ks:
+      idx = rng.integers(n, size=(num_bootstrap, k))  # with replacement, as verl
+      sums[f"maj@{k}"] += _vote(gid[idx], acc[p][idx], np.ones(idx.shape), num_groups).mean()
+      sums[f"self_weighted_maj@{k}"] += _vote(gid[idx], acc[p][idx], weights[idx],
+                                              num_groups).mean()
+      sums[f"best@{k}"] += _best_of(acc[p][idx], scores[p][idx]).mean()
+  return {key: float(v / num_problems) for key, v in sums.items()}
+
+
+def summarize(answers: Sequence[Sequence[str | None]], acc, scores, threshold: float = 0.5,
+              num_bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
+  """All evaluation metrics: mean@n, self-verification (prefixed `verify/`) and scaling@k."""
+  out = {"mean@n": mean_at_n(acc)}
+  out.update({f"verify/{k}": v for k, v in self_verification(acc, scores, threshold).items()})
+  out.update(scaling_metrics(answers, acc, scores, num_bootstrap=num_bootstrap, seed=seed))
+  return out
