@@ -1,0 +1,79 @@
+"""Checkpointing with orbax's CheckpointManager: the train state plus the data-iterator position.
+
+Layout: `workdir/checkpoints/<step>/{state,data}`. `state` is the train-state pytree (params,
+optimizer state, step, RNG), saved sharded and restored straight into the target shardings;
+`data` is the JSON position of the prompt iterator, so a resumed run sees exactly the prompts the
+uninterrupted run would have seen.
+"""
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` with the two items this project saves."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+    """Starts an (async) save of `state` and `data_state` at `step`."""
+    return self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      data=ocp.args.JsonSave(data_state)), force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores into the shapes, dtypes and shardings of `abstract_state` (jax.ShapeDtypeStruct leaves)."""
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      data=ocp.args.JsonRestore()))
+    return restored.state, restored.data
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) describing `tree`, the restore target orbax expects."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (Cloud TPU preemption notice); the loop checks it after every step.
+
+  The handler only sets a flag: saving from inside a signal handler could interleave with a
+  running step. The loop saves the current step and exits, well inside the 60 s grace period.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self._event = threading.Event()
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._event.set()
+
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+  def restore_handlers(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}

@@ -1,0 +1,99 @@
+"""Start-up validation of a training config: one-line errors that name the offending key.
+
+Unknown keys are already rejected by ml_collections (configs are locked, so a misspelt
+`--config.laser.los_coef=...` fails in flag parsing). This module catches values that are
+individually valid but wrong or inconsistent, before any model is loaded or compiled.
+"""
+import ml_collections
+import jax
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message starts with the full key name."""
+
+
+def _require(cond: bool, key: str, message: str):
+  if not cond:
+    raise ConfigError(f"config.{key}: {message}")
+
+
+def _one_of(c, key: str, choices):
+  value = c
+  for part in key.split("."):
+    value = value[part]
+  _require(value in choices, key, f"expected one of {sorted(choices)}, got {value!r}")
+
+
+def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Resolves the (data, fsdp, tensor) sizes, with at most one -1 taking the remaining devices."""
+  sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
+  names = ["mesh.data", "mesh.fsdp", "mesh.tensor"]
+  for name, size in zip(names, sizes):
+    _require(size == -1 or size >= 1, name, f"expected a positive size or -1, got {size}")
+  _require(sizes.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {tuple(sizes)}")
+  known = 1
+  for size in sizes:
+    known *= size if size != -1 else 1
+  if -1 in sizes:
+    _require(num_devices % known == 0, "mesh",
+             f"{tuple(sizes)} cannot fill {num_devices} devices ({num_devices} % {known} != 0)")
+    sizes[sizes.index(-1)] = num_devices // known
+  _require(sizes[0] * sizes[1] * sizes[2] == num_devices, "mesh",
+           f"data*fsdp*tensor = {sizes[0] * sizes[1] * sizes[2]} but there are {num_devices} devices")
+  return tuple(sizes)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError for the first invalid or inconsistent value found."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  data, fsdp, _ = mesh_shape(c, num_devices)
+  _require(c.total_steps >= 0, "total_steps", f"expected >= 0, got {c.total_steps}")
+  _require(c.checkpoint_every >= 1, "checkpoint_every", f"expected >= 1, got {c.checkpoint_every}")
+  _require(c.keep_checkpoints >= 1, "keep_checkpoints", f"expected >= 1, got {c.keep_checkpoints}")
+  _require(c.eval_every >= 0, "eval_every", f"expected >= 0, got {c.eval_every}")
+  _require(c.workdir != "", "workdir", "must be set (a local path or gs://bucket/path)")
+
+  _require(c.batch_size >= 1, "batch_size", f"expected >= 1, got {c.batch_size}")
+  _require(c.rollout.n >= 2, "rollout.n",
+           f"GRPO needs at least 2 responses per prompt to form a group, got {c.rollout.n}")
+  mini = c.mini_batch_size or c.batch_size
+  _require(c.batch_size % mini == 0, "mini_batch_size",
+           f"{mini} prompts does not divide batch_size={c.batch_size}")
+  rows = mini * c.rollout.n
+  _require(c.micro_batch_size >= 1 and rows % c.micro_batch_size == 0, "micro_batch_size",
+           f"{c.micro_batch_size} does not divide the {rows} responses of a mini-batch "
+           f"(mini_batch_size * rollout.n = {mini} * {c.rollout.n})")
+  _require(c.micro_batch_size % (data * fsdp) == 0, "micro_batch_size",
+           f"{c.micro_batch_size} is not a multiple of the data-parallel size data*fsdp = {data * fsdp}")
+
+  _require(c.rollout.temperature > 0, "rollout.temperature", f"expected > 0, got {c.rollout.temperature}")
+  _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"expected in (0, 1], got {c.rollout.top_p}")
+  _require(c.rollout.top_k >= 0, "rollout.top_k", f"expected >= 0, got {c.rollout.top_k}")
+  _require(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens",
+           f"expected >= 1, got {c.rollout.max_new_tokens}")
+  _require(c.data.max_prompt_len >= 1, "data.max_prompt_len", f"expected >= 1, got {c.data.max_prompt_len}")
+
+  _one_of(c, "optim.schedule", {"constant", "warmup_cosine"})
+  _require(c.optim.lr > 0, "optim.lr", f"expected > 0, got {c.optim.lr}")
+  _one_of(c, "loss.adv_estimator", {"grpo", "drgrpo"})
+  _one_of(c, "loss.agg_mode", {"token-mean", "seq-mean-token-sum", "seq-mean-token-mean"})
+  _one_of(c, "loss.kl_type", {"kl", "mse", "low_var_kl"})
+  _one_of(c, "model.dtype", {"float32", "bfloat16"})
+  _one_of(c, "model.param_dtype", {"float32", "bfloat16"})
+  _one_of(c, "data.task", {"synthetic", "files"})
+  _one_of(c, "data.template", {"chat", "base"})
+  if c.data.task == "files":
+    _require(bool(c.data.train_files), "data.train_files", "must name at least one file when data.task='files'")
+  _require(c.loss.clip_eps_low >= 0 and c.loss.clip_eps_high >= 0, "loss.clip_eps_low",
+           "clip ranges must be >= 0")
+  _require(c.loss.clip_ratio_c > 1, "loss.clip_ratio_c", f"expected > 1, got {c.loss.clip_ratio_c}")
+
+  laser = c.laser
+  _require(laser.loss_coef >= 0, "laser.loss_coef", f"expected >= 0, got {laser.loss_coef}")
+  _require(laser.kl_coef > 0, "laser.kl_coef", f"beta_v must be > 0, got {laser.kl_coef}")
+  _require(0 <= laser.adv_integration_coef <= 1, "laser.adv_integration_coef",
+           f"tau must be in [0, 1], got {laser.adv_integration_coef}")
+  _require(laser.reasoning_warmup_steps >= 0, "laser.reasoning_warmup_steps", "expected >= 0")
+  _require(laser.self_rewarding_warmup_steps >= 0, "laser.self_rewarding_warmup_steps", "expected >= 0")
+  _require(laser.self_reward_token_id >= 0 or bool(laser.self_reward_token), "laser.self_reward_token_id",
+           "set a token id, or -1 with laser.self_reward_token naming the token")

@@ -1,0 +1,130 @@
+"""The complete default configuration: every key the trainer reads, with its meaning.
+
+These defaults are the embedded tiny CPU run (a ~1M-parameter model learning the synthetic
+arithmetic task on two CPU cores). Every file in `configs/` starts from `get_config()` here and
+overrides what differs, so a key is documented exactly once, in this file.
+
+Override any key on the command line:
+  python -m laser_jax.train --config=configs/tiny_cpu.py --config.total_steps=10 --config.laser.loss_coef=0
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default (tiny CPU, synthetic task) training config."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init, data order, sampling and the SFT warm start.
+  c.workdir = "/tmp/laser_jax/tiny_cpu"  # Checkpoints, metrics.jsonl, TensorBoard events; may be gs://...
+  c.total_steps = 60  # Number of RL steps (one rollout batch + one optimizer step each, by default).
+  c.checkpoint_every = 20  # Save a checkpoint every this many RL steps (and at the end / on SIGTERM).
+  c.keep_checkpoints = 2  # How many checkpoints orbax keeps in workdir.
+  c.async_checkpointing = True  # Write checkpoints in the background while training continues.
+  c.log_every = 1  # Print a console summary every this many steps (metrics.jsonl gets every step).
+  c.eval_every = 20  # Held-out evaluation every this many steps (0 = never); also at step 0 and the end.
+  c.mfu_peak_flops = 0.0  # Peak FLOP/s of the whole slice; when > 0, `mfu` is reported.
+
+  # Rollout batch: `batch_size` prompts x `rollout.n` responses per RL step.
+  c.batch_size = 32  # Prompts per RL step.
+  c.mini_batch_size = 0  # Prompts per optimizer step (0 = batch_size: one update per rollout batch).
+  c.micro_batch_size = 64  # Responses per forward/backward pass; gradients are accumulated exactly.
+
+  # Device mesh. Sizes multiply to the device count; -1 takes all remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # Pure data parallelism (replicated parameters).
+  c.mesh.fsdp = -1  # Data parallelism with parameters and optimizer state sharded (ZeRO-3 style).
+  c.mesh.tensor = 1  # Tensor (Megatron-style) model parallelism.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_path = ""  # Hugging Face directory (config.json + safetensors + tokenizer) to start from.
+  c.model.preset = ""  # Or a named shape from laser_jax.presets with random init (benchmarks).
+  c.model.tokenizer_path = ""  # Tokenizer directory; "" = hf_path, or the synthetic task's tokenizer.
+  # Shape for random init when neither hf_path nor preset is set (the tiny default model).
+  c.model.family = "qwen2"  # "qwen2" | "llama" | "qwen3": which block layout to use.
+  c.model.hidden_size = 128
+  c.model.intermediate_size = 384
+  c.model.num_layers = 3
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 32
+  c.model.rope_theta = 10000.0
+  c.model.tie_word_embeddings = True
+  c.model.dtype = "float32"  # Compute dtype: "float32" | "bfloat16".
+  c.model.param_dtype = "float32"  # Parameter (and optimizer state) dtype.
+  c.model.remat = False  # Rematerialise each layer in the training forward to save activation memory.
+  c.model.logprob_chunk = 0  # Sequence chunk for the vocab projection in training (0 = whole sequence).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = "synthetic"  # "synthetic" (built-in arithmetic) | "files" (train_files below).
+  c.data.train_files = ""  # Comma-separated JSONL/parquet files with a problem and an answer field.
+  c.data.problem_key = "problem"  # Field holding the problem text (DeepMath-103K: "question").
+  c.data.answer_key = "answer"  # Field holding the reference answer (DeepMath-103K: "final_answer").
+  c.data.template = "chat"  # "chat" (tokenizer's chat template) | "base" (plain text prompt).
+  c.data.max_prompt_len = 32  # Prompts longer than this (tokens) are dropped, and counted.
+  c.data.eval_set = "synthetic"  # Held-out eval: "synthetic", a name in ../shared/data, or a file.
+  c.data.eval_size = 128  # Problems used per periodic evaluation (0 = all).
+  c.data.synthetic_train_size = 8000  # Synthetic task: number of training problems.
+  c.data.synthetic_eval_size = 256  # Synthetic task: held-out problems (disjoint from training).
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.n = 8  # Responses sampled per prompt (the GRPO group size).
+  c.rollout.temperature = 1.0  # Sampling temperature (the self-reward score always uses T = 1).
+  c.rollout.top_p = 1.0  # Nucleus sampling threshold (1.0 = off).
+  c.rollout.top_k = 0  # Top-k sampling (0 = off).
+  c.rollout.max_new_tokens = 32  # Response length limit (EOS included); longer ones are truncated.
+  # Old log-probs: False = the sampler's (same policy, same temperature; exact in f32),
+  # True = recomputed with a training forward (bit-consistent with the update, e.g. in bf16).
+  c.rollout.recompute_old_logprobs = False
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.fn = "synthetic"  # "math" (math-verify on the last \boxed{}), "synthetic", or "pkg.module:fn".
+  c.reward.num_workers = 0  # Verifier worker processes (0 = in-process, no time limit: fine for "synthetic").
+  c.reward.timeout_s = 5.0  # Wall-clock limit per answer; a timeout is reward 0 and is counted.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4  # Peak learning rate (the 7B reference runs use 1e-6).
+  c.optim.schedule = "constant"  # "constant" | "warmup_cosine".
+  c.optim.warmup_steps = 0  # Linear warm-up steps (optimizer steps) for warmup_cosine.
+  c.optim.weight_decay = 0.01  # AdamW decoupled weight decay.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.adv_estimator = "grpo"  # "grpo" (divide by group std) | "drgrpo" (no std division).
+  c.loss.agg_mode = "token-mean"  # "token-mean" | "seq-mean-token-sum" | "seq-mean-token-mean".
+  c.loss.clip_eps_low = 0.2  # PPO clip: ratio >= 1 - clip_eps_low.
+  c.loss.clip_eps_high = 0.2  # PPO clip-higher: ratio <= 1 + clip_eps_high.
+  c.loss.clip_ratio_c = 3.0  # Dual-clip bound for negative advantages.
+  c.loss.kl_loss_coef = 0.0  # Policy KL-to-reference coefficient (> 0 loads a reference model).
+  c.loss.kl_type = "low_var_kl"  # "kl" (k1) | "mse" (k2) | "low_var_kl" (k3, clamped to [-10, 10]).
+  c.loss.mask_truncated = False  # DAPO: drop truncated responses from the policy loss.
+  c.loss.overlong_buffer_len = 0  # DAPO overlong shaping: penalty ramps over the last L tokens (0 = off).
+  c.loss.overlong_penalty = 1.0  # DAPO overlong shaping: penalty at the length limit.
+
+  # LaSeR: the last-token self-rewarding loss and advantage integration (names as in SPEC.md).
+  c.laser = ml_collections.ConfigDict()
+  c.laser.use_self_reward_loss = True  # False = plain GRPO baseline (no L_sr, no integration).
+  c.laser.loss_coef = 0.1  # alpha: weight of the MSE self-rewarding loss L_sr.
+  c.laser.kl_coef = 0.1  # beta_v: r_s = beta_v * (log pi(z_c | x, y) - c_ref).
+  c.laser.ref_constant = -23.0  # c_ref: the constant standing in for log pi_ref(z_c | x, y).
+  c.laser.use_ref_model_score = False  # Exact variant: c_ref := log pi_ref(z_c | x, y) (loads pi_ref).
+  c.laser.balanced = True  # Class-balance L_sr over finished correct/incorrect responses.
+  c.laser.adv_integration_coef = 0.1  # tau: A' = (1 - tau) A + tau A^s after the warm-ups.
+  c.laser.adv_filter_threshold = 0.1  # Use A^s only for groups whose score std exceeds this.
+  c.laser.reasoning_warmup_steps = 0  # Steps of plain GRPO before L_sr starts.
+  c.laser.self_rewarding_warmup_steps = 20  # Further steps of L_sr before advantage integration.
+  c.laser.self_reward_token_id = -1  # z_c token id; -1 = the tokenizer's `self_reward_token`.
+  c.laser.self_reward_token = "<|zc|>"  # z_c as a token string (used when the id is -1).
+
+  # Supervised warm start on worked solutions before RL (synthetic task; 0 = off).
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 0  # Supervised steps run once at the start of a fresh run.
+  c.sft.batch_size = 64  # Sequences per supervised step.
+  c.sft.lr = 1e-3  # Supervised learning rate (constant, AdamW).
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.n = 1  # Samples per problem in the periodic evaluation.
+  c.eval.temperature = 1.0  # Eval sampling temperature (the reference validates at 1.0).
+  c.eval.max_new_tokens = 32  # Eval response length limit.
+  return c

@@ -1,0 +1,67 @@
+"""From sampler output to the training batch: sequences, masks, targets and the EOS index.
+
+Layout of one row (S = P + R + 1, P the prompt bucket, R = max_new_tokens):
+
+    [ left-padded prompt (P) | response tokens, then EOS if finished, then pad (R + 1) ]
+
+`targets[i]` is the token at i + 1, so the policy log-prob of response token j sits at index
+P + j - 1, and `eos_index` (= P + length) is where the next-token distribution after EOS is read
+for the self-rewarding score. Truncated rows have no EOS: their score is masked everywhere.
+"""
+import numpy as np
+
+
+def build_training_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray,
+                         lengths: np.ndarray, finished: np.ndarray, eos_tokens: np.ndarray,
+                         pad_id: int) -> dict[str, np.ndarray]:
+  """Assembles the arrays the training forward consumes.
+
+  Args:
+    prompt_tokens, prompt_mask: [N, P] left-padded prompts and their validity mask.
+    tokens: [N, R] generated tokens with EOS excluded (pad after `lengths`).
+    lengths: [N] response lengths, EOS excluded.
+    finished: [N] bool, the row emitted an EOS within the limit.
+    eos_tokens: [N] the EOS id each finished row emitted (ignored for truncated rows).
+    pad_id: token used for padding.
+
+  Returns:
+    dict of `tokens`, `positions`, `attention_mask`, `targets`, `response_mask` (over targets:
+    1 where the target is a response token or the EOS), all [N, S], and `eos_index` [N].
+  """
+  n, p = prompt_tokens.shape
+  r = tokens.shape[1]
+  lengths = np.asarray(lengths, np.int32)
+  finished = np.asarray(finished, bool)
+  j = np.arange(r + 1)[None, :]
+  response = np.full((n, r + 1), pad_id, np.int32)
+  response[:, :r] = np.where(j[:, :r] < lengths[:, None], tokens, pad_id)
+  response[np.arange(n), lengths] = np.where(finished, eos_tokens, pad_id)
+  response_valid = (j < lengths[:, None]) | ((j == lengths[:, None]) & finished[:, None])
+
+  seq = np.concatenate([prompt_tokens.astype(np.int32), response], axis=1)
+  mask = np.concatenate([prompt_mask.astype(bool), response_valid], axis=1)
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+  targets = np.concatenate([seq[:, 1:], np.full((n, 1), pad_id, np.int32)], axis=1)
+  response_mask = np.concatenate(
+      [np.zeros((n, p - 1), bool), response_valid, np.zeros((n, 1), bool)], axis=1)
+  eos_index = (p + lengths).astype(np.int32)
+  return {
+      "tokens": seq,
+      "positions": positions,
+      "attention_mask": mask,
+      "targets": targets,
+      "response_mask": response_mask.astype(np.float32),
+      "eos_index": np.where(finished, eos_index, p - 1).astype(np.int32),
+  }
+
+
+def old_logprobs_from_sampler(logprobs: np.ndarray, eos_logprob: np.ndarray, lengths: np.ndarray,
+                              finished: np.ndarray, prompt_len: int) -> np.ndarray:
+  """Places the sampler's per-token log-probs (response tokens, then EOS) at the target indices."""
+  n, r = logprobs.shape
+  out = np.zeros((n, prompt_len + r + 1), np.float32)
+  j = np.arange(r)[None, :]
+  out[:, prompt_len - 1:prompt_len - 1 + r] = np.where(j < lengths[:, None], logprobs, 0.0)
+  rows = np.arange(n)
+  out[rows, prompt_len - 1 + lengths] = np.where(finished, eos_logprob, out[rows, prompt_len - 1 + lengths])
+  return out

@@ -1,0 +1,177 @@
+"""What the trainer trains on: model + tokenizer + prompts + reward, resolved from a config.
+
+`build_task(config)` returns a `Task` for either the built-in synthetic arithmetic task (the
+embedded default: a tiny random-init model with the task's own tokenizer and a supervised warm
+start) or user files with a Hugging Face checkpoint (`data.task = "files"`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from laser_jax import data as data_lib
+from laser_jax import model as model_lib
+from laser_jax import verifier as verifier_lib
+from laser_jax.config_check import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """A tokenized prompt and the reference answer its responses are verified against."""
+  token_ids: list[int]
+  answer: str
+  problem: str = ""
+
+
+@dataclasses.dataclass
+class Task:
+  config: ml_collections.ConfigDict
+  model_cfg: model_lib.ModelConfig
+  tokenizer: Any
+  train_prompts: list[Prompt]
+  eval_prompts: list[Prompt]
+  verifier: verifier_lib.Verifier
+  init_params_fn: Callable[[bool], Any]
+  sft_records: list[dict] = dataclasses.field(default_factory=list)
+  num_filtered_prompts: int = 0
+
+  @property
+  def pad_id(self) -> int:
+    return int(self.tokenizer.pad_token_id)
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    return eos_token_ids(self.tokenizer, self.config.model.hf_path)
+
+  @property
+  def self_reward_token_id(self) -> int:
+    laser = self.config.laser
+    if laser.self_reward_token_id >= 0:
+      token_id = int(laser.self_reward_token_id)
+    else:
+      token_id = self.tokenizer.convert_tokens_to_ids(laser.self_reward_token)
+      if token_id is None or token_id == self.tokenizer.unk_token_id:
+        raise ConfigError(f"config.laser.self_reward_token: {laser.self_reward_token!r} is not a "
+                          "token of the tokenizer; set config.laser.self_reward_token_id")
+    if not 0 <= token_id < self.model_cfg.vocab_size:
+      raise ConfigError(f"config.laser.self_reward_token_id: {token_id} is outside the model's "
+                        f"vocabulary [0, {self.model_cfg.vocab_size})")
+    return token_id
+
+  def init_params(self, reference: bool = False):
+    """Initial (or reference-policy) parameters on host, before sharding."""
+    return self.init_params_fn(reference)
+
+  def train_iterator(self) -> data_lib.PromptIterator:
+    c = self.config
+    return data_lib.PromptIterator(self.train_prompts, c.batch_size, seed=c.seed, num_epochs=None,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+
+  def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+    return [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+            for row, n in zip(tokens, lengths)]
+
+
+def eos_token_ids(tokenizer, hf_path: str = "") -> tuple[int, ...]:
+  """The tokenizer's EOS plus any extra ones in the checkpoint's generation_config.json."""
+  ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+  gen = os.path.join(hf_path, "generation_config.json") if hf_path else ""
+  if gen and os.path.exists(gen):
+    with open(gen) as f:
+      extra = json.load(f).get("eos_token_id")
+    ids |= set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+  if not ids:
+    raise ConfigError("config.model.tokenizer_path: the tokenizer defines no eos_token")
+  return tuple(sorted(ids))
+
+
+def _prompts(records, tokenizer, c) -> tuple[list[Prompt], int]:
+  prepared = data_lib.prepare_prompts(records, tokenizer, c.data.template, c.data.max_prompt_len)
+  prompts = [Prompt(item["prompt_ids"], item["answer"], item["problem"]) for item in prepared.items]
+  return prompts, prepared.num_filtered
+
+
+def _random_init(model_cfg, seed):
+  def init(reference: bool):
+    del reference  # The reference policy of a random-init run is its initial policy.
+    return jax.device_get(model_lib.init_params(model_cfg, jax.random.key(seed)))
+  return init
+
+
+def _model_cfg_from_shape(c, vocab_size: int) -> model_lib.ModelConfig:
+  m = c.model
+  return model_lib.ModelConfig(
+      family=m.family, vocab_size=vocab_size, hidden_size=m.hidden_size,
+      intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
+      tie_word_embeddings=m.tie_word_embeddings, qkv_bias=m.family == "qwen2",
+      qk_norm=m.family == "qwen3", dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+def build_task(c: ml_collections.ConfigDict) -> Task:
+  """Resolves model, tokenizer, prompts and verifier from the config."""
+  from laser_jax import synthetic
+  verifier = verifier_lib.Verifier(c.reward.fn, num_workers=c.reward.num_workers,
+                                   timeout_s=c.reward.timeout_s)
+  if c.data.task == "synthetic":
+    tokenizer = (synthetic.build_tokenizer() if not c.model.tokenizer_path
+                 else _load_tokenizer(c.model.tokenizer_path))
+    train_records = synthetic.make_split("train", c.data.synthetic_train_size, seed=c.seed)
+    eval_records = synthetic.make_split("heldout", c.data.synthetic_eval_size, seed=c.seed)
+  else:
+    tok_path = c.model.tokenizer_path or c.model.hf_path
+    if not tok_path:
+      raise ConfigError("config.model.hf_path: data.task='files' needs a Hugging Face model "
+                        "directory (or config.model.tokenizer_path)")
+    tokenizer = _load_tokenizer(tok_path)
+    train_records = [r for f in c.data.train_files.split(",")
+                     for r in data_lib.read_records(f.strip(), (c.data.problem_key, c.data.answer_key))]
+    eval_records = _eval_records(c)
+  if c.data.eval_size > 0:
+    eval_records = eval_records[:c.data.eval_size]
+  train_prompts, num_filtered = _prompts(train_records, tokenizer, c)
+  eval_prompts, _ = _prompts(eval_records, tokenizer, c)
+  if not train_prompts:
+    raise ConfigError(f"config.data.max_prompt_len: all {num_filtered} training prompts are longer "
+                      f"than {c.data.max_prompt_len} tokens")
+
+  if c.model.hf_path:
+    from laser_jax import hf
+    model_cfg = hf.load_hf_config(c.model.hf_path)
+    model_cfg = dataclasses.replace(model_cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+                                    remat=c.model.remat)
+    init_fn = lambda reference: hf.load_hf_params(c.model.hf_path, model_cfg)
+  elif c.model.preset:
+    from laser_jax import presets
+    model_cfg = dataclasses.replace(presets.get_preset(c.model.preset), dtype=c.model.dtype,
+                                    param_dtype=c.model.param_dtype, remat=c.model.remat)
+    init_fn = _random_init(model_cfg, c.seed)
+  else:
+    model_cfg = _model_cfg_from_shape(c, len(tokenizer))
+    init_fn = _random_init(model_cfg, c.seed)
+  return Task(config=c, model_cfg=model_cfg, tokenizer=tokenizer, train_prompts=train_prompts,
+              eval_prompts=eval_prompts, verifier=verifier, init_params_fn=init_fn,
+              sft_records=train_records if c.data.task == "synthetic" else [],
+              num_filtered_prompts=num_filtered)
+
+
+def _load_tokenizer(path: str):
+  from transformers import AutoTokenizer
+  if not os.path.isdir(path):
+    raise ConfigError(f"config.model.tokenizer_path: {path!r} is not a directory")
+  return AutoTokenizer.from_pretrained(path)
+
+
+def _eval_records(c) -> list[dict]:
+  name = c.data.eval_set
+  if os.path.isfile(name):
+    return data_lib.read_records(name)
+  return data_lib.load_eval_set(name)

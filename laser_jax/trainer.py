@@ -1,0 +1,451 @@
+"""The LaSeR training loop, importable from a notebook: `train(config)`.
+
+One RL step:
+  prompts -> rollout with the in-XLA sampler (n per prompt, self-reward log-probs in-loop)
+  -> verifier rewards -> old log-probs (the sampler's, or recomputed) -> reference log-probs only
+  when a term needs them -> advantages (+ self-reward integration after the warm-ups)
+  -> optax update(s) over mini-batches, with exact gradient accumulation over micro-batches
+  -> metrics -> checkpoint -> periodic evaluation.
+
+`python -m laser_jax.train --config=...` is a thin wrapper over `train`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from laser_jax import checkpoint as ckpt_lib
+from laser_jax import config_check
+from laser_jax import dapo
+from laser_jax import metrics_writer
+from laser_jax import model as model_lib
+from laser_jax import objective
+from laser_jax import optim as optim_lib
+from laser_jax import policy
+from laser_jax import rl_metrics
+from laser_jax import rollout as rollout_lib
+from laser_jax import sampler as sampler_lib
+from laser_jax import sharding as sharding_lib
+from laser_jax import tasks
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data position (saved next to it)."""
+  step: jax.Array  # RL steps completed.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # Raw uint32 key data: plain arrays checkpoint everywhere.
+  skipped_updates: jax.Array  # Updates skipped for a non-finite gradient norm.
+
+
+# Per-row and per-token inputs of the update, with their trailing (non-batch) rank.
+_TOKEN_KEYS = ("tokens", "positions", "attention_mask", "targets", "response_mask", "old_logp", "ref_logp")
+_ROW_KEYS = ("eos_index", "advantages", "rewards", "finished", "sr_weights", "ref_sr_logp")
+
+
+def warmup_flags(step: int, laser: ml_collections.ConfigDict) -> tuple[bool, bool]:
+  """(self-reward loss on, advantage integration on) for the RL step `step` (1-based)."""
+  if not laser.use_self_reward_loss:
+    return False, False
+  return objective.warmup_flags(step, laser.reasoning_warmup_steps, laser.self_rewarding_warmup_steps)
+
+
+class Trainer:
+  """Holds the static parts of a run (mesh, model config, task, jitted functions)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    config_check.validate(config)
+    self.config = config
+    data, fsdp, tensor = config_check.mesh_shape(config, jax.device_count())
+    self.mesh = sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    self.task = tasks.build_task(config)
+    self.model_cfg = self.task.model_cfg
+    self.tokenizer = self.task.tokenizer
+    self.pad_id = self.task.pad_id
+    self.eos_ids = self.task.eos_ids
+    self.zc_id = self.task.self_reward_token_id
+    self.num_prompts_per_update = config.mini_batch_size or config.batch_size
+    self.updates_per_step = config.batch_size // self.num_prompts_per_update
+    total_updates = config.total_steps * self.updates_per_step
+    self.optimizer = optim_lib.make_optimizer(config.optim, total_updates)
+    self.schedule = optim_lib.make_schedule(config.optim, total_updates)
+    self.needs_ref = config.loss.kl_loss_coef > 0 or (
+        config.laser.use_self_reward_loss and config.laser.use_ref_model_score)
+    self.sampling = sampler_lib.SamplingParams(
+        n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+        top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
+        eos_ids=tuple(self.eos_ids), pad_id=self.pad_id, self_reward_token_id=self.zc_id)
+    self.eval_sampling = dataclasses.replace(
+        self.sampling, n=config.eval.n, temperature=config.eval.temperature,
+        max_new_tokens=config.eval.max_new_tokens, top_p=1.0, top_k=0)
+    self.loss_cfg = objective.LossConfig.from_config(config)
+    self.param_shardings = None
+    self._update_fn = None
+    self._logprob_fn = None
+
+  # ---- state ----------------------------------------------------------------------------
+  def _state_shardings(self, params):
+    self.param_shardings = sharding_lib.param_shardings(params, self.model_cfg, self.mesh)
+    replicated = NamedSharding(self.mesh, P())
+    opt_shapes = jax.eval_shape(self.optimizer.init, params)
+    # Optimizer leaves shaped like a parameter take that parameter's sharding (ZeRO-style).
+    opt_shardings = optax.tree_map_params(
+        self.optimizer, lambda _, s: s, opt_shapes, self.param_shardings,
+        transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings,
+                      rng=replicated, skipped_updates=replicated)
+
+  def init_state(self, params) -> TrainState:
+    """A fresh state around `params` (host or device arrays), placed in its shardings."""
+    shardings = self._state_shardings(params)
+    params = jax.device_put(params, shardings.params)
+    opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
+    rng = jax.random.key_data(jax.random.key(self.config.seed))
+    return TrainState(step=jax.device_put(jnp.int32(0), shardings.step), params=params,
+                      opt_state=opt_state, rng=jax.device_put(rng, shardings.rng),
+                      skipped_updates=jax.device_put(jnp.int32(0), shardings.step))
+
+  def initial_params(self):
+    """Initial parameters, after the supervised warm start when `sft.steps > 0`."""
+    c = self.config
+    params = self.task.init_params()
+    shardings = self._state_shardings(params)
+    params = jax.device_put(params, shardings.params)
+    if c.sft.steps > 0:
+      from laser_jax import sft, synthetic
+      corpus = synthetic.build_sft_corpus(self.task.sft_records, self.tokenizer, c.data.template)
+      log = lambda i, loss: logging.info("sft step %d: loss %.4f", i, loss)
+      params = sft.warm_start(params, self.model_cfg, corpus, steps=c.sft.steps,
+                              batch_size=c.sft.batch_size, lr=c.sft.lr, seed=c.seed,
+                              mesh=self.mesh, param_shardings=shardings.params, log_fn=log)
+    return params
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the train state, without allocating it (restore target)."""
+    # Random init and HF checkpoints of one ModelConfig have the same parameter shapes.
+    params = jax.eval_shape(model_lib.init_params, self.model_cfg, jax.random.key(0))
+    shardings = self._state_shardings(params)
+    shapes = jax.eval_shape(lambda p: TrainState(
+        step=jnp.int32(0), params=p, opt_state=self.optimizer.init(p),
+        rng=jax.random.key_data(jax.random.key(0)), skipped_updates=jnp.int32(0)), params)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+  # ---- rollout --------------------------------------------------------------------------
+  def step_key(self, state: TrainState, salt: int) -> jax.Array:
+    base = jax.random.wrap_key_data(jax.device_get(state.rng))
+    return jax.random.fold_in(jax.random.fold_in(base, int(state.step)), salt)
+
+  def rollout(self, params, prompts: list[tasks.Prompt], rng) -> dict:
+    """Samples `rollout.n` responses per prompt and scores them with the verifier."""
+    out = sampler_lib.sample(params, self.model_cfg, [p.token_ids for p in prompts], self.sampling,
+                             rng, mesh=self.mesh)
+    texts = self.task.decode(out.tokens, out.lengths)
+    answers = [prompts[g].answer for g in out.group_ids]
+    result = self.task.verifier(texts, answers)
+    return {"sample": out, "texts": texts, "rewards": np.asarray(result.rewards, np.float32),
+            "verifier_timeouts": int(result.num_timeouts)}
+
+  # ---- update ---------------------------------------------------------------------------
+  def _micro_loss(self, params, micro, normalisers, sr_loss_on):
+    c = self.config
+    logp, sr_logp = policy.sequence_logprobs(
+        params, self.model_cfg, micro, temperature=c.rollout.temperature,
+        self_reward_token_id=self.zc_id, chunk=c.model.logprob_chunk)
+    return objective.total_loss(
+        self.loss_cfg, logp=logp, old_logp=micro["old_logp"], advantages=micro["advantages"],
+        response_mask=micro["response_mask"], normalisers=normalisers,
+        ref_logp=micro.get("ref_logp"), z_logprob=sr_logp, rewards=micro["rewards"],
+        finished=micro["finished"], self_reward_weights=micro["sr_weights"],
+        ref_z_logprob=micro.get("ref_sr_logp"), self_reward_active=sr_loss_on)
+
+  def _update_impl(self, state: TrainState, batch, normalisers, sr_loss_on):
+    """One optimizer update from a mini-batch laid out as [num_micro, micro, ...]."""
+    grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+    def body(carry, micro):
+      grads_acc, loss_acc, terms_acc = carry
+      (loss, terms), grads = grad_fn(state.params, micro, normalisers, sr_loss_on)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
+      return (grads_acc, loss_acc + loss, terms_acc), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    first = jax.tree.map(lambda x: x[0], batch)
+    terms_shape = jax.eval_shape(lambda: self._micro_loss(state.params, first, normalisers, sr_loss_on)[1])
+    terms_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape)
+    (grads, loss, terms), _ = jax.lax.scan(body, (zeros, jnp.float32(0), terms_zero), batch)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm)
+    updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # A non-finite gradient norm skips the update entirely (params and optimizer moments).
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    state = state.replace(params=keep(new_params, state.params),
+                          opt_state=keep(new_opt_state, state.opt_state),
+                          skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
+    return state, {"loss": loss, "grad_norm": grad_norm, "terms": terms}
+
+  def _batch_shardings(self, batch):
+    def spec(x):
+      return NamedSharding(self.mesh, P(None, sharding_lib.BATCH_AXES, *([None] * (x.ndim - 2))))
+    return jax.tree.map(spec, batch)
+
+  def update(self, state: TrainState, batch: dict, normalisers: dict, sr_loss_on: bool):
+    if self._update_fn is None:
+      shardings = self._state_shardings(state.params)
+      self._state_sh = shardings
+      self._update_fn = jax.jit(self._update_impl, donate_argnums=(0,),
+                                out_shardings=(shardings, None))
+    batch = jax.device_put(batch, self._batch_shardings(batch))
+    return self._update_fn(state, batch, normalisers, jnp.bool_(sr_loss_on))
+
+  # ---- log-probs without gradient (old / reference) -------------------------------------
+  def logprobs(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Token log-probs (rollout temperature) and z_c log-probs, micro-batch by micro-batch."""
+    if self._logprob_fn is None:
+      self._logprob_fn = jax.jit(functools.partial(
+          policy.sequence_logprobs, cfg=self.model_cfg, temperature=self.config.rollout.temperature,
+          self_reward_token_id=self.zc_id, chunk=self.config.model.logprob_chunk))
+    keys = ("tokens", "positions", "attention_mask", "targets", "eos_index")
+    n = batch["tokens"].shape[0]
+    mb = self.config.micro_batch_size
+    outs = []
+    for start in range(0, n, mb):
+      piece = {k: batch[k][start:start + mb] for k in keys}
+      piece = jax.device_put(piece, jax.tree.map(
+          lambda x: NamedSharding(self.mesh, P(sharding_lib.BATCH_AXES, *([None] * (x.ndim - 1)))), piece))
+      outs.append(jax.device_get(self._logprob_fn(params, batch=piece)))
+    return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
+
+  # ---- one RL step ----------------------------------------------------------------------
+  def prepare_update_batch(self, roll: dict, params, ref_params, step: int) -> tuple[dict, dict]:
+    """Host-side: training arrays, old/ref log-probs, advantages and class weights for a rollout."""
+    c = self.config
+    out = roll["sample"]
+    rewards = roll["rewards"]
+    batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.tokens,
+                                             out.lengths, out.finished, out.eos_token, self.pad_id)
+    if c.rollout.recompute_old_logprobs:
+      batch["old_logp"], _ = self.logprobs(params, batch)
+    else:
+      batch["old_logp"] = rollout_lib.old_logprobs_from_sampler(
+          out.logprobs, out.eos_logprob, out.lengths, out.finished, out.prompt_tokens.shape[1])
+    if self.needs_ref:
+      batch["ref_logp"], ref_sr = self.logprobs(ref_params, batch)
+      if c.laser.use_ref_model_score:
+        batch["ref_sr_logp"] = ref_sr
+    finished = out.finished.astype(bool)
+    if c.loss.overlong_buffer_len > 0:
+      # Response length counts the EOS, as the limit max_new_tokens does.
+      rewards = rewards + np.asarray(dapo.overlong_reward_penalty(
+          out.lengths + finished, c.rollout.max_new_tokens, c.loss.overlong_buffer_len,
+          c.loss.overlong_penalty))
+    if c.loss.mask_truncated:
+      batch["response_mask"] = np.asarray(dapo.mask_truncated(batch["response_mask"], finished))
+    sr_on, _ = warmup_flags(step, c.laser)
+    advantages, adv_metrics = objective.rollout_advantages(
+        self.loss_cfg, step, rewards=rewards, group_ids=out.group_ids, finished=finished,
+        z_logprob=out.self_reward_logprob if c.laser.use_self_reward_loss else None,
+        ref_z_logprob=batch.get("ref_sr_logp"))
+    batch["advantages"] = np.asarray(advantages, np.float32)
+    batch["rewards"] = np.asarray(roll["rewards"], np.float32)  # L_sr targets the verifier reward.
+    batch["finished"] = finished
+    batch["sr_weights"] = np.asarray(objective.self_reward_class_weights(
+        batch["rewards"], finished, c.laser.balanced), np.float32)
+    return batch, adv_metrics
+
+  def train_step(self, state: TrainState, prompts: list, ref_params=None) -> tuple[TrainState, dict]:
+    """One RL step on `prompts`; returns the new state and this step's metrics (host floats)."""
+    c = self.config
+    step = int(state.step) + 1
+    t0 = time.perf_counter()
+    roll = self.rollout(state.params, prompts, self.step_key(state, salt=0))
+    t_rollout = time.perf_counter() - t0
+    batch, adv_metrics = self.prepare_update_batch(roll, state.params, ref_params, step)
+    sr_on, _ = warmup_flags(step, c.laser)
+    out = roll["sample"]
+
+    # One optimizer update per mini-batch; micro-batches inside are accumulated exactly.
+    rows_per_update = self.num_prompts_per_update * c.rollout.n
+    num_micro = rows_per_update // c.micro_batch_size
+    t1 = time.perf_counter()
+    pieces, losses, grad_norms = [], [], []
+    for u in range(self.updates_per_step):
+      sl = slice(u * rows_per_update, (u + 1) * rows_per_update)
+      mini = {k: v[sl] for k, v in batch.items()}
+      normalisers = objective.loss_normalisers(self.loss_cfg, mini["response_mask"])
+      mini = {k: v.reshape(num_micro, c.micro_batch_size, *v.shape[1:]) for k, v in mini.items()}
+      state, m = self.update(state, mini, normalisers, sr_on)
+      pieces.append(m["terms"])
+      losses.append(m["loss"])
+      grad_norms.append(m["grad_norm"])
+    state = state.replace(step=state.step + 1)
+    terms = rl_metrics.finalize_metrics(jax.device_get(rl_metrics.accumulate_metrics(pieces)))
+    t_update = time.perf_counter() - t1
+
+    scores = np.asarray(objective.self_reward_score(
+        out.self_reward_logprob, kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant,
+        ref_z_logprob=batch.get("ref_sr_logp")))
+    sv = jax.device_get(rl_metrics.self_verification_metrics(scores, roll["rewards"], out.finished))
+    ro = jax.device_get(rl_metrics.rollout_metrics(roll["rewards"], batch["response_mask"],
+                                                   out.finished, out.group_ids))
+    step_time = time.perf_counter() - t0
+    num_tokens = float(np.sum(batch["attention_mask"]))
+    metrics = {
+        "loss": float(np.mean(jax.device_get(losses))),
+        "pg_loss": terms.get("pg_loss", 0.0),
+        "self_reward_loss": terms.get("self_reward_loss", 0.0),
+        "kl_loss": terms.get("kl_loss", 0.0),
+        "grad_norm": float(np.mean(jax.device_get(grad_norms))),
+        "reward_mean": float(ro["reward_mean"]),
+        "self_reward/acc_correct": float(sv["self_reward_acc_correct"]),
+        "self_reward/acc_incorrect": float(sv["self_reward_acc_incorrect"]),
+        "self_reward/acc": float(sv["self_reward_acc"]),
+        "self_reward/f1": float(sv["self_reward_f1"]),
+        "self_reward/n_correct": int(sv["self_reward_n_correct"]),
+        "self_reward/n_incorrect": int(sv["self_reward_n_incorrect"]),
+        "self_reward/score_mean": float(np.nanmean(scores)) if np.any(out.finished) else float("nan"),
+        "self_reward/loss_on": float(sr_on),
+        "response_length": float(ro["response_length_mean"]),
+        "truncated_frac": float(ro["truncation_rate"]),
+        "zero_std_group_frac": float(ro["zero_std_group_frac"]),
+        "verifier_timeouts": roll["verifier_timeouts"],
+        "skipped_updates": int(state.skipped_updates),
+        "lr": float(self.schedule(int(step - 1) * self.updates_per_step)),
+        "step_time_s": step_time,
+        "rollout_time_s": t_rollout,
+        "update_time_s": t_update,
+        "tokens_per_s": num_tokens / step_time,
+    }
+    for k in ("clip_frac_upper", "clip_frac_lower", "clip_frac_dual", "approx_kl", "ppo_kl"):
+      if k in terms:
+        metrics[k] = terms[k]
+    metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
+    if c.mfu_peak_flops > 0:
+      metrics["mfu"] = self.step_flops(batch) / step_time / c.mfu_peak_flops
+    return state, metrics
+
+  def step_flops(self, batch: dict) -> float:
+    """Model FLOPs of one step: 2*N*tokens per forward (rollout), 6*N*tokens for the update."""
+    n = model_lib.num_params(self.model_cfg) if hasattr(model_lib, "num_params") else 0
+    tokens = float(np.sum(batch["attention_mask"]))
+    forwards = 2 + (2 if self.config.rollout.recompute_old_logprobs else 0) + (2 if self.needs_ref else 0)
+    return (forwards + 6) * n * tokens
+
+  # ---- evaluation -----------------------------------------------------------------------
+  def evaluate(self, params, rng) -> dict:
+    """Held-out accuracy and self-verification on `task.eval_prompts`."""
+    prompts = self.task.eval_prompts
+    out = sampler_lib.sample(params, self.model_cfg, [p.token_ids for p in prompts], self.eval_sampling,
+                             rng, mesh=self.mesh)
+    texts = self.task.decode(out.tokens, out.lengths)
+    answers = [prompts[g].answer for g in out.group_ids]
+    rewards = np.asarray(self.task.verifier(texts, answers).rewards, np.float32)
+    c = self.config
+    scores = np.asarray(objective.self_reward_score(
+        out.self_reward_logprob, kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant))
+    sv = jax.device_get(rl_metrics.self_verification_metrics(scores, rewards, out.finished))
+    return {
+        "eval/accuracy": float(np.mean(rewards)),
+        "eval/self_verification_acc_correct": float(sv["self_reward_acc_correct"]),
+        "eval/self_verification_acc_incorrect": float(sv["self_reward_acc_incorrect"]),
+        "eval/self_verification_acc": float(sv["self_reward_acc"]),
+        "eval/self_verification_f1": float(sv["self_reward_f1"]),
+        "eval/truncated_frac": float(np.mean(~out.finished.astype(bool))),
+        "eval/num_problems": len(prompts),
+    }
+
+
+def _truncate_metrics_file(workdir: str, last_step: int):
+  """On resume, drops records of steps after the restored checkpoint (they will be redone)."""
+  from etils import epath
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if jax.process_index() != 0 or not path.exists():
+    return
+  import json
+  lines = [l for l in path.read_text().splitlines() if l.strip()]
+  kept = [l for l in lines if json.loads(l)["step"] <= last_step]
+  if len(kept) != len(lines):
+    tmp = path.parent / "metrics.jsonl.tmp"
+    tmp.write_text("".join(l + "\n" for l in kept))
+    tmp.rename(path)
+
+
+def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
+          progress: bool = True) -> list[dict]:
+  """Runs (or resumes) training as configured; returns the metric records written this call.
+
+  `max_steps` stops after that many RL steps of this call without a final save beyond the usual
+  schedule (used by tests to simulate an interruption).
+  """
+  from tqdm.auto import tqdm
+  trainer = Trainer(config)
+  c = config
+  ckpt = ckpt_lib.Checkpointer(c.workdir, keep=c.keep_checkpoints, async_save=c.async_checkpointing)
+  writer = metrics_writer.MetricsWriter(c.workdir)
+  records = []
+  iterator = trainer.task.train_iterator()
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, trainer.abstract_state())
+    iterator.set_state(data_state)
+    _truncate_metrics_file(c.workdir, latest)
+    logging.info("Resumed from %s/checkpoints at step %d", c.workdir, latest)
+  else:
+    state = trainer.init_state(trainer.initial_params())
+  ref_params = None
+  if trainer.needs_ref:
+    ref_params = jax.device_put(trainer.task.init_params(reference=True), trainer.param_shardings)
+
+  preempt = ckpt_lib.PreemptionFlag()
+  start = int(state.step)
+  end = c.total_steps if max_steps is None else min(c.total_steps, start + max_steps)
+  eval_key = jax.random.key(c.seed + 1)
+  if start == 0 and c.eval_every > 0:
+    records.append(writer.write(0, trainer.evaluate(state.params, eval_key)))
+  bar = tqdm(total=c.total_steps, initial=start, disable=not progress or jax.process_index() != 0,
+             desc="LaSeR", unit="step", dynamic_ncols=True)
+  try:
+    for _ in range(start, end):
+      try:
+        prompts = next(iterator)
+      except StopIteration:
+        logging.info("Training data exhausted at step %d", int(state.step))
+        break
+      state, metrics = trainer.train_step(state, prompts, ref_params)
+      step = int(state.step)
+      if c.eval_every > 0 and (step % c.eval_every == 0 or step == c.total_steps):
+        metrics.update(trainer.evaluate(state.params, eval_key))
+      records.append(writer.write(step, metrics))
+      bar.update(1)
+      bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", f1=f"{metrics['self_reward/f1']:.2f}",
+                      loss=f"{metrics['loss']:.4f}")
+      if step % c.log_every == 0:
+        logging.info("step %d: %s", step, " ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+      stop = preempt.is_set() or ckpt.manager.reached_preemption(step)
+      if step % c.checkpoint_every == 0 or step == c.total_steps or stop:
+        ckpt.save(step, state, iterator.get_state(), force=stop)
+      if stop:
+        logging.warning("Preemption signal: saved step %d, exiting.", step)
+        break
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+    preempt.restore_handlers()
+  return records
