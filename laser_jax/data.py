@@ -193,10 +193,15 @@ class TfdsRecords(Sequence):
   def __len__(self) -> int:
     return len(self._source)
 
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
   def __getitem__(self, i):
     if isinstance(i, slice):
       return [self[j] for j in range(*i.indices(len(self)))]
-    row = self._source[i]
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"record {i} out of range for {len(self)} records")
+    row = self._source[i % len(self)]
     return {k: (row[k].decode("utf-8") if isinstance(row[k], bytes) else row[k])
             for k in ("problem", "answer")}
 
