@@ -1,0 +1,190 @@
+"""The Flax decoder against torch `transformers` (independent reference) and against itself.
+
+- full forward: logits equal transformers' on left- and right-padded batches (f32, 1e-4), per family;
+- cached path: prefill + one-token decode steps equal the full forward at every position;
+- remat, bf16 and fully-masked rows behave.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_fixtures
+from laser_jax import hf, model
+
+# Jitted entry points (eager op-by-op dispatch is much slower on CPU).
+forward = jax.jit(model.forward, static_argnums=1, static_argnames="return_hidden")
+forward_cached = jax.jit(model.forward_cached, static_argnums=1)
+
+CASES = [("qwen2", None), ("qwen2", False), ("llama", None), ("qwen3", None)]  # (family, tie override)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """(family, tied) -> (cfg, params, torch model) of a tiny random HF checkpoint."""
+  out = {}
+  for family, tie in CASES:
+    path = str(tmp_path_factory.mktemp(f"{family}_{tie}"))
+    hf_fixtures.make_tiny_hf_checkpoint(path, family, seed=len(out), tie_word_embeddings=tie)
+    cfg = hf.load_hf_config(path)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out[(family, tie)] = (cfg, hf.load_hf_params(path, cfg), torch_model)
+  return out
+
+
+def padded_batch(padding: str, seed=0, batch=3, length=12, vocab=320):
+  """Random tokens with ragged lengths, padded on the left or right; positions count real tokens."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, vocab, (batch, length))
+  lengths = [length, length - 5, 3][:batch]
+  mask = np.zeros((batch, length), bool)
+  for b, n in enumerate(lengths):
+    if padding == "left":
+      mask[b, length - n:] = True
+    else:
+      mask[b, :n] = True
+  tokens = np.where(mask, tokens, hf_fixtures.PAD_ID)
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  return tokens.astype(np.int32), positions.astype(np.int32), mask
+
+
+def torch_logits(torch_model, tokens, positions, mask):
+  with torch.no_grad():
+    return torch_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                       attention_mask=torch.tensor(mask, dtype=torch.long),
+                       position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{f}-tie{t}" for f, t in CASES])
+def test_logits_match_transformers(checkpoints, case, padding):
+  cfg, params, torch_model = checkpoints[case]
+  tokens, positions, mask = padded_batch(padding)
+  ref = torch_logits(torch_model, tokens, positions, mask)
+  ours = np.asarray(forward(params, cfg, tokens, positions, mask))
+  assert ours.dtype == np.float32 and ours.shape == ref.shape
+  assert np.isfinite(ours).all()
+  assert ref[mask].std() > 0.5  # the tiny model's logits are far from uniform, so the check is meaningful
+  np.testing.assert_allclose(ours[mask], ref[mask], atol=1e-4, rtol=0)
+
+
+def test_hidden_states_and_unembed(checkpoints):
+  cfg, params, torch_model = checkpoints[("llama", None)]
+  tokens, positions, mask = padded_batch("left")
+  hidden = forward(params, cfg, tokens, positions, mask, return_hidden=True)
+  assert hidden.shape == (*tokens.shape, cfg.hidden_size)
+  with torch.no_grad():
+    ref = torch_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                      attention_mask=torch.tensor(mask, dtype=torch.long),
+                      position_ids=torch.tensor(positions, dtype=torch.long),
+                      output_hidden_states=True).hidden_states[-1].numpy()
+  np.testing.assert_allclose(np.asarray(hidden)[mask], ref[mask], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(model.unembed(params, cfg, hidden),
+                             forward(params, cfg, tokens, positions, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{f}-tie{t}" for f, t in CASES])
+def test_cached_decode_matches_full_forward(checkpoints, case):
+  """Left-padded prompts: prefill the first P slots, then decode one token per step; every real
+  position's logits equal the full forward over the whole sequence."""
+  cfg, params, _ = checkpoints[case]
+  tokens, positions, mask = padded_batch("left", seed=1)
+  full = np.asarray(forward(params, cfg, tokens, positions, mask))
+  prompt_len, total = 6, tokens.shape[1]
+  cache = model.init_cache(cfg, tokens.shape[0], total + 2)  # spare slots stay invalid
+  step = forward_cached
+  logits, cache = step(params, cfg, tokens[:, :prompt_len], positions[:, :prompt_len], mask[:, :prompt_len],
+                       cache, 0)
+  pieces = [np.asarray(logits)]
+  for s in range(prompt_len, total):
+    logits, cache = step(params, cfg, tokens[:, s:s + 1], positions[:, s:s + 1], mask[:, s:s + 1], cache,
+                         jnp.int32(s))
+    pieces.append(np.asarray(logits))
+  cached = np.concatenate(pieces, axis=1)
+  np.testing.assert_allclose(cached[mask], full[mask], atol=2e-5, rtol=0)
+  np.testing.assert_array_equal(np.asarray(cache.mask[:, :total]), mask)
+  assert not np.asarray(cache.mask[:, total:]).any()
+  assert np.isfinite(cached).all()
+
+
+def test_cache_layout(checkpoints):
+  cfg, params, _ = checkpoints[("qwen2", None)]
+  cache = model.init_cache(cfg, batch=2, max_len=7)
+  assert cache.k.shape == (cfg.num_layers, 2, 7, cfg.num_kv_heads, cfg.head_dim) == cache.v.shape
+  assert cache.mask.shape == (2, 7) and cache.mask.dtype == jnp.bool_ and not cache.mask.any()
+  tokens = jnp.array([[5, 6, 7], [8, 9, 10]], jnp.int32)
+  _, cache = forward_cached(params, cfg, tokens, jnp.array([[0, 1, 2]] * 2, jnp.int32),
+                                  jnp.array([[True] * 3, [False, True, True]]), cache, 2)
+  # Only slots [2, 5) were written.
+  written = np.abs(np.asarray(cache.k)).sum(axis=(0, 3, 4)) > 0
+  np.testing.assert_array_equal(written, [[0, 0, 1, 1, 1, 0, 0]] * 2)
+  np.testing.assert_array_equal(cache.mask, [[0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0]])
+
+
+def test_remat_gives_identical_values_and_gradients(checkpoints):
+  cfg, params, _ = checkpoints[("qwen3", None)]
+  tokens, positions, mask = padded_batch("right")
+
+  def loss(p, c):
+    logp = jax.nn.log_softmax(forward(p, c, tokens, positions, mask))
+    return -jnp.mean(jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1))
+
+  grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  v1, g1 = grad_fn(params, cfg)
+  v2, g2 = grad_fn(params, cfg.replace(remat=True))
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g2)
+
+
+def test_fully_masked_rows_stay_finite(checkpoints):
+  cfg, params, _ = checkpoints[("qwen2", None)]
+  tokens, positions, mask = padded_batch("left")
+  mask[2] = False  # a row with no real token at all
+
+  def total(p):
+    return jnp.sum(forward(p, cfg, tokens, positions, mask))
+
+  value, grads = jax.jit(jax.value_and_grad(total))(params)
+  assert np.isfinite(value)
+  assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+  cache = model.init_cache(cfg, 3, tokens.shape[1])
+  logits, _ = forward_cached(params, cfg, tokens, positions, mask, cache, 0)
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_bfloat16_close_to_float32(checkpoints):
+  cfg, params, _ = checkpoints[("llama", None)]
+  tokens, positions, mask = padded_batch("left")
+  ref = np.asarray(forward(params, cfg, tokens, positions, mask))
+  cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+  params16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+  out = forward(params16, cfg16, tokens, positions, mask)
+  hidden = forward(params16, cfg16, tokens, positions, mask, return_hidden=True)
+  assert out.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(out) - ref)[mask]
+  assert err.max() < 0.1 * np.abs(ref).max(), err.max()
+  assert (np.asarray(out).argmax(-1) == ref.argmax(-1))[mask].mean() > 0.9
+  cache = model.init_cache(cfg16, 3, tokens.shape[1])
+  assert cache.k.dtype == jnp.bfloat16
+
+
+def test_init_params_matches_num_params_and_hf_layout(checkpoints):
+  for (family, tie), (cfg, params, torch_model) in checkpoints.items():
+    ours = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(params)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(ours))
+    assert n == cfg.num_params() == sum(p.numel() for p in torch_model.parameters()), (family, tie)
+
+
+def test_config_validation_errors():
+  base = dict(family="qwen2", vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+              num_kv_heads=1, head_dim=4)
+  model.ModelConfig(**base)
+  for bad, needle in [({"family": "gpt2"}, "family"), ({"dtype": "float16"}, "dtype"),
+                      ({"num_kv_heads": 3, "num_heads": 4}, "num_kv_heads"),
+                      ({"rope_scaling": (("rope_type", "yarn"),)}, "llama3")]:
+    with pytest.raises(ValueError, match=needle) as e:
+      model.ModelConfig(**{**base, **bad})
+    assert "\n" not in str(e.value)
