@@ -1,0 +1,494 @@
+"""The GRPO + LaSeR objective as pure JAX functions over arrays (see ../shared/SPEC.md).
+
+Nothing here knows about models: inputs are per-token log-probs [B, T], a response mask [B, T],
+per-row rewards / group ids / finished flags [B], and the log-prob of the self-reward token z_c
+after EOS, log pi(z_c | x, y) [B] (NaN allowed on truncated rows).
+
+Exact micro-batching. Every loss returns a `SumCount`: the micro-batch's *sum* and *count*
+(number of tokens for token-mean, number of sequences for the seq-mean modes, B for L_sr).
+The trainer computes the global counts of the whole mini-batch once (`loss_normalisers`) and passes
+them to `total_loss`, so each micro-batch contributes sum / global_count: summing those over k
+micro-batches (or data-parallel shards) gives exactly the full-batch loss *and* gradient, unlike a
+mean of micro-batch means. Class-balancing weights of L_sr are likewise computed once over the whole
+batch (`self_reward_class_weights`) and sliced per micro-batch.
+
+Group ids are ints in [0, num_groups) (num_groups defaults to B); rows of a group need not be
+contiguous. `dense_group_ids` maps arbitrary ids (e.g. prompt uids) to that range.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from laser_jax import dapo
+from laser_jax import rl_metrics
+from laser_jax.rl_metrics import SumCount
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_TYPES = ("kl", "mse", "low_var_kl")
+ADV_ESTIMATORS = ("grpo", "drgrpo")
+SELF_REWARD_TYPES = ("laser", "sft")
+GRPO_EPS = 1e-6
+LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps rho finite even for wildly stale log-probs.
+K3_CLAMP = 10.0
+
+
+# --------------------------------------------------------------------------------------------
+# Groups and advantages.
+# --------------------------------------------------------------------------------------------
+
+
+def dense_group_ids(ids) -> np.ndarray:
+  """Host-side: maps arbitrary per-row group keys (ints or strings) to ints in [0, #groups)."""
+  _, inverse = np.unique(np.asarray(ids), return_inverse=True)
+  return inverse.reshape(-1).astype(np.int32)
+
+
+def _check_group_ids(group_ids, num_groups: int, name: str = "group_ids"):
+  """Out-of-range ids would be silently dropped by segment ops: check them when concrete."""
+  if isinstance(group_ids, jax.core.Tracer):
+    return
+  g = np.asarray(group_ids)
+  if g.ndim != 1 or not np.issubdtype(g.dtype, np.integer):
+    raise ValueError(f"{name}: expected a 1-D integer array, got shape {g.shape} dtype {g.dtype}")
+  if g.size and (g.min() < 0 or g.max() >= num_groups):
+    raise ValueError(f"{name}: ids must lie in [0, {num_groups}), got range [{g.min()}, {g.max()}]"
+                     " (use objective.dense_group_ids or pass num_groups)")
+
+
+def group_mean_std(values: jax.Array, group_ids: jax.Array, num_groups: int | None = None):
+  """Per-row group mean, unbiased group std and group size of `values` [B].
+
+  A group of size 1 has std 0 here (its unbiased std is undefined); callers decide what that means.
+  """
+  values = jnp.asarray(values, jnp.float32)
+  num_groups = values.shape[0] if num_groups is None else num_groups
+  _check_group_ids(group_ids, num_groups)
+  size = jax.ops.segment_sum(jnp.ones_like(values), group_ids, num_groups)
+  total = jax.ops.segment_sum(values, group_ids, num_groups)
+  mean = total / jnp.maximum(size, 1.0)
+  dev = values - mean[group_ids]
+  sq = jax.ops.segment_sum(dev * dev, group_ids, num_groups)
+  std = jnp.sqrt(sq / jnp.maximum(size - 1.0, 1.0))
+  std = jnp.where(size > 1, std, 0.0)
+  return mean[group_ids], std[group_ids], size[group_ids]
+
+
+def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, *, num_groups: int | None = None,
+                    norm_by_std: bool = True, eps: float = GRPO_EPS) -> jax.Array:
+  """GRPO advantages [B]: (r - mean_g) / (std_g + eps), unbiased std; Dr. GRPO: r - mean_g.
+
+  A group of size 1 gets advantage 0 (r - mean = 0 exactly; its std is taken as 0).
+  """
+  mean, std, _ = group_mean_std(rewards, group_ids, num_groups)
+  centred = jnp.asarray(rewards, jnp.float32) - mean
+  return centred / (std + eps) if norm_by_std else centred
+
+
+def token_advantages(advantages: jax.Array, response_mask: jax.Array) -> jax.Array:
+  """Broadcasts per-row advantages [B] (or passes [B, T]) over response tokens, zero off-mask."""
+  mask = jnp.asarray(response_mask, jnp.float32)
+  adv = jnp.asarray(advantages, jnp.float32)
+  if adv.ndim == 1:
+    adv = adv[:, None]
+  if adv.shape[0] != mask.shape[0] or adv.ndim != 2:
+    raise ValueError(f"advantages: expected [B] or [B, T] with B={mask.shape[0]}, got {adv.shape}")
+  return jnp.broadcast_to(adv, mask.shape) * mask
+
+
+# --------------------------------------------------------------------------------------------
+# LaSeR: the last-token self-rewarding score, its loss and its advantages.
+# --------------------------------------------------------------------------------------------
+
+
+def self_reward_score(z_logprob: jax.Array, *, kl_coef: float = 0.1, ref_constant: float = -23.0,
+                      ref_z_logprob: jax.Array | None = None) -> jax.Array:
+  """r_s = beta_v * (log pi(z_c | x, y) - c_ref), with c_ref := log pi_ref(z_c | x, y) if given.
+
+  `kl_coef` is beta_v (config.laser.kl_coef), `ref_constant` is c_ref. NaN in -> NaN out;
+  the losses below mask truncated rows before any arithmetic.
+  """
+  ref = ref_constant if ref_z_logprob is None else ref_z_logprob
+  return kl_coef * (z_logprob - ref)
+
+
+def self_reward_class_weights(rewards: jax.Array, finished: jax.Array,
+                              balanced: bool = True) -> jax.Array:
+  """Per-row weights m_i * w_i of L_sr, computed over the WHOLE batch (slice per micro-batch).
+
+  Over finished rows, N_+ verified-correct (r_v > 0.5) and N_- incorrect, N = N_+ + N_-:
+  w = N / (2 N_+) on correct rows, N / (2 N_-) on incorrect ones, so each class carries total
+  weight N / 2. Unbalanced: w = 1. Truncated rows get 0 (the m_i of the SPEC is folded in).
+  """
+  finished = jnp.asarray(finished, bool)
+  m = finished.astype(jnp.float32)
+  if not balanced:
+    return m
+  correct = jnp.asarray(rewards) > 0.5
+  n_pos = jnp.sum(m * correct)
+  n_neg = jnp.sum(m * ~correct)
+  n = n_pos + n_neg
+  w_pos = jnp.where(n_pos > 0, n / (2.0 * jnp.maximum(n_pos, 1.0)), 0.0)
+  w_neg = jnp.where(n_neg > 0, n / (2.0 * jnp.maximum(n_neg, 1.0)), 0.0)
+  return m * jnp.where(correct, w_pos, w_neg)
+
+
+def self_reward_loss(z_logprob: jax.Array, rewards: jax.Array, finished: jax.Array,
+                     weights: jax.Array, *, kl_coef: float = 0.1, ref_constant: float = -23.0,
+                     ref_z_logprob: jax.Array | None = None) -> SumCount:
+  """L_sr = mean over all B rows of m_i w_i (r_s_i - r_v_i)^2, as SumCount(sum, count = B).
+
+  z_logprob [B] carries gradient (current parameters); NaN on truncated rows is replaced before
+  any arithmetic, so neither the value nor the gradient is poisoned. `weights` come from
+  `self_reward_class_weights` over the whole batch.
+  """
+  finished = jnp.asarray(finished, bool)
+  lp = jnp.where(finished, z_logprob, ref_constant)
+  ref = None if ref_z_logprob is None else jnp.where(finished, ref_z_logprob, ref_constant)
+  score = self_reward_score(lp, kl_coef=kl_coef, ref_constant=ref_constant, ref_z_logprob=ref)
+  err = score - jnp.asarray(rewards, jnp.float32)
+  per_row = jnp.where(finished, weights * err * err, 0.0)
+  return SumCount(jnp.sum(per_row), jnp.asarray(per_row.shape[0], jnp.float32))
+
+
+def sft_verification_loss(yes_logprob: jax.Array, no_logprob: jax.Array, rewards: jax.Array,
+                          finished: jax.Array, weights: jax.Array) -> SumCount:
+  """The paper's "SFT" ablation: -log p(yes) after EOS on correct rows, -log p(no) on incorrect.
+
+  Same masking, weighting and (sum, count = B) convention as `self_reward_loss`.
+  """
+  finished = jnp.asarray(finished, bool)
+  correct = jnp.asarray(rewards) > 0.5
+  yes = jnp.where(finished, yes_logprob, 0.0)  # Sanitise truncated rows before arithmetic.
+  no = jnp.where(finished, no_logprob, 0.0)
+  target = jnp.where(correct, yes, no)
+  per_row = jnp.where(finished, -weights * target, 0.0)
+  return SumCount(jnp.sum(per_row), jnp.asarray(per_row.shape[0], jnp.float32))
+
+
+def self_rewarding_advantages(scores: jax.Array, finished: jax.Array, group_ids: jax.Array,
+                              advantages: jax.Array, *, threshold: float = 0.1,
+                              num_groups: int | None = None) -> jax.Array:
+  """A^s [B] from the rollout policy's scores r_s (SPEC "self-rewarding advantage integration").
+
+  s = clip(r_s, 0, 1) on finished rows, 0 on truncated ones; per group mu, unbiased sigma
+  (size-1 group: mu = 0, sigma = 1); A^s = (s - mu) / sigma where sigma > threshold, else the
+  verifier advantage A (`advantages` [B]).
+  """
+  finished = jnp.asarray(finished, bool)
+  s = jnp.where(finished, jnp.clip(jnp.where(finished, scores, 0.0), 0.0, 1.0), 0.0)
+  mu, sigma, size = group_mean_std(s, group_ids, num_groups)
+  mu = jnp.where(size > 1, mu, 0.0)
+  sigma = jnp.where(size > 1, sigma, 1.0)
+  use = sigma > threshold
+  return jnp.where(use, (s - mu) / jnp.where(use, sigma, 1.0), advantages)
+
+
+def integrate_advantages(advantages: jax.Array, self_advantages: jax.Array,
+                         tau: float) -> jax.Array:
+  """A' = (1 - tau) A + tau A^s."""
+  return (1.0 - tau) * advantages + tau * self_advantages
+
+
+def warmup_flags(step, reasoning_warmup_steps, self_rewarding_warmup_steps):
+  """(self_reward_loss_on, adv_integration_on) at RL step `step`.
+
+  step <= R: plain GRPO; R < step: L_sr on; step > R + S: advantage integration on too.
+  Works on Python ints (returns bools) and on jnp scalars (returns jnp bools) alike.
+  """
+  loss_on = step > reasoning_warmup_steps
+  integration_on = step > reasoning_warmup_steps + self_rewarding_warmup_steps
+  return loss_on, integration_on
+
+
+# --------------------------------------------------------------------------------------------
+# Policy loss, KL and aggregation.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_agg_mode(agg_mode: str, max_response_length):
+  if agg_mode not in AGG_MODES:
+    raise ValueError(f"loss agg_mode: expected one of {AGG_MODES}, got {agg_mode!r}")
+  if agg_mode == "seq-mean-token-sum-norm" and not max_response_length:
+    raise ValueError("agg_mode 'seq-mean-token-sum-norm' (Dr. GRPO) needs max_response_length > 0")
+
+
+def aggregation_count(response_mask: jax.Array, agg_mode: str,
+                      max_response_length: int | None = None) -> jax.Array:
+  """The normaliser of `aggregate` for this (micro-)batch; sum it over pieces for the global one.
+
+  token-mean: #response tokens. seq-mean-*: #sequences with >= 1 response token.
+  seq-mean-token-sum-norm (Dr. GRPO): #sequences * max_response_length (a constant per sequence).
+  """
+  _check_agg_mode(agg_mode, max_response_length)
+  mask = jnp.asarray(response_mask, jnp.float32)
+  if agg_mode == "token-mean":
+    return jnp.sum(mask)
+  n_seq = jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))
+  if agg_mode == "seq-mean-token-sum-norm":
+    return dapo.drgrpo_normaliser(n_seq, max_response_length)
+  return n_seq
+
+
+def aggregate(token_values: jax.Array, response_mask: jax.Array, agg_mode: str,
+              max_response_length: int | None = None) -> SumCount:
+  """Aggregates per-token values [B, T] into SumCount(sum, count) for `agg_mode`.
+
+  token-mean: sum_t,i v m / sum m.  seq-mean-token-sum: mean_i sum_t v m.
+  seq-mean-token-mean: mean_i (sum_t v m / sum_t m).  seq-mean-token-sum-norm: Dr. GRPO's
+  sum_t,i v m / (#seq * max_response_length). The seq-mean modes average over rows that have at
+  least one response token. Masked entries of `token_values` may be NaN.
+  """
+  _check_agg_mode(agg_mode, max_response_length)
+  mask = jnp.asarray(response_mask, jnp.float32)
+  if token_values.shape != mask.shape:
+    raise ValueError(f"aggregate: token values {token_values.shape} vs response_mask {mask.shape}")
+  v = jnp.where(mask > 0, token_values, 0.0) * mask
+  count = aggregation_count(mask, agg_mode, max_response_length)
+  if agg_mode == "seq-mean-token-mean":
+    n_tok = jnp.sum(mask, axis=-1)
+    per_seq = jnp.sum(v, axis=-1) / jnp.maximum(n_tok, 1.0)
+    return SumCount(jnp.sum(per_seq), count)
+  return SumCount(jnp.sum(v), count)
+
+
+def masked_log_ratio(logp: jax.Array, old_logp: jax.Array, response_mask: jax.Array) -> jax.Array:
+  """logp - old_logp clamped to [-20, 20] on response tokens, 0 elsewhere (so exp is stable)."""
+  mask = jnp.asarray(response_mask, bool)
+  diff = jnp.where(mask, logp, 0.0) - jnp.where(mask, old_logp, 0.0)
+  return jnp.clip(diff, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def policy_token_losses(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
+                        response_mask: jax.Array, *, clip_eps_low: float = 0.2,
+                        clip_eps_high: float = 0.2,
+                        clip_ratio_c: float | None = 3.0) -> jax.Array:
+  """Per-token clipped-surrogate loss [B, T] (0 off-mask).
+
+  rho = exp(clamp(logp - old_logp, -20, 20)); loss = max(-A rho, -A clip(rho, 1-eps_low,
+  1+eps_high)); for A < 0 additionally min(loss, -A * clip_ratio_c) (dual clip; None = off).
+  """
+  if clip_ratio_c is not None and clip_ratio_c <= 1.0:
+    raise ValueError(f"clip_ratio_c must be > 1 (or None to disable dual clip), got {clip_ratio_c}")
+  mask = jnp.asarray(response_mask, jnp.float32)
+  adv = token_advantages(advantages, mask)
+  ratio = jnp.exp(masked_log_ratio(logp, old_logp, mask))
+  loss = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high))
+  if clip_ratio_c is not None:
+    loss = jnp.where(adv < 0, jnp.minimum(loss, -adv * clip_ratio_c), loss)
+  return loss * mask
+
+
+def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
+                response_mask: jax.Array, *, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2,
+                clip_ratio_c: float | None = 3.0, agg_mode: str = "token-mean",
+                max_response_length: int | None = None) -> tuple[SumCount, dict]:
+  """Aggregated clipped-surrogate loss and its token metrics (clip fractions, approx KL).
+
+  Returns (SumCount, {"clipfrac_upper", "clipfrac_lower", "clipfrac_dual", "approx_kl"}: SumCount).
+  """
+  mask = jnp.asarray(response_mask, jnp.float32)
+  token_loss = policy_token_losses(logp, old_logp, advantages, mask, clip_eps_low=clip_eps_low,
+                                   clip_eps_high=clip_eps_high, clip_ratio_c=clip_ratio_c)
+  loss = aggregate(token_loss, mask, agg_mode, max_response_length)
+  log_ratio = jax.lax.stop_gradient(masked_log_ratio(logp, old_logp, mask))
+  metrics = rl_metrics.clip_fractions(log_ratio, token_advantages(advantages, mask), mask,
+                                      clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+                                      clip_ratio_c=clip_ratio_c)
+  metrics["approx_kl"] = rl_metrics.approx_kl(log_ratio, mask)
+  return loss, metrics
+
+
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kl_type: str) -> jax.Array:
+  """Per-token KL(pi || pi_ref) estimate, in verl's conventions.
+
+  "kl" (k1): logp - ref;  "mse" (k2): 0.5 (logp - ref)^2;
+  "low_var_kl" (k3): exp(ref - logp) - (ref - logp) - 1, with ref - logp clamped to [-20, 20]
+  for a finite exp and the result clamped to [-10, 10].
+  """
+  if kl_type == "kl":
+    return logp - ref_logp
+  if kl_type == "mse":
+    return 0.5 * jnp.square(logp - ref_logp)
+  if kl_type == "low_var_kl":
+    d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return jnp.clip(jnp.exp(d) - d - 1.0, -K3_CLAMP, K3_CLAMP)
+  raise ValueError(f"kl_type: expected one of {KL_TYPES}, got {kl_type!r}")
+
+
+def kl_loss(logp: jax.Array, ref_logp: jax.Array, response_mask: jax.Array, *,
+            kl_type: str = "low_var_kl", agg_mode: str = "token-mean",
+            max_response_length: int | None = None) -> SumCount:
+  """KL-to-reference loss aggregated like the policy loss; padding may hold NaN."""
+  mask = jnp.asarray(response_mask, bool)
+  kl = kl_penalty(jnp.where(mask, logp, 0.0), jnp.where(mask, ref_logp, 0.0), kl_type)
+  return aggregate(kl, mask, agg_mode, max_response_length)
+
+
+# --------------------------------------------------------------------------------------------
+# The combiners the trainer calls.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The scalars of the objective (names as in default_config.py: `loss.*` and `laser.*`)."""
+  adv_estimator: str = "grpo"  # "grpo" | "drgrpo" (no std division).
+  agg_mode: str = "token-mean"
+  max_response_length: int | None = None  # Needed by agg_mode "seq-mean-token-sum-norm".
+  clip_eps_low: float = 0.2
+  clip_eps_high: float = 0.2
+  clip_ratio_c: float | None = 3.0
+  kl_loss_coef: float = 0.0  # Policy KL-to-reference coefficient (NOT laser.kl_coef).
+  kl_type: str = "low_var_kl"
+  use_self_reward_loss: bool = True
+  self_reward_type: str = "laser"  # "laser" (MSE on r_s) | "sft" (yes/no token ablation).
+  loss_coef: float = 0.1  # alpha.
+  kl_coef: float = 0.1  # beta_v of the score r_s.
+  ref_constant: float = -23.0  # c_ref.
+  balanced: bool = True
+  adv_integration_coef: float = 0.1  # tau.
+  adv_filter_threshold: float = 0.1
+  reasoning_warmup_steps: int = 0
+  self_rewarding_warmup_steps: int = 0
+
+  def __post_init__(self):
+    if self.adv_estimator not in ADV_ESTIMATORS:
+      raise ValueError(f"loss.adv_estimator: expected one of {ADV_ESTIMATORS}, "
+                       f"got {self.adv_estimator!r}")
+    _check_agg_mode(self.agg_mode, self.max_response_length)
+    if self.kl_type not in KL_TYPES:
+      raise ValueError(f"loss.kl_type: expected one of {KL_TYPES}, got {self.kl_type!r}")
+    if self.self_reward_type not in SELF_REWARD_TYPES:
+      raise ValueError(f"laser.self_reward_type: expected one of {SELF_REWARD_TYPES}, "
+                       f"got {self.self_reward_type!r}")
+    if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
+      raise ValueError(f"loss.clip_ratio_c must be > 1, got {self.clip_ratio_c}")
+
+  @classmethod
+  def from_config(cls, config: Any) -> "LossConfig":
+    """Builds from a full training ConfigDict (reads `config.loss.*`, `config.laser.*`)."""
+    loss, laser = config.loss, config.laser
+    max_len = config.rollout.max_new_tokens if "rollout" in config else None
+    return cls(
+        adv_estimator=loss.adv_estimator, agg_mode=loss.agg_mode, max_response_length=max_len,
+        clip_eps_low=loss.clip_eps_low, clip_eps_high=loss.clip_eps_high,
+        clip_ratio_c=loss.clip_ratio_c, kl_loss_coef=loss.kl_loss_coef, kl_type=loss.kl_type,
+        use_self_reward_loss=laser.use_self_reward_loss,
+        self_reward_type=laser.get("self_reward_type", "laser"), loss_coef=laser.loss_coef,
+        kl_coef=laser.kl_coef, ref_constant=laser.ref_constant, balanced=laser.balanced,
+        adv_integration_coef=laser.adv_integration_coef,
+        adv_filter_threshold=laser.adv_filter_threshold,
+        reasoning_warmup_steps=laser.reasoning_warmup_steps,
+        self_rewarding_warmup_steps=laser.self_rewarding_warmup_steps)
+
+
+def rollout_advantages(cfg: LossConfig, step, *, rewards: jax.Array, group_ids: jax.Array,
+                       finished: jax.Array, z_logprob: jax.Array | None = None,
+                       ref_z_logprob: jax.Array | None = None,
+                       num_groups: int | None = None) -> tuple[jax.Array, dict]:
+  """Per-row advantages [B] for a whole rollout batch, with LaSeR integration when it is on.
+
+  z_logprob: the rollout policy's log pi(z_c | x, y) from the sampler (NaN on truncated rows).
+  Integration is applied when cfg.use_self_reward_loss, z_logprob is given and the warm-up
+  schedule says so at `step` (Python int or traced scalar).
+  Returns (A' [B], metrics of scalars: "adv_verifier_abs_mean", and with LaSeR on
+  "adv_self_differs_frac" (rows where A^s != A) and "adv_integration_on").
+  """
+  adv = grpo_advantages(rewards, group_ids, num_groups=num_groups,
+                        norm_by_std=cfg.adv_estimator == "grpo")
+  metrics = {"adv_verifier_abs_mean": jnp.mean(jnp.abs(adv))}
+  if not cfg.use_self_reward_loss or z_logprob is None:
+    return adv, metrics
+  _, integration_on = warmup_flags(step, cfg.reasoning_warmup_steps,
+                                   cfg.self_rewarding_warmup_steps)
+  finished = jnp.asarray(finished, bool)
+  scores = self_reward_score(jnp.where(finished, z_logprob, cfg.ref_constant), kl_coef=cfg.kl_coef,
+                             ref_constant=cfg.ref_constant, ref_z_logprob=None if ref_z_logprob
+                             is None else jnp.where(finished, ref_z_logprob, cfg.ref_constant))
+  adv_s = self_rewarding_advantages(scores, finished, group_ids, adv,
+                                    threshold=cfg.adv_filter_threshold, num_groups=num_groups)
+  mixed = integrate_advantages(adv, adv_s, cfg.adv_integration_coef)
+  metrics["adv_self_differs_frac"] = jnp.mean((adv_s != adv).astype(jnp.float32))
+  metrics["adv_integration_on"] = jnp.asarray(integration_on, jnp.float32)
+  return jnp.where(integration_on, mixed, adv), metrics
+
+
+def loss_normalisers(cfg: LossConfig, response_mask: jax.Array) -> dict:
+  """Global counts of the whole mini-batch: {"policy": ..., "self_reward": B}.
+
+  Compute once on the full mini-batch mask (before splitting into micro-batches) and pass to
+  every `total_loss` call; the KL loss shares the policy normaliser (same aggregation).
+  """
+  mask = jnp.asarray(response_mask, jnp.float32)
+  return {"policy": aggregation_count(mask, cfg.agg_mode, cfg.max_response_length),
+          "self_reward": jnp.asarray(mask.shape[0], jnp.float32)}
+
+
+def total_loss(cfg: LossConfig, *, logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
+               response_mask: jax.Array, normalisers: dict | None = None,
+               ref_logp: jax.Array | None = None, z_logprob: jax.Array | None = None,
+               rewards: jax.Array | None = None, finished: jax.Array | None = None,
+               self_reward_weights: jax.Array | None = None,
+               ref_z_logprob: jax.Array | None = None, sft_no_logprob: jax.Array | None = None,
+               self_reward_active=True) -> tuple[jax.Array, dict]:
+  """L = L_GRPO + kl_loss_coef L_KL + alpha L_sr for one (micro-)batch, and its metrics.
+
+  Args:
+    cfg: the objective's scalars.
+    logp, old_logp, ref_logp: [B, T] per-token log-probs (current, rollout-time, reference).
+    advantages: [B] or [B, T] (from `rollout_advantages` on the whole batch, sliced).
+    response_mask: [B, T] 1 on response tokens (already excluding truncated rows if DAPO
+      truncation masking is on: see dapo.mask_truncated).
+    normalisers: `loss_normalisers(cfg, full_minibatch_mask)`. None = this call is the whole
+      batch (local counts). With global normalisers, summing the returned loss over micro-batches
+      gives exactly the full-batch loss and gradient.
+    z_logprob: [B] log pi_theta(z_c | x, y) from the training forward (carries gradient); for
+      self_reward_type "sft" this is log p(yes) and `sft_no_logprob` is log p(no).
+    rewards, finished: [B] verifier rewards r_v and finished flags.
+    self_reward_weights: [B] from `self_reward_class_weights` on the WHOLE batch, sliced.
+      None = computed here (only correct when this call sees the whole batch).
+    ref_z_logprob: [B] exact-variant reference log-prob at z_c (replaces c_ref).
+    self_reward_active: the warm-up flag (Python or traced bool) from `warmup_flags`.
+
+  Returns:
+    (loss scalar, metrics {name: SumCount}); sum the metric dicts over micro-batches with
+    rl_metrics.accumulate_metrics and divide once with rl_metrics.finalize_metrics.
+  """
+  mask = jnp.asarray(response_mask, jnp.float32)
+  local = loss_normalisers(cfg, mask)
+  norm = local if normalisers is None else normalisers
+  kw = dict(agg_mode=cfg.agg_mode, max_response_length=cfg.max_response_length)
+
+  pg, metrics = policy_loss(logp, old_logp, advantages, mask, clip_eps_low=cfg.clip_eps_low,
+                            clip_eps_high=cfg.clip_eps_high, clip_ratio_c=cfg.clip_ratio_c, **kw)
+  loss = pg.sum / jnp.maximum(norm["policy"], 1.0)
+  metrics["pg_loss"] = SumCount(pg.sum, pg.count)
+
+  if cfg.kl_loss_coef:
+    if ref_logp is None:
+      raise ValueError("total_loss: kl_loss_coef > 0 needs ref_logp")
+    kl = kl_loss(logp, ref_logp, mask, kl_type=cfg.kl_type, **kw)
+    loss = loss + cfg.kl_loss_coef * kl.sum / jnp.maximum(norm["policy"], 1.0)
+    metrics["kl_loss"] = kl
+
+  if cfg.use_self_reward_loss:
+    for name, x in (("z_logprob", z_logprob), ("rewards", rewards), ("finished", finished)):
+      if x is None:
+        raise ValueError(f"total_loss: laser.use_self_reward_loss needs {name}")
+    weights = self_reward_weights
+    if weights is None:
+      weights = self_reward_class_weights(rewards, finished, cfg.balanced)
+    if cfg.self_reward_type == "sft":
+      if sft_no_logprob is None:
+        raise ValueError("total_loss: self_reward_type 'sft' needs sft_no_logprob")
+      sr = sft_verification_loss(z_logprob, sft_no_logprob, rewards, finished, weights)
+    else:
+      sr = self_reward_loss(z_logprob, rewards, finished, weights, kl_coef=cfg.kl_coef,
+                            ref_constant=cfg.ref_constant, ref_z_logprob=ref_z_logprob)
+    active = jnp.asarray(self_reward_active, jnp.float32)
+    loss = loss + active * cfg.loss_coef * sr.sum / jnp.maximum(norm["self_reward"], 1.0)
+    metrics["self_reward_loss"] = sr
+  return loss, metrics

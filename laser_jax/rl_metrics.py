@@ -1,0 +1,195 @@
+"""RL training metrics, as pure functions over arrays.
+
+Two kinds of metric live here:
+  * Per-token statistics that are accumulated over micro-batches and data-parallel shards
+    (clip fractions, approximate KL, entropy). These are returned as `SumCount` pairs so that
+    summing the pieces and dividing once gives exactly the full-batch value.
+  * Rollout-batch statistics computed once on the whole batch (self-verification accuracy,
+    response length, truncation rate, zero-std groups). These return plain scalars.
+
+Self-verification follows the official LaSeR evaluation: over *finished* responses only, the
+model predicts "correct" iff its score r_s > 0.5; we report the accuracy on verified-correct
+responses, on verified-incorrect responses, overall, and F1 = the harmonic mean of the two class
+accuracies. An undefined accuracy (empty class) is NaN, and then F1 is NaN too: an honest "no data"
+rather than a misleading 0.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class SumCount(NamedTuple):
+  """A (sum, count) pair; `.value` = sum / count (0 when count is 0).
+
+  Adding the pieces of micro-batches (or shards) field by field and taking `.value` once gives
+  exactly the full-batch mean; averaging the pieces' `.value`s does not.
+  """
+  sum: jax.Array
+  count: jax.Array
+
+  @property
+  def value(self) -> jax.Array:
+    count = jnp.asarray(self.count, jnp.float32)
+    return jnp.where(count > 0, self.sum / jnp.where(count > 0, count, 1.0), 0.0)
+
+
+def add_sum_counts(a: SumCount, b: SumCount) -> SumCount:
+  """Field-wise sum of two SumCounts (tuple `+` would concatenate)."""
+  return SumCount(a.sum + b.sum, a.count + b.count)
+
+
+def accumulate_metrics(pieces: list[dict]) -> dict:
+  """Sums a list of {name: SumCount} dicts (one per micro-batch) field by field."""
+  if not pieces:
+    raise ValueError("accumulate_metrics: got an empty list of metric dicts")
+  return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *pieces)
+
+
+def finalize_metrics(metrics: dict) -> dict:
+  """{name: SumCount or scalar} -> {name: float}, dividing each SumCount once."""
+  out = {}
+  for name, m in metrics.items():
+    out[name] = float(m.value) if isinstance(m, SumCount) else float(m)
+  return out
+
+
+def masked_token_mean(values: jax.Array, mask: jax.Array) -> SumCount:
+  """Token mean of `values` [B, T] over `mask` as a SumCount; masked entries may be NaN."""
+  mask = jnp.asarray(mask, jnp.float32)
+  return SumCount(jnp.sum(jnp.where(mask > 0, values, 0.0) * mask), jnp.sum(mask))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token statistics of the policy update.
+# --------------------------------------------------------------------------------------------
+
+
+def clip_fractions(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array, *,
+                   clip_eps_low: float, clip_eps_high: float,
+                   clip_ratio_c: float | None) -> dict:
+  """Fractions of response tokens where each PPO clip is active (SumCounts over tokens).
+
+  upper: A > 0 and rho > 1 + eps_high (the gradient is cut by the upper clip);
+  lower: A < 0 and rho < 1 - eps_low (cut by the lower clip);
+  dual:  A < 0 and rho > clip_ratio_c (cut by the dual clip; 0 when dual clip is off).
+  `upper + lower` equals verl's `pg_clipfrac`; `dual` equals its `pg_clipfrac_lower`.
+  """
+  ratio = jnp.exp(log_ratio)
+  adv = jnp.broadcast_to(advantages, ratio.shape)
+  upper = (adv > 0) & (ratio > 1.0 + clip_eps_high)
+  lower = (adv < 0) & (ratio < 1.0 - clip_eps_low)
+  if clip_ratio_c is None:
+    dual = jnp.zeros_like(upper)
+  else:
+    dual = (adv < 0) & (ratio > clip_ratio_c)
+  return {
+      "clipfrac_upper": masked_token_mean(upper.astype(jnp.float32), mask),
+      "clipfrac_lower": masked_token_mean(lower.astype(jnp.float32), mask),
+      "clipfrac_dual": masked_token_mean(dual.astype(jnp.float32), mask),
+  }
+
+
+def approx_kl(log_ratio: jax.Array, mask: jax.Array) -> SumCount:
+  """Token-mean of old_logp - logp (verl's `ppo_kl`), a k1 estimate of KL(pi_old || pi)."""
+  return masked_token_mean(-log_ratio, mask)
+
+
+def entropy_from_logits(logits: jax.Array) -> jax.Array:
+  """Entropy of softmax(logits) over the last axis, computed in float32: [..., V] -> [...]."""
+  logits = jnp.asarray(logits, jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def masked_entropy(logits: jax.Array, mask: jax.Array) -> SumCount:
+  """Token-mean policy entropy over response tokens: logits [B, T, V], mask [B, T]."""
+  if logits.shape[:-1] != mask.shape:
+    raise ValueError(f"masked_entropy: logits {logits.shape} do not match mask {mask.shape} "
+                     "on the leading [B, T] axes")
+  return masked_token_mean(entropy_from_logits(logits), mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout-batch statistics (computed once over the whole batch).
+# --------------------------------------------------------------------------------------------
+
+
+def _safe_div(num, den):
+  num = jnp.asarray(num, jnp.float32)
+  den = jnp.asarray(den, jnp.float32)
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
+
+
+def self_verification_metrics(scores: jax.Array, rewards: jax.Array, finished: jax.Array,
+                              threshold: float = 0.5) -> dict:
+  """Self-verification accuracy of the last-token score, as the official evaluation reports it.
+
+  Args:
+    scores: [B] self-reward scores r_s (NaN allowed on truncated rows).
+    rewards: [B] verifier rewards r_v; a row is verified-correct iff r_v > 0.5.
+    finished: [B] bool; truncated rows are excluded from every count.
+    threshold: predict "correct" iff r_s > threshold (0.5 in the paper).
+
+  Returns:
+    {self_reward_acc_correct, self_reward_acc_incorrect, self_reward_acc, self_reward_f1,
+     self_reward_n_correct, self_reward_n_incorrect, self_reward_n_finished}; accuracies on an
+    empty set are NaN.
+  """
+  finished = jnp.asarray(finished, bool)
+  scores = jnp.where(finished, scores, 0.0)
+  correct = jnp.asarray(rewards) > 0.5
+  pred = scores > threshold
+  pos = finished & correct
+  neg = finished & ~correct
+  n_pos = jnp.sum(pos)
+  n_neg = jnp.sum(neg)
+  acc_pos = _safe_div(jnp.sum(pos & pred), n_pos)
+  acc_neg = _safe_div(jnp.sum(neg & ~pred), n_neg)
+  acc = _safe_div(jnp.sum(pos & pred) + jnp.sum(neg & ~pred), n_pos + n_neg)
+  # Harmonic mean of the two class accuracies; 0 when both are 0, NaN when either is undefined.
+  f1 = jnp.where(acc_pos + acc_neg > 0, 2 * acc_pos * acc_neg / jnp.where(
+      acc_pos + acc_neg > 0, acc_pos + acc_neg, 1.0), 0.0)
+  f1 = jnp.where(jnp.isnan(acc_pos) | jnp.isnan(acc_neg), jnp.nan, f1)
+  return {
+      "self_reward_acc_correct": acc_pos,
+      "self_reward_acc_incorrect": acc_neg,
+      "self_reward_acc": acc,
+      "self_reward_f1": f1,
+      "self_reward_n_correct": n_pos,
+      "self_reward_n_incorrect": n_neg,
+      "self_reward_n_finished": n_pos + n_neg,
+  }
+
+
+def zero_std_group_fraction(rewards: jax.Array, group_ids: jax.Array,
+                            num_groups: int | None = None) -> jax.Array:
+  """Fraction of (non-empty) groups whose rewards are all equal (zero std: no GRPO signal).
+
+  group_ids: [B] ints in [0, num_groups); num_groups defaults to B. Rows need not be contiguous.
+  """
+  rewards = jnp.asarray(rewards, jnp.float32)
+  num_groups = rewards.shape[0] if num_groups is None else num_groups
+  size = jax.ops.segment_sum(jnp.ones_like(rewards), group_ids, num_groups)
+  gmax = jax.ops.segment_max(rewards, group_ids, num_groups)
+  gmin = jax.ops.segment_min(rewards, group_ids, num_groups)
+  present = size > 0
+  constant = present & (gmax == gmin)
+  return jnp.sum(constant) / jnp.maximum(jnp.sum(present), 1)
+
+
+def rollout_metrics(rewards: jax.Array, response_mask: jax.Array, finished: jax.Array,
+                    group_ids: jax.Array, num_groups: int | None = None) -> dict:
+  """Whole-rollout-batch statistics: reward mean, response length, truncation, zero-std groups.
+
+  response_mask: [B, T] (1 on generated response tokens, EOS included).
+  """
+  lengths = jnp.sum(jnp.asarray(response_mask, jnp.float32), axis=-1)
+  finished = jnp.asarray(finished, bool)
+  return {
+      "reward_mean": jnp.mean(jnp.asarray(rewards, jnp.float32)),
+      "response_length_mean": jnp.mean(lengths),
+      "response_length_max": jnp.max(lengths),
+      "truncation_rate": 1.0 - jnp.mean(finished.astype(jnp.float32)),
+      "zero_std_group_frac": zero_std_group_fraction(rewards, group_ids, num_groups),
+  }
