@@ -58,9 +58,7 @@ LOGITS = np.array([2.0, 1.2, 0.9, 0.3, -0.4, -1.5], np.float32)  # distinct, wel
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 0, 1.0),
     (0.6, 0, 1.0),
-    (1.7, 0, 1.0),
     (1.0, 3, 1.0),
     (1.0, 0, 0.75),
     (1.5, 4, 0.8),
@@ -183,26 +181,30 @@ def tiny_params():
   return model_lib.init_params(TINY, jax.random.key(0))
 
 
-def full_forward_logits(params, prompt, response):
-  """Logits [len(prompt)+len(response), V] of the full forward over prompt + response."""
-  seq = np.asarray(list(prompt) + list(response), np.int32)[None]
-  mask = np.ones_like(seq, bool)
-  pos = np.arange(seq.shape[1], dtype=np.int32)[None]
-  return np.asarray(model_lib.forward(params, TINY, seq, pos, mask)[0], np.float64)
-
-
 def log_softmax(x):
   x = x - x.max(-1, keepdims=True)
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def check_against_full_forward(params, prompts, out, temperature):
-  """Every row: per-token log-probs, EOS log-prob and self-reward equal the full forward's."""
-  for i in range(len(out.tokens)):
-    prompt = prompts[out.group_ids[i]]
-    resp = out.response_tokens[i, :out.response_lengths[i]].tolist()
-    logits = full_forward_logits(params, prompt, resp)
-    p = len(prompt)
+  """Every row: per-token log-probs, EOS log-prob and self-reward equal the full forward's.
+
+  The reference is one `model.forward` over the right-padded batch of `prompt + response (+ EOS)`.
+  """
+  seqs = [list(prompts[g]) + out.response_tokens[i, :out.response_lengths[i]].tolist()
+          for i, g in enumerate(out.group_ids)]
+  width = max(map(len, seqs))
+  tokens = np.zeros((len(seqs), width), np.int32)
+  mask = np.zeros((len(seqs), width), bool)
+  for i, s in enumerate(seqs):
+    tokens[i, :len(s)], mask[i, :len(s)] = s, True
+  positions = np.tile(np.arange(width, dtype=np.int32), (len(seqs), 1))
+  all_logits = np.asarray(jax.jit(model_lib.forward, static_argnums=1)(params, TINY, tokens, positions, mask),
+                          np.float64)
+  for i, seq in enumerate(seqs):
+    p = len(prompts[out.group_ids[i]])
+    resp = seq[p:]
+    logits = all_logits[i, :len(seq)]
     # Token t of the response is predicted by the logits at position p - 1 + t.
     lp = log_softmax(logits[p - 1:p - 1 + len(resp)] / temperature)[np.arange(len(resp)), resp]
     np.testing.assert_allclose(out.response_logprobs[i, :len(resp)], lp, atol=1e-4, rtol=1e-4)
@@ -215,35 +217,38 @@ def check_against_full_forward(params, prompts, out, temperature):
       assert np.isnan(out.self_reward_logprob[i]) and np.isnan(out.eos_logprob[i])
 
 
-def choose_eos_set(seqs, max_new):
-  """EOS ids making greedy rows finish at different steps, one on the last allowed step.
+def choose_eos_set(seqs):
+  """EOS ids and a length limit making greedy rows stop at different steps, one on the last allowed.
 
-  Rows are independent under greedy decoding, so row r stops at the first index whose token is
-  in the set; we pick the set from the EOS-free greedy continuations `seqs` [N, max_new].
+  Rows are independent under greedy decoding, so with EOS set E and limit L row r stops at the
+  first index < L whose token is in E (else it is truncated). E and L are picked from the
+  EOS-free greedy continuations `seqs` [N, max_new]. Returns (E, finish indices (None =
+  truncated), L).
   """
   first = [{} for _ in seqs]
   for r, s in enumerate(seqs):
     for j, t in enumerate(s):
       first[r].setdefault(int(t), j)
 
-  def finish(eos):
-    return [min([first[r][e] for e in eos if e in first[r]], default=None) for r in range(len(seqs))]
+  def finish(eos, limit):
+    idx = [min([first[r][e] for e in eos if e in first[r]], default=limit) for r in range(len(seqs))]
+    return [i if i < limit else None for i in idx]
 
-  for r0 in range(len(seqs)):
-    last = int(seqs[r0][max_new - 1])
-    if first[r0][last] != max_new - 1:
-      continue
-    eos = {last}
-    for r in range(len(seqs)):
-      for t, j in sorted(first[r].items(), key=lambda kv: kv[1]):
-        trial = eos | {t}
-        f = finish(trial)
-        if f[r0] == max_new - 1 and f[r] is not None and 0 < f[r] and f[r] not in finish(eos):
-          eos = trial
-          break
-    f = finish(eos)
-    if len({x for x in f if x is not None}) >= 3:
-      return tuple(sorted(eos)), f
+  for limit in range(len(seqs[0]), 1, -1):
+    for r0 in range(len(seqs)):
+      last = int(seqs[r0][limit - 1])
+      if first[r0][last] != limit - 1:
+        continue
+      eos = {last}
+      for r in range(len(seqs)):
+        for t, j in sorted(first[r].items(), key=lambda kv: kv[1]):
+          f = finish(eos | {t}, limit)
+          if f[r0] == limit - 1 and f[r] is not None and f[r] > 0 and f[r] not in finish(eos, limit):
+            eos.add(t)
+            break
+      f = finish(eos, limit)
+      if len({x for x in f if x is not None}) >= 2:
+        return tuple(sorted(eos)), f, limit
   raise AssertionError(f"could not build an EOS set from greedy sequences {seqs}")
 
 
@@ -252,8 +257,8 @@ def greedy_setup(max_new=6):
   params = tiny_params()
   free = sampler_lib.sample(params, TINY, PROMPTS, SamplingParams(greedy=True, max_new_tokens=max_new),
                             jax.random.key(0))
-  eos, finish = choose_eos_set(free.tokens, max_new)
-  sp = SamplingParams(greedy=True, max_new_tokens=max_new, eos_ids=eos, pad_id=0, self_reward_token_id=Z_C)
+  eos, finish, limit = choose_eos_set(free.tokens)
+  sp = SamplingParams(greedy=True, max_new_tokens=limit, eos_ids=eos, pad_id=0, self_reward_token_id=Z_C)
   return free, sp, finish
 
 
@@ -266,7 +271,7 @@ def test_greedy_self_reward_equals_full_forward_including_last_step():
   for i, f in enumerate(finish):
     if f is None:
       assert not out.finished[i] and out.truncated[i] and out.lengths[i] == max_new
-      np.testing.assert_array_equal(out.tokens[i], free.tokens[i])
+      np.testing.assert_array_equal(out.tokens[i], free.tokens[i, :max_new])
     else:
       assert out.finished[i] and out.lengths[i] == f
       np.testing.assert_array_equal(out.tokens[i, :f], free.tokens[i, :f])
@@ -305,3 +310,53 @@ def test_sharded_matches_single_device():
   b = sampler_lib.sample(sharded_params, TINY, PROMPTS[:4], sp_t, jax.random.key(3), mesh=mesh)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.self_reward_logprob, b.self_reward_logprob, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Greedy decoding equals transformers `generate` on the same tiny checkpoint.
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_greedy_matches_transformers_generate(family, tmp_path):
+  torch = pytest.importorskip("torch")
+  import transformers
+  from laser_jax import hf
+  from hf_fixtures import make_tiny_hf_checkpoint
+
+  path = make_tiny_hf_checkpoint(str(tmp_path / family), family=family)
+  cfg = hf.load_hf_config(path)
+  params = hf.load_hf_params(path, cfg)
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(4, cfg.vocab_size, size=n).tolist() for n in (3, 9, 1, 14, 6)]
+  max_new = 12
+  pad = 0
+
+  def hf_generate(eos_ids):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+      gen = torch_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                                 min_new_tokens=0, eos_token_id=list(eos_ids) or None, pad_token_id=pad,
+                                 num_beams=1, repetition_penalty=1.0)
+    new = gen[:, width:].numpy()
+    return np.pad(new, ((0, 0), (0, max_new - new.shape[1])), constant_values=pad)
+
+  # No EOS: all rows generate max_new tokens.
+  sp = SamplingParams(greedy=True, max_new_tokens=max_new, pad_id=pad)
+  ours = sampler_lib.sample(params, cfg, prompts, sp, jax.random.key(0))
+  np.testing.assert_array_equal(ours.tokens, hf_generate(()))
+  # With EOS ids chosen so that rows stop at different steps (one on the last allowed step).
+  eos, finish, max_new = choose_eos_set(ours.tokens)
+  sp = SamplingParams(greedy=True, max_new_tokens=max_new, pad_id=pad, eos_ids=eos, self_reward_token_id=3)
+  ours = sampler_lib.sample(params, cfg, prompts, sp, jax.random.key(0))
+  np.testing.assert_array_equal(ours.response_tokens, hf_generate(eos))
+  np.testing.assert_array_equal(ours.lengths, [max_new if f is None else f for f in finish])
+  # The self-reward score equals torch's log-softmax after `prompt + response + EOS`, at z_c.
+  for i, p in enumerate(prompts):
+    if not ours.finished[i]:
+      continue
+    seq = torch.tensor([p + ours.response_tokens[i, :ours.response_lengths[i]].tolist()])
+    with torch.no_grad():
+      logits = torch_model(seq).logits[0, -1].double()
+    np.testing.assert_allclose(ours.self_reward_logprob[i], torch.log_softmax(logits, -1)[3].item(), atol=1e-4)
