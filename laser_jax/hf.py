@@ -109,6 +109,8 @@ def load_hf_config(path: str, **overrides) -> ModelConfig:
 def load_hf_tokenizer(path: str):
   """The checkpoint's tokenizer via AutoTokenizer."""
   import transformers
+  if not os.path.isdir(path):
+    raise HFCheckpointError(f"cannot load tokenizer from {path}: no such directory")
   try:
     return transformers.AutoTokenizer.from_pretrained(path)
   except Exception as e:
