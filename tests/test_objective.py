@@ -517,3 +517,29 @@ def test_loss_config_from_default_config():
   c.loss.agg_mode = "token-avg"
   with pytest.raises(ValueError, match="agg_mode: expected one of"):
     obj.LossConfig.from_config(c)
+
+
+def test_data_parallel_shards_sum_to_full_batch():
+  # Each of 2 data-parallel shards computes sum / GLOBAL count; the psum of the shard losses and
+  # the gradient equal the single-device full-batch ones. (Inside shard_map, the gradient w.r.t.
+  # the replicated `w` is already summed over the axis by JAX's transpose of the implicit pvary:
+  # an explicit psum of it would double it.)
+  from jax.sharding import Mesh, PartitionSpec as P
+  rng = np.random.default_rng(11)
+  d = _linear_model_batch(rng)
+  d["w"] = np.asarray(obj.self_reward_class_weights(d["rewards"], d["finished"]))
+  cfg = obj.LossConfig(agg_mode="seq-mean-token-mean", kl_loss_coef=0.1, kl_type="low_var_kl")
+  w = jnp.asarray(rng.normal(size=4), jnp.float32)
+  full = _value_and_grad(cfg, w, d, None, None)
+  normalisers = obj.loss_normalisers(cfg, d["mask"])
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+
+  def shard_fn(w, shard):
+    l, g = jax.value_and_grad(_micro_loss, argnums=1)(cfg, w, shard, normalisers, shard["w"])
+    return jax.lax.psum(l, "data"), g
+
+  sharded = jax.jit(jax.shard_map(shard_fn, mesh=mesh, in_specs=(P(), P("data")),
+                                  out_specs=(P(), P())))
+  loss, grad = sharded(w, d)
+  np.testing.assert_allclose(loss, full[0], rtol=1e-5)
+  np.testing.assert_allclose(grad, full[1], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,113 @@
+"""Tests of laser_jax.rl_metrics against hand-worked cases and NumPy references."""
+import math
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from laser_jax import rl_metrics
+from laser_jax.rl_metrics import SumCount
+
+SETTINGS = hypothesis.settings(max_examples=50, deadline=None)
+
+
+def test_self_verification_hand_worked():
+  # Finished correct rows: 0.9 hit, 0.2 miss, 0.7 hit -> 2/3; incorrect: 0.1 hit, 0.6 miss, 0.5 hit.
+  # Truncated rows (NaN score, even a "correct" one) are ignored. A score of exactly 0.5 is "incorrect".
+  scores = np.array([0.9, 0.2, 0.7, 0.1, 0.6, np.nan, 0.5], np.float32)
+  rewards = np.array([1, 1, 1, 0, 0, 1, 0.0])
+  finished = np.array([1, 1, 1, 1, 1, 0, 1], bool)
+  m = {k: float(v) for k, v in rl_metrics.self_verification_metrics(scores, rewards,
+                                                                     finished).items()}
+  a, b = 2 / 3, 2 / 3  # Incorrect: 0.1 and 0.5 predicted incorrect, 0.6 not -> 2/3.
+  assert m["self_reward_acc_correct"] == pytest.approx(a)
+  assert m["self_reward_acc_incorrect"] == pytest.approx(b)
+  assert m["self_reward_acc"] == pytest.approx(4 / 6)
+  assert m["self_reward_f1"] == pytest.approx(2 * a * b / (a + b))
+  assert (m["self_reward_n_correct"], m["self_reward_n_incorrect"],
+          m["self_reward_n_finished"]) == (3, 3, 6)
+
+
+def test_self_verification_empty_class_is_nan():
+  m = rl_metrics.self_verification_metrics(np.array([0.9, 0.1]), np.ones(2), np.ones(2, bool))
+  assert float(m["self_reward_acc_correct"]) == 0.5
+  assert math.isnan(float(m["self_reward_acc_incorrect"])) and math.isnan(float(m["self_reward_f1"]))
+  m = rl_metrics.self_verification_metrics(np.array([0.2, 0.9]), np.array([1, 0.0]),
+                                           np.ones(2, bool))
+  assert float(m["self_reward_f1"]) == 0.0  # Both class accuracies 0: F1 is 0, not NaN.
+
+
+@SETTINGS
+@hypothesis.given(st.lists(st.tuples(st.floats(-1, 2), st.booleans(), st.booleans()),
+                           min_size=1, max_size=24))
+def test_self_verification_matches_reference(rows):
+  scores = np.array([s for s, _, _ in rows], np.float32)
+  rewards = np.array([float(c) for _, c, _ in rows])
+  finished = np.array([f for _, _, f in rows])
+  m = rl_metrics.self_verification_metrics(scores, rewards, finished)
+  want = ref.self_verification(scores, rewards, finished)
+  got = [float(m[k]) for k in ("self_reward_acc_correct", "self_reward_acc_incorrect",
+                               "self_reward_acc", "self_reward_f1", "self_reward_n_correct",
+                               "self_reward_n_incorrect")]
+  np.testing.assert_allclose(got, want, rtol=1e-5, equal_nan=True)
+
+
+def test_rollout_metrics_hand_worked():
+  mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], np.float32)
+  finished = np.array([True, False, True, True])
+  rewards = np.array([1, 1, 0, 1.0])
+  group_ids = np.array([0, 0, 1, 1])  # Group 0 constant, group 1 not.
+  m = {k: float(v) for k, v in rl_metrics.rollout_metrics(rewards, mask, finished,
+                                                          group_ids).items()}
+  assert m == {"reward_mean": 0.75, "response_length_mean": 2.5, "response_length_max": 4.0,
+               "truncation_rate": 0.25, "zero_std_group_frac": 0.5}
+  # Non-contiguous groups, one of size 1 (constant by definition): 2 of 3 groups constant.
+  assert float(rl_metrics.zero_std_group_fraction(np.array([1, 0, 0, 1.0]),
+                                                  np.array([2, 0, 2, 1]))) == pytest.approx(2 / 3)
+
+
+def test_entropy_matches_reference_and_masks():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 7)).astype(np.float32) * 3
+  np.testing.assert_allclose(rl_metrics.entropy_from_logits(logits), ref.entropy(logits),
+                             rtol=1e-5)
+  assert float(rl_metrics.entropy_from_logits(np.zeros(8))) == pytest.approx(math.log(8))
+  mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+  e = rl_metrics.masked_entropy(logits, mask)
+  want = ref.entropy(logits)[mask > 0].mean()
+  assert float(e.value) == pytest.approx(want, rel=1e-5) and float(e.count) == 3
+  with pytest.raises(ValueError, match="masked_entropy: logits"):
+    rl_metrics.masked_entropy(logits, mask[:, :2])
+
+
+def test_clip_fractions_and_approx_kl_hand_worked():
+  log_ratio = np.log(np.array([[1.5, 0.5, 4.0, 1.0]], np.float32))
+  adv = np.array([[1.0, -1.0, -1.0, 1.0]])
+  mask = np.ones((1, 4))
+  m = rl_metrics.clip_fractions(log_ratio, adv, mask, clip_eps_low=0.2, clip_eps_high=0.2,
+                                clip_ratio_c=3.0)
+  assert [float(m[k].value) for k in ("clipfrac_upper", "clipfrac_lower", "clipfrac_dual")] == \
+      [0.25, 0.25, 0.25]
+  off = rl_metrics.clip_fractions(log_ratio, adv, mask, clip_eps_low=0.2, clip_eps_high=0.2,
+                                  clip_ratio_c=None)
+  assert float(off["clipfrac_dual"].value) == 0.0
+  assert float(rl_metrics.approx_kl(log_ratio, mask).value) == pytest.approx(
+      -np.log([1.5, 0.5, 4.0, 1.0]).mean(), rel=1e-5)
+
+
+def test_sum_count_accumulation_is_exact_unlike_mean_of_means():
+  a = rl_metrics.masked_token_mean(np.array([[1.0, 3.0]]), np.array([[1, 1]]))
+  b = rl_metrics.masked_token_mean(np.array([[10.0, np.nan]]), np.array([[1, 0]]))
+  total = rl_metrics.add_sum_counts(a, b)
+  assert float(total.value) == pytest.approx(14 / 3)
+  acc = rl_metrics.finalize_metrics(rl_metrics.accumulate_metrics([{"x": a, "n": 1.0},
+                                                                   {"x": b, "n": 2.0}]))
+  assert acc == {"x": pytest.approx(14 / 3), "n": 3.0}
+  assert (float(a.value) + float(b.value)) / 2 != pytest.approx(14 / 3)
+  assert float(SumCount(np.float32(0), np.float32(0)).value) == 0.0
+  with pytest.raises(ValueError, match="empty list"):
+    rl_metrics.accumulate_metrics([])
+  assert isinstance(jax.tree.leaves(total)[0], jax.Array)
