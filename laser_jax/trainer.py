@@ -66,11 +66,13 @@ def warmup_flags(step: int, laser: ml_collections.ConfigDict) -> tuple[bool, boo
 class Trainer:
   """Holds the static parts of a run (mesh, model config, task, jitted functions)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    config_check.validate(config)
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+    """`devices` defaults to all devices (tests pass a subset to compare meshes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    config_check.validate(config, num_devices=len(devices))
     self.config = config
-    data, fsdp, tensor = config_check.mesh_shape(config, jax.device_count())
-    self.mesh = sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    data, fsdp, tensor = config_check.mesh_shape(config, len(devices))
+    self.mesh = sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=devices)
     self.task = tasks.build_task(config)
     self.model_cfg = self.task.model_cfg
     self.tokenizer = self.task.tokenizer
@@ -136,7 +138,7 @@ class Trainer:
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without allocating it (restore target)."""
     # Random init and HF checkpoints of one ModelConfig have the same parameter shapes.
-    params = jax.eval_shape(model_lib.init_params, self.model_cfg, jax.random.key(0))
+    params = jax.eval_shape(lambda: model_lib.init_params(self.model_cfg, jax.random.key(0)))
     shardings = self._state_shardings(params)
     shapes = jax.eval_shape(lambda p: TrainState(
         step=jnp.int32(0), params=p, opt_state=self.optimizer.init(p),

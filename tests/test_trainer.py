@@ -1,0 +1,187 @@
+"""End-to-end trainer tests on a very small model and the synthetic task."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from laser_jax import config_check, default_config, metrics_writer, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = {"step_time_s", "rollout_time_s", "update_time_s", "tokens_per_s", "mfu"}
+
+
+def tiny_config(workdir, **overrides):
+  c = default_config.get_config()
+  c.workdir = str(workdir)
+  c.total_steps = 2
+  c.checkpoint_every = 1
+  c.eval_every = 2
+  c.async_checkpointing = False
+  c.batch_size = 4
+  c.micro_batch_size = 8
+  c.rollout.n = 4
+  c.rollout.max_new_tokens = 12
+  c.eval.max_new_tokens = 12
+  c.data.synthetic_train_size = 64
+  c.data.synthetic_eval_size = 8
+  c.data.eval_size = 8
+  c.model.hidden_size = 32
+  c.model.intermediate_size = 64
+  c.model.num_layers = 1
+  c.model.num_heads = 2
+  c.model.num_kv_heads = 1
+  c.model.head_dim = 16
+  c.laser.ref_constant = -4.0  # Random tiny model: log pi(z_c) ~ -log(V); keeps scores near [0, 1].
+  c.laser.self_rewarding_warmup_steps = 1  # Integration on from step 2.
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return c
+
+
+def _steps(records):
+  return [r for r in records if "loss" in r]
+
+
+def test_two_step_run_writes_metrics_and_checkpoints(tmp_path):
+  records = trainer.train(tiny_config(tmp_path / "run"), progress=False)
+  steps = _steps(records)
+  assert [r["step"] for r in steps] == [1, 2]
+  required = {"step", "loss", "pg_loss", "self_reward_loss", "kl_loss", "reward_mean",
+              "self_reward/acc_correct", "self_reward/acc_incorrect", "self_reward/f1",
+              "response_length", "truncated_frac", "step_time_s", "tokens_per_s"}
+  for r in steps:
+    assert required <= set(r), required - set(r)
+    assert np.isfinite(r["loss"]) and r["self_reward_loss"] > 0
+  assert "eval/accuracy" in records[0] and records[0]["step"] == 0
+  assert "eval/self_verification_f1" in steps[-1]
+  on_disk = metrics_writer.read_metrics(str(tmp_path / "run"))
+  assert [r["step"] for r in on_disk] == [0, 1, 2]
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
+  assert any(f.startswith("events") for f in os.listdir(tmp_path / "run" / "tensorboard"))
+
+
+def _comparable(records):
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in _steps(records)]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+  full = trainer.train(tiny_config(tmp_path / "full", total_steps=4, eval_every=0), progress=False)
+  cfg = tiny_config(tmp_path / "cut", total_steps=4, eval_every=0)
+  first = trainer.train(cfg, max_steps=2, progress=False)
+  assert [r["step"] for r in _steps(first)] == [1, 2]
+  second = trainer.train(cfg, progress=False)
+  assert [r["step"] for r in _steps(second)] == [3, 4]
+  a, b = _comparable(full), _comparable(first + second)
+  assert len(a) == len(b) == 4
+  for ra, rb in zip(a, b):
+    assert ra.keys() == rb.keys()
+    for k in ra:
+      if ra[k] is None or rb[k] is None:
+        assert ra[k] == rb[k], k
+      else:
+        np.testing.assert_allclose(rb[k], ra[k], rtol=1e-6, atol=1e-6, err_msg=f"step {ra['step']} {k}")
+
+
+def _one_step(cfg, devices=None):
+  t = trainer.Trainer(cfg, devices=devices)
+  state = t.init_state(t.initial_params())
+  prompts = next(t.task.train_iterator())
+  state, metrics = t.train_step(state, prompts)
+  return t, jax.device_get(state.params), metrics
+
+
+def test_sharded_step_matches_single_device(tmp_path):
+  cfg1 = tiny_config(tmp_path / "a", micro_batch_size=16)
+  _, params1, m1 = _one_step(cfg1, devices=jax.devices()[:1])
+  cfg8 = tiny_config(tmp_path / "b", micro_batch_size=16)
+  cfg8.mesh.data, cfg8.mesh.fsdp, cfg8.mesh.tensor = 2, 2, 2
+  _, params8, m8 = _one_step(cfg8, devices=jax.devices()[:8])
+  for k in ("loss", "pg_loss", "self_reward_loss", "reward_mean", "response_length"):
+    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params8, params1)
+
+
+def test_laser_with_zero_alpha_equals_grpo_step(tmp_path):
+  # Warm-up keeps integration off, so the only difference would be alpha * L_sr.
+  laser = tiny_config(tmp_path / "l", **{"laser.loss_coef": 0.0, "laser.self_rewarding_warmup_steps": 5})
+  grpo = tiny_config(tmp_path / "g", **{"laser.use_self_reward_loss": False})
+  _, p_laser, m_laser = _one_step(laser)
+  _, p_grpo, m_grpo = _one_step(grpo)
+  assert m_laser["self_reward_loss"] > 0  # The term is computed, but weighted by alpha = 0.
+  np.testing.assert_allclose(m_laser["loss"], m_grpo["loss"], rtol=1e-6, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p_laser, p_grpo)
+  # And alpha > 0 really changes the update.
+  _, p_on, _ = _one_step(tiny_config(tmp_path / "on", **{"laser.self_rewarding_warmup_steps": 5}))
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p_on, p_grpo))
+  assert max(diffs) > 1e-6
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("micro_batch_size", 5, "config.micro_batch_size"),
+    ("rollout.n", 1, "config.rollout.n"),
+    ("mesh.tensor", 3, "config.mesh"),
+    ("loss.agg_mode", "bogus", "config.loss.agg_mode"),
+    ("laser.adv_integration_coef", 1.5, "config.laser.adv_integration_coef"),
+])
+def test_bad_config_values_name_the_key(tmp_path, key, value, message):
+  cfg = tiny_config(tmp_path, **{key: value})
+  with pytest.raises(config_check.ConfigError, match=message.replace(".", r"\.")):
+    config_check.validate(cfg, num_devices=8)
+
+
+def _cli(args, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.Popen([sys.executable, "-m", "laser_jax.train", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
+  out, _ = _cli(["--config=configs/tiny_cpu.py", "--config.laser.los_coef=0.2"]).communicate(timeout=120)
+  assert "los_coef" in out
+  proc = _cli(["--config=configs/tiny_cpu.py", f"--config.workdir={tmp_path}", "--config.rollout.n=1"])
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert "config.rollout.n: GRPO needs at least 2 responses" in out
+
+
+SMALL_FLAGS = ["--config.batch_size=4", "--config.micro_batch_size=8", "--config.rollout.n=4",
+               "--config.rollout.max_new_tokens=12", "--config.model.hidden_size=32",
+               "--config.model.intermediate_size=64", "--config.model.num_layers=1",
+               "--config.model.head_dim=16", "--config.data.synthetic_train_size=64",
+               "--config.eval_every=0", "--config.checkpoint_every=1000"]
+
+
+def test_sigterm_saves_current_step_and_resume_repeats_none(tmp_path):
+  workdir = tmp_path / "run"
+  args = ["--config=configs/tiny_cpu.py", f"--config.workdir={workdir}", "--config.total_steps=1000",
+          *SMALL_FLAGS]
+  proc = _cli(args)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+    time.sleep(0.5)
+  assert metrics.exists(), "no step finished in time"
+  proc.send_signal(signal.SIGTERM)
+  t0 = time.time()
+  out, _ = proc.communicate(timeout=60)
+  assert time.time() - t0 < 60
+  assert proc.returncode == 0, out[-2000:]
+  done = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert saved[-1] == done[-1]  # The step in progress when SIGTERM came was finished and saved.
+  resumed = _cli(["--config=configs/tiny_cpu.py", f"--config.workdir={workdir}",
+                  f"--config.total_steps={done[-1] + 1}", *SMALL_FLAGS])
+  out, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, out[-2000:]
+  steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+  assert steps == list(range(1, done[-1] + 2))  # Each step exactly once, none repeated.
