@@ -234,7 +234,7 @@ class Trainer:
     return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
 
   # ---- one RL step ----------------------------------------------------------------------
-  def prepare_update_batch(self, roll: dict, params, ref_params, step: int) -> tuple[dict, dict]:
+  def prepare_update_batch(self, roll: dict, params, ref_params, step: int) -> tuple[dict, dict, dict]:
     """Host-side: training arrays, old/ref log-probs, advantages and class weights for a rollout."""
     c = self.config
     out = roll["sample"]
@@ -256,6 +256,8 @@ class Trainer:
       rewards = rewards + np.asarray(dapo.overlong_reward_penalty(
           out.lengths + finished, c.rollout.max_new_tokens, c.loss.overlong_buffer_len,
           c.loss.overlong_penalty))
+    rollout_stats = jax.device_get(rl_metrics.rollout_metrics(
+        roll["rewards"], batch["response_mask"], finished, out.group_ids))
     if c.loss.mask_truncated:
       batch["response_mask"] = np.asarray(dapo.mask_truncated(batch["response_mask"], finished))
     sr_on, _ = warmup_flags(step, c.laser)
@@ -266,9 +268,7 @@ class Trainer:
     batch["advantages"] = np.asarray(advantages, np.float32)
     batch["rewards"] = np.asarray(roll["rewards"], np.float32)  # L_sr targets the verifier reward.
     batch["finished"] = finished
-    batch["sr_weights"] = np.asarray(objective.self_reward_class_weights(
-        batch["rewards"], finished, c.laser.balanced), np.float32)
-    return batch, adv_metrics
+    return batch, adv_metrics, rollout_stats
 
   def train_step(self, state: TrainState, prompts: list, ref_params=None) -> tuple[TrainState, dict]:
     """One RL step on `prompts`; returns the new state and this step's metrics (host floats)."""
@@ -277,7 +277,7 @@ class Trainer:
     t0 = time.perf_counter()
     roll = self.rollout(state.params, prompts, self.step_key(state, salt=0))
     t_rollout = time.perf_counter() - t0
-    batch, adv_metrics = self.prepare_update_batch(roll, state.params, ref_params, step)
+    batch, adv_metrics, ro = self.prepare_update_batch(roll, state.params, ref_params, step)
     sr_on, _ = warmup_flags(step, c.laser)
     out = roll["sample"]
 
@@ -289,6 +289,9 @@ class Trainer:
     for u in range(self.updates_per_step):
       sl = slice(u * rows_per_update, (u + 1) * rows_per_update)
       mini = {k: v[sl] for k, v in batch.items()}
+      # Class weights and normalisers over exactly the rows of this optimizer update.
+      mini["sr_weights"] = np.asarray(objective.self_reward_class_weights(
+          mini["rewards"], mini["finished"], c.laser.balanced), np.float32)
       normalisers = objective.loss_normalisers(self.loss_cfg, mini["response_mask"])
       mini = {k: v.reshape(num_micro, c.micro_batch_size, *v.shape[1:]) for k, v in mini.items()}
       state, m = self.update(state, mini, normalisers, sr_on)
@@ -303,8 +306,6 @@ class Trainer:
         out.self_reward_logprob, kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant,
         ref_z_logprob=batch.get("ref_sr_logp")))
     sv = jax.device_get(rl_metrics.self_verification_metrics(scores, roll["rewards"], out.finished))
-    ro = jax.device_get(rl_metrics.rollout_metrics(roll["rewards"], batch["response_mask"],
-                                                   out.finished, out.group_ids))
     step_time = time.perf_counter() - t0
     num_tokens = float(np.sum(batch["attention_mask"]))
     metrics = {
