@@ -108,6 +108,28 @@ class KVCache(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
+# Activation sharding.
+
+BATCH = ("data", "fsdp")  # mesh axes of the batch dimension (see laser_jax.sharding)
+
+
+def constrain(x: jax.Array, *spec) -> jax.Array:
+  """Activation sharding hint, applied only under a mesh with the laser_jax axes (`jax.set_mesh`).
+
+  Without such a mesh the layout is left to propagation from the jit's in_shardings, so the model
+  also runs unsharded. Mesh axes that do not divide their dimension are dropped (replicated).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
+    return x
+  fitted = []
+  for dim, axes in zip(x.shape, spec):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    fitted.append(axes if names and dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*fitted))
+
+
+# ----------------------------------------------------------------------------------------------
 # Pure math.
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -196,14 +218,17 @@ class Attention(nn.Module):
       q = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="k_norm")(k)
     inv_freq = rope_inv_freq(cfg)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q = constrain(apply_rope(q, positions, inv_freq), BATCH, None, "tensor", None)
+    k = constrain(apply_rope(k, positions, inv_freq), BATCH, None, "tensor", None)
+    v = constrain(v, BATCH, None, "tensor", None)
     new_cache = None
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
       k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
-      k, v, new_cache = k_cache, v_cache, (k_cache, v_cache)
+      k = constrain(k_cache, BATCH, None, "tensor", None)
+      v = constrain(v_cache, BATCH, None, "tensor", None)
+      new_cache = (k, v)
     out = attend(q, k, v, mask).reshape(b, t, cfg.num_heads * d)
     return _dense(cfg.hidden_size, cfg, "o_proj")(out), new_cache
 
@@ -216,7 +241,8 @@ class MLP(nn.Module):
     cfg = self.cfg
     gate = _dense(cfg.intermediate_size, cfg, "gate_proj")(x)
     up = _dense(cfg.intermediate_size, cfg, "up_proj")(x)
-    return _dense(cfg.hidden_size, cfg, "down_proj")(nn.silu(gate) * up)
+    act = constrain(nn.silu(gate) * up, BATCH, None, "tensor")
+    return _dense(cfg.hidden_size, cfg, "down_proj")(act)
 
 
 class DecoderLayer(nn.Module):
@@ -230,7 +256,7 @@ class DecoderLayer(nn.Module):
                                                       kv_cache, write_index)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
-    return x, new_cache
+    return constrain(x, BATCH, None, None), new_cache
 
 
 class LMHead(nn.Module):
@@ -246,8 +272,11 @@ class LMHead(nn.Module):
 
 
 def _logits(hidden, w, cfg):
-  return jnp.einsum("...h,hv->...v", hidden.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype),
-                    preferred_element_type=jnp.float32)
+  logits = jnp.einsum("...h,hv->...v", hidden.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype),
+                      preferred_element_type=jnp.float32)
+  if logits.ndim == 3:  # [B, T, V]: vocab stays sharded over "tensor" like the head
+    logits = constrain(logits, BATCH, None, "tensor")
+  return logits
 
 
 class Decoder(nn.Module):
@@ -269,7 +298,7 @@ class Decoder(nn.Module):
     t = tokens.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     mask = causal[None] & attention_mask[:, None, :].astype(bool)
-    x = self.embed(tokens)
+    x = constrain(self.embed(tokens), BATCH, None, None)
     for layer in self.layers:
       x, _ = layer(x, positions, mask)
     return self.final_norm(x)
@@ -282,7 +311,7 @@ class Decoder(nn.Module):
     query_slot = write_index + jnp.arange(t)
     visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [T, S]
     mask = visible[None] & cache_mask[:, None, :]
-    x = self.embed(tokens)
+    x = constrain(self.embed(tokens), BATCH, None, None)
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
       x, (k, v) = layer(x, positions, mask, (cache.k[i], cache.v[i]), write_index)

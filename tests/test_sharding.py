@@ -1,4 +1,6 @@
 """Mesh construction, partition specs, and sharded (8 fake devices) == single-device numerics."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,23 @@ def test_sharded_forward_equals_single_device(family):
   np.testing.assert_allclose(np.asarray(out), np.asarray(single), atol=1e-5, rtol=0)
 
 
+def test_activation_constraints_under_set_mesh():
+  """Under `jax.set_mesh` the model pins activations (batch over data+fsdp, vocab over tensor) and
+  still gives the 1-device logits; a batch that does not divide the mesh falls back to replication."""
+  cfg = TINY["qwen2"]
+  params = random_params(cfg)
+  tokens, positions, mask = left_padded_batch()
+  single = np.asarray(jax.jit(model.forward, static_argnums=1)(params, cfg, tokens, positions, mask))
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  fwd = jax.jit(lambda p, t, pos, m: model.forward(p, cfg, t, pos, m))
+  with jax.set_mesh(mesh):
+    out = fwd(sharding.shard_params(params, cfg, mesh), tokens, positions, mask)
+    odd = fwd(params, tokens[:3], positions[:3], mask[:3])
+  assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
+  np.testing.assert_allclose(np.asarray(out), single, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(odd), single[:3], atol=1e-5, rtol=0)
+
+
 def test_sharded_gradients_equal_single_device():
   cfg = TINY["llama"]
   params = random_params(cfg)
@@ -151,14 +170,18 @@ def test_sharded_cached_decode_equals_single_device():
                          out_shardings=(sharding.batch_sharding(mesh, 3), c_shard), donate_argnums=4)
   step_single = jax.jit(lambda p, t, pos, m, c, i: model.forward_cached(p, cfg, t, pos, m, c, i))
   results = []
-  for step, p in ((step_single, params), (step_sharded, sharding.shard_params(params, cfg, mesh))):
+  with jax.set_mesh(mesh):  # also exercises the model's activation constraints on the cached path
+    sharded_params = sharding.shard_params(params, cfg, mesh)
+  for step, p in ((step_single, params), (step_sharded, sharded_params)):
     cache = model.init_cache(cfg, batch, length)
     if step is step_sharded:
       cache = jax.device_put(cache, c_shard)
-    logits, cache = step(p, tokens[:, :6], positions[:, :6], mask[:, :6], cache, jnp.int32(0))
-    outs = [logits]
-    for s in range(6, length):
-      logits, cache = step(p, tokens[:, s:s + 1], positions[:, s:s + 1], mask[:, s:s + 1], cache, jnp.int32(s))
-      outs.append(logits)
+    with jax.set_mesh(mesh) if step is step_sharded else contextlib.nullcontext():
+      logits, cache = step(p, tokens[:, :6], positions[:, :6], mask[:, :6], cache, jnp.int32(0))
+      outs = [logits]
+      for s in range(6, length):
+        logits, cache = step(p, tokens[:, s:s + 1], positions[:, s:s + 1], mask[:, s:s + 1], cache,
+                             jnp.int32(s))
+        outs.append(logits)
     results.append(np.concatenate([np.asarray(o) for o in outs], axis=1))
   np.testing.assert_allclose(results[1], results[0], atol=1e-5, rtol=0)
