@@ -45,6 +45,7 @@ def get_config():
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.max_new_tokens = 8192  # Reference max response length.
+  c.rollout.prompts_per_chunk = 32  # 256 sequences of 10k tokens per sampler call fit the KV cache.
   c.rollout.recompute_old_logprobs = True  # bf16 sampler vs training forward: recompute for exact ratios.
 
   c.reward.fn = "math"  # math-verify on the last \boxed{}.

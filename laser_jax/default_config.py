@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0  # Sampling temperature (the self-reward score always uses T = 1).
   c.rollout.top_p = 1.0  # Nucleus sampling threshold (1.0 = off).
   c.rollout.top_k = 0  # Top-k sampling (0 = off).
+  c.rollout.prompts_per_chunk = 0  # Prompts per sampler call (0 = the whole batch): bounds KV-cache memory.
   c.rollout.max_new_tokens = 32  # Response length limit (EOS included); longer ones are truncated.
   # Old log-probs: False = the sampler's (same policy, same temperature; exact in f32),
   # True = recomputed with a training forward (bit-consistent with the update, e.g. in bf16).

@@ -8,6 +8,8 @@ Layout of one row (S = P + R + 1, P the prompt bucket, R = max_new_tokens):
 P + j - 1, and `eos_index` (= P + length) is where the next-token distribution after EOS is read
 for the self-rewarding score. Truncated rows have no EOS: their score is masked everywhere.
 """
+import dataclasses
+
 import numpy as np
 
 
@@ -65,3 +67,28 @@ def old_logprobs_from_sampler(logprobs: np.ndarray, eos_logprob: np.ndarray, len
   rows = np.arange(n)
   out[rows, prompt_len - 1 + lengths] = np.where(finished, eos_logprob, out[rows, prompt_len - 1 + lengths])
   return out
+
+
+def concat_samples(outputs: list, pad_id: int):
+  """Concatenates SampleOutputs of consecutive prompt chunks into one (prompts left-padded to
+  the longest bucket, group ids offset so they keep indexing the full prompt list)."""
+  if len(outputs) == 1:
+    return outputs[0]
+  width = max(o.prompt_tokens.shape[1] for o in outputs)
+  fields = {}
+  offset = 0
+  for o in outputs:
+    pad = width - o.prompt_tokens.shape[1]
+    pieces = {
+        "prompt_tokens": np.pad(o.prompt_tokens, ((0, 0), (pad, 0)), constant_values=pad_id),
+        "prompt_mask": np.pad(o.prompt_mask, ((0, 0), (pad, 0)), constant_values=False),
+        "group_ids": o.group_ids + offset,
+    }
+    offset += int(o.group_ids.max()) + 1 if len(o.group_ids) else 0
+    for name in ("tokens", "lengths", "logprobs", "eos_token", "eos_logprob", "finished",
+                 "truncated", "self_reward_logprob"):
+      pieces[name] = getattr(o, name)
+    for name, value in pieces.items():
+      fields.setdefault(name, []).append(value)
+  merged = {name: np.concatenate(values) for name, values in fields.items()}
+  return dataclasses.replace(outputs[0], **merged)

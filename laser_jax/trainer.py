@@ -153,8 +153,13 @@ class Trainer:
 
   def rollout(self, params, prompts: list[tasks.Prompt], rng) -> dict:
     """Samples `rollout.n` responses per prompt and scores them with the verifier."""
-    out = sampler_lib.sample(params, self.model_cfg, [p.token_ids for p in prompts], self.sampling,
-                             rng, mesh=self.mesh)
+    chunk = self.config.rollout.prompts_per_chunk or len(prompts)
+    outs = []
+    for i, start in enumerate(range(0, len(prompts), chunk)):
+      outs.append(sampler_lib.sample(
+          params, self.model_cfg, [p.token_ids for p in prompts[start:start + chunk]],
+          self.sampling, jax.random.fold_in(rng, i), mesh=self.mesh))
+    out = rollout_lib.concat_samples(outs, self.pad_id)
     texts = self.task.decode(out.tokens, out.lengths)
     answers = [prompts[g].answer for g in out.group_ids]
     result = self.task.verifier(texts, answers)
