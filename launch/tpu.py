@@ -42,6 +42,7 @@ _ACCELERATOR_RE = re.compile(r"^(v4|v5p|v5litepod|v6e)-([1-9][0-9]*)$")
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_FILE = "~/laser_jax_train.log"  # On every worker; `logs` tails it.
 PID_FILE = "~/laser_jax_train.pid"
 TARBALL_REMOTE = "laser_jax_src.tar.gz"
@@ -480,6 +481,10 @@ def _setup_params(args, state):
 
 
 def _train_params(args, extra, state):
+  # Workers run the config from their copy of this repository: catch typos here, not on the pod.
+  if os.path.isabs(args.config) or not os.path.isfile(os.path.join(REPO_ROOT, args.config)):
+    raise LaunchError(f"--config {args.config}: not a config file relative to the repository "
+                      f"root {REPO_ROOT} (e.g. configs/tpu_v4.py)")
   overrides = split_overrides(extra)
   workdir = workdir_of(overrides, args.workdir)
   if args.workdir:

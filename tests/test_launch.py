@@ -411,3 +411,35 @@ def test_gcloud_failure_exits_1(tmp_path, monkeypatch):
   res = cli("delete", *FULL, env={"PATH": f"{bindir}:{os.environ['PATH']}"})
   assert res.returncode == 1
   assert res.stderr.strip().splitlines()[-1].startswith("error: gcloud exited with status 3")
+
+
+def test_train_config_must_exist_in_repo(capsys):
+  rc, lines, err = call_main(capsys, "train", *FULL, "--config", "configs/no_such.py", "--workdir",
+                             "gs://b/x", "--dry-run")
+  assert rc == 2 and lines == [] and "--config configs/no_such.py: not a config file" in err
+
+
+def _readme_commands():
+  """The `python launch/tpu.py ...` lines of launch/README.md's shell blocks, in order."""
+  text = (ROOT / "launch" / "README.md").read_text()
+  blocks = text.split("```sh\n")[1:]
+  lines = [l.strip() for b in blocks for l in b.split("```")[0].splitlines()]
+  return [shlex.split(l) for l in lines if l.startswith("python launch/tpu.py ")]
+
+
+def test_readme_commands_run_in_order(tmp_path, fake_gcloud):
+  """Every command of launch/README.md, run as written against the fake gcloud."""
+  env, qr_state, calls = fake_gcloud
+  commands = _readme_commands()
+  assert [c[2] for c in commands] == ["create", "setup", "setup", "train", "logs", "logs", "status",
+                                      "resume", "stop", "delete"]
+  (tmp_path / "laser_jax.tar.gz").write_bytes(b"")  # What the README's `git archive` makes.
+  for argv in commands:
+    extra = ["--poll-s", "0"] if argv[2] == "create" else []
+    res = subprocess.run([sys.executable, str(SCRIPT), *argv[2:], *extra], capture_output=True,
+                         text=True, env={**os.environ, **env}, cwd=tmp_path, timeout=60)
+    assert res.returncode == 0, (argv, res.stderr)
+    made = calls()
+    assert made and all(c[:3] == ["gcloud", "compute", "tpus"] for c in made), (argv, made)
+    assert all("--zone=us-central2-b" in c and "--project=my-project" in c for c in made)
+  assert not (tmp_path / "state" / "laser-v4.json").exists()  # Forgotten by delete.
