@@ -282,6 +282,19 @@ def hf_config_for(cfg: ModelConfig, dtype: str = "float32", **extra):
   return hf_config
 
 
+def _add_legacy_config_fields(config_file: str, cfg: ModelConfig, dtype: str):
+  """transformers >= 5 writes rope settings only as `rope_parameters`; servers on transformers 4.x
+  (e.g. many vLLM installs) read the top-level `rope_theta` / `rope_scaling` / `torch_dtype`. Both
+  generations accept a file carrying both spellings."""
+  with open(config_file) as f:
+    config = json.load(f)
+  config["rope_theta"] = cfg.rope_theta
+  config["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling is not None else None
+  config["torch_dtype"] = dtype
+  with open(config_file, "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
 def _to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
@@ -330,6 +343,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype: str
   if writer:
     os.makedirs(out_dir, exist_ok=True)
     hf_config.save_pretrained(out_dir)
+    _add_legacy_config_fields(os.path.join(out_dir, "config.json"), cfg, dtype)
     transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out_dir)
     if tokenizer is not None:
       tokenizer.save_pretrained(out_dir)
@@ -351,3 +365,28 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype: str
       json.dump(index, f, indent=2)
   return out_dir
 
+
+
+def main(argv=None) -> int:
+  """`python -m laser_jax.hf PATH`: checks that PATH imports (config, every tensor, tokenizer) and
+  prints a summary; any problem is one line on stderr and exit status 1."""
+  import argparse
+  import sys
+  parser = argparse.ArgumentParser(prog="python -m laser_jax.hf", description=main.__doc__)
+  parser.add_argument("path", help="Hugging Face model directory")
+  args = parser.parse_args(argv)
+  try:
+    cfg = load_hf_config(args.path)
+    params = load_hf_params(args.path, cfg)
+    tokenizer = load_hf_tokenizer(args.path)
+  except HFCheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  print(f"{args.path}: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {n:,} parameters, "
+        f"vocab {cfg.vocab_size} (tokenizer {len(tokenizer)})")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -130,6 +130,9 @@ def test_export_round_trip(ckpts, family, tmp_path):
   assert tok("1 + 2 = 3").input_ids == transformers.AutoTokenizer.from_pretrained(ckpts[family])("1 + 2 = 3").input_ids
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["eos_token_id"] == hf_fixtures.EOS_ID
+  # Legacy (transformers 4.x / vLLM) spelling of the rope settings is written alongside.
+  assert config["rope_theta"] == cfg.rope_theta
+  assert config["rope_scaling"] == (dict(cfg.rope_scaling) if cfg.rope_scaling else None)
 
 
 def test_sharded_export_of_sharded_params_in_bfloat16(ckpts, tmp_path):
@@ -240,3 +243,12 @@ def test_error_unsupported_architecture(broken):
 
 def test_error_missing_tokenizer(tmp_path):
   assert_one_line_error(lambda: hf.load_hf_tokenizer(str(tmp_path / "nowhere")), "cannot load tokenizer", "no such directory")
+
+
+def test_cli_checks_a_directory(ckpts, broken, capsys):
+  assert hf.main([ckpts["llama"]]) == 0
+  assert "llama, 2 layers" in capsys.readouterr().out
+  os.remove(os.path.join(broken, "model.safetensors"))
+  assert hf.main([broken]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: missing file") and err.count("\n") == 1
