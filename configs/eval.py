@@ -1,0 +1,79 @@
+r"""Evaluation and c_ref calibration: sample n solutions per problem, verify, score, report.
+
+Evaluate a Hugging Face model on MATH500 (2 samples per problem, as in the paper):
+  python -m laser_jax.evaluate --config=configs/eval.py \
+      --config.model.hf_path=/path/to/Qwen2.5-7B-LaSeR --config.eval.input_file=math500 \
+      --config.eval.output_file=/tmp/laser_jax/eval/math500.jsonl --config.eval.n=2 \
+      --config.laser.self_reward_token_id=151652 --config.laser.ref_constant=-23.0
+Evaluate a training run (latest checkpoint of its workdir; the run's config file rebuilds the model):
+  python -m laser_jax.evaluate --config=configs/eval.py \
+      --config.model.checkpoint_dir=/tmp/laser_jax/tiny_cpu --config.model.train_config=configs/tiny_cpu.py \
+      --config.eval.input_file=synthetic --config.eval.reward_fn=synthetic --config.eval.template=chat
+Measure c_ref for a new model and token (run it on the *initial* model, i.e. pi_ref):
+  python -m laser_jax.calibrate --config=configs/eval.py --config.model.hf_path=/path/to/model \
+      --config.laser.self_reward_token_id=151652
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Every key the evaluator and the calibrator read, with its meaning."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_path = ""  # Hugging Face directory (config.json + safetensors + tokenizer).
+  c.model.checkpoint_dir = ""  # Or a training workdir (or its checkpoints/ dir) written by laser_jax.train.
+  c.model.checkpoint_step = -1  # Step to restore from checkpoint_dir; -1 = the latest.
+  # The training config of checkpoint_dir: a configs/*.py file (get_config()) or a JSON dump of the
+  # ConfigDict (config.to_json()); "" = <checkpoint_dir>/config.json if present. It rebuilds the model
+  # shape, tokenizer and z_c exactly as the run had them.
+  c.model.train_config = ""
+  c.model.dtype = "float32"  # HF models: compute and parameter dtype, "float32" | "bfloat16".
+
+  c.eval = ml_collections.ConfigDict()
+  # JSONL/parquet file with `problem` and `answer`, or a named set: math500, aime24, aime25, amc23,
+  # olympiadbench (from $LASER_JAX_DATA_DIR), or "synthetic" (the built-in task's held-out split).
+  c.eval.input_file = "math500"
+  c.eval.output_file = "/tmp/laser_jax/eval/output.jsonl"  # One JSON line per problem; summary beside it.
+  c.eval.limit = 0  # Evaluate only the first `limit` problems (0 = all).
+  c.eval.n = 2  # Samples per problem (paper: 2 for MATH500/OlympiadBench, 32 for AIME/AMC).
+  c.eval.max_new_tokens = 8192  # Response length limit, EOS included; longer ones are truncated.
+  c.eval.temperature = 1.0  # Sampling temperature (the self-reward score always uses T = 1).
+  c.eval.top_p = 1.0  # Nucleus sampling threshold (1.0 = off).
+  c.eval.top_k = 0  # Top-k sampling (0 = off).
+  c.eval.greedy = False  # Argmax decoding (then n is usually 1).
+  c.eval.template = "chat"  # "chat" (tokenizer's chat template) | "base" (plain text prompt).
+  c.eval.max_prompt_len = 0  # Drop (and count) prompts longer than this many tokens (0 = keep all).
+  c.eval.batch_size = 8  # Prompts per sampler call (x n rows); the last batch is padded to this size.
+  c.eval.seed = 0  # Sampling seed: batch b uses fold_in(key(seed), b).
+  c.eval.reward_fn = "math"  # "math" (math-verify on the last \boxed{}), "synthetic", or "pkg.module:fn".
+  c.eval.num_workers = 4  # Verifier processes (0 = in-process, no time limit).
+  c.eval.timeout_s = 10.0  # Wall-clock limit per verified answer; a timeout counts as wrong.
+  c.eval.threshold = 0.5  # Self-verification: predict "correct" iff score > threshold.
+  c.eval.num_bootstrap = 1000  # Resamples per problem for maj@k / self_weighted_maj@k / best@k.
+  c.eval.bootstrap_seed = 0  # Seed of those resamples (fixed: reruns report identical numbers).
+
+  # LaSeR score r_s = kl_coef * (log pi(z_c | x, y, EOS) - ref_constant).
+  c.laser = ml_collections.ConfigDict()
+  # z_c: an id (>= 0) wins over a token string; with neither, a checkpoint uses its training config's
+  # z_c and an HF model uses "<|vision_start|>" (Qwen2.5: 151652; OctoThinker/Llama-3: set 128002).
+  c.laser.self_reward_token_id = -1
+  c.laser.self_reward_token = ""
+  c.laser.kl_coef = 0.1  # beta_v.
+  c.laser.ref_constant = -23.0  # c_ref (Qwen2.5: -23.0, OctoThinker: -25.0; measure with laser_jax.calibrate).
+
+  # Device mesh (sizes multiply to the device count; -1 takes the rest). Batches shard over data x fsdp.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+
+  # laser_jax.calibrate: log pi_ref(z_c | x, y) statistics; sampling uses the eval.* keys above.
+  c.calibrate = ml_collections.ConfigDict()
+  c.calibrate.num_problems = 64  # Problems sampled from eval.input_file (0 = all).
+  c.calibrate.output_file = ""  # JSON report; "" = eval.output_file with suffix .calibration.json.
+  # Warn when z_c gets more than this log-probability at any position inside sampled text
+  # (log 0.01: the model would emit z_c in ordinary text about once per hundred tokens there).
+  c.calibrate.warn_logprob = -4.6
+  c.calibrate.scan_chunk = 256  # Sequence chunk for the vocabulary projection of the text scan.
+  return c

@@ -1,0 +1,470 @@
+r"""Evaluation: sample n solutions per problem, verify them, read their self-reward scores, report.
+
+  python -m laser_jax.evaluate --config=configs/eval.py --config.model.hf_path=... \
+      --config.eval.input_file=math500 --config.eval.output_file=/tmp/out.jsonl
+
+From a notebook: `summary = evaluate.run(config)` (config from `configs/eval.py`).
+
+Output, one JSON line per problem, field names as in the official LaSeR release's files:
+  problem, answer, responses (decoded, special tokens skipped), pred_answers (last \boxed{} content
+  or null), acc_list (verifier rewards), self_rewarding_scores (beta_v * (logprob - c_ref); null for
+  truncated responses), plus prompt (text), prompt_token_ids, response_token_ids (EOS excluded) and
+  self_rewarding_logprobs (log pi(z_c | x, y, EOS) read by the sampler during generation; null for
+  truncated responses) and stop_token_ids (the EOS id each response emitted, null if truncated:
+  models may have several). JSON never holds NaN: a missing value is null.
+The summary (`summary_path(output_file)`: `foo.jsonl` -> `foo.summary.json`) holds the metrics of
+`laser_jax.tts.summarize` (mean@n, verify/*, maj@k, self_weighted_maj@k, best@k), the run's
+statistics and the config; the same numbers are printed as a table.
+
+Voting canonicalises answers with `canonical_answer` (the boxed text with whitespace, \left/\right
+and \dfrac/\tfrac spellings removed), not with math-verify: equal canonical strings are always the
+same answer, while e.g. "0.5" and "\frac12" stay separate votes (slightly conservative maj@k).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from laser_jax import data as data_lib
+from laser_jax import model as model_lib
+from laser_jax import sampler as sampler_lib
+from laser_jax import sharding as sharding_lib
+from laser_jax import tts
+from laser_jax import verifier as verifier_lib
+from laser_jax.config_check import ConfigError
+
+DEFAULT_ZC_TOKEN = "<|vision_start|>"  # Qwen2.5's z_c in the reference setup (id 151652).
+
+
+class EvalError(ValueError):
+  """Bad evaluation input (file, checkpoint, token); the message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model.
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """Everything sampling needs: model config, (sharded) params, tokenizer and special ids."""
+  cfg: model_lib.ModelConfig
+  params: Any
+  tokenizer: Any
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  zc_id: int
+  mesh: Any
+  source: str  # where the weights came from (for the summary)
+
+
+def make_eval_mesh(config: ml_collections.ConfigDict):
+  """The (data, fsdp, tensor) mesh of `config.mesh` over all devices."""
+  from laser_jax import config_check
+  data, fsdp, tensor = config_check.mesh_shape(config, jax.device_count())
+  return sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+
+
+def resolve_token_id(tokenizer, vocab_size: int, token_id: int, token: str, key: str) -> int:
+  """z_c from an id (>= 0) or a token string; checked against the model's vocabulary."""
+  if token_id < 0:
+    resolved = tokenizer.convert_tokens_to_ids(token) if token else None
+    if resolved is None or (resolved == tokenizer.unk_token_id and token != tokenizer.unk_token):
+      raise ConfigError(f"config.laser.self_reward_token: {token!r} is not a token of the tokenizer; "
+                        f"set config.laser.self_reward_token_id{key}")
+    token_id = int(resolved)
+  if not 0 <= token_id < vocab_size:
+    raise ConfigError(f"config.laser.self_reward_token_id: {token_id} is outside the model's "
+                      f"vocabulary [0, {vocab_size})")
+  return int(token_id)
+
+
+def load_train_config(path: str) -> ml_collections.ConfigDict:
+  """A training config from a configs/*.py file (its get_config()) or a JSON dump (to_json())."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.model.train_config: file not found: {path}")
+  if path.endswith(".json"):
+    try:
+      with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+      raise ConfigError(f"config.model.train_config: {path} is not valid JSON ({e})") from None
+  spec = importlib.util.spec_from_file_location("_laser_jax_train_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config.model.train_config: {path} defines no get_config()")
+  return module.get_config()
+
+
+def checkpoint_step_dir(checkpoint_dir: str, step: int = -1) -> tuple[str, int]:
+  """(`.../checkpoints/<step>/state`, step) of a training workdir (or its checkpoints/ dir)."""
+  from etils import epath
+  root = epath.Path(checkpoint_dir)
+  if not root.exists():
+    raise EvalError(f"config.model.checkpoint_dir: {checkpoint_dir} does not exist")
+  if (root / "checkpoints").is_dir():
+    root = root / "checkpoints"
+  # Only finished saves: orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames at the end.
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+  if not steps:
+    raise EvalError(f"config.model.checkpoint_dir: no checkpoints (<step>/state) in {root}")
+  if step < 0:
+    step = steps[-1]
+  elif step not in steps:
+    raise EvalError(f"config.model.checkpoint_step: step {step} not in {root} (has {steps})")
+  return str(root / str(step) / "state"), step
+
+
+def restore_params(state_dir: str, cfg: model_lib.ModelConfig, mesh) -> Any:
+  """Restores only the `params` subtree of a trainer checkpoint, placed in its mesh shardings."""
+  import orbax.checkpoint as ocp
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  shardings = sharding_lib.param_shardings(shapes, cfg, mesh)
+  restore_args = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=sh),
+                              shapes, shardings)
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": shapes}, restore_args={"params": restore_args}, partial_restore=True))
+  except Exception as e:  # orbax raises many types (shape mismatch, missing keys, IO).
+    raise EvalError(f"cannot restore params from {state_dir}: {type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:300]}") from e
+  return restored["params"]
+
+
+def _from_checkpoint(config, mesh) -> LoadedModel:
+  from laser_jax import synthetic, tasks
+  m = config.model
+  train_config_path = m.train_config or os.path.join(m.checkpoint_dir, "config.json")
+  if not m.train_config and not os.path.isfile(train_config_path):
+    raise ConfigError("config.model.train_config: needed with config.model.checkpoint_dir (the "
+                      "training config file that produced the checkpoint)")
+  tc = load_train_config(train_config_path)
+  # The same model/tokenizer resolution as tasks.build_task, without loading training data.
+  if tc.data.task == "synthetic" and not tc.model.tokenizer_path:
+    tokenizer = synthetic.build_tokenizer()
+  else:
+    tokenizer = tasks._load_tokenizer(tc.model.tokenizer_path or tc.model.hf_path)  # pylint: disable=protected-access
+  if tc.model.hf_path:
+    from laser_jax import hf
+    cfg = dataclasses.replace(hf.load_hf_config(tc.model.hf_path), dtype=tc.model.dtype,
+                              param_dtype=tc.model.param_dtype)
+  elif tc.model.preset:
+    from laser_jax import presets
+    cfg = dataclasses.replace(presets.get_preset(tc.model.preset), dtype=tc.model.dtype,
+                              param_dtype=tc.model.param_dtype)
+  else:
+    cfg = tasks._model_cfg_from_shape(tc, len(tokenizer))  # pylint: disable=protected-access
+  cfg = dataclasses.replace(cfg, remat=False)
+  state_dir, step = checkpoint_step_dir(m.checkpoint_dir, m.checkpoint_step)
+  params = restore_params(state_dir, cfg, mesh)
+  laser = config.laser
+  if laser.self_reward_token_id >= 0 or laser.self_reward_token:
+    zc = resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id,
+                          laser.self_reward_token, "")
+  else:
+    zc = resolve_token_id(tokenizer, cfg.vocab_size, tc.laser.self_reward_token_id,
+                          tc.laser.self_reward_token, " (the training config's z_c)")
+  eos_ids = tasks.eos_token_ids(tokenizer, tc.model.hf_path)
+  return LoadedModel(cfg, params, tokenizer, eos_ids, _pad_id(tokenizer, eos_ids), zc, mesh,
+                     f"{state_dir} (step {step})")
+
+
+def _from_hf(config, mesh) -> LoadedModel:
+  from laser_jax import hf, tasks
+  path, dtype = config.model.hf_path, config.model.dtype
+  if dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype: expected 'float32' or 'bfloat16', got {dtype!r}")
+  cfg = hf.load_hf_config(path, dtype=dtype, param_dtype=dtype)
+  params = hf.load_hf_params(path, cfg, mesh=mesh)
+  tokenizer = hf.load_hf_tokenizer(path)
+  laser = config.laser
+  token = laser.self_reward_token or ("" if laser.self_reward_token_id >= 0 else DEFAULT_ZC_TOKEN)
+  zc = resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id, token, "")
+  eos_ids = tasks.eos_token_ids(tokenizer, path)
+  return LoadedModel(cfg, params, tokenizer, eos_ids, _pad_id(tokenizer, eos_ids), zc, mesh, path)
+
+
+def _pad_id(tokenizer, eos_ids) -> int:
+  return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else int(eos_ids[0])
+
+
+def load_model(config: ml_collections.ConfigDict, mesh=None) -> LoadedModel:
+  """Loads the HF model (`model.hf_path`) or trainer checkpoint (`model.checkpoint_dir`)."""
+  m = config.model
+  if bool(m.hf_path) == bool(m.checkpoint_dir):
+    raise ConfigError("config.model.hf_path / config.model.checkpoint_dir: set exactly one "
+                      f"(got hf_path={m.hf_path!r}, checkpoint_dir={m.checkpoint_dir!r})")
+  mesh = make_eval_mesh(config) if mesh is None else mesh
+  return _from_hf(config, mesh) if m.hf_path else _from_checkpoint(config, mesh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems and sampling.
+
+
+def load_problems(input_file: str, limit: int = 0) -> list[dict]:
+  """Records from a JSONL/parquet file, a named eval set, or "synthetic" (held-out split)."""
+  if not input_file:
+    raise ConfigError("config.eval.input_file: empty; give a JSONL/parquet file or an eval-set name")
+  if input_file == "synthetic":
+    from laser_jax import synthetic
+    records = synthetic.make_split("heldout", limit or 256)
+  elif input_file.lower() in data_lib.EVAL_SETS and not os.path.exists(input_file):
+    records = data_lib.load_eval_set(input_file)
+  else:
+    if not os.path.isfile(input_file):
+      raise EvalError(f"config.eval.input_file: file not found: {input_file} (or an eval set: "
+                      f"{', '.join(sorted(data_lib.EVAL_SETS))}, synthetic)")
+    records = data_lib.read_records(input_file)
+  if not records:
+    raise EvalError(f"config.eval.input_file: {input_file} holds no problems")
+  return records[:limit] if limit > 0 else records
+
+
+def sampling_params(config: ml_collections.ConfigDict, model: LoadedModel) -> sampler_lib.SamplingParams:
+  e = config.eval
+  checks = [("n", e.n >= 1), ("max_new_tokens", e.max_new_tokens >= 1),
+            ("batch_size", e.batch_size >= 1), ("temperature", e.greedy or e.temperature > 0),
+            ("top_p", 0 < e.top_p <= 1), ("top_k", e.top_k >= 0)]
+  for key, ok in checks:
+    if not ok:
+      raise ConfigError(f"config.eval.{key}: invalid value {e[key]!r}")
+  return sampler_lib.SamplingParams(
+      n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+      max_new_tokens=e.max_new_tokens, eos_ids=tuple(model.eos_ids), pad_id=model.pad_id,
+      self_reward_token_id=model.zc_id, greedy=e.greedy)
+
+
+def generate(model: LoadedModel, items: Sequence[dict], sampling: sampler_lib.SamplingParams,
+             batch_size: int, seed: int = 0, progress: bool = True):
+  """Samples every item's prompt (`item["prompt_ids"]`); yields (batch items, SampleOutput).
+
+  The last batch is padded to `batch_size` prompts with copies of its last prompt (their rows are
+  dropped) so that all calls share one compiled shape per prompt bucket.
+  """
+  from tqdm.auto import tqdm
+  key = jax.random.key(seed)
+  num_batches = -(-len(items) // batch_size)
+  bar = tqdm(total=len(items), desc="sampling", unit="problem", disable=not progress,
+             file=sys.stderr, dynamic_ncols=True)
+  try:
+    for b in range(num_batches):
+      batch = list(items[b * batch_size:(b + 1) * batch_size])
+      prompts = [it["prompt_ids"] for it in batch]
+      prompts += [prompts[-1]] * (batch_size - len(prompts))
+      out = sampler_lib.sample(model.params, model.cfg, prompts, sampling,
+                               jax.random.fold_in(key, b), mesh=model.mesh)
+      yield batch, _take_rows(out, len(batch) * sampling.n)
+      bar.update(len(batch))
+  finally:
+    bar.close()
+
+
+def _take_rows(out: sampler_lib.SampleOutput, num_rows: int) -> sampler_lib.SampleOutput:
+  return dataclasses.replace(out, **{
+      f.name: getattr(out, f.name)[:num_rows] for f in dataclasses.fields(out)
+      if isinstance(getattr(out, f.name), np.ndarray)})
+
+
+def prepare_items(config, model: LoadedModel, records) -> data_lib.PreparedPrompts:
+  e = config.eval
+  if e.template not in ("chat", "base"):
+    raise ConfigError(f"config.eval.template: expected 'chat' or 'base', got {e.template!r}")
+  try:
+    return data_lib.prepare_prompts(records, model.tokenizer, e.template, e.max_prompt_len or None)
+  except ValueError as e_:
+    raise ConfigError(f"config.eval.template: {e_}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers, rows, metrics.
+
+_SPACES = re.compile(r"\s+")
+
+
+def canonical_answer(boxed: str | None) -> str | None:
+  """The voting key of an extracted answer: spelling variants that never change the value removed."""
+  if boxed is None:
+    return None
+  text = _SPACES.sub("", boxed)
+  text = text.replace("\\left", "").replace("\\right", "")
+  text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+  text = text.rstrip(".")
+  return text or None
+
+
+def _nullable(x: float) -> float | None:
+  return None if not math.isfinite(x) else float(x)
+
+
+def build_rows(items, out: sampler_lib.SampleOutput, texts: list[str], rewards: np.ndarray,
+               beta_v: float, c_ref: float) -> list[dict]:
+  """One output record per problem (the n rows of a problem are contiguous in `out`)."""
+  n = len(texts) // len(items)
+  rows = []
+  for i, item in enumerate(items):
+    sl = slice(i * n, (i + 1) * n)
+    logprobs = [_nullable(float(x)) if f else None
+                for x, f in zip(out.self_reward_logprob[sl], out.finished[sl])]
+    rows.append({
+        "problem": item["problem"],
+        "answer": item["answer"],
+        "responses": texts[sl],
+        "pred_answers": [verifier_lib.extract_last_boxed(t) for t in texts[sl]],
+        "acc_list": [float(r) for r in rewards[sl]],
+        "self_rewarding_scores": [None if lp is None else beta_v * (lp - c_ref) for lp in logprobs],
+        "self_rewarding_logprobs": logprobs,
+        "prompt": item["prompt"],
+        "prompt_token_ids": [int(t) for t in item["prompt_ids"]],
+        "response_token_ids": [out.tokens[r, :out.lengths[r]].tolist() for r in range(sl.start, sl.stop)],
+        "stop_token_ids": [int(out.eos_token[r]) if out.finished[r] else None
+                           for r in range(sl.start, sl.stop)],
+    })
+  return rows
+
+
+def metrics_from_rows(rows: Sequence[dict], threshold: float = 0.5, num_bootstrap: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
+  """`tts.summarize` on output records (null scores = truncated), plus length/score statistics."""
+  acc = np.array([r["acc_list"] for r in rows], np.float64)
+  scores = np.array([[np.nan if s is None else s for s in r["self_rewarding_scores"]] for r in rows],
+                    np.float64)
+  answers = [[canonical_answer(a) for a in r["pred_answers"]] for r in rows]
+  out = tts.summarize(answers, acc, scores, threshold=threshold, num_bootstrap=num_bootstrap, seed=seed)
+  logprobs = np.array([[np.nan if x is None else x for x in r["self_rewarding_logprobs"]]
+                       for r in rows], np.float64)
+  lengths = np.array([[len(t) for t in r["response_token_ids"]] for r in rows], np.float64)
+  finished = ~np.isnan(logprobs)
+  out.update({
+      "num_problems": len(rows), "n": int(acc.shape[1]),
+      "truncated_frac": float(1 - finished.mean()),
+      "response_length/mean": float(lengths.mean()),
+      "self_reward_logprob/mean": float(logprobs[finished].mean()) if finished.any() else math.nan,
+      "self_reward_logprob/std": float(logprobs[finished].std()) if finished.any() else math.nan,
+      "self_reward_score/mean": float(np.nanmean(scores)) if finished.any() else math.nan,
+  })
+  return out
+
+
+def json_safe(x):
+  """NaN/inf -> None, NumPy scalars -> Python, recursively (strict JSON)."""
+  if isinstance(x, dict):
+    return {str(k): json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, (np.floating, float)):
+    return _nullable(float(x))
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def summary_path(output_file: str) -> str:
+  """`foo.jsonl` -> `foo.summary.json` (other names get `.summary.json` appended)."""
+  stem = output_file[:-len(".jsonl")] if output_file.endswith(".jsonl") else output_file
+  return stem + ".summary.json"
+
+
+def format_table(summary: dict) -> str:
+  """The human-readable report of a summary dict."""
+  def f(key):
+    v = summary.get(key)
+    return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+  lines = [f"problems {summary['num_problems']}  n {summary['n']}  truncated "
+           f"{100 * summary['truncated_frac']:.1f}%  mean length {summary['response_length/mean']:.1f}",
+           f"mean@{summary['n']} accuracy                  {f('mean@n')}",
+           f"self-verification (score > {summary.get('threshold', 0.5)}):",
+           f"  acc on correct   ({summary['verify/num_correct']:5d})       {f('verify/acc_on_correct')}",
+           f"  acc on incorrect ({summary['verify/num_incorrect']:5d})       {f('verify/acc_on_incorrect')}",
+           f"  overall                          {f('verify/overall')}",
+           f"  F1                               {f('verify/f1')}",
+           "   k    maj@k  self_weighted_maj@k  best@k"]
+  for k in tts.scaling_ks(summary["n"]):
+    lines.append(f"{k:4d}   {f(f'maj@{k}')}               {f(f'self_weighted_maj@{k}')}  "
+                 f"{f(f'best@{k}')}")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table: bool = True,
+        model: LoadedModel | None = None) -> dict:
+  """Evaluates as configured; writes the JSONL and the summary JSON; returns the summary dict."""
+  e, laser = config.eval, config.laser
+  if not e.output_file:
+    raise ConfigError("config.eval.output_file: empty; give the output JSONL path")
+  records = load_problems(e.input_file, e.limit)  # Fail on bad input before loading a model.
+  model = load_model(config) if model is None else model
+  sampling = sampling_params(config, model)
+  prepared = prepare_items(config, model, records)
+  if not prepared.items:
+    raise EvalError(f"config.eval.max_prompt_len: all {prepared.num_filtered} prompts are longer "
+                    f"than {e.max_prompt_len} tokens")
+  try:
+    verifier = verifier_lib.Verifier(e.reward_fn, num_workers=e.num_workers, timeout_s=e.timeout_s)
+  except ValueError as err:
+    raise ConfigError(f"config.eval.reward_fn: {err}") from None
+  os.makedirs(os.path.dirname(os.path.abspath(e.output_file)), exist_ok=True)
+  start, num_tokens, timeouts = time.time(), 0, 0
+  rows = []
+  with verifier as verify, open(e.output_file + ".tmp", "w") as f:
+    for items, out in generate(model, prepared.items, sampling, e.batch_size, e.seed, progress):
+      texts = [model.tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
+               for row, k in zip(out.tokens, out.lengths)]
+      result = verify(texts, [items[g]["answer"] for g in out.group_ids])
+      timeouts += result.num_timeouts
+      num_tokens += int(out.response_lengths.sum())
+      for row in build_rows(items, out, texts, result.rewards, laser.kl_coef, laser.ref_constant):
+        f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+        rows.append(row)
+  os.replace(e.output_file + ".tmp", e.output_file)
+  elapsed = time.time() - start
+  summary = metrics_from_rows(rows, e.threshold, e.num_bootstrap, e.bootstrap_seed)
+  summary.update({"threshold": e.threshold, "num_filtered_prompts": prepared.num_filtered,
+                  "verifier_timeouts": timeouts, "elapsed_s": elapsed,
+                  "tokens_per_s": num_tokens / max(elapsed, 1e-9), "model": model.source,
+                  "self_reward_token_id": model.zc_id, "output_file": e.output_file,
+                  "config": config.to_dict()})
+  summary = json_safe(summary)
+  with open(summary_path(e.output_file), "w") as f:
+    json.dump(summary, f, indent=2, allow_nan=False)
+  if print_table:
+    print(format_table(summary), flush=True)
+  return summary
+
+
+ERRORS = (ConfigError, EvalError, data_lib.DataError, FileNotFoundError)
+
+
+def cli_main(fn, config) -> None:
+  """Runs `fn(config)`, turning bad input into a one-line `error: ...` and exit status 2."""
+  from laser_jax import hf
+  if config is None:
+    print("error: --config is required, e.g. --config=configs/eval.py", file=sys.stderr)
+    sys.exit(2)
+  try:
+    fn(config)
+  except (*ERRORS, hf.HFCheckpointError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  from absl import app
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config file (configs/eval.py).",
+                                            lock_config=True)
+  app.run(lambda argv: cli_main(run, _CONFIG.value))
