@@ -1,0 +1,317 @@
+"""laser_jax.evaluate end to end on a tiny random HF checkpoint, checked against independent references:
+transformers (torch) forwards for the self-reward log-probs, the reward function applied to the decoded
+responses, and a NumPy re-implementation of the summary metrics computed from the output file."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+import hf_fixtures
+from laser_jax import data as data_lib
+from laser_jax import evaluate
+from laser_jax import verifier as verifier_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N, MAX_NEW, BETA, C_REF = 4, 24, 1.0, -9.5
+PROBLEMS = [(f"What is {a} + {b}?", str(a + b)) for a, b in [(1, 2), (3, 4), (5, 6), (7, 9), (2, 8)]]
+
+
+def length_parity_reward(response: str, reference: str) -> float:
+  """A reward a random model scores non-trivially on (its responses are never math)."""
+  del reference
+  return float(len(response) % 2 == 0)
+
+
+def eval_config(**overrides):
+  spec = importlib.util.spec_from_file_location("eval_config", os.path.join(REPO, "configs", "eval.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return c
+
+
+def make_checkpoint(path) -> str:
+  """A tiny random qwen2 checkpoint whose generation_config adds "\\n" as a second EOS, so that a
+  random model finishes some responses (and truncates others) within a few tokens."""
+  hf_fixtures.make_tiny_hf_checkpoint(str(path), "qwen2")
+  tok = hf_fixtures.make_tiny_tokenizer(str(path))
+  newline = tok("\n", add_special_tokens=False)["input_ids"]
+  assert len(newline) == 1
+  with open(os.path.join(path, "generation_config.json"), "w") as f:
+    json.dump({"eos_token_id": [hf_fixtures.EOS_ID, newline[0]]}, f)
+  return str(path)
+
+
+def write_problems(path, problems=PROBLEMS) -> str:
+  with open(path, "w") as f:
+    for problem, answer in problems:
+      f.write(json.dumps({"problem": problem, "answer": answer}) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  return make_checkpoint(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="module")
+def run_output(ckpt, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("eval")
+  config = eval_config(**{
+      "model.hf_path": ckpt, "eval.input_file": write_problems(tmp / "problems.jsonl"),
+      "eval.output_file": str(tmp / "out" / "result.jsonl"), "eval.n": N,
+      "eval.max_new_tokens": MAX_NEW, "eval.batch_size": 2, "eval.num_workers": 0,
+      "eval.reward_fn": "test_evaluate:length_parity_reward", "eval.num_bootstrap": 50,
+      "eval.bootstrap_seed": 3, "laser.kl_coef": BETA, "laser.ref_constant": C_REF})
+  summary = evaluate.run(config, progress=False, print_table=False)
+  with open(config.eval.output_file) as f:
+    rows = [json.loads(line) for line in f]
+  return config, summary, rows
+
+
+def test_output_rows_have_all_fields_and_consistent_values(run_output, ckpt):
+  import transformers
+  config, _, rows = run_output
+  tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+  assert [(r["problem"], r["answer"]) for r in rows] == PROBLEMS
+  finished_count = 0
+  for r in rows:
+    for key in ("responses", "pred_answers", "acc_list", "self_rewarding_scores", "self_rewarding_logprobs",
+                "response_token_ids", "stop_token_ids"):
+      assert len(r[key]) == N, key
+    assert data_lib.INSTRUCTION in r["prompt"] and r["problem"] in r["prompt"]
+    assert r["prompt_token_ids"] == tok(r["prompt"], add_special_tokens=False)["input_ids"]
+    for i in range(N):
+      ids, lp, stop = r["response_token_ids"][i], r["self_rewarding_logprobs"][i], r["stop_token_ids"][i]
+      assert r["responses"][i] == tok.decode(ids, skip_special_tokens=True)
+      assert r["pred_answers"][i] == verifier_lib.extract_last_boxed(r["responses"][i])
+      assert r["acc_list"][i] == length_parity_reward(r["responses"][i], r["answer"])
+      if lp is None:  # truncated: the full budget, no EOS, no score
+        assert len(ids) == MAX_NEW and stop is None and r["self_rewarding_scores"][i] is None
+      else:
+        finished_count += 1
+        assert len(ids) < MAX_NEW and stop in (0, tok("\n", add_special_tokens=False)["input_ids"][0])
+        assert stop not in ids  # EOS excluded from the response ids
+        assert r["self_rewarding_scores"][i] == pytest.approx(BETA * (lp - C_REF), abs=1e-6)
+  assert 0 < finished_count < len(rows) * N  # both finished and truncated responses occur
+  assert len({a for r in rows for a in r["acc_list"]}) == 2  # both verdicts occur
+
+
+def test_self_reward_logprobs_match_transformers_forward(run_output, ckpt):
+  import torch
+  import transformers
+  _, _, rows = run_output
+  model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+  checked = 0
+  for r in rows:
+    for ids, stop, lp in zip(r["response_token_ids"], r["stop_token_ids"], r["self_rewarding_logprobs"]):
+      if lp is None or checked >= 6:
+        continue
+      seq = torch.tensor([r["prompt_token_ids"] + ids + [stop]])
+      with torch.no_grad():
+        logits = model(seq).logits[0, -1].double()
+      ref = torch.log_softmax(logits, -1)[hf_fixtures.ZC_ID].item()
+      assert lp == pytest.approx(ref, abs=1e-4)
+      checked += 1
+  assert checked == 6
+
+
+def _canon(a):
+  if a is None:
+    return None
+  s = "".join(a.split()).replace("\\left", "").replace("\\right", "")
+  s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
+  return s or None
+
+
+def reference_metrics(rows, threshold, num_bootstrap, seed):
+  """The summary metrics written directly from their definitions (tts.py / SPEC.md), in NumPy."""
+  acc = np.array([r["acc_list"] for r in rows], float)
+  scores = np.array([[np.nan if s is None else s for s in r["self_rewarding_scores"]] for r in rows])
+  num_problems, n = acc.shape
+  out = {"mean@n": acc.mean()}
+  fin = ~np.isnan(scores)
+  truth, pred = acc[fin] > 0.5, scores[fin] > threshold
+  c_acc = pred[truth].mean() if truth.any() else np.nan
+  i_acc = (~pred[~truth]).mean() if (~truth).any() else np.nan
+  out.update({"verify/acc_on_correct": c_acc, "verify/acc_on_incorrect": i_acc,
+              "verify/overall": (pred == truth).mean() if truth.size else np.nan,
+              "verify/f1": 2 * c_acc * i_acc / (c_acc + i_acc) if c_acc + i_acc > 0 else np.nan,
+              "verify/num_correct": truth.sum(), "verify/num_incorrect": (~truth).sum(),
+              "verify/num_truncated": (~fin).sum(), "truncated_frac": 1 - fin.mean()})
+  lps = np.array([[np.nan if s is None else s for s in r["self_rewarding_logprobs"]] for r in rows])
+  out["self_reward_logprob/mean"] = np.nanmean(lps)
+  out["self_reward_logprob/std"] = np.nanstd(lps)
+  ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
+  rng = np.random.default_rng(seed)
+  sums = defaultdict(float)
+  for p, r in enumerate(rows):
+    answers = [_canon(a) for a in r["pred_answers"]]
+    order = {a: i for i, a in reversed(list(enumerate(answers)))}  # first appearance
+    for k in ks:
+      draws = rng.integers(n, size=(num_bootstrap, k))
+      for name in ("maj", "self_weighted_maj", "best"):
+        total = 0.0
+        for d in draws:
+          if name == "best":
+            s = [-math.inf if np.isnan(scores[p, j]) else scores[p, j] for j in d]
+            total += acc[p, d[int(np.argmax(s))]]
+            continue
+          tally = {}
+          for j in d:
+            if answers[j] is not None:
+              w = 1.0 if name == "maj" else (0.0 if np.isnan(scores[p, j]) else scores[p, j])
+              tally[answers[j]] = tally.get(answers[j], 0.0) + w
+          if tally:
+            best = max(tally.values())
+            winner = min((a for a, v in tally.items() if v == best), key=order.get)
+            total += acc[p, next(j for j in d if answers[j] == winner)]
+        sums[f"{name}@{k}"] += total / num_bootstrap
+  out.update({key: v / num_problems for key, v in sums.items()})
+  return out
+
+
+def _assert_metrics_match(summary, ref):
+  for key, want in ref.items():
+    got = summary[key]
+    if want is None or (isinstance(want, float) and np.isnan(want)):
+      assert got is None or np.isnan(got), key
+    else:
+      assert got == pytest.approx(float(want), abs=1e-9), key
+
+
+def test_summary_json_matches_numpy_recomputation(run_output):
+  config, summary, rows = run_output
+  with open(evaluate.summary_path(config.eval.output_file)) as f:
+    on_disk = json.load(f)
+  assert on_disk == summary
+  assert config.eval.output_file.endswith("result.jsonl")
+  assert evaluate.summary_path(config.eval.output_file).endswith("result.summary.json")
+  ref = reference_metrics(rows, 0.5, num_bootstrap=50, seed=3)
+  _assert_metrics_match(summary, ref)
+  assert summary["num_problems"] == len(PROBLEMS) and summary["n"] == N
+  assert {"maj@4", "self_weighted_maj@4", "best@4"} <= set(summary)
+  assert summary["config"]["eval"]["n"] == N
+
+
+def test_metrics_on_handmade_rows_with_votes():
+  """Voting needs answers: rows written by hand, canonical spellings merged, NaN/None handled."""
+  rows = [
+      {"pred_answers": ["\\frac{1}{2}", "\\dfrac{1}{2}", "3", "3", None],
+       "acc_list": [1.0, 1.0, 0.0, 0.0, 0.0],
+       "self_rewarding_scores": [0.9, None, 0.1, 0.2, 0.7],
+       "self_rewarding_logprobs": [-20.0, None, -22.0, -21.0, -19.0],
+       "response_token_ids": [[1], [2, 3], [4], [5, 6, 7], [8]]},
+      {"pred_answers": ["x + 1", "x+1", "\\left(2\\right)", "(2)", "7."],
+       "acc_list": [0.0, 0.0, 1.0, 1.0, 0.0],
+       "self_rewarding_scores": [0.3, 0.3, 0.8, 0.6, None],
+       "self_rewarding_logprobs": [-22.0, -22.0, -20.0, -21.0, None],
+       "response_token_ids": [[1], [2], [3], [4], [5]]},
+  ]
+  assert evaluate.canonical_answer("\\left(2\\right)") == evaluate.canonical_answer("(2)")
+  assert evaluate.canonical_answer("x + 1") == "x+1" and evaluate.canonical_answer(None) is None
+  summary = evaluate.metrics_from_rows(rows, threshold=0.5, num_bootstrap=200, seed=7)
+  _assert_metrics_match(summary, reference_metrics(rows, 0.5, 200, 7))
+  assert 0 < summary["maj@4"] < 1 and summary["self_weighted_maj@4"] != summary["maj@4"]
+
+
+def test_cli_prints_table_and_exits_zero(ckpt, tmp_path):
+  out = tmp_path / "cli.jsonl"
+  cmd = [sys.executable, "-m", "laser_jax.evaluate", "--config=configs/eval.py",
+         f"--config.model.hf_path={ckpt}", f"--config.eval.input_file={write_problems(tmp_path / 'p.jsonl', PROBLEMS[:2])}",
+         f"--config.eval.output_file={out}", "--config.eval.n=2", "--config.eval.max_new_tokens=8",
+         "--config.eval.num_workers=1", "--config.eval.num_bootstrap=20", "--config.mesh.fsdp=1",
+         "--config.mesh.data=-1"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "mean@2 accuracy" in proc.stdout and "self_weighted_maj@k" in proc.stdout
+  assert "F1" in proc.stdout and "sampling" in proc.stderr  # the table, and the progress bar
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(rows) == 2 and all(len(r["responses"]) == 2 for r in rows)
+  assert all(a == 0.0 for r in rows for a in r["acc_list"])  # math verifier: junk is never right
+  assert os.path.isfile(evaluate.summary_path(str(out)))
+
+
+def test_malformed_input_file_is_a_one_line_error(tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"problem": "What is 1+1?", "answer": "2"}\n{"problem": "oops"\n')
+  cmd = [sys.executable, "-m", "laser_jax.evaluate", "--config=configs/eval.py",
+         "--config.model.hf_path=/nonexistent", f"--config.eval.input_file={bad}",
+         f"--config.eval.output_file={tmp_path / 'o.jsonl'}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert f"{bad}:2" in proc.stderr and "Traceback" not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_config_key_fails_at_parsing(tmp_path):
+  cmd = [sys.executable, "-m", "laser_jax.evaluate", "--config=configs/eval.py", "--config.eval.nn=3"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "nn" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"eval.input_file": "/nonexistent/problems.jsonl"}, "file not found: /nonexistent/problems.jsonl"),
+    ({"laser.self_reward_token_id": 100000}, "config.laser.self_reward_token_id: 100000 is outside"),
+    ({"laser.self_reward_token": "<|nope|>"}, "config.laser.self_reward_token: '<|nope|>'"),
+    ({"model.checkpoint_dir": "/tmp/x"}, "set exactly one"),
+    ({"eval.n": 0}, "config.eval.n"),
+    ({"eval.reward_fn": "nope"}, "config.eval.reward_fn"),
+])
+def test_bad_input_one_line_errors(ckpt, tmp_path, capsys, overrides, message):
+  config = eval_config(**{"model.hf_path": ckpt, "eval.output_file": str(tmp_path / "o.jsonl"),
+                          "eval.input_file": write_problems(tmp_path / "p.jsonl"), **overrides})
+  with pytest.raises(SystemExit) as exc:
+    evaluate.cli_main(evaluate.run, config)
+  assert exc.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_evaluate_trainer_checkpoint(tmp_path):
+  """Train one step, evaluate its checkpoint; scores equal a forward with the trainer's own restore."""
+  import jax
+  from laser_jax import checkpoint as ckpt_lib
+  from laser_jax import model as model_lib
+  from laser_jax import trainer
+  from test_trainer import tiny_config
+  train_cfg = tiny_config(tmp_path / "run", total_steps=1, eval_every=0)
+  trainer.train(train_cfg, progress=False)
+  (tmp_path / "train_config.json").write_text(train_cfg.to_json())
+  config = eval_config(**{
+      "model.checkpoint_dir": str(tmp_path / "run"), "model.train_config": str(tmp_path / "train_config.json"),
+      "eval.input_file": "synthetic", "eval.limit": 4, "eval.reward_fn": "synthetic",
+      "eval.num_workers": 0, "eval.n": 2, "eval.max_new_tokens": 12, "eval.batch_size": 4,
+      "eval.output_file": str(tmp_path / "eval.jsonl"), "eval.num_bootstrap": 10,
+      "laser.ref_constant": -4.0})
+  summary = evaluate.run(config, progress=False, print_table=False)
+  assert summary["num_problems"] == 4 and "checkpoints/1/state" in summary["model"]
+  rows = [json.loads(line) for line in open(config.eval.output_file)]
+  # Reference: the trainer's own full-state restore of the same step.
+  t = trainer.Trainer(train_cfg)
+  state, _ = ckpt_lib.Checkpointer(str(tmp_path / "run"), async_save=False).restore(1, t.abstract_state())
+  zc = t.zc_id
+  checked = 0
+  for r in rows:
+    for ids, stop, lp in zip(r["response_token_ids"], r["stop_token_ids"], r["self_rewarding_logprobs"]):
+      seq = np.array([r["prompt_token_ids"] + ids + ([stop] if stop is not None else [])], np.int32)
+      logits = model_lib.forward(state.params, t.model_cfg, seq, np.arange(seq.shape[1])[None],
+                                 np.ones(seq.shape, bool))
+      if lp is not None:
+        ref = float(jax.nn.log_softmax(logits[0, -1])[zc])
+        assert lp == pytest.approx(ref, abs=1e-4)
+        checked += 1
+  assert checked > 0
