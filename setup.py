@@ -37,7 +37,7 @@ EXTRAS = {
     "gpu": ["jax[cuda12]"],
     "notebook": ["matplotlib>=3.8", "ipykernel>=6.29"],
     # Benchmarks only: the Tunix comparison (issue 7) pulls in its own stack.
-    "bench": ["torch==2.13.0", "matplotlib>=3.8"],
+    "bench": ["torch==2.13.0", "matplotlib>=3.8", "google-tunix"],
 }
 
 setup(

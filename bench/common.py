@@ -1,0 +1,117 @@
+"""Shared helpers of the benchmarks: machine info, matmul peak, timing, tables, JSON results.
+
+Every benchmark writes `bench/results/<name>.json` with the machine it ran on (CPU model, core
+count, jax version, device kind, load average) next to its numbers, so results from different
+machines or loads are never compared blindly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+  """CPU model, core count, jax/jaxlib versions, device kind and count, load average, python."""
+  import jax
+  import jaxlib
+  devices = jax.devices()
+  return {
+      "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "device_kind": devices[0].device_kind,
+      "platform": devices[0].platform,
+      "num_devices": len(devices),
+      "python": platform.python_version(),
+      "os": platform.platform(),
+      "loadavg": list(os.getloadavg()),
+  }
+
+
+def peak_rss_mib() -> float:
+  """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+  """Wall times of `repeats` calls of fn() after `warmup` untimed calls (compilation)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def summarize(times: list[float]) -> dict:
+  """Best and median of a list of wall times (best is the least disturbed by background load)."""
+  return {"best_s": min(times), "median_s": statistics.median(times), "all_s": list(times)}
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> dict:
+  """Measured matmul throughput of this machine: best of `repeats` jitted [size, size] @ [size, size].
+
+  FLOP = 2 * M * N * K. The best (not the median) is the peak: on a shared machine it is the run
+  least disturbed by other processes.
+  """
+  import jax
+  import jax.numpy as jnp
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (size, size), dtype)
+  b = jax.random.normal(k2, (size, size), dtype)
+  f = jax.jit(jnp.matmul)
+  times = timed(lambda: f(a, b).block_until_ready(), repeats)
+  flops = 2.0 * size ** 3
+  return {"size": size, "dtype": dtype, "flop": flops, "best_s": min(times),
+          "median_s": statistics.median(times), "gflop_s": flops / min(times) / 1e9,
+          "median_gflop_s": flops / statistics.median(times) / 1e9}
+
+
+def print_table(headers: list[str], rows: list[list], title: str = "") -> None:
+  """Prints a Markdown table (numbers formatted to 4 significant digits)."""
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  if title:
+    print(f"\n{title}")
+  print("| " + " | ".join(headers) + " |")
+  print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
+  for row in rows:
+    print("| " + " | ".join(fmt(v) for v in row) + " |")
+
+
+def write_results(name: str, results: dict, out: str | None = None) -> str:
+  """Writes `results` plus machine info and the command line to bench/results/<name>.json."""
+  path = out or os.path.join(RESULTS_DIR, f"{name}.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  payload = {"benchmark": name, "command": "python " + " ".join(sys.argv),
+             "machine": machine_info(), **results}
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=1, default=float)
+  os.replace(tmp, path)
+  print(f"wrote {path}")
+  return path
