@@ -1,6 +1,6 @@
 r"""LaSeR on Qwen2.5-7B-Base with the reference hyperparameters (SPEC.md), on a Cloud TPU v4-64.
 
-Launch (on every worker of the slice; see launch/tpu.sh which does exactly this):
+Launch (on every worker of the slice; see launch/tpu.py which does exactly this):
   python -m laser_jax.train --config=configs/tpu_v4.py \
       --config.model.hf_path=/mnt/models/Qwen2.5-7B \
       --config.data.train_files=/mnt/data/deepmath-103k.parquet \

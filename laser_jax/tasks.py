@@ -38,7 +38,7 @@ class Task:
   train_prompts: list[Prompt]
   eval_prompts: list[Prompt]
   verifier: verifier_lib.Verifier
-  init_params_fn: Callable[[bool], Any]
+  init_params_fn: Callable[..., Any]  # (reference: bool, mesh) -> params
   sft_records: list[dict] = dataclasses.field(default_factory=list)
   num_filtered_prompts: int = 0
 
@@ -65,9 +65,9 @@ class Task:
                         f"vocabulary [0, {self.model_cfg.vocab_size})")
     return token_id
 
-  def init_params(self, reference: bool = False):
-    """Initial (or reference-policy) parameters on host, before sharding."""
-    return self.init_params_fn(reference)
+  def init_params(self, reference: bool = False, mesh=None):
+    """Initial (or reference-policy) parameters; HF weights go straight to their shardings on `mesh`."""
+    return self.init_params_fn(reference, mesh)
 
   def train_iterator(self) -> data_lib.PromptIterator:
     c = self.config
@@ -100,8 +100,8 @@ def _prompts(records, tokenizer, c) -> tuple[list[Prompt], int]:
 
 
 def _random_init(model_cfg, seed):
-  def init(reference: bool):
-    del reference  # The reference policy of a random-init run is its initial policy.
+  def init(reference: bool, mesh=None):
+    del reference, mesh  # The reference policy of a random-init run is its initial policy.
     return jax.device_get(model_lib.init_params(model_cfg, jax.random.key(seed)))
   return init
 
@@ -148,7 +148,7 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
     model_cfg = hf.load_hf_config(c.model.hf_path)
     model_cfg = dataclasses.replace(model_cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
                                     remat=c.model.remat)
-    init_fn = lambda reference: hf.load_hf_params(c.model.hf_path, model_cfg)
+    init_fn = lambda reference, mesh=None: hf.load_hf_params(c.model.hf_path, model_cfg, mesh=mesh)
   elif c.model.preset:
     from laser_jax import presets
     model_cfg = dataclasses.replace(presets.get_preset(c.model.preset), dtype=c.model.dtype,

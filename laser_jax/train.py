@@ -16,8 +16,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
 def main(argv):
   del argv
   import jax
-  if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()  # Multi-host pod: the same command runs on every worker.
+  if (os.environ.get("LASER_JAX_DISTRIBUTED") == "1" or os.environ.get("TPU_WORKER_HOSTNAMES")
+      or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    # Multi-host pod: the same command runs on every worker. On Cloud TPU VMs JAX finds the
+    # coordinator in the GCE metadata; launch/tpu.py sets LASER_JAX_DISTRIBUTED=1 on slices.
+    jax.distributed.initialize()
   from laser_jax import config_check, trainer
   config = _CONFIG.value
   if config is None:

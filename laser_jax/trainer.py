@@ -123,7 +123,7 @@ class Trainer:
   def initial_params(self):
     """Initial parameters, after the supervised warm start when `sft.steps > 0`."""
     c = self.config
-    params = self.task.init_params()
+    params = self.task.init_params(mesh=self.mesh)
     shardings = self._state_shardings(params)
     params = jax.device_put(params, shardings.params)
     if c.sft.steps > 0:
@@ -417,7 +417,8 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
     state = trainer.init_state(trainer.initial_params())
   ref_params = None
   if trainer.needs_ref:
-    ref_params = jax.device_put(trainer.task.init_params(reference=True), trainer.param_shardings)
+    ref_params = jax.device_put(trainer.task.init_params(reference=True, mesh=trainer.mesh),
+                                trainer.param_shardings)
 
   preempt = ckpt_lib.PreemptionFlag()
   start = int(state.step)

@@ -516,6 +516,10 @@ def run_command(args, extra):
       save_state(path, {**state, **p, "setup": setup})
   elif args.command == "train":
     train = _train_params(args, extra, state)
+    if num_workers(p["accelerator"]) > 1 and not any(
+        kv.startswith("LASER_JAX_DISTRIBUTED=") for kv in train["env"]):
+      # Multi-host slice: make every worker join jax.distributed (coordinator from GCE metadata).
+      train["env"] = ["LASER_JAX_DISTRIBUTED=1", *train["env"]]
     do_train(gcloud, p, train, args.restart)
     if not gcloud.dry_run:
       save_state(path, {**state, **p, "train": train})

@@ -196,7 +196,8 @@ def test_train_dry_run_passes_config_overrides_and_quoting(capsys):
   assert lines[0][:-1] == [*SSH, "--worker=all"]
   words = shlex.split(remote_command(lines[0]))
   i = words.index("nohup")
-  assert words[i - 2:i] == ["env", "HF_HOME=/mnt/hf cache"]
+  # A multi-host slice also gets LASER_JAX_DISTRIBUTED=1 so every worker joins jax.distributed.
+  assert words[i - 3:i] == ["env", "LASER_JAX_DISTRIBUTED=1", "HF_HOME=/mnt/hf cache"]
   assert words[i + 1:i + 8] == ["python3", "-m", "laser_jax.train", "--config=configs/tpu_v4.py",
                                 "--config.workdir=gs://bucket/laser/run 1",
                                 "--config.total_steps=10", "--config.data.template=chat and more"]

@@ -185,3 +185,31 @@ def test_sigterm_saves_current_step_and_resume_repeats_none(tmp_path):
   assert resumed.returncode == 0, out[-2000:]
   steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
   assert steps == list(range(1, done[-1] + 2))  # Each step exactly once, none repeated.
+
+
+def test_hf_checkpoint_files_task_with_reference_model(tmp_path):
+  """data.task='files' on a tiny HF checkpoint, math-verify reward, KL loss and the exact
+  reference-model score: the reference model is loaded and its log-probs enter the loss."""
+  from tests import hf_fixtures
+  ckpt = hf_fixtures.make_tiny_hf_checkpoint(str(tmp_path / "hf"), "qwen2")
+  train_file = tmp_path / "train.jsonl"
+  train_file.write_text("".join(json.dumps({"problem": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n"
+                                for i in range(8)))
+  cfg = tiny_config(tmp_path / "run", **{
+      "data.task": "files", "data.train_files": str(train_file), "data.eval_set": str(train_file),
+      "data.max_prompt_len": 128, "model.hf_path": ckpt, "reward.fn": "math", "reward.num_workers": 1,
+      "laser.self_reward_token_id": hf_fixtures.ZC_ID, "laser.use_ref_model_score": True,
+      "loss.kl_loss_coef": 0.05, "total_steps": 1, "eval_every": 1})
+  t = trainer.Trainer(cfg)
+  assert t.needs_ref and t.eos_ids == (hf_fixtures.EOS_ID,)
+  state = t.init_state(t.initial_params())
+  ref = jax.device_get(state.params)
+  state, metrics = t.train_step(state, next(t.task.train_iterator()), ref_params=state.params)
+  # At step 1 the policy equals the reference, so the KL term is ~0 and the exact-variant score
+  # is beta_v * (log pi - log pi_ref) = 0 for every finished row: L_sr = mean(w * r_v^2).
+  assert abs(metrics["kl_loss"]) < 1e-5
+  assert np.isfinite(metrics["loss"])
+  new = jax.device_get(state.params)
+  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), new, ref))) > 0
+  ev = t.evaluate(state.params, jax.random.key(0))
+  assert ev["eval/num_problems"] == 8 and 0.0 <= ev["eval/accuracy"] <= 1.0
