@@ -205,9 +205,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv_cache=None, write_index=None):
-    """x [B,T,H]. Without a cache attends within x (mask [B,T,T]); with kv_cache=(k, v) [B,S,K,D]
-    writes this step's k/v at write_index and attends over the cache (mask [B,T,S])."""
+  def __call__(self, x, positions, mask, kv_cache=None, write_index=None, layer_index=None):
+    """x [B,T,H]. Without a cache attends within x (mask [B,T,T]). With kv_cache=(k, v), the whole
+    stacked cache [L,B,S,K,D], writes this step's k/v into layer `layer_index` at slots
+    [write_index, write_index + T) and attends over that layer's slots (mask [B,T,S])."""
     cfg = self.cfg
     b, t, _ = x.shape
     d = cfg.head_dim
@@ -223,12 +224,12 @@ class Attention(nn.Module):
     v = constrain(v, BATCH, None, "tensor", None)
     new_cache = None
     if kv_cache is not None:
-      k_cache, v_cache = kv_cache
-      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
-      k = constrain(k_cache, BATCH, None, "tensor", None)
-      v = constrain(v_cache, BATCH, None, "tensor", None)
-      new_cache = (k, v)
+      # Update the stacked cache in place (a dynamic-update-slice on the donated buffer) rather than
+      # slicing out and re-stacking layers, which would copy the whole cache every decode step.
+      start = (layer_index, 0, write_index, 0, 0)
+      new_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
+                        for c, new in zip(kv_cache, (k, v)))
+      k, v = (constrain(c[layer_index], BATCH, None, "tensor", None) for c in new_cache)
     out = attend(q, k, v, mask).reshape(b, t, cfg.num_heads * d)
     return _dense(cfg.hidden_size, cfg, "o_proj")(out), new_cache
 
@@ -249,11 +250,11 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv_cache=None, write_index=None):
+  def __call__(self, x, positions, mask, kv_cache=None, write_index=None, layer_index=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, mask,
-                                                      kv_cache, write_index)
+                                                      kv_cache, write_index, layer_index)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
     return constrain(x, BATCH, None, None), new_cache
@@ -312,12 +313,10 @@ class Decoder(nn.Module):
     visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [T, S]
     mask = visible[None] & cache_mask[:, None, :]
     x = constrain(self.embed(tokens), BATCH, None, None)
-    ks, vs = [], []
+    kv = (cache.k, cache.v)
     for i, layer in enumerate(self.layers):
-      x, (k, v) = layer(x, positions, mask, (cache.k[i], cache.v[i]), write_index)
-      ks.append(k)
-      vs.append(v)
-    return self.final_norm(x), KVCache(jnp.stack(ks), jnp.stack(vs), cache_mask)
+      x, kv = layer(x, positions, mask, kv, write_index, i)
+    return self.final_norm(x), KVCache(kv[0], kv[1], cache_mask)
 
   def unembed(self, hidden):
     if self.cfg.tie_word_embeddings:

@@ -136,6 +136,11 @@ def test_remat_gives_identical_values_and_gradients(checkpoints):
   v2, g2 = grad_fn(params, cfg.replace(remat=True))
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g2)
+  # The cached path works with remat layers too (nothing to rematerialise there, same numbers).
+  cache = model.init_cache(cfg, *tokens.shape)
+  plain = forward_cached(params, cfg, tokens, positions, mask, cache, 0)
+  remat = forward_cached(params, cfg.replace(remat=True), tokens, positions, mask, cache, 0)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, plain, remat)
 
 
 def test_fully_masked_rows_stay_finite(checkpoints):
