@@ -1,0 +1,231 @@
+"""Small helpers shared by the notebooks: smoke mode, sampled-and-scored solutions, plots.
+
+The notebooks stay readable by keeping the plumbing here:
+- `smoke_mode()`: the tests run every notebook with LASER_JAX_SMOKE=1 (tiny local model, no network).
+- `sample_solutions(...)`: n responses per problem with their verifier reward, extracted answer and
+  last-token self-reward score r_s = beta_v * (log pi(z_c | x, y) - c_ref), as [P, n] arrays that
+  `laser_jax.tts` consumes directly.
+- `restore_params(trainer, workdir)`: the parameters of a finished `trainer.train` run.
+- `metric_series` / `plot_training`: reward and self-verification F1 over RL steps.
+- `scaling_curves` / `plot_scaling`: maj@k, self-reward-weighted maj@k and best@k against k.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+SMOKE_ENV = "LASER_JAX_SMOKE"
+SCALING_METHODS = ("maj", "self_weighted_maj", "best")
+METHOD_LABELS = {"maj": "majority vote", "self_weighted_maj": "self-reward-weighted vote",
+                 "best": "best-of-k by self-reward"}
+
+
+def smoke_mode() -> bool:
+  """True when the notebook runs as a test ($LASER_JAX_SMOKE=1): tiny local model, no network."""
+  return os.environ.get(SMOKE_ENV) == "1"
+
+
+# ---- sampled solutions ---------------------------------------------------------------------------
+
+
+def canonical_answer(text: str) -> str | None:
+  """The last \\boxed{} content with all whitespace removed (None if there is none).
+
+  Votes pool responses whose canonical answers are equal strings, so `1 / 2` and `1/2` vote
+  together; `0.5` and `\\frac{1}{2}` still vote apart (voting never calls the verifier).
+  """
+  from laser_jax import verifier
+  boxed = verifier.extract_last_boxed(text)
+  return None if boxed is None else "".join(boxed.split())
+
+
+@dataclasses.dataclass
+class Solutions:
+  """n sampled responses for each of P problems; arrays are [P, n]."""
+  problems: list[str]
+  references: list[str]
+  texts: list[list[str]]
+  answers: list[list[str | None]]  # canonical_answer of each response
+  acc: np.ndarray  # float [P, n] verifier reward (0/1)
+  scores: np.ndarray  # float [P, n] r_s; NaN for truncated responses (no EOS, no score)
+  finished: np.ndarray  # bool [P, n]
+  z_logprob: np.ndarray  # float [P, n] log pi(z_c | x, y, EOS) (T = 1); NaN if truncated
+  prompt_ids: list[list[int]]  # [P] the prompt token ids
+  response_ids: list[list[list[int]]]  # [P][n] generated ids, EOS excluded
+  eos_token: np.ndarray  # int [P, n] the EOS id each finished response emitted
+
+  @property
+  def num_problems(self) -> int:
+    return len(self.problems)
+
+  @property
+  def n(self) -> int:
+    return self.acc.shape[1]
+
+
+def sample_solutions(params, model_cfg, tokenizer, prompts: Sequence[Any], sampling, verifier,
+                     rng, *, kl_coef: float, ref_constant: float, mesh=None,
+                     problems_per_call: int = 0) -> Solutions:
+  """Samples `sampling.n` responses per prompt, verifies them and reads their self-reward scores.
+
+  `prompts` are `laser_jax.tasks.Prompt`s (token_ids, answer, problem); `verifier` is a
+  `laser_jax.verifier.Verifier`; `kl_coef` is beta_v and `ref_constant` is c_ref. The scores
+  come from the sampler itself (read in the decode step after each EOS; no second forward).
+  `problems_per_call` > 0 samples that many problems per sampler call (bounds KV-cache memory).
+  """
+  from laser_jax import objective, sampler
+  if sampling.self_reward_token_id is None:
+    raise ValueError("sample_solutions: sampling.self_reward_token_id is None; the self-reward "
+                     "score needs z_c (set it to the model's z_c token id)")
+  if not prompts:
+    raise ValueError("sample_solutions: prompts is empty")
+  chunk = problems_per_call if problems_per_call > 0 else len(prompts)
+  keys = jax_split(rng, -(-len(prompts) // chunk))
+  outs = [sampler.sample(params, model_cfg, [p.token_ids for p in prompts[i:i + chunk]], sampling,
+                         key, mesh=mesh)
+          for key, i in zip(keys, range(0, len(prompts), chunk))]
+  cat = lambda name: np.concatenate([getattr(o, name) for o in outs])
+  tokens, lengths = cat("tokens"), cat("lengths")
+  group_ids = np.repeat(np.arange(len(prompts)), sampling.n)
+  texts = [tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
+           for row, k in zip(tokens, lengths)]
+  references = [prompts[g].answer for g in group_ids]
+  rewards = np.asarray(verifier(texts, references).rewards, np.float64)
+  z_logprob = cat("self_reward_logprob").astype(np.float64)
+  scores = np.asarray(objective.self_reward_score(z_logprob, kl_coef=kl_coef,
+                                                  ref_constant=ref_constant), np.float64)
+  num, n = len(prompts), sampling.n
+  rows = lambda xs: [list(xs[i * n:(i + 1) * n]) for i in range(num)]
+  return Solutions(
+      problems=[p.problem for p in prompts], references=[p.answer for p in prompts],
+      texts=rows(texts), answers=rows([canonical_answer(t) for t in texts]),
+      acc=rewards.reshape(num, n), scores=scores.reshape(num, n),
+      finished=cat("finished").astype(bool).reshape(num, n), z_logprob=z_logprob.reshape(num, n),
+      prompt_ids=[list(p.token_ids) for p in prompts],
+      response_ids=rows([row[:k].tolist() for row, k in zip(tokens, lengths)]),
+      eos_token=cat("eos_token").reshape(num, n))
+
+
+def jax_split(rng, num: int) -> list:
+  """`num` independent keys from `rng` (one per sampler call)."""
+  import jax
+  return list(jax.random.split(rng, num)) if num > 1 else [rng]
+
+
+def full_forward_z_logprob(params, model_cfg, prompt_ids: Sequence[int],
+                           response_ids: Sequence[int], eos_id: int, zc_id: int) -> float:
+  """log pi(z_c | x, y, EOS) from a separate full forward pass over prompt + response + EOS.
+
+  The sampler reads the same quantity during generation; this is the independent check.
+  """
+  import jax
+  import jax.numpy as jnp
+  from laser_jax import model as model_lib
+  ids = list(prompt_ids) + list(response_ids) + [int(eos_id)]
+  tokens = jnp.asarray([ids], jnp.int32)
+  positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
+  logits = model_lib.forward(params, model_cfg, tokens, positions, jnp.ones_like(tokens, bool))
+  return float(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32))[zc_id])
+
+
+def restore_params(trainer, workdir: str, step: int | None = None):
+  """Parameters of the checkpoint at `step` (default: the latest) of the run in `workdir`.
+
+  `trainer` is a `laser_jax.trainer.Trainer` built from the run's config; the parameters come
+  back placed in its shardings.
+  """
+  from laser_jax import checkpoint
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"restore_params: no checkpoint in {workdir}/checkpoints")
+    state, _ = ckpt.restore(step, trainer.abstract_state())
+  finally:
+    ckpt.close()
+  return state.params
+
+
+# ---- training curves -----------------------------------------------------------------------------
+
+
+def metric_series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of `key` over the records that carry it, in record order.
+
+  metrics.jsonl stores NaN as null; it comes back as NaN so plots simply leave a gap.
+  """
+  steps, values = [], []
+  for r in records:
+    if key in r:
+      steps.append(int(r["step"]))
+      values.append(np.nan if r[key] is None else float(r[key]))
+  return np.asarray(steps, np.int64), np.asarray(values, np.float64)
+
+
+def plot_training(records: Sequence[dict],
+                  keys: Sequence[str] = ("reward_mean", "self_reward/f1", "self_reward/acc"),
+                  eval_keys: Sequence[str] = ("eval/accuracy", "eval/self_verification_f1")):
+  """One panel per metric over RL steps (training rollouts, then periodic evaluations)."""
+  import matplotlib.pyplot as plt
+  keys = [k for k in list(keys) + list(eval_keys) if any(k in r for r in records)]
+  if not keys:
+    raise ValueError("plot_training: none of the requested metrics is in the records")
+  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    steps, values = metric_series(records, key)
+    ax.plot(steps, values, marker="o")
+    ax.set_title(key)
+    ax.set_xlabel("RL step")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
+# ---- test-time scaling ---------------------------------------------------------------------------
+
+_AT_K = re.compile(r"^(?P<method>.+)@(?P<k>\d+)$")
+
+
+def scaling_curves(metrics: dict[str, float],
+                   methods: Sequence[str] = SCALING_METHODS) -> tuple[list[int], dict[str, list[float]]]:
+  """Splits `tts.scaling_metrics` output ("maj@4": ...) into ks and one curve per method.
+
+  Raises ValueError if a method lacks a k that another method has.
+  """
+  found: dict[str, dict[int, float]] = {m: {} for m in methods}
+  for key, value in metrics.items():
+    m = _AT_K.match(key)
+    if m and m["method"] in found:
+      found[m["method"]][int(m["k"])] = float(value)
+  ks = sorted(set().union(*(d.keys() for d in found.values())))
+  for method, by_k in found.items():
+    missing = [k for k in ks if k not in by_k]
+    if missing:
+      raise ValueError(f"scaling_curves: metrics has no {method}@k for k in {missing}")
+  return ks, {method: [by_k[k] for k in ks] for method, by_k in found.items()}
+
+
+def plot_scaling(metrics: dict[str, float], title: str = "", mean_at_n: float | None = None):
+  """Accuracy against k (log2 axis) for majority vote, weighted vote and best-of-k."""
+  import matplotlib.pyplot as plt
+  ks, curves = scaling_curves(metrics)
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for method, values in curves.items():
+    ax.plot(ks, values, marker="o", label=METHOD_LABELS.get(method, method))
+  if mean_at_n is not None:
+    ax.axhline(mean_at_n, color="gray", ls="--", lw=1, label="mean accuracy (one sample)")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ks)
+  ax.set_xticklabels([str(k) for k in ks])
+  ax.set_xlabel("k (samples per problem)")
+  ax.set_ylabel("accuracy")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  return fig
