@@ -21,7 +21,8 @@ Conventions (all documented on `SampleOutput`):
 The core (`Sampler`) is generic over the step function
     decode_fn(params, tokens[B,T], positions[B,T], token_mask[B,T], cache, write_index)
         -> (logits[B,T,V] float32, cache)
-and `init_cache_fn(batch, max_len) -> cache`, so it can be tested with a toy logits table.
+and `init_cache_fn(batch, max_len) -> cache`, so it can be tested with a toy logits table. Only
+the last position's logits (`logits[:, -1]`) are read, so a decode_fn may return T' = 1.
 `sample(params, cfg, prompts, sampling, rng, mesh=None)` is the convenience entry point for
 the Transformer in `laser_jax.model`; the trainer and the evaluator both use it.
 """
@@ -189,18 +190,42 @@ def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
   return scaled
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """argmax over the last axis (first index among ties) as two plain reductions.
+
+  Same result as jnp.argmax; XLA:CPU runs argmax's variadic reduce several times slower.
+  """
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  is_max = x == jnp.max(x, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(is_max, iota, x.shape[-1]), axis=-1)
+
+
 def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams) -> tuple[jax.Array, jax.Array]:
   """Draws one token per row from float32 logits [B, V].
 
   Returns (tokens [B] int32, log-probs [B] float32 of those tokens under the untruncated
   log_softmax(logits / T), T = 1 for greedy).
+
+  Sampling is by inverse CDF: one uniform number per row against the cumulative (unnormalised)
+  probabilities. That needs B random numbers per step instead of the B * V of Gumbel-max
+  (`jax.random.categorical`), which dominated the decode step of small models on CPU; the prefix
+  sum is an associative scan (XLA:CPU's cumsum lowering is slow inside loops). A draw that lands
+  on a filtered-out token (possible only through float rounding of the prefix sums) is replaced
+  by the most likely token, so top-k / top-p supports are respected exactly.
   """
   if sampling.greedy:
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = first_argmax(logits)
     scaled = logits
   else:
-    tokens = jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
     scaled = logits / sampling.temperature
+    filtered = filter_logits(logits, sampling)
+    probs = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
+    cdf = jax.lax.associative_scan(jnp.add, probs, axis=-1)
+    u = jax.random.uniform(rng, (logits.shape[0], 1), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+    tokens = jnp.sum(cdf < u * cdf[:, -1:], axis=-1).astype(jnp.int32)
+    tokens = jnp.minimum(tokens, logits.shape[-1] - 1)
+    allowed = jnp.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0] > 0
+    tokens = jnp.where(allowed, tokens, first_argmax(filtered))
   picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
   logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
   return tokens, logprobs
@@ -421,7 +446,12 @@ def model_sampler(cfg, mesh: Mesh | None = None) -> Sampler:
         return sharding_lib.cache_shardings(cfg, mesh, batch, max_len)
 
     def decode_fn(params, tokens, positions, token_mask, cache, write_index):
-      return model_lib.forward_cached(params, cfg, tokens, positions, token_mask, cache, write_index)
+      # = model.forward_cached, but only the last position is unembedded: the sampler reads no
+      # other logits, and unembedding the whole prompt at prefill cost as much as many decode steps.
+      hidden, cache = model_lib.Decoder(cfg).apply({"params": params}, tokens, positions, token_mask, cache,
+                                                   jnp.asarray(write_index, jnp.int32),
+                                                   method=model_lib.Decoder.cached)
+      return model_lib.unembed(params, cfg, hidden[:, -1:]), cache
 
     def init_cache_fn(batch, max_len):
       return model_lib.init_cache(cfg, batch, max_len)

@@ -1,0 +1,252 @@
+"""Sampler benchmark: laser_jax.sampler vs transformers `generate`, and the cost of the score.
+
+One random Qwen2-shaped model is saved as a Hugging Face checkpoint in a temp dir and loaded by
+both sides (same weights). Three measurements, side by side in one run:
+  1. generated tokens/s at several batch sizes: ours (sampling, in-loop self-reward on) vs
+     transformers generate (torch, CPU), both forced to produce exactly --new-tokens tokens
+     (no EOS on our side; min_new_tokens = max_new_tokens on theirs);
+  2. score overhead: our sampler with the in-loop self-reward vs without it, on a workload where
+     rows stop at different steps (a set of EOS ids) and on the no-EOS workload;
+  3. the official recipe -- sample without the score, then a separate jitted forward over every
+     full sequence `prompt + response + EOS` to read log pi(z_c | x, y, EOS) -- vs ours.
+     (Our version of the recipe only unembeds the EOS position, so it is the cheapest form of it.)
+
+Usage:
+  python bench/sampler.py             # full run, writes bench/results/sampler.json
+  python bench/sampler.py --quick     # small and fast smoke run
+Times are medians over --repeats runs after one warm-up (compilation) run; the two variants of
+each comparison are interleaved so that background load affects both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from laser_jax import hf, model as model_lib  # noqa: E402
+from laser_jax import sampler as sampler_lib  # noqa: E402
+from laser_jax.sampler import SamplingParams  # noqa: E402
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--vocab", type=int, default=16384)
+  p.add_argument("--hidden", type=int, default=384)
+  p.add_argument("--intermediate", type=int, default=1024)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--heads", type=int, default=6)
+  p.add_argument("--kv-heads", type=int, default=2)
+  p.add_argument("--prompt-len", type=int, default=32)
+  p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--batches", type=str, default="1,16,64")
+  p.add_argument("--score-batch", type=int, default=16, help="batch size for measurements 2 and 3")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--skip-torch", action="store_true", help="skip the transformers baseline")
+  p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
+  p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                       "results", "sampler.json"))
+  args = p.parse_args(argv)
+  if args.quick:
+    args.vocab, args.hidden, args.intermediate, args.layers = 2048, 128, 256, 2
+    args.heads, args.kv_heads, args.new_tokens, args.batches, args.score_batch, args.repeats = 4, 2, 16, "1,8", 8, 2
+  return args
+
+
+def make_checkpoint(args, path):
+  """Random Qwen2 model saved with save_pretrained; returns the torch model."""
+  import torch
+  import transformers
+  config = transformers.Qwen2Config(
+      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+      max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+      pad_token_id=0)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  model.save_pretrained(path)
+  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def timed(fn, repeats):
+  """Median wall time of fn() over `repeats` runs after one warm-up run."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def interleaved(fns: dict, repeats):
+  """Median wall times of several fns, run round-robin (after one warm-up each)."""
+  for fn in fns.values():
+    fn()
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def official_recipe_scorer(cfg, z_c):
+  """Jitted separate forward over `prompt + response + EOS` (right-padded) -> log pi(z_c | ...)."""
+  @jax.jit
+  def score(params, tokens, mask, last_index):
+    positions = model_lib.default_positions(mask)
+    hidden = model_lib.forward(params, cfg, tokens, positions, mask, return_hidden=True)
+    at_eos = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
+    logits = model_lib.unembed(params, cfg, at_eos)
+    return logits[:, z_c] - jax.nn.logsumexp(logits, axis=-1)
+  return score
+
+
+def recipe_batch(out, width):
+  """Host-side packing of `prompt + response + EOS` rows, right-padded to `width`."""
+  n = len(out.tokens)
+  tokens = np.zeros((n, width), np.int32)
+  mask = np.zeros((n, width), bool)
+  last = np.zeros((n,), np.int32)
+  for i in range(n):
+    seq = np.concatenate([out.prompt_tokens[i][out.prompt_mask[i]], out.response_tokens[i, :out.response_lengths[i]]])
+    tokens[i, :len(seq)], mask[i, :len(seq)], last[i] = seq, True, len(seq) - 1
+  return tokens, mask, last
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    torch_model = make_checkpoint(args, tmp)
+    cfg = hf.load_hf_config(tmp)
+    params = hf.load_hf_params(tmp, cfg)
+  print(f"model: Qwen2-shaped, {cfg.num_params() / 1e6:.1f}M params (vocab {cfg.vocab_size}, hidden "
+        f"{cfg.hidden_size}, {cfg.num_layers} layers); prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens; jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
+  rng = np.random.default_rng(0)
+  z_c = cfg.vocab_size - 1
+  key = jax.random.key(0)
+  results = {"args": vars(args), "num_params": cfg.num_params(), "cpu_count": os.cpu_count(),
+             "platform": platform.platform(), "jax": jax.__version__, "torch": torch.__version__,
+             "loadavg_start": os.getloadavg(), "throughput": [], "score_overhead": [], "official_recipe": {}}
+
+  # ---- 1. tokens/s vs transformers generate ----------------------------------------------
+  forced = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=(), pad_id=0,
+                          self_reward_token_id=z_c)
+  for batch in [int(b) for b in args.batches.split(",")]:
+    prompts = rng.integers(4, cfg.vocab_size - 1, size=(batch, args.prompt_len)).tolist()
+
+    def ours():
+      out = sampler_lib.sample(params, cfg, prompts, forced, key)
+      assert (out.lengths == args.new_tokens).all()
+
+    t_ours = timed(ours, args.repeats)
+    entry = {"batch": batch, "ours_s": t_ours, "ours_tok_s": batch * args.new_tokens / t_ours}
+    if not args.skip_torch:
+      ids = torch.tensor(prompts)
+
+      def theirs():
+        with torch.no_grad():
+          gen = torch_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.new_tokens,
+                                     min_new_tokens=args.new_tokens, pad_token_id=0)
+        assert gen.shape[1] == args.prompt_len + args.new_tokens
+
+      t_hf = timed(theirs, args.repeats)
+      entry.update(hf_s=t_hf, hf_tok_s=batch * args.new_tokens / t_hf, speedup=t_hf / t_ours)
+    results["throughput"].append(entry)
+    rows.append(entry)
+    print(f"[1] batch {batch:3d}: ours {entry['ours_tok_s']:9.1f} tok/s" +
+          (f" | transformers {entry['hf_tok_s']:9.1f} tok/s | speedup {entry['speedup']:.2f}x"
+           if "hf_s" in entry else ""), flush=True)
+
+  # ---- 2. score overhead ---------------------------------------------------------------------
+  batch = args.score_batch
+  prompts = rng.integers(4, cfg.vocab_size - 1, size=(batch, args.prompt_len)).tolist()
+  # About one token in new_tokens is an EOS, so rows stop at spread-out steps.
+  eos_ids = tuple(range(4, 4 + max(1, cfg.vocab_size // args.new_tokens)))
+  workloads = {"rows stop at different steps": eos_ids, "no EOS (all rows run to the limit)": ()}
+  for name, eos in workloads.items():
+    with_score = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0,
+                                self_reward_token_id=z_c)
+    without = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0,
+                             self_reward_token_id=None)
+    a = sampler_lib.sample(params, cfg, prompts, with_score, key)
+    b = sampler_lib.sample(params, cfg, prompts, without, key)
+    np.testing.assert_array_equal(a.tokens, b.tokens)  # the score does not change the samples
+    t = interleaved({"with": lambda: sampler_lib.sample(params, cfg, prompts, with_score, key),
+                     "without": lambda: sampler_lib.sample(params, cfg, prompts, without, key)},
+                    max(args.repeats, 5))
+    entry = {"workload": name, "batch": batch, "with_score_s": t["with"], "without_score_s": t["without"],
+             "overhead_pct": 100 * (t["with"] / t["without"] - 1), "finished_rows": int(a.finished.sum()),
+             "mean_length": float(a.response_lengths.mean())}
+    results["score_overhead"].append(entry)
+    print(f"[2] {name}: with score {t['with'] * 1e3:8.1f} ms | without {t['without'] * 1e3:8.1f} ms | "
+          f"overhead {entry['overhead_pct']:+.2f}% ({entry['finished_rows']}/{batch} rows finished)", flush=True)
+
+  # ---- 3. official recipe (separate forward) vs in-loop -------------------------------------
+  eos = workloads["rows stop at different steps"]
+  with_score = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0,
+                              self_reward_token_id=z_c)
+  without = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0)
+  scorer = official_recipe_scorer(cfg, z_c)
+  width = args.prompt_len + args.new_tokens
+
+  def recipe():
+    out = sampler_lib.sample(params, cfg, prompts, without, key)
+    tokens, mask, last = recipe_batch(out, width)
+    return np.asarray(scorer(params, tokens, mask, last)), out
+
+  ours_out = sampler_lib.sample(params, cfg, prompts, with_score, key)
+  recipe_scores, recipe_out = recipe()
+  fin = ours_out.finished
+  max_diff = float(np.max(np.abs(recipe_scores[fin] - ours_out.self_reward_logprob[fin]))) if fin.any() else 0.0
+  t = interleaved({"ours": lambda: sampler_lib.sample(params, cfg, prompts, with_score, key),
+                   "recipe": recipe}, max(args.repeats, 5))
+  results["official_recipe"] = {"batch": batch, "ours_s": t["ours"], "recipe_s": t["recipe"],
+                                "recipe_over_ours": t["recipe"] / t["ours"], "max_abs_score_diff": max_diff}
+  print(f"[3] batch {batch}: ours (in-loop score) {t['ours'] * 1e3:8.1f} ms | sample + separate forward "
+        f"{t['recipe'] * 1e3:8.1f} ms | ratio {t['recipe'] / t['ours']:.3f}x | max |score diff| {max_diff:.2e}")
+
+  results["loadavg_end"] = os.getloadavg()
+  results["command"] = "python " + " ".join(["bench/sampler.py"] + (argv if argv is not None else sys.argv[1:]))
+  print()
+  print("| batch | ours tok/s | transformers tok/s | speedup |")
+  print("|---:|---:|---:|---:|")
+  for e in results["throughput"]:
+    print(f"| {e['batch']} | {e['ours_tok_s']:.1f} | {e.get('hf_tok_s', float('nan')):.1f} | "
+          f"{e.get('speedup', float('nan')):.2f}x |")
+  print()
+  print("| workload | with score (ms) | without (ms) | overhead |")
+  print("|---|---:|---:|---:|")
+  for e in results["score_overhead"]:
+    print(f"| {e['workload']} | {e['with_score_s'] * 1e3:.1f} | {e['without_score_s'] * 1e3:.1f} | "
+          f"{e['overhead_pct']:+.2f}% |")
+  r = results["official_recipe"]
+  print(f"\nofficial recipe / ours = {r['recipe_over_ours']:.3f} (batch {r['batch']})")
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
