@@ -133,13 +133,42 @@ def restore_params(state_dir: str, cfg: model_lib.ModelConfig, mesh) -> Any:
   shardings = sharding_lib.param_shardings(shapes, cfg, mesh)
   restore_args = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=sh),
                               shapes, shardings)
+  from absl import logging as absl_logging
+  # The state item sits below the step directory, so orbax warns that the step-level metadata
+  # file is missing from it; that and its INFO chatter are noise here.
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  checkpointer = ocp.PyTreeCheckpointer()
   try:
-    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+    _check_saved_shapes(checkpointer, state_dir, shapes)
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item={"params": shapes}, restore_args={"params": restore_args}, partial_restore=True))
-  except Exception as e:  # orbax raises many types (shape mismatch, missing keys, IO).
-    raise EvalError(f"cannot restore params from {state_dir}: {type(e).__name__}: "
+  except EvalError:
+    raise
+  except Exception as e:  # orbax raises many types (dtype, missing keys, IO).
+    raise EvalError(f"cannot restore params from {state_dir} with the shapes of "
+                    f"config.model.train_config: {type(e).__name__}: "
                     f"{' '.join(str(e).split())[:300]}") from e
+  finally:
+    checkpointer.close()
+    absl_logging.set_verbosity(level)
   return restored["params"]
+
+
+def _check_saved_shapes(checkpointer, state_dir: str, shapes) -> None:
+  """Compares the saved params' shapes with the model config's before reading any array."""
+  try:
+    saved = checkpointer.metadata(state_dir).item_metadata.tree["params"]
+  except Exception as e:  # Not a trainer checkpoint (or unreadable): say so in one line.
+    raise EvalError(f"{state_dir} is not a laser_jax train state with params: "
+                    f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(shapes)}
+  got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+  for name in sorted(set(want) | set(got)):
+    if want.get(name) != got.get(name):
+      raise EvalError(f"checkpoint {state_dir} does not match config.model.train_config: params"
+                      f"{name} has shape {got.get(name)} in the checkpoint, the config gives "
+                      f"{want.get(name)}")
 
 
 def _from_checkpoint(config, mesh) -> LoadedModel:

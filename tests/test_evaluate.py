@@ -315,3 +315,7 @@ def test_evaluate_trainer_checkpoint(tmp_path):
         assert lp == pytest.approx(ref, abs=1e-4)
         checked += 1
   assert checked > 0
+  # The wrong training config (the default, larger model) is a one-line error naming the tensor.
+  config.model.train_config = os.path.join(REPO, "configs", "tiny_cpu.py")
+  with pytest.raises(evaluate.EvalError, match=r"params\['embed'\]\['embedding'\] has shape"):
+    evaluate.run(config, progress=False, print_table=False)
