@@ -277,6 +277,12 @@ class Trainer:
 
   def train_step(self, state: TrainState, prompts: list, ref_params=None) -> tuple[TrainState, dict]:
     """One RL step on `prompts`; returns the new state and this step's metrics (host floats)."""
+    # Under the mesh, the model's activation sharding hints (batch over data+fsdp, heads over
+    # tensor) apply inside every jitted function of the step.
+    with jax.set_mesh(self.mesh):
+      return self._train_step(state, prompts, ref_params)
+
+  def _train_step(self, state: TrainState, prompts: list, ref_params) -> tuple[TrainState, dict]:
     c = self.config
     step = int(state.step) + 1
     t0 = time.perf_counter()
@@ -357,6 +363,10 @@ class Trainer:
   # ---- evaluation -----------------------------------------------------------------------
   def evaluate(self, params, rng) -> dict:
     """Held-out accuracy and self-verification on `task.eval_prompts`."""
+    with jax.set_mesh(self.mesh):
+      return self._evaluate(params, rng)
+
+  def _evaluate(self, params, rng) -> dict:
     prompts = self.task.eval_prompts
     out = sampler_lib.sample(params, self.model_cfg, [p.token_ids for p in prompts], self.eval_sampling,
                              rng, mesh=self.mesh)
