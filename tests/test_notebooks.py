@@ -137,3 +137,59 @@ def test_plots_build_with_agg(monkeypatch):
   plt.close(fig)
   with pytest.raises(ValueError, match="none of the requested metrics"):
     notebook_utils.plot_training([{"step": 1, "loss": 0.1}])
+
+
+# ---- the full (non-smoke) path, offline: a tiny HF checkpoint stands in for Qwen2.5 -------------
+
+# Injected after each notebook's parameters cell (quick start: also after its config cell), as a
+# user would edit them; the HF checkpoint and data are local files, so nothing is downloaded.
+FULL_PATH_PARAMS = {
+    "laser_quickstart.ipynb": "NUM_STEPS = 2\nNUM_SAMPLES = 4\nMODEL_DIR = {ckpt!r}\nTRAIN_FILE = {train!r}\n"
+                              "WORK = {work!r}",
+    "test_time_scaling.ipynb": "MODEL_DIR = {ckpt!r}\nNUM_PROBLEMS = 3\nN = 4\nMAX_NEW_TOKENS = 16\n"
+                               "PROBLEMS_PER_CALL = 2\nZC_TOKEN_ID = {zc}\nC_REF = -6.0\nWORK = {work!r}",
+}
+# colab_small's sizes are for a GPU; shrink them for CPU (the rest of colab_small is kept: bf16,
+# remat, logprob chunking, recomputed old log-probs, the math verifier with worker processes).
+QUICKSTART_CONFIG_OVERRIDES = (
+    "config.batch_size, config.micro_batch_size, config.rollout.n = 2, 8, 4\n"
+    "config.rollout.max_new_tokens = config.eval.max_new_tokens = 16\n"
+    "config.data.eval_size, config.eval_every = 2, 2\n"
+    "config.laser.self_reward_token_id = {zc}\n"
+    "config.workdir = {workdir!r}")
+MATH_PROBLEMS = [{"problem": "What is 2 + 3?", "answer": "5"},
+                 {"problem": "Compute 4 * 6.", "answer": "24"},
+                 {"problem": "What is 7 + 8?", "answer": "15"},
+                 {"problem": "Let x^2 = 4 with x > 0. Find x.", "answer": "2"}]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FULL_PATH_PARAMS))
+def test_notebook_full_path_offline(name, kernel_env, monkeypatch, tmp_path):
+  import hf_fixtures
+  env, jupyter_path = kernel_env
+  monkeypatch.setenv("JUPYTER_PATH", jupyter_path)
+  ckpt = hf_fixtures.make_tiny_hf_checkpoint(str(tmp_path / "ckpt"), "qwen2")
+  data_dir = tmp_path / "data"
+  (data_dir / "math500").mkdir(parents=True)
+  lines = "".join(json.dumps(r) + "\n" for r in MATH_PROBLEMS)
+  (data_dir / "math500" / "test.jsonl").write_text(lines)
+  (tmp_path / "train.jsonl").write_text(lines)
+  env = {k: v for k, v in env.items() if k != "LASER_JAX_SMOKE"}
+  env["LASER_JAX_DATA_DIR"] = str(data_dir)
+  nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
+  params_at = next(i for i, c in enumerate(nb.cells) if c.source.startswith("# Parameters"))
+  fill = dict(ckpt=ckpt, train=str(tmp_path / "train.jsonl"), work=str(tmp_path / "work"),
+              zc=hf_fixtures.ZC_ID, workdir=str(tmp_path / "run"))
+  nb.cells.insert(params_at + 1, nbformat.v4.new_code_cell(FULL_PATH_PARAMS[name].format(**fill)))
+  if name == "laser_quickstart.ipynb":
+    config_at = next(i for i, c in enumerate(nb.cells) if 'load_config("colab_small")' in c.source)
+    nb.cells.insert(config_at + 1, nbformat.v4.new_code_cell(QUICKSTART_CONFIG_OVERRIDES.format(**fill)))
+  nb.cells.append(nbformat.v4.new_code_cell("print(SMOKE, model_dir)"))
+  client = NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=SMOKE_TIMEOUT_S,
+                          resources={"metadata": {"path": NOTEBOOK_DIR}})
+  client.execute(env=env)
+  stdout = lambda cell: "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
+  assert stdout(nb.cells[-1]).split() == ["False", ckpt]
+  assert stdout(nb.cells[-2]).startswith("OK:"), stdout(nb.cells[-2])
+  assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.parquet"))
