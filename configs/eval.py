@@ -9,6 +9,9 @@ Evaluate a training run (latest checkpoint of its workdir; the run's config file
   python -m laser_jax.evaluate --config=configs/eval.py \
       --config.model.checkpoint_dir=/tmp/laser_jax/tiny_cpu --config.model.train_config=configs/tiny_cpu.py \
       --config.eval.input_file=synthetic --config.eval.reward_fn=synthetic --config.eval.template=chat
+Export a training run as a Hugging Face directory (for vLLM serving or the Hub):
+  python -m laser_jax.export --config=configs/eval.py \
+      --config.model.checkpoint_dir=/tmp/laser_jax/tiny_cpu --config.export.output_dir=/tmp/laser_jax/tiny_cpu_hf
 Measure c_ref for a new model and token (run it on the *initial* model, i.e. pi_ref):
   python -m laser_jax.calibrate --config=configs/eval.py --config.model.hf_path=/path/to/model \
       --config.laser.self_reward_token_id=151652
@@ -76,4 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (log 0.01: the model would emit z_c in ordinary text about once per hundred tokens there).
   c.calibrate.warn_logprob = -4.6
   c.calibrate.scan_chunk = 256  # Sequence chunk for the vocabulary projection of the text scan.
+
+  # laser_jax.export: write the model (usually a training checkpoint) as a Hugging Face directory.
+  c.export = ml_collections.ConfigDict()
+  c.export.output_dir = ""  # Target directory (config.json, safetensors, tokenizer).
+  c.export.dtype = "bfloat16"  # Stored dtype: "bfloat16" (serving) | "float32".
   return c

@@ -183,7 +183,7 @@ def _from_checkpoint(config, mesh) -> LoadedModel:
   if tc.data.task == "synthetic" and not tc.model.tokenizer_path:
     tokenizer = synthetic.build_tokenizer()
   else:
-    tokenizer = tasks._load_tokenizer(tc.model.tokenizer_path or tc.model.hf_path)  # pylint: disable=protected-access
+    tokenizer = tasks.load_tokenizer(tc.model.tokenizer_path or tc.model.hf_path)
   if tc.model.hf_path:
     from laser_jax import hf
     cfg = dataclasses.replace(hf.load_hf_config(tc.model.hf_path), dtype=tc.model.dtype,
@@ -193,7 +193,7 @@ def _from_checkpoint(config, mesh) -> LoadedModel:
     cfg = dataclasses.replace(presets.get_preset(tc.model.preset), dtype=tc.model.dtype,
                               param_dtype=tc.model.param_dtype)
   else:
-    cfg = tasks._model_cfg_from_shape(tc, len(tokenizer))  # pylint: disable=protected-access
+    cfg = tasks.model_cfg_from_shape(tc, len(tokenizer))
   cfg = dataclasses.replace(cfg, remat=False)
   state_dir, step = checkpoint_step_dir(m.checkpoint_dir, m.checkpoint_step)
   params = restore_params(state_dir, cfg, mesh)

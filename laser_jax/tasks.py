@@ -106,7 +106,7 @@ def _random_init(model_cfg, seed):
   return init
 
 
-def _model_cfg_from_shape(c, vocab_size: int) -> model_lib.ModelConfig:
+def model_cfg_from_shape(c, vocab_size: int) -> model_lib.ModelConfig:
   m = c.model
   return model_lib.ModelConfig(
       family=m.family, vocab_size=vocab_size, hidden_size=m.hidden_size,
@@ -123,7 +123,7 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
                                    timeout_s=c.reward.timeout_s)
   if c.data.task == "synthetic":
     tokenizer = (synthetic.build_tokenizer() if not c.model.tokenizer_path
-                 else _load_tokenizer(c.model.tokenizer_path))
+                 else load_tokenizer(c.model.tokenizer_path))
     train_records = synthetic.make_split("train", c.data.synthetic_train_size, seed=c.seed)
     eval_records = synthetic.make_split("heldout", c.data.synthetic_eval_size, seed=c.seed)
   else:
@@ -131,7 +131,7 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
     if not tok_path:
       raise ConfigError("config.model.hf_path: data.task='files' needs a Hugging Face model "
                         "directory (or config.model.tokenizer_path)")
-    tokenizer = _load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     train_records = [r for f in c.data.train_files.split(",")
                      for r in data_lib.read_records(f.strip(), (c.data.problem_key, c.data.answer_key))]
     eval_records = _eval_records(c)
@@ -155,7 +155,7 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
                                     param_dtype=c.model.param_dtype, remat=c.model.remat)
     init_fn = _random_init(model_cfg, c.seed)
   else:
-    model_cfg = _model_cfg_from_shape(c, len(tokenizer))
+    model_cfg = model_cfg_from_shape(c, len(tokenizer))
     init_fn = _random_init(model_cfg, c.seed)
   return Task(config=c, model_cfg=model_cfg, tokenizer=tokenizer, train_prompts=train_prompts,
               eval_prompts=eval_prompts, verifier=verifier, init_params_fn=init_fn,
@@ -163,7 +163,7 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
               num_filtered_prompts=num_filtered)
 
 
-def _load_tokenizer(path: str):
+def load_tokenizer(path: str):
   from transformers import AutoTokenizer
   if not os.path.isdir(path):
     raise ConfigError(f"config.model.tokenizer_path: {path!r} is not a directory")

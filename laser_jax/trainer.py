@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from laser_jax import checkpoint as ckpt_lib
@@ -415,6 +416,9 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
   c = config
   ckpt = ckpt_lib.Checkpointer(c.workdir, keep=c.keep_checkpoints, async_save=c.async_checkpointing)
   writer = metrics_writer.MetricsWriter(c.workdir)
+  if jax.process_index() == 0:
+    # The resolved config next to the checkpoints: `laser_jax.evaluate` rebuilds the model from it.
+    (epath.Path(c.workdir) / "config.json").write_text(c.to_json_best_effort(indent=2))
   records = []
   iterator = trainer.task.train_iterator()
   latest = ckpt.latest_step()
