@@ -53,7 +53,8 @@ print("ok", config.value.workdir if "workdir" in config.value else "")
 """
 
 
-@pytest.mark.parametrize("module", ["laser_jax.train", "laser_jax.evaluate", "laser_jax.calibrate"])
+@pytest.mark.parametrize("module", ["laser_jax.train", "laser_jax.evaluate", "laser_jax.calibrate",
+                                    "laser_jax.export"])
 def test_readme_commands_parse(module):
   """Loads each command's config with its overrides exactly as the CLI does (absl + config_flags)."""
   commands = _module_commands(module)
