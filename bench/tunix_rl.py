@@ -48,7 +48,7 @@ from bench import common  # noqa: E402
 SHAPES = {
     # The >= 50M model of bench/train_step.py (74.93M parameters).
     "large": dict(vocab=32000, hidden=768, intermediate=2048, layers=8, heads=12, kv_heads=4, head_dim=64,
-                  batch=4, n=8, new_tokens=96, micro_prompts=2),
+                  batch=4, n=4, new_tokens=96, micro_prompts=4),
     "quick": dict(vocab=8192, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, head_dim=64,
                   batch=2, n=4, new_tokens=16, micro_prompts=1),
 }
