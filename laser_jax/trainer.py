@@ -356,7 +356,7 @@ class Trainer:
 
   def step_flops(self, batch: dict) -> float:
     """Model FLOPs of one step: 2*N*tokens per forward (rollout), 6*N*tokens for the update."""
-    n = model_lib.num_params(self.model_cfg) if hasattr(model_lib, "num_params") else 0
+    n = self.model_cfg.num_params()
     tokens = float(np.sum(batch["attention_mask"]))
     forwards = 2 + (2 if self.config.rollout.recompute_old_logprobs else 0) + (2 if self.needs_ref else 0)
     return (forwards + 6) * n * tokens

@@ -53,8 +53,9 @@ def _steps(records):
 
 
 def test_two_step_run_writes_metrics_and_checkpoints(tmp_path):
-  records = trainer.train(tiny_config(tmp_path / "run"), progress=False)
+  records = trainer.train(tiny_config(tmp_path / "run", mfu_peak_flops=1e12), progress=False)
   steps = _steps(records)
+  assert all(0 < r["mfu"] < 1 for r in steps)
   assert [r["step"] for r in steps] == [1, 2]
   required = {"step", "loss", "pg_loss", "self_reward_loss", "kl_loss", "reward_mean",
               "self_reward/acc_correct", "self_reward/acc_incorrect", "self_reward/f1",
