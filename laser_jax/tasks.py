@@ -71,7 +71,11 @@ class Task:
 
   def train_iterator(self) -> data_lib.PromptIterator:
     c = self.config
-    return data_lib.PromptIterator(self.train_prompts, c.batch_size, seed=c.seed, num_epochs=None,
+    hosts = jax.process_count()
+    if c.batch_size % hosts:
+      raise ConfigError(f"config.batch_size: {c.batch_size} prompts cannot be split over {hosts} hosts")
+    # Each host reads batch_size / hosts prompts of its own shard; `global_batch` joins them.
+    return data_lib.PromptIterator(self.train_prompts, c.batch_size // hosts, seed=c.seed, num_epochs=None,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
 
@@ -175,3 +179,24 @@ def _eval_records(c) -> list[dict]:
   if os.path.isfile(name):
     return data_lib.read_records(name)
   return data_lib.load_eval_set(name)
+
+
+def global_batch(prompts: list[Prompt]) -> list[Prompt]:
+  """Every host's prompt shard, concatenated in process order, on every host.
+
+  Each host reads only its shard of the data (`PromptIterator` with its process index); the
+  sampler and the update then build global arrays from the same full batch on every host.
+  Single-process runs return `prompts` unchanged.
+  """
+  if jax.process_count() == 1:
+    return prompts
+  from jax.experimental import multihost_utils
+  payload = np.frombuffer(json.dumps([dataclasses.asdict(p) for p in prompts]).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:payload.size] = payload
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  out = []
+  for row, size in zip(gathered.reshape(len(sizes.reshape(-1)), -1), sizes.reshape(-1)):
+    out.extend(Prompt(**d) for d in json.loads(row[:int(size)].tobytes().decode()))
+  return out

@@ -445,7 +445,7 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
   try:
     for _ in range(start, end):
       try:
-        prompts = next(iterator)
+        prompts = tasks.global_batch(next(iterator))
       except StopIteration:
         logging.info("Training data exhausted at step %d", int(state.step))
         break

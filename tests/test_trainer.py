@@ -214,3 +214,30 @@ def test_hf_checkpoint_files_task_with_reference_model(tmp_path):
   assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), new, ref))) > 0
   ev = t.evaluate(state.params, jax.random.key(0))
   assert ev["eval/num_problems"] == 8 and 0.0 <= ev["eval/accuracy"] <= 1.0
+
+
+def test_global_batch_is_identity_on_one_host_and_round_trips_prompts(monkeypatch):
+  from laser_jax import tasks
+  prompts = [tasks.Prompt([1, 2, 3], "7", "What is 3+4?"), tasks.Prompt([4], "\\frac{1}{2}", "é")]
+  assert tasks.global_batch(prompts) is prompts
+  # Two fake hosts: process_allgather stacks each host's array; both hosts hold `prompts` here.
+  from jax.experimental import multihost_utils
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x]))
+  assert tasks.global_batch(prompts) == prompts + prompts
+
+
+def test_non_finite_gradient_skips_the_update_and_is_counted(tmp_path):
+  t = trainer.Trainer(tiny_config(tmp_path))
+  state = t.init_state(t.initial_params())
+  before = jax.device_get(state.params)
+  roll = t.rollout(state.params, next(t.task.train_iterator()), jax.random.key(0))
+  batch, _, _ = t.prepare_update_batch(roll, state.params, None, step=1)
+  batch["advantages"] = np.array(batch["advantages"])
+  batch["advantages"][0] = np.nan  # A NaN advantage makes the gradient non-finite.
+  batch["sr_weights"] = np.ones_like(batch["rewards"])
+  normalisers = {"policy": np.float32(batch["response_mask"].sum()), "self_reward": np.float32(16)}
+  mini = {k: v.reshape(2, 8, *v.shape[1:]) for k, v in batch.items()}
+  state, m = t.update(state, mini, normalisers, True)
+  assert not np.isfinite(float(m["grad_norm"])) and int(state.skipped_updates) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
