@@ -360,16 +360,21 @@ def unembed(params, cfg: ModelConfig, hidden) -> jax.Array:
   return Decoder(cfg).apply({"params": params}, hidden, method=Decoder.unembed)
 
 
-def forward_cached(params, cfg: ModelConfig, tokens, positions, token_mask, cache: KVCache, write_index):
+def forward_cached(params, cfg: ModelConfig, tokens, positions, token_mask, cache: KVCache, write_index,
+                   *, last_logits_only: bool = False):
   """Cached forward for prefill (T = prompt length) and decode (T = 1).
 
   Writes the new tokens' keys/values into cache slots [write_index, write_index + T), sets
   cache.mask there to token_mask, and lets the query in slot s attend to valid slots <= s.
-  Returns (float32 logits [B,T,V], updated cache).
+  Returns (float32 logits [B,T,V], updated cache); with `last_logits_only`, logits [B,1,V] of the
+  last position only (a sampler's prefill reads nothing else, and unembedding the whole prompt
+  costs as much as many decode steps).
   """
   write_index = jnp.asarray(write_index, jnp.int32)
   hidden, cache = Decoder(cfg).apply({"params": params}, tokens, positions, token_mask, cache, write_index,
                                      method=Decoder.cached)
+  if last_logits_only:
+    hidden = hidden[:, -1:]
   return unembed(params, cfg, hidden), cache
 
 

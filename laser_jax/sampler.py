@@ -446,12 +446,9 @@ def model_sampler(cfg, mesh: Mesh | None = None) -> Sampler:
         return sharding_lib.cache_shardings(cfg, mesh, batch, max_len)
 
     def decode_fn(params, tokens, positions, token_mask, cache, write_index):
-      # = model.forward_cached, but only the last position is unembedded: the sampler reads no
-      # other logits, and unembedding the whole prompt at prefill cost as much as many decode steps.
-      hidden, cache = model_lib.Decoder(cfg).apply({"params": params}, tokens, positions, token_mask, cache,
-                                                   jnp.asarray(write_index, jnp.int32),
-                                                   method=model_lib.Decoder.cached)
-      return model_lib.unembed(params, cfg, hidden[:, -1:]), cache
+      # The sampler reads only the last position's logits.
+      return model_lib.forward_cached(params, cfg, tokens, positions, token_mask, cache, write_index,
+                                      last_logits_only=True)
 
     def init_cache_fn(batch, max_len):
       return model_lib.init_cache(cfg, batch, max_len)
