@@ -33,8 +33,9 @@ EXTRAS = {
         "ipykernel>=6.29",
         "matplotlib>=3.8",
     ],
-    "tpu": ["jax[tpu]"],
-    "gpu": ["jax[cuda12]"],
+    # gcsfs: gs:// workdirs for metrics.jsonl and TensorBoard (orbax writes gs:// natively).
+    "tpu": ["jax[tpu]", "gcsfs"],
+    "gpu": ["jax[cuda12]", "gcsfs"],
     "notebook": ["matplotlib>=3.8", "ipykernel>=6.29"],
     # Benchmarks only: the Tunix comparison (issue 7) pulls in its own stack.
     "bench": ["torch==2.13.0", "matplotlib>=3.8", "google-tunix"],
