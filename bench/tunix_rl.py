@@ -241,7 +241,9 @@ def run_tunix(args) -> dict:
   learner._generate_and_compute_advantage = timed_rollout
   cluster.update_actor = timed_update
   learner._run_global_step = timed_step
-  batch = {"prompts": texts, "answer": answers}
+  # Arrays, as Tunix's own micro-batch iterator makes them: the learner repeats each leaf n times
+  # with np.repeat, which would split a list of strings into one leaf per string.
+  batch = {"prompts": np.array(texts), "answer": np.array(answers)}
   learner.train([batch] * steps_total)
   if len(log["step"]) != steps_total:
     raise SystemExit(f"Tunix ran {len(log['step'])} RL steps, expected {steps_total}")
