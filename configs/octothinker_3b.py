@@ -4,21 +4,14 @@ Launch:
   python -m laser_jax.train --config=configs/octothinker_3b.py \
       --config.model.hf_path=/mnt/models/OctoThinker-3B-Hybrid-Base --config.workdir=gs://YOUR_BUCKET/laser/octothinker-3b
 """
-import importlib.util
 import os
 
-
-def _tpu_v4():
-  spec = importlib.util.spec_from_file_location(
-      "tpu_v4", os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from laser_jax import default_config
 
 
 def get_config():
   """tpu_v4.py with the Llama-3 tokenizer's z_c (128002) and c_ref -25."""
-  c = _tpu_v4().get_config()
+  c = default_config.load_config_file(os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
   c.workdir = "gs://YOUR_BUCKET/laser/octothinker-3b"
   c.model.hf_path = "/mnt/models/OctoThinker-3B-Hybrid-Base"  # Llama-3.2-3B architecture.
   c.laser.self_reward_token_id = 128002  # <|reserved_special_token_0|>: never in normal text.

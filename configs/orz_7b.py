@@ -6,21 +6,14 @@ Launch:
 Without the reasoning warm-up (as a third-party note describes ORZ-7B):
   ... --config.laser.reasoning_warmup_steps=0
 """
-import importlib.util
 import os
 
-
-def _tpu_v4():
-  spec = importlib.util.spec_from_file_location(
-      "tpu_v4", os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from laser_jax import default_config
 
 
 def get_config():
   """Same as tpu_v4.py (Qwen2.5 tokenizer: z_c 151652, c_ref -23) on the ORZ-7B checkpoint."""
-  c = _tpu_v4().get_config()
+  c = default_config.load_config_file(os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
   c.workdir = "gs://YOUR_BUCKET/laser/orz-7b"  # Checkpoints and metrics on GCS.
   c.model.hf_path = "/mnt/models/Open-Reasoner-Zero-7B"  # Local copy on every worker.
   # The official scripts keep 200 + 200 warm-up steps for ORZ-7B too (see SPEC.md).

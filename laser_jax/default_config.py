@@ -7,7 +7,34 @@ overrides what differs, so a key is documented exactly once, in this file.
 Override any key on the command line:
   python -m laser_jax.train --config=configs/tiny_cpu.py --config.total_steps=10 --config.laser.loss_coef=0
 """
+import importlib.util
+import os
+
 import ml_collections
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (configs/*.py), as `--config=path` would load it."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(
+      "_laser_jax_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} defines no get_config()")
+  return module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys ({"laser.loss_coef": 0.2}) in place, as `--config.laser.loss_coef=0.2` does."""
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
 
 
 def get_config() -> ml_collections.ConfigDict:

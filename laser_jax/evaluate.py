@@ -23,7 +23,6 @@ same answer, while e.g. "0.5" and "\frac12" stay separate votes (slightly conser
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from laser_jax import sampler as sampler_lib
 from laser_jax import sharding as sharding_lib
 from laser_jax import tts
 from laser_jax import verifier as verifier_lib
+from laser_jax import default_config
 from laser_jax.config_check import ConfigError
 
 DEFAULT_ZC_TOKEN = "<|vision_start|>"  # Qwen2.5's z_c in the reference setup (id 151652).
@@ -99,12 +99,10 @@ def load_train_config(path: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
     except ValueError as e:
       raise ConfigError(f"config.model.train_config: {path} is not valid JSON ({e})") from None
-  spec = importlib.util.spec_from_file_location("_laser_jax_train_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config.model.train_config: {path} defines no get_config()")
-  return module.get_config()
+  try:
+    return default_config.load_config_file(path)
+  except ValueError as e:
+    raise ConfigError(f"config.model.train_config: {e}") from None
 
 
 def checkpoint_step_dir(checkpoint_dir: str, step: int = -1) -> tuple[str, int]:

@@ -1,7 +1,6 @@
 """laser_jax.evaluate end to end on a tiny random HF checkpoint, checked against independent references:
 transformers (torch) forwards for the self-reward log-probs, the reward function applied to the decoded
 responses, and a NumPy re-implementation of the summary metrics computed from the output file."""
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import pytest
 
 import hf_fixtures
 from laser_jax import data as data_lib
+from laser_jax import default_config
 from laser_jax import evaluate
 from laser_jax import verifier as verifier_lib
 
@@ -29,17 +29,8 @@ def length_parity_reward(response: str, reference: str) -> float:
 
 
 def eval_config(**overrides):
-  spec = importlib.util.spec_from_file_location("eval_config", os.path.join(REPO, "configs", "eval.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return c
+  c = default_config.load_config_file(os.path.join(REPO, "configs", "eval.py"))
+  return default_config.apply_overrides(c, overrides)
 
 
 def make_checkpoint(path) -> str:

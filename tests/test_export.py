@@ -1,5 +1,4 @@
 """A training checkpoint exported as an HF directory gives transformers the same logits."""
-import importlib.util
 import os
 
 import jax
@@ -7,17 +6,14 @@ import numpy as np
 import torch
 import transformers
 
-from laser_jax import checkpoint, export, model as model_lib, trainer
+from laser_jax import checkpoint, default_config, export, model as model_lib, trainer
 from tests.test_trainer import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _eval_config():
-  spec = importlib.util.spec_from_file_location("eval_cfg", os.path.join(REPO, "configs", "eval.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return default_config.load_config_file(os.path.join(REPO, "configs", "eval.py"))
 
 
 def test_export_training_checkpoint_round_trips_through_transformers(tmp_path):

@@ -39,13 +39,7 @@ def tiny_config(workdir, **overrides):
   c.model.head_dim = 16
   c.laser.ref_constant = -4.0  # Random tiny model: log pi(z_c) ~ -log(V); keeps scores near [0, 1].
   c.laser.self_rewarding_warmup_steps = 1  # Integration on from step 2.
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return c
+  return default_config.apply_overrides(c, overrides)
 
 
 def _steps(records):
