@@ -139,10 +139,10 @@ def run_model(name: str, args) -> dict:
   peak_before = common.matmul_peak(args.peak_size, args.peak_repeats)
   with tempfile.TemporaryDirectory() as workdir:
     config = make_config(spec, args, workdir)
-    trainer = trainer_lib.Trainer(config, devices=jax.devices()[:1])
     if spec["vocab"]:
       # A realistic vocabulary on the synthetic task (see the module docstring).
-      trainer.model_cfg = dataclasses.replace(trainer.model_cfg, vocab_size=spec["vocab"])
+      config.model.vocab_size = spec["vocab"]
+    trainer = trainer_lib.Trainer(config, devices=jax.devices()[:1])
     cfg = trainer.model_cfg
     params = model_lib.init_params(cfg, jax.random.key(0))
     state = trainer.init_state(params)

@@ -91,6 +91,7 @@ def laser_config(spec: dict, workdir: str):
   m.hidden_size, m.intermediate_size, m.num_layers = spec["hidden"], spec["intermediate"], spec["layers"]
   m.num_heads, m.num_kv_heads, m.head_dim = spec["heads"], spec["kv_heads"], spec["head_dim"]
   m.tie_word_embeddings = True
+  m.vocab_size = spec["vocab"]  # A realistic vocabulary; the synthetic task uses its first 42 ids.
   c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps = LR, B1, B2, EPS
   c.optim.weight_decay, c.optim.grad_clip = WEIGHT_DECAY, GRAD_CLIP
   c.loss.kl_loss_coef = 0.0
@@ -105,7 +106,6 @@ def shared_prompts(spec: dict):
   with tempfile.TemporaryDirectory() as workdir:
     config = laser_config(spec, workdir)
   task = tasks.build_task(config)
-  task.model_cfg = dataclasses.replace(task.model_cfg, vocab_size=spec["vocab"])
   return task, next(task.train_iterator())
 
 
@@ -118,7 +118,6 @@ def run_laser(args) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     config = laser_config(spec, workdir)
     trainer = trainer_lib.Trainer(config, devices=jax.devices()[:1])
-    trainer.model_cfg = dataclasses.replace(trainer.model_cfg, vocab_size=spec["vocab"])
     state = trainer.init_state(model_lib.init_params(trainer.model_cfg, jax.random.key(0)))
     prompts = next(trainer.task.train_iterator())
     t0 = time.perf_counter()

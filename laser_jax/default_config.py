@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tokenizer_path = ""  # Tokenizer directory; "" = hf_path, or the synthetic task's tokenizer.
   # Shape for random init when neither hf_path nor preset is set (the tiny default model).
   c.model.family = "qwen2"  # "qwen2" | "llama" | "qwen3": which block layout to use.
+  c.model.vocab_size = 0  # Embedding rows; 0 = the tokenizer's size (benchmarks set a real 32k+).
   c.model.hidden_size = 128
   c.model.intermediate_size = 384
   c.model.num_layers = 3

@@ -111,7 +111,13 @@ def _random_init(model_cfg, seed):
 
 
 def model_cfg_from_shape(c, vocab_size: int) -> model_lib.ModelConfig:
+  """The random-init model of `config.model` for a tokenizer of `vocab_size` tokens."""
   m = c.model
+  if m.get("vocab_size", 0):
+    if m.vocab_size < vocab_size:
+      raise ConfigError(f"config.model.vocab_size: {m.vocab_size} is smaller than the tokenizer's "
+                        f"{vocab_size} tokens")
+    vocab_size = m.vocab_size
   return model_lib.ModelConfig(
       family=m.family, vocab_size=vocab_size, hidden_size=m.hidden_size,
       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,

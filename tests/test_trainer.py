@@ -235,3 +235,11 @@ def test_non_finite_gradient_skips_the_update_and_is_counted(tmp_path):
   state, m = t.update(state, mini, normalisers, True)
   assert not np.isfinite(float(m["grad_norm"])) and int(state.skipped_updates) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+
+
+def test_model_vocab_size_override(tmp_path):
+  from laser_jax import tasks
+  assert tasks.model_cfg_from_shape(tiny_config(tmp_path), 42).vocab_size == 42
+  assert tasks.model_cfg_from_shape(tiny_config(tmp_path, **{"model.vocab_size": 1024}), 42).vocab_size == 1024
+  with pytest.raises(config_check.ConfigError, match=r"config\.model\.vocab_size: 16 is smaller"):
+    tasks.model_cfg_from_shape(tiny_config(tmp_path, **{"model.vocab_size": 16}), 42)
