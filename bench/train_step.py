@@ -97,6 +97,7 @@ def make_config(spec: dict, args, workdir: str):
   c.seed = 0
   c.total_steps = 1000  # Only sets the LR schedule length; steps are driven here.
   c.eval_every = 0
+  c.sft.steps = 0  # Benchmarks time RL steps from a random init.
   c.async_checkpointing = False
   c.batch_size = args.batch or spec["batch"]
   c.rollout.n = spec["n"]

@@ -77,6 +77,7 @@ def laser_config(spec: dict, workdir: str):
   c.workdir = workdir
   c.total_steps = 1000
   c.eval_every = 0
+  c.sft.steps = 0  # Benchmarks time RL steps from a random init.
   c.async_checkpointing = False
   c.batch_size = spec["batch"]
   c.rollout.n = spec["n"]

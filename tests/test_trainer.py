@@ -39,6 +39,7 @@ def tiny_config(workdir, **overrides):
   c.model.head_dim = 16
   c.laser.ref_constant = -4.0  # Random tiny model: log pi(z_c) ~ -log(V); keeps scores near [0, 1].
   c.laser.self_rewarding_warmup_steps = 1  # Integration on from step 2.
+  c.sft.steps = 0  # No supervised warm start: seconds matter here.
   return default_config.apply_overrides(c, overrides)
 
 
@@ -153,7 +154,7 @@ SMALL_FLAGS = ["--config.batch_size=4", "--config.micro_batch_size=8", "--config
                "--config.rollout.max_new_tokens=12", "--config.model.hidden_size=32",
                "--config.model.intermediate_size=64", "--config.model.num_layers=1",
                "--config.model.head_dim=16", "--config.data.synthetic_train_size=64",
-               "--config.eval_every=0", "--config.checkpoint_every=1000"]
+               "--config.eval_every=0", "--config.checkpoint_every=1000", "--config.sft.steps=0"]
 
 
 def test_sigterm_saves_current_step_and_resume_repeats_none(tmp_path):
