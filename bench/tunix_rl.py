@@ -102,7 +102,6 @@ def laser_config(spec: dict, workdir: str):
 
 def shared_prompts(spec: dict):
   """(task, prompts): the first training batch of the synthetic task, as laser_jax builds it."""
-  import dataclasses
   from laser_jax import tasks
   with tempfile.TemporaryDirectory() as workdir:
     config = laser_config(spec, workdir)
@@ -111,7 +110,6 @@ def shared_prompts(spec: dict):
 
 
 def run_laser(args) -> dict:
-  import dataclasses
   import jax
   from laser_jax import model as model_lib
   from laser_jax import trainer as trainer_lib

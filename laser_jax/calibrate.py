@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec

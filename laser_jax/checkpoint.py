@@ -9,7 +9,6 @@ import signal
 import threading
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -45,11 +44,6 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) describing `tree`, the restore target orbax expects."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 class PreemptionFlag:

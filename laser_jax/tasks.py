@@ -7,7 +7,6 @@ start) or user files with a Hugging Face checkpoint (`data.task = "files"`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Callable

@@ -6,7 +6,7 @@ Unknown keys fail at flag parsing; inconsistent values fail at start with the ke
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any
 
@@ -50,11 +49,6 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # Raw uint32 key data: plain arrays checkpoint everywhere.
   skipped_updates: jax.Array  # Updates skipped for a non-finite gradient norm.
-
-
-# Per-row and per-token inputs of the update, with their trailing (non-batch) rank.
-_TOKEN_KEYS = ("tokens", "positions", "attention_mask", "targets", "response_mask", "old_logp", "ref_logp")
-_ROW_KEYS = ("eos_index", "advantages", "rewards", "finished", "sr_weights", "ref_sr_logp")
 
 
 def warmup_flags(step: int, laser: ml_collections.ConfigDict) -> tuple[bool, bool]:
@@ -215,7 +209,6 @@ class Trainer:
   def update(self, state: TrainState, batch: dict, normalisers: dict, sr_loss_on: bool):
     if self._update_fn is None:
       shardings = self._state_shardings(state.params)
-      self._state_sh = shardings
       self._update_fn = jax.jit(self._update_impl, donate_argnums=(0,),
                                 out_shardings=(shardings, None))
     batch = jax.device_put(batch, self._batch_shardings(batch))

@@ -1,7 +1,6 @@
 """laser_jax.calibrate: log pi_ref(z_c | x, y) statistics against a full forward, and the z_c warnings."""
 import json
 
-import jax
 import numpy as np
 import pytest
 

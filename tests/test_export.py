@@ -1,7 +1,6 @@
 """A training checkpoint exported as an HF directory gives transformers the same logits."""
 import os
 
-import jax
 import numpy as np
 import torch
 import transformers

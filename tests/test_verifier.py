@@ -7,7 +7,6 @@ import time
 import numpy as np
 import pytest
 
-from laser_jax import verifier
 from laser_jax.verifier import Verifier, extract_last_boxed, get_reward_fn, math_reward
 
 MATH500 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
