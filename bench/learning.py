@@ -76,10 +76,11 @@ def main():
   times = {}
   for name, (workdir, laser) in runs.items():
     config = _config(workdir, laser)
-    t0 = time.time()
+    times[name] = None  # Reused runs: their time is not measured here.
     if not args.reuse or not _eval_records(workdir):
+      t0 = time.time()
       trainer.train(config)
-    times[name] = time.time() - t0
+      times[name] = time.time() - t0
   result = {"runs": {}, "command": " ".join(sys.argv)}
   for name, (workdir, laser) in runs.items():
     evals = _eval_records(workdir)
@@ -96,12 +97,12 @@ def main():
 
 def _table(result):
   print(f"{'run':6} {'acc first':>9} {'acc last':>9} {'F1 last':>8} " + " ".join(
-      f"{'maj@' + str(k):>7} {'wmaj@' + str(k):>7}" for k in (1, 4, 8)))
+      f"{'maj@' + str(k):>7} {'wmaj@' + str(k):>7} {'best@' + str(k):>7}" for k in (2, 4, 8)))
   for name, run in result["runs"].items():
     ev = run["evals"]
     s = run["scaling"]
-    cells = " ".join(f"{s.get(f'maj@{k}', float('nan')):7.3f} {s.get(f'self_weighted_maj@{k}', float('nan')):7.3f}"
-                     for k in (1, 4, 8))
+    cells = " ".join(" ".join(f"{s.get(f'{m}@{k}', float('nan')):7.3f}"
+                              for m in ("maj", "self_weighted_maj", "best")) for k in (2, 4, 8))
     f1 = ev[-1].get("eval/self_verification_f1")
     print(f"{name:6} {ev[0]['eval/accuracy']:9.3f} {ev[-1]['eval/accuracy']:9.3f} "
           f"{(f1 if f1 is not None else float('nan')):8.3f} {cells}")
