@@ -89,6 +89,28 @@ def matmul_peak(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> d
           "median_gflop_s": flops / statistics.median(times) / 1e9}
 
 
+def rl_steps(config, repeats: int):
+  """Builds a one-device Trainer from random init and times `repeats` RL steps on one batch.
+
+  The first step (which compiles the sampler and the update) is timed separately. Returns
+  (trainer, state, prompts, warmup_s, [metrics of each timed step]).
+  """
+  import jax
+  from laser_jax import model as model_lib
+  from laser_jax import trainer as trainer_lib
+  trainer = trainer_lib.Trainer(config, devices=jax.devices()[:1])
+  state = trainer.init_state(model_lib.init_params(trainer.model_cfg, jax.random.key(0)))
+  prompts = next(trainer.task.train_iterator())
+  t0 = time.perf_counter()
+  state, _ = trainer.train_step(state, prompts)
+  warmup_s = time.perf_counter() - t0
+  steps = []
+  for _ in range(repeats):
+    state, metrics = trainer.train_step(state, prompts)
+    steps.append(metrics)
+  return trainer, state, prompts, warmup_s, steps
+
+
 def print_table(headers: list[str], rows: list[list], title: str = "") -> None:
   """Prints a Markdown table (numbers formatted to 4 significant digits)."""
   def fmt(v):

@@ -131,7 +131,6 @@ def run_model(name: str, args) -> dict:
   """Runs one model's measurements in this process; returns its result dict."""
   import jax
   import numpy as np
-  from laser_jax import model as model_lib
   from laser_jax import objective
   from laser_jax import trainer as trainer_lib
 
@@ -142,22 +141,11 @@ def run_model(name: str, args) -> dict:
     if spec["vocab"]:
       # A realistic vocabulary on the synthetic task (see the module docstring).
       config.model.vocab_size = spec["vocab"]
-    trainer = trainer_lib.Trainer(config, devices=jax.devices()[:1])
-    cfg = trainer.model_cfg
-    params = model_lib.init_params(cfg, jax.random.key(0))
-    state = trainer.init_state(params)
-    del params
-    prompts = next(trainer.task.train_iterator())
-
     # Full RL steps: the first one compiles the sampler and the update.
-    t0 = time.perf_counter()
-    state, _ = trainer.train_step(state, prompts)
-    warmup_s = time.perf_counter() - t0
-    steps = []
-    for _ in range(args.repeats):
-      state, m = trainer.train_step(state, prompts)
-      steps.append({k: m[k] for k in ("rollout_time_s", "update_time_s", "step_time_s", "tokens_per_s",
-                                        "response_length")})
+    trainer, state, prompts, warmup_s, timed_steps = common.rl_steps(config, args.repeats)
+    cfg = trainer.model_cfg
+    steps = [{k: m[k] for k in ("rollout_time_s", "update_time_s", "step_time_s", "tokens_per_s",
+                                "response_length")} for m in timed_steps]
 
     # The update alone, on the batch of a real rollout.
     sr_on, _ = trainer_lib.warmup_flags(int(state.step) + 1, config.laser)

@@ -110,23 +110,11 @@ def shared_prompts(spec: dict):
 
 
 def run_laser(args) -> dict:
-  import jax
-  from laser_jax import model as model_lib
-  from laser_jax import trainer as trainer_lib
   spec = SHAPES[args.shape]
   with tempfile.TemporaryDirectory() as workdir:
-    config = laser_config(spec, workdir)
-    trainer = trainer_lib.Trainer(config, devices=jax.devices()[:1])
-    state = trainer.init_state(model_lib.init_params(trainer.model_cfg, jax.random.key(0)))
-    prompts = next(trainer.task.train_iterator())
-    t0 = time.perf_counter()
-    state, _ = trainer.train_step(state, prompts)
-    warmup = time.perf_counter() - t0
-    steps = []
-    for _ in range(args.repeats):
-      state, m = trainer.train_step(state, prompts)
-      steps.append({"rollout_s": m["rollout_time_s"], "update_s": m["update_time_s"],
-                    "step_s": m["step_time_s"], "response_length": m["response_length"]})
+    trainer, _, prompts, warmup, timed_steps = common.rl_steps(laser_config(spec, workdir), args.repeats)
+    steps = [{"rollout_s": m["rollout_time_s"], "update_s": m["update_time_s"],
+              "step_s": m["step_time_s"], "response_length": m["response_length"]} for m in timed_steps]
   return {"framework": "laser_jax", "num_params": trainer.model_cfg.num_params(),
           "prompt_lengths": [len(p.token_ids) for p in prompts], "warmup_step_s": warmup,
           "steps": steps, "peak_rss_mib": common.peak_rss_mib(), "versions": _versions()}

@@ -38,6 +38,7 @@ def get_config():
   c.rollout.max_new_tokens = 1024
   c.rollout.recompute_old_logprobs = True
 
+  c.sft.steps = 0  # No supervised warm start: an instruct model already answers in \boxed{}.
   c.reward.fn = "math"
   c.reward.num_workers = 2
   c.optim.lr = 1e-6

@@ -84,6 +84,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _one_of(c, "data.template", {"chat", "base"})
   if c.data.task == "files":
     _require(bool(c.data.train_files), "data.train_files", "must name at least one file when data.task='files'")
+  _require(c.sft.steps >= 0, "sft.steps", f"expected >= 0, got {c.sft.steps}")
+  _require(c.sft.steps == 0 or c.data.task == "synthetic", "sft.steps",
+           "the supervised warm start uses the synthetic task's worked solutions; set it to 0 for "
+           "data.task='files'")
   _require(c.loss.clip_eps_low >= 0 and c.loss.clip_eps_high >= 0, "loss.clip_eps_low",
            "clip ranges must be >= 0")
   _require(c.loss.clip_ratio_c > 1, "loss.clip_ratio_c", f"expected > 1, got {c.loss.clip_ratio_c}")

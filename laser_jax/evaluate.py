@@ -75,20 +75,6 @@ def make_eval_mesh(config: ml_collections.ConfigDict):
   return sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
 
 
-def resolve_token_id(tokenizer, vocab_size: int, token_id: int, token: str, key: str) -> int:
-  """z_c from an id (>= 0) or a token string; checked against the model's vocabulary."""
-  if token_id < 0:
-    resolved = tokenizer.convert_tokens_to_ids(token) if token else None
-    if resolved is None or (resolved == tokenizer.unk_token_id and token != tokenizer.unk_token):
-      raise ConfigError(f"config.laser.self_reward_token: {token!r} is not a token of the tokenizer; "
-                        f"set config.laser.self_reward_token_id{key}")
-    token_id = int(resolved)
-  if not 0 <= token_id < vocab_size:
-    raise ConfigError(f"config.laser.self_reward_token_id: {token_id} is outside the model's "
-                      f"vocabulary [0, {vocab_size})")
-  return int(token_id)
-
-
 def load_train_config(path: str) -> ml_collections.ConfigDict:
   """A training config from a configs/*.py file (its get_config()) or a JSON dump (to_json())."""
   if not os.path.isfile(path):
@@ -197,13 +183,13 @@ def _from_checkpoint(config, mesh) -> LoadedModel:
   params = restore_params(state_dir, cfg, mesh)
   laser = config.laser
   if laser.self_reward_token_id >= 0 or laser.self_reward_token:
-    zc = resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id,
+    zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id,
                           laser.self_reward_token, "")
   else:
-    zc = resolve_token_id(tokenizer, cfg.vocab_size, tc.laser.self_reward_token_id,
+    zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, tc.laser.self_reward_token_id,
                           tc.laser.self_reward_token, " (the training config's z_c)")
   eos_ids = tasks.eos_token_ids(tokenizer, tc.model.hf_path)
-  return LoadedModel(cfg, params, tokenizer, eos_ids, _pad_id(tokenizer, eos_ids), zc, mesh,
+  return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh,
                      f"{state_dir} (step {step})")
 
 
@@ -217,13 +203,11 @@ def _from_hf(config, mesh) -> LoadedModel:
   tokenizer = hf.load_hf_tokenizer(path)
   laser = config.laser
   token = laser.self_reward_token or ("" if laser.self_reward_token_id >= 0 else DEFAULT_ZC_TOKEN)
-  zc = resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id, token, "")
+  zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id, token, "")
   eos_ids = tasks.eos_token_ids(tokenizer, path)
-  return LoadedModel(cfg, params, tokenizer, eos_ids, _pad_id(tokenizer, eos_ids), zc, mesh, path)
+  return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh, path)
 
 
-def _pad_id(tokenizer, eos_ids) -> int:
-  return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else int(eos_ids[0])
 
 
 def load_model(config: ml_collections.ConfigDict, mesh=None) -> LoadedModel:

@@ -43,7 +43,7 @@ class Task:
 
   @property
   def pad_id(self) -> int:
-    return int(self.tokenizer.pad_token_id)
+    return pad_token_id(self.tokenizer, self.eos_ids)
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -52,17 +52,8 @@ class Task:
   @property
   def self_reward_token_id(self) -> int:
     laser = self.config.laser
-    if laser.self_reward_token_id >= 0:
-      token_id = int(laser.self_reward_token_id)
-    else:
-      token_id = self.tokenizer.convert_tokens_to_ids(laser.self_reward_token)
-      if token_id is None or token_id == self.tokenizer.unk_token_id:
-        raise ConfigError(f"config.laser.self_reward_token: {laser.self_reward_token!r} is not a "
-                          "token of the tokenizer; set config.laser.self_reward_token_id")
-    if not 0 <= token_id < self.model_cfg.vocab_size:
-      raise ConfigError(f"config.laser.self_reward_token_id: {token_id} is outside the model's "
-                        f"vocabulary [0, {self.model_cfg.vocab_size})")
-    return token_id
+    return resolve_token_id(self.tokenizer, self.model_cfg.vocab_size, laser.self_reward_token_id,
+                            laser.self_reward_token, "")
 
   def init_params(self, reference: bool = False, mesh=None):
     """Initial (or reference-policy) parameters; HF weights go straight to their shardings on `mesh`."""
@@ -81,6 +72,28 @@ class Task:
   def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
     return [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
             for row, n in zip(tokens, lengths)]
+
+
+def resolve_token_id(tokenizer, vocab_size: int, token_id: int, token: str, key: str) -> int:
+  """z_c from an id (>= 0) or a token string; checked against the model's vocabulary.
+
+  `key` is appended to the suggested config key in the error (e.g. " (or ...)").
+  """
+  if token_id < 0:
+    resolved = tokenizer.convert_tokens_to_ids(token) if token else None
+    if resolved is None or (resolved == tokenizer.unk_token_id and token != tokenizer.unk_token):
+      raise ConfigError(f"config.laser.self_reward_token: {token!r} is not a token of the tokenizer; "
+                        f"set config.laser.self_reward_token_id{key}")
+    token_id = int(resolved)
+  if not 0 <= token_id < vocab_size:
+    raise ConfigError(f"config.laser.self_reward_token_id: {token_id} is outside the model's "
+                      f"vocabulary [0, {vocab_size})")
+  return int(token_id)
+
+
+def pad_token_id(tokenizer, eos_ids) -> int:
+  """The tokenizer's pad token, or its first EOS id when it has none (Llama-3 tokenizers)."""
+  return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else int(eos_ids[0])
 
 
 def eos_token_ids(tokenizer, hf_path: str = "") -> tuple[int, ...]:

@@ -128,10 +128,17 @@ def test_laser_with_zero_alpha_equals_grpo_step(tmp_path):
     ("mesh.tensor", 3, "config.mesh"),
     ("loss.agg_mode", "bogus", "config.loss.agg_mode"),
     ("laser.adv_integration_coef", 1.5, "config.laser.adv_integration_coef"),
+    ("sft.steps", -1, "config.sft.steps"),
 ])
 def test_bad_config_values_name_the_key(tmp_path, key, value, message):
   cfg = tiny_config(tmp_path, **{key: value})
   with pytest.raises(config_check.ConfigError, match=message.replace(".", r"\.")):
+    config_check.validate(cfg, num_devices=8)
+
+
+def test_warm_start_needs_the_synthetic_task(tmp_path):
+  cfg = tiny_config(tmp_path, **{"sft.steps": 10, "data.task": "files", "data.train_files": "x.jsonl"})
+  with pytest.raises(config_check.ConfigError, match=r"config\.sft\.steps: the supervised warm start"):
     config_check.validate(cfg, num_devices=8)
 
 
@@ -244,3 +251,17 @@ def test_model_vocab_size_override(tmp_path):
   assert tasks.model_cfg_from_shape(tiny_config(tmp_path, **{"model.vocab_size": 1024}), 42).vocab_size == 1024
   with pytest.raises(config_check.ConfigError, match=r"config\.model\.vocab_size: 16 is smaller"):
     tasks.model_cfg_from_shape(tiny_config(tmp_path, **{"model.vocab_size": 16}), 42)
+
+
+def test_pad_falls_back_to_eos_and_zc_is_checked_against_the_vocab():
+  import types
+  from laser_jax import synthetic, tasks
+  llama_like = types.SimpleNamespace(pad_token_id=None)  # Llama-3 tokenizers define no pad token.
+  assert tasks.pad_token_id(llama_like, (128001, 128009)) == 128001
+  tok = synthetic.build_tokenizer()
+  assert tasks.pad_token_id(tok, (tok.eos_token_id,)) == tok.pad_token_id
+  assert tasks.resolve_token_id(tok, len(tok), -1, "<|zc|>", "") == synthetic.self_reward_token_id(tok)
+  with pytest.raises(config_check.ConfigError, match=r"config\.laser\.self_reward_token_id: 99 is outside"):
+    tasks.resolve_token_id(tok, len(tok), 99, "", "")
+  with pytest.raises(config_check.ConfigError, match=r"config\.laser\.self_reward_token: '<\|nope\|>'"):
+    tasks.resolve_token_id(tok, len(tok), -1, "<|nope|>", "")
