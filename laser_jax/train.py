@@ -21,14 +21,15 @@ def main(argv):
     # Multi-host pod: the same command runs on every worker. On Cloud TPU VMs JAX finds the
     # coordinator in the GCE metadata; launch/tpu.py sets LASER_JAX_DISTRIBUTED=1 on slices.
     jax.distributed.initialize()
-  from laser_jax import config_check, trainer
+  from laser_jax import config_check, data, hf, trainer
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny_cpu.py")
   logging.info("Devices: %s", jax.devices())
   try:
     trainer.train(config)
-  except config_check.ConfigError as e:
+  except (config_check.ConfigError, data.DataError, hf.HFCheckpointError) as e:
+    # Bad input (a config value, a malformed data row, a broken checkpoint): one line, exit 2.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -265,3 +265,17 @@ def test_pad_falls_back_to_eos_and_zc_is_checked_against_the_vocab():
     tasks.resolve_token_id(tok, len(tok), 99, "", "")
   with pytest.raises(config_check.ConfigError, match=r"config\.laser\.self_reward_token: '<\|nope\|>'"):
     tasks.resolve_token_id(tok, len(tok), -1, "<|nope|>", "")
+
+
+def test_cli_malformed_training_file_is_one_line_with_file_and_line(tmp_path):
+  bad = tmp_path / "train.jsonl"
+  bad.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"\n')
+  from tests import hf_fixtures
+  ckpt = hf_fixtures.make_tiny_hf_checkpoint(str(tmp_path / "hf"), "qwen2")
+  proc = _cli(["--config=configs/tiny_cpu.py", f"--config.workdir={tmp_path / 'run'}",
+               "--config.data.task=files", f"--config.data.train_files={bad}", f"--config.model.hf_path={ckpt}",
+               "--config.sft.steps=0", "--config.laser.self_reward_token_id=3"])
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("error: ") and f"{bad}:2" in last, last
