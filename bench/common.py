@@ -89,6 +89,28 @@ def matmul_peak(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> d
           "median_gflop_s": flops / statistics.median(times) / 1e9}
 
 
+def rl_config(workdir: str, *, batch: int, n: int, new_tokens: int, micro_batch: int, hidden: int,
+              intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int = 0):
+  """A training config for timing RL steps: the synthetic task, a random-init Qwen2-layout model
+  of the given shape (`vocab` 0 = the task tokenizer's 42 ids), no warm start, no evaluation."""
+  from laser_jax import default_config
+  c = default_config.get_config()
+  c.workdir = workdir
+  c.seed = 0
+  c.total_steps = 1000  # Only sets the LR schedule length; the scripts drive the steps.
+  c.eval_every = 0
+  c.sft.steps = 0  # Benchmarks time RL steps from a random init.
+  c.async_checkpointing = False
+  c.batch_size, c.rollout.n, c.rollout.max_new_tokens = batch, n, new_tokens
+  c.micro_batch_size = micro_batch
+  c.data.synthetic_train_size, c.data.synthetic_eval_size, c.data.eval_size = 512, 8, 8
+  m = c.model
+  m.family, m.tie_word_embeddings, m.vocab_size = "qwen2", True, vocab
+  m.hidden_size, m.intermediate_size, m.num_layers = hidden, intermediate, layers
+  m.num_heads, m.num_kv_heads, m.head_dim = heads, kv_heads, head_dim
+  return c
+
+
 def rl_steps(config, repeats: int):
   """Builds a one-device Trainer from random init and times `repeats` RL steps on one batch.
 

@@ -90,27 +90,13 @@ def parse_args(argv=None):
 
 
 def make_config(spec: dict, args, workdir: str):
-  from laser_jax import default_config
-  c = default_config.get_config()
-  c.workdir = workdir
-  c.seed = 0
-  c.total_steps = 1000  # Only sets the LR schedule length; steps are driven here.
-  c.eval_every = 0
-  c.sft.steps = 0  # Benchmarks time RL steps from a random init.
-  c.async_checkpointing = False
-  c.batch_size = args.batch or spec["batch"]
-  c.rollout.n = spec["n"]
-  c.rollout.max_new_tokens = spec["new_tokens"]
-  c.micro_batch_size = args.micro_batch or spec["micro"]
-  c.data.synthetic_train_size = 512
-  c.data.synthetic_eval_size = 8
-  c.data.eval_size = 8
-  m = c.model
-  m.family = "qwen2"
-  m.hidden_size, m.intermediate_size, m.num_layers = spec["hidden"], spec["intermediate"], spec["layers"]
-  m.num_heads, m.num_kv_heads, m.head_dim = spec["heads"], spec["kv_heads"], spec["head_dim"]
-  m.remat = args.remat
-  m.logprob_chunk = args.logprob_chunk
+  c = common.rl_config(
+      workdir, batch=args.batch or spec["batch"], n=spec["n"], new_tokens=spec["new_tokens"],
+      micro_batch=args.micro_batch or spec["micro"], hidden=spec["hidden"],
+      intermediate=spec["intermediate"], layers=spec["layers"], heads=spec["heads"],
+      kv_heads=spec["kv_heads"], head_dim=spec["head_dim"], vocab=spec["vocab"] or 0)
+  c.model.remat = args.remat
+  c.model.logprob_chunk = args.logprob_chunk
   c.laser.ref_constant = -10.0  # Random model: keeps the self-reward scores in a sane range.
   return c
 
@@ -137,10 +123,7 @@ def run_model(name: str, args) -> dict:
   spec = (QUICK if args.quick else MODELS)[name]
   peak_before = common.matmul_peak(args.peak_size, args.peak_repeats)
   with tempfile.TemporaryDirectory() as workdir:
-    config = make_config(spec, args, workdir)
-    if spec["vocab"]:
-      # A realistic vocabulary on the synthetic task (see the module docstring).
-      config.model.vocab_size = spec["vocab"]
+    config = make_config(spec, args, workdir)  # vocab: see the module docstring.
     # Full RL steps: the first one compiles the sampler and the update.
     trainer, state, prompts, warmup_s, timed_steps = common.rl_steps(config, args.repeats)
     cfg = trainer.model_cfg

@@ -72,27 +72,13 @@ def parse_args(argv=None):
 
 def laser_config(spec: dict, workdir: str):
   """The laser_jax config of the comparison (synthetic task, the shape in `spec`)."""
-  from laser_jax import default_config
-  c = default_config.get_config()
-  c.workdir = workdir
-  c.total_steps = 1000
-  c.eval_every = 0
-  c.sft.steps = 0  # Benchmarks time RL steps from a random init.
-  c.async_checkpointing = False
-  c.batch_size = spec["batch"]
-  c.rollout.n = spec["n"]
-  c.rollout.max_new_tokens = spec["new_tokens"]
+  # vocab: a realistic vocabulary; the synthetic task uses its first 42 ids.
+  c = common.rl_config(
+      workdir, batch=spec["batch"], n=spec["n"], new_tokens=spec["new_tokens"],
+      micro_batch=spec["micro_prompts"] * spec["n"], hidden=spec["hidden"],
+      intermediate=spec["intermediate"], layers=spec["layers"], heads=spec["heads"],
+      kv_heads=spec["kv_heads"], head_dim=spec["head_dim"], vocab=spec["vocab"])
   c.rollout.temperature = TEMPERATURE
-  c.micro_batch_size = spec["micro_prompts"] * spec["n"]
-  c.data.synthetic_train_size = 512
-  c.data.synthetic_eval_size = 8
-  c.data.eval_size = 8
-  m = c.model
-  m.family = "qwen2"
-  m.hidden_size, m.intermediate_size, m.num_layers = spec["hidden"], spec["intermediate"], spec["layers"]
-  m.num_heads, m.num_kv_heads, m.head_dim = spec["heads"], spec["kv_heads"], spec["head_dim"]
-  m.tie_word_embeddings = True
-  m.vocab_size = spec["vocab"]  # A realistic vocabulary; the synthetic task uses its first 42 ids.
   c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps = LR, B1, B2, EPS
   c.optim.weight_decay, c.optim.grad_clip = WEIGHT_DECAY, GRAD_CLIP
   c.loss.kl_loss_coef = 0.0
