@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "math-verify>=0.7",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
+    "jinja2>=3.1",  # transformers needs it for chat templates (prompt construction).
     "numpy>=1.26",
     "pyarrow>=15",
     "absl-py>=2.0",
