@@ -17,6 +17,7 @@ Measure c_ref for a new model and token (run it on the *initial* model, i.e. pi_
       --config.laser.self_reward_token_id=151652
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -62,8 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   # z_c and an HF model uses "<|vision_start|>" (Qwen2.5: 151652; OctoThinker/Llama-3: set 128002).
   c.laser.self_reward_token_id = -1
   c.laser.self_reward_token = ""
-  c.laser.kl_coef = 0.1  # beta_v.
-  c.laser.ref_constant = -23.0  # c_ref (Qwen2.5: -23.0, OctoThinker: -25.0; measure with laser_jax.calibrate).
+  # beta_v and c_ref; unset = the training run's values for a checkpoint, 0.1 and -23.0 for an HF model.
+  c.laser.kl_coef = config_dict.placeholder(float)  # beta_v.
+  c.laser.ref_constant = config_dict.placeholder(float)  # c_ref (Qwen2.5: -23.0, OctoThinker: -25.0; see calibrate).
 
   # Device mesh (sizes multiply to the device count; -1 takes the rest). Batches shard over data x fsdp.
   c.mesh = ml_collections.ConfigDict()

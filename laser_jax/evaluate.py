@@ -66,6 +66,8 @@ class LoadedModel:
   zc_id: int
   mesh: Any
   source: str  # where the weights came from (for the summary)
+  kl_coef: float = 0.1  # beta_v of the score r_s = beta_v * (log pi(z_c | x, y) - c_ref).
+  ref_constant: float = -23.0  # c_ref.
 
 
 def make_eval_mesh(config: ml_collections.ConfigDict):
@@ -189,8 +191,11 @@ def _from_checkpoint(config, mesh) -> LoadedModel:
     zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, tc.laser.self_reward_token_id,
                           tc.laser.self_reward_token, " (the training config's z_c)")
   eos_ids = tasks.eos_token_ids(tokenizer, tc.model.hf_path)
+  # The score the run trained: its beta_v and c_ref unless the eval config sets them.
+  kl_coef = laser.kl_coef if laser.kl_coef is not None else tc.laser.kl_coef
+  ref_constant = laser.ref_constant if laser.ref_constant is not None else tc.laser.ref_constant
   return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh,
-                     f"{state_dir} (step {step})")
+                     f"{state_dir} (step {step})", kl_coef, ref_constant)
 
 
 def _from_hf(config, mesh) -> LoadedModel:
@@ -205,7 +210,9 @@ def _from_hf(config, mesh) -> LoadedModel:
   token = laser.self_reward_token or ("" if laser.self_reward_token_id >= 0 else DEFAULT_ZC_TOKEN)
   zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id, token, "")
   eos_ids = tasks.eos_token_ids(tokenizer, path)
-  return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh, path)
+  return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh, path,
+                     laser.kl_coef if laser.kl_coef is not None else 0.1,
+                     laser.ref_constant if laser.ref_constant is not None else -23.0)
 
 
 
@@ -414,7 +421,7 @@ def format_table(summary: dict) -> str:
 def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table: bool = True,
         model: LoadedModel | None = None) -> dict:
   """Evaluates as configured; writes the JSONL and the summary JSON; returns the summary dict."""
-  e, laser = config.eval, config.laser
+  e = config.eval
   if not e.output_file:
     raise ConfigError("config.eval.output_file: empty; give the output JSONL path")
   records = load_problems(e.input_file, e.limit)  # Fail on bad input before loading a model.
@@ -438,7 +445,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
       result = verify(texts, [items[g]["answer"] for g in out.group_ids])
       timeouts += result.num_timeouts
       num_tokens += int(out.response_lengths.sum())
-      for row in build_rows(items, out, texts, result.rewards, laser.kl_coef, laser.ref_constant):
+      for row in build_rows(items, out, texts, result.rewards, model.kl_coef, model.ref_constant):
         f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         rows.append(row)
   os.replace(e.output_file + ".tmp", e.output_file)
@@ -447,7 +454,8 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   summary.update({"threshold": e.threshold, "num_filtered_prompts": prepared.num_filtered,
                   "verifier_timeouts": timeouts, "elapsed_s": elapsed,
                   "tokens_per_s": num_tokens / max(elapsed, 1e-9), "model": model.source,
-                  "self_reward_token_id": model.zc_id, "output_file": e.output_file,
+                  "self_reward_token_id": model.zc_id, "kl_coef": model.kl_coef,
+                  "ref_constant": model.ref_constant, "output_file": e.output_file,
                   "config": config.to_dict()})
   summary = json_safe(summary)
   with open(summary_path(e.output_file), "w") as f:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import transformers
 
-from laser_jax import checkpoint, default_config, export, model as model_lib, trainer
+from laser_jax import checkpoint, default_config, evaluate, export, model as model_lib, trainer
 from tests.test_trainer import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +39,12 @@ def test_export_training_checkpoint_round_trips_through_transformers(tmp_path):
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   assert tok.convert_tokens_to_ids("<|zc|>") == t.zc_id
+
+  # The evaluator scores a checkpoint with the run's own beta_v and c_ref unless told otherwise.
+  loaded = evaluate.load_model(ec)
+  assert (loaded.kl_coef, loaded.ref_constant) == (cfg.laser.kl_coef, cfg.laser.ref_constant) == (0.1, -4.0)
+  ec.laser.ref_constant = -23.0
+  assert evaluate.load_model(ec).ref_constant == -23.0
 
 
 def test_export_without_output_dir_is_a_one_line_error():
