@@ -107,11 +107,20 @@ def load_hf_config(path: str, **overrides) -> ModelConfig:
 
 
 def load_hf_tokenizer(path: str):
-  """The checkpoint's tokenizer via AutoTokenizer."""
+  """The checkpoint's tokenizer, exactly as its tokenizer.json defines it.
+
+  With a tokenizer.json present it is loaded as a generic fast tokenizer: transformers 5's
+  AutoTokenizer swaps in the model type's own tokenizer class for some types (qwen2 ->
+  Qwen2Tokenizer), which re-derives the pre-tokenizer and silently changes the token ids of any
+  custom tokenizer saved next to a qwen2 config (e.g. the synthetic task's). Directories without a
+  tokenizer.json (sentencepiece only) go through AutoTokenizer.
+  """
   import transformers
   if not os.path.isdir(path):
     raise HFCheckpointError(f"cannot load tokenizer from {path}: no such directory")
   try:
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+      return transformers.PreTrainedTokenizerFast.from_pretrained(path)
     return transformers.AutoTokenizer.from_pretrained(path)
   except Exception as e:
     raise HFCheckpointError(f"cannot load tokenizer from {path}: {_one_line(e)}") from e

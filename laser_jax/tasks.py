@@ -186,10 +186,11 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
 
 
 def load_tokenizer(path: str):
-  from transformers import AutoTokenizer
+  """A tokenizer directory's tokenizer (as `hf.load_hf_tokenizer` loads it)."""
+  from laser_jax import hf
   if not os.path.isdir(path):
     raise ConfigError(f"config.model.tokenizer_path: {path!r} is not a directory")
-  return AutoTokenizer.from_pretrained(path)
+  return hf.load_hf_tokenizer(path)
 
 
 def _eval_records(c) -> list[dict]:

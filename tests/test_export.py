@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import transformers
 
-from laser_jax import checkpoint, default_config, evaluate, export, model as model_lib, trainer
+from laser_jax import checkpoint, default_config, evaluate, export, hf, model as model_lib, trainer
 from tests.test_trainer import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +37,13 @@ def test_export_training_checkpoint_round_trips_through_transformers(tmp_path):
   with torch.no_grad():
     theirs = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
-  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  # Reloaded, the task's custom tokenizer gives the ids the model was trained on (transformers 5's
+  # AutoTokenizer would swap in Qwen2Tokenizer for this qwen2 config and change them).
+  tok = hf.load_hf_tokenizer(str(tmp_path / "hf"))
   assert tok.convert_tokens_to_ids("<|zc|>") == t.zc_id
+  prompt = t.task.eval_prompts[0]
+  text = t.tokenizer.decode(prompt.token_ids)
+  assert tok(text, add_special_tokens=False)["input_ids"] == prompt.token_ids
 
   # The evaluator scores a checkpoint with the run's own beta_v and c_ref unless told otherwise.
   loaded = evaluate.load_model(ec)
