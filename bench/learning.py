@@ -43,7 +43,7 @@ def _scaling(config, n: int, num_problems: int):
   import dataclasses
   import jax
   import numpy as np
-  from laser_jax import checkpoint, objective, sampler, trainer, tts, verifier
+  from laser_jax import checkpoint, notebook_utils, objective, sampler, trainer, tts
   t = trainer.Trainer(config)
   ckpt = checkpoint.Checkpointer(config.workdir)
   state, _ = ckpt.restore(ckpt.latest_step(), t.abstract_state())
@@ -53,7 +53,7 @@ def _scaling(config, n: int, num_problems: int):
   out = sampler.sample(state.params, t.model_cfg, [p.token_ids for p in prompts], sampling,
                        jax.random.key(123), mesh=t.mesh)
   texts = t.task.decode(out.tokens, out.lengths)
-  answers = [verifier.extract_last_boxed(x) for x in texts]
+  answers = [notebook_utils.canonical_answer(x) for x in texts]
   acc = np.asarray(t.task.verifier(texts, [prompts[g].answer for g in out.group_ids]).rewards)
   scores = np.asarray(objective.self_reward_score(out.self_reward_logprob, kl_coef=config.laser.kl_coef,
                                                   ref_constant=config.laser.ref_constant))

@@ -33,14 +33,14 @@ def smoke_mode() -> bool:
 
 
 def canonical_answer(text: str) -> str | None:
-  """The last \\boxed{} content with all whitespace removed (None if there is none).
+  """The voting key of a response: its last \\boxed{} content, canonicalised as the evaluator does
+  (`evaluate.canonical_answer`); None if there is none.
 
   Votes pool responses whose canonical answers are equal strings, so `1 / 2` and `1/2` vote
   together; `0.5` and `\\frac{1}{2}` still vote apart (voting never calls the verifier).
   """
-  from laser_jax import verifier
-  boxed = verifier.extract_last_boxed(text)
-  return None if boxed is None else "".join(boxed.split())
+  from laser_jax import evaluate, verifier
+  return evaluate.canonical_answer(verifier.extract_last_boxed(text))
 
 
 @dataclasses.dataclass

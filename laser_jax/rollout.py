@@ -13,17 +13,17 @@ import dataclasses
 import numpy as np
 
 
-def build_training_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray,
-                         lengths: np.ndarray, finished: np.ndarray, eos_tokens: np.ndarray,
-                         pad_id: int) -> dict[str, np.ndarray]:
+def build_training_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
+                         response_tokens: np.ndarray, response_lengths: np.ndarray,
+                         finished: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
   """Assembles the arrays the training forward consumes.
 
   Args:
     prompt_tokens, prompt_mask: [N, P] left-padded prompts and their validity mask.
-    tokens: [N, R] generated tokens with EOS excluded (pad after `lengths`).
-    lengths: [N] response lengths, EOS excluded.
+    response_tokens: [N, R] generated tokens INCLUDING the EOS of finished rows
+      (`SampleOutput.response_tokens`), pad after.
+    response_lengths: [N] their lengths, EOS included (`SampleOutput.response_lengths`).
     finished: [N] bool, the row emitted an EOS within the limit.
-    eos_tokens: [N] the EOS id each finished row emitted (ignored for truncated rows).
     pad_id: token used for padding.
 
   Returns:
@@ -31,14 +31,12 @@ def build_training_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, tok
     1 where the target is a response token or the EOS), all [N, S], and `eos_index` [N].
   """
   n, p = prompt_tokens.shape
-  r = tokens.shape[1]
-  lengths = np.asarray(lengths, np.int32)
+  response_lengths = np.asarray(response_lengths, np.int32)
   finished = np.asarray(finished, bool)
-  j = np.arange(r + 1)[None, :]
-  response = np.full((n, r + 1), pad_id, np.int32)
-  response[:, :r] = np.where(j[:, :r] < lengths[:, None], tokens, pad_id)
-  response[np.arange(n), lengths] = np.where(finished, eos_tokens, pad_id)
-  response_valid = (j < lengths[:, None]) | ((j == lengths[:, None]) & finished[:, None])
+  # One spare pad column keeps S = P + R + 1 whatever the lengths.
+  response = np.pad(response_tokens.astype(np.int32), ((0, 0), (0, 1)), constant_values=pad_id)
+  response_valid = np.arange(response.shape[1])[None, :] < response_lengths[:, None]
+  response = np.where(response_valid, response, pad_id)
 
   seq = np.concatenate([prompt_tokens.astype(np.int32), response], axis=1)
   mask = np.concatenate([prompt_mask.astype(bool), response_valid], axis=1)
@@ -46,7 +44,7 @@ def build_training_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, tok
   targets = np.concatenate([seq[:, 1:], np.full((n, 1), pad_id, np.int32)], axis=1)
   response_mask = np.concatenate(
       [np.zeros((n, p - 1), bool), response_valid, np.zeros((n, 1), bool)], axis=1)
-  eos_index = (p + lengths).astype(np.int32)
+  eos_index = p + response_lengths - 1  # The EOS of a finished row is its last response token.
   return {
       "tokens": seq,
       "positions": positions,
@@ -57,15 +55,12 @@ def build_training_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, tok
   }
 
 
-def old_logprobs_from_sampler(logprobs: np.ndarray, eos_logprob: np.ndarray, lengths: np.ndarray,
-                              finished: np.ndarray, prompt_len: int) -> np.ndarray:
-  """Places the sampler's per-token log-probs (response tokens, then EOS) at the target indices."""
-  n, r = logprobs.shape
+def old_logprobs_from_sampler(response_logprobs: np.ndarray, prompt_len: int) -> np.ndarray:
+  """Places the sampler's log-probs of the response tokens (EOS included, 0 after the end;
+  `SampleOutput.response_logprobs`) at their target indices of the [N, P + R + 1] batch."""
+  n, r = response_logprobs.shape
   out = np.zeros((n, prompt_len + r + 1), np.float32)
-  j = np.arange(r)[None, :]
-  out[:, prompt_len - 1:prompt_len - 1 + r] = np.where(j < lengths[:, None], logprobs, 0.0)
-  rows = np.arange(n)
-  out[rows, prompt_len - 1 + lengths] = np.where(finished, eos_logprob, out[rows, prompt_len - 1 + lengths])
+  out[:, prompt_len - 1:prompt_len - 1 + r] = response_logprobs
   return out
 
 

@@ -125,21 +125,22 @@ class SampleOutput:
     """[N] response length including the EOS of finished rows (what training scores)."""
     return self.lengths + self.finished.astype(np.int32)
 
+  def _with_eos(self, per_token: np.ndarray, at_eos: np.ndarray) -> np.ndarray:
+    """`per_token` [N, R] with `at_eos` [N] written after each finished row's last token."""
+    out = per_token.copy()
+    rows = np.nonzero(self.finished)[0]
+    out[rows, self.lengths[rows]] = at_eos[rows]
+    return out
+
   @property
   def response_tokens(self) -> np.ndarray:
     """[N, R] generated ids INCLUDING the EOS of finished rows, pad_id after."""
-    out = self.tokens.copy()
-    rows = np.nonzero(self.finished)[0]
-    out[rows, self.lengths[rows]] = self.eos_token[rows]
-    return out
+    return self._with_eos(self.tokens, self.eos_token)
 
   @property
   def response_logprobs(self) -> np.ndarray:
     """[N, R] log-probs of `response_tokens` (EOS included), 0 after the end."""
-    out = self.logprobs.copy()
-    rows = np.nonzero(self.finished)[0]
-    out[rows, self.lengths[rows]] = self.eos_logprob[rows]
-    return out
+    return self._with_eos(self.logprobs, self.eos_logprob)
 
 
 class SamplingState(NamedTuple):

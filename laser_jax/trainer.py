@@ -238,13 +238,13 @@ class Trainer:
     c = self.config
     out = roll["sample"]
     rewards = roll["rewards"]
-    batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.tokens,
-                                             out.lengths, out.finished, out.eos_token, self.pad_id)
+    batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
+                                             out.response_lengths, out.finished, self.pad_id)
     if c.rollout.recompute_old_logprobs:
       batch["old_logp"], _ = self.logprobs(params, batch)
     else:
-      batch["old_logp"] = rollout_lib.old_logprobs_from_sampler(
-          out.logprobs, out.eos_logprob, out.lengths, out.finished, out.prompt_tokens.shape[1])
+      batch["old_logp"] = rollout_lib.old_logprobs_from_sampler(out.response_logprobs,
+                                                                out.prompt_tokens.shape[1])
     if self.needs_ref:
       batch["ref_logp"], ref_sr = self.logprobs(ref_params, batch)
       if c.laser.use_ref_model_score:
@@ -253,7 +253,7 @@ class Trainer:
     if c.loss.overlong_buffer_len > 0:
       # Response length counts the EOS, as the limit max_new_tokens does.
       rewards = rewards + np.asarray(dapo.overlong_reward_penalty(
-          out.lengths + finished, c.rollout.max_new_tokens, c.loss.overlong_buffer_len,
+          out.response_lengths, c.rollout.max_new_tokens, c.loss.overlong_buffer_len,
           c.loss.overlong_penalty))
     rollout_stats = jax.device_get(rl_metrics.rollout_metrics(
         roll["rewards"], batch["response_mask"], finished, out.group_ids))

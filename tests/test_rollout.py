@@ -13,11 +13,10 @@ def _hand_batch():
   # Two prompts (bucket P = 3), R = 3: row 0 answers [5, 6] then EOS; row 1 is truncated.
   prompt_tokens = np.array([[0, 1, 2], [3, 4, 2]])
   prompt_mask = np.array([[0, 1, 1], [1, 1, 1]], bool)
-  tokens = np.array([[5, 6, 0], [7, 7, 7]])
-  lengths = np.array([2, 3])
+  response_tokens = np.array([[5, 6, EOS], [7, 7, 7]])  # EOS included, as SampleOutput gives them.
+  response_lengths = np.array([3, 3])
   finished = np.array([True, False])
-  eos = np.array([EOS, PAD])
-  return prompt_tokens, prompt_mask, tokens, lengths, finished, eos
+  return prompt_tokens, prompt_mask, response_tokens, response_lengths, finished
 
 
 def test_training_batch_layout_hand_worked():
@@ -32,10 +31,9 @@ def test_training_batch_layout_hand_worked():
 
 
 def test_old_logprobs_are_placed_at_their_targets():
-  _, _, _, lengths, finished, _ = _hand_batch()
-  lp = np.array([[-0.1, -0.2, 0.0], [-0.3, -0.4, -0.5]], np.float32)
-  out = rollout.old_logprobs_from_sampler(lp, np.array([-0.9, np.nan], np.float32), lengths,
-                                          finished, prompt_len=3)
+  # Row 0: its two tokens, then its EOS (-0.9); row 1 (truncated): three tokens.
+  lp = np.array([[-0.1, -0.2, -0.9], [-0.3, -0.4, -0.5]], np.float32)
+  out = rollout.old_logprobs_from_sampler(lp, prompt_len=3)
   np.testing.assert_allclose(out, [[0, 0, -0.1, -0.2, -0.9, 0, 0], [0, 0, -0.3, -0.4, -0.5, 0, 0]])
 
 
