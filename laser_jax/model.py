@@ -101,9 +101,15 @@ class ModelConfig:
 
 
 class KVCache(NamedTuple):
-  """Preallocated key/value cache (a pytree)."""
-  k: jax.Array  # [num_layers, batch, max_len, num_kv_heads, head_dim], compute dtype
-  v: jax.Array  # same
+  """Preallocated key/value cache (a pytree), one array per layer.
+
+  The layouts are the ones the decode step's two attention matmuls read without a copy:
+  q @ k needs the keys with head_dim before the slot axis, p @ v the values with the slot axis
+  first. Keeping layers as separate arrays (not one stacked [L, ...] array) lets each layer's
+  matmuls read its cache buffer in place; slicing a layer out of a stacked cache is a copy.
+  """
+  k: tuple  # num_layers x [batch, num_kv_heads, head_dim, max_len] keys (transposed), compute dtype
+  v: tuple  # num_layers x [batch, num_kv_heads, max_len, head_dim] values, compute dtype
   mask: jax.Array  # [batch, max_len] bool: slot holds a valid (non-pad) token
 
 
@@ -180,6 +186,27 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   return out.reshape(b, t, n, d)
 
 
+def attend_cached(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`attend` over a cache: q [B,T,N,D], k_t [B,K,D,S] (keys transposed), v [B,K,S,D],
+  mask [B,T,S] -> [B,T,N,D].
+
+  Both matmuls are written as batched (B, K) products in plain row-major form, (G*T, D) @ (D, S)
+  and (G*T, S) @ (S, D), so XLA reads the cache in place; with an einsum over a [B,S,K,D] cache
+  XLA:CPU copied every layer's keys and values into a transposed layout on every decode step.
+  """
+  b, t, n, d = q.shape
+  kv_heads, s = k_t.shape[1], k_t.shape[3]
+  g = n // kv_heads  # query head h uses kv head h // g
+  q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
+  batch_dims = ((0, 1), (0, 1))
+  scores = jax.lax.dot_general(q, k_t, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, kv_heads, g, t, s) / math.sqrt(d)
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
+  out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [B, K, G*T, D]
+  return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules.
 
@@ -205,10 +232,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv_cache=None, write_index=None, layer_index=None):
-    """x [B,T,H]. Without a cache attends within x (mask [B,T,T]). With kv_cache=(k, v), the whole
-    stacked cache [L,B,S,K,D], writes this step's k/v into layer `layer_index` at slots
-    [write_index, write_index + T) and attends over that layer's slots (mask [B,T,S])."""
+  def __call__(self, x, positions, mask, kv_cache=None, write_index=None):
+    """x [B,T,H]. Without a cache attends within x (mask [B,T,T]). With kv_cache=(k_t, v), this
+    layer's cache ([B,K,D,S] and [B,K,S,D], see `KVCache`), writes this step's keys/values at
+    slots [write_index, write_index + T) and attends over all slots (mask [B,T,S])."""
     cfg = self.cfg
     b, t, _ = x.shape
     d = cfg.head_dim
@@ -223,14 +250,18 @@ class Attention(nn.Module):
     k = constrain(apply_rope(k, positions, inv_freq), BATCH, None, "tensor", None)
     v = constrain(v, BATCH, None, "tensor", None)
     new_cache = None
-    if kv_cache is not None:
-      # Update the stacked cache in place (a dynamic-update-slice on the donated buffer) rather than
-      # slicing out and re-stacking layers, which would copy the whole cache every decode step.
-      start = (layer_index, 0, write_index, 0, 0)
-      new_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
-                        for c, new in zip(kv_cache, (k, v)))
-      k, v = (constrain(c[layer_index], BATCH, None, "tensor", None) for c in new_cache)
-    out = attend(q, k, v, mask).reshape(b, t, cfg.num_heads * d)
+    if kv_cache is None:
+      out = attend(q, k, v, mask)
+    else:
+      # In-place dynamic-update-slices of the (donated) cache buffers.
+      k_cache, v_cache = kv_cache
+      k_t = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
+                                         (0, 0, 0, write_index))
+      v_new = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                           (0, 0, write_index, 0))
+      new_cache = (constrain(k_t, BATCH, "tensor", None, None), constrain(v_new, BATCH, "tensor", None, None))
+      out = attend_cached(q, *new_cache, mask)
+    out = out.reshape(b, t, cfg.num_heads * d)
     return _dense(cfg.hidden_size, cfg, "o_proj")(out), new_cache
 
 
@@ -250,11 +281,11 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv_cache=None, write_index=None, layer_index=None):
+  def __call__(self, x, positions, mask, kv_cache=None, write_index=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, mask,
-                                                      kv_cache, write_index, layer_index)
+                                                      kv_cache, write_index)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
     return constrain(x, BATCH, None, None), new_cache
@@ -313,10 +344,12 @@ class Decoder(nn.Module):
     visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [T, S]
     mask = visible[None] & cache_mask[:, None, :]
     x = constrain(self.embed(tokens), BATCH, None, None)
-    kv = (cache.k, cache.v)
-    for i, layer in enumerate(self.layers):
-      x, kv = layer(x, positions, mask, kv, write_index, i)
-    return self.final_norm(x), KVCache(kv[0], kv[1], cache_mask)
+    keys, values = [], []
+    for layer, k_t, v in zip(self.layers, cache.k, cache.v):
+      x, (k_t, v) = layer(x, positions, mask, (k_t, v), write_index)
+      keys.append(k_t)
+      values.append(v)
+    return self.final_norm(x), KVCache(tuple(keys), tuple(values), cache_mask)
 
   def unembed(self, hidden):
     if self.cfg.tie_word_embeddings:
@@ -340,9 +373,15 @@ def init_params(cfg: ModelConfig, rng) -> Params:
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
   """An empty cache: zeros, every slot invalid."""
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
+  k_shape, v_shape = cache_shapes(cfg, batch, max_len)
+  return KVCache(tuple(jnp.zeros(k_shape, cfg.compute_dtype) for _ in range(cfg.num_layers)),
+                 tuple(jnp.zeros(v_shape, cfg.compute_dtype) for _ in range(cfg.num_layers)),
                  jnp.zeros((batch, max_len), bool))
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> tuple[tuple, tuple]:
+  """Shapes of one layer's (keys, values) cache arrays (see `KVCache`)."""
+  return ((batch, cfg.num_kv_heads, cfg.head_dim, max_len), (batch, cfg.num_kv_heads, max_len, cfg.head_dim))
 
 
 def forward(params, cfg: ModelConfig, tokens, positions, attention_mask, *, return_hidden=False):

@@ -201,35 +201,82 @@ def first_argmax(x: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(is_max, iota, x.shape[-1]), axis=-1)
 
 
-def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams) -> tuple[jax.Array, jax.Array]:
+def _draw_block_size(vocab: int) -> int:
+  """Block length of the two-level inverse-CDF draw: about sqrt(V), a multiple of 128 lanes."""
+  return 128 * max(1, math.ceil(math.sqrt(vocab) / 128))
+
+
+def inverse_cdf_draw(shifted: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Draws from softmax(shifted) by inverse CDF, in two levels over blocks of the vocabulary.
+
+  Args:
+    shifted: [B, V] float32 log-weights with max 0 per row (logits minus their row max; -inf =
+      excluded).
+    u: [B] uniform numbers in (0, 1).
+  Returns:
+    (tokens [B] int32: the first index i with cumsum(exp(shifted))[i] >= u * sum(exp(shifted)),
+     sums [B] float32: sum(exp(shifted)), so logsumexp = row max + log(sums),
+     drawn_ok [B] bool: the drawn token has non-zero weight).
+
+  A single prefix sum over the vocabulary costs about as much as the model's decode step on CPU.
+  Here the weights are summed per block of about sqrt(V) tokens (fused with the exp, never
+  materialised), the block is found from the block sums' prefix sum, and only that block's
+  weights are recomputed and prefix-summed: O(V) exp and add, O(sqrt(V)) scans. Float rounding
+  can only move a draw at a block or row end onto a zero-weight token; `drawn_ok` flags that.
+  """
+  b, v = shifted.shape
+  c = _draw_block_size(v)
+  nb = -(-v // c)
+  if nb * c != v:
+    shifted = jnp.pad(shifted, ((0, 0), (0, nb * c - v)), constant_values=-jnp.inf)
+  blocks = shifted.reshape(b, nb, c)
+  block_sums = jnp.sum(jnp.exp(blocks), axis=-1)  # [B, nb]
+  block_cdf = jax.lax.associative_scan(jnp.add, block_sums, axis=-1)
+  sums = block_cdf[:, -1]
+  target = u * sums
+  block = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), nb - 1).astype(jnp.int32)
+  before = jnp.take_along_axis(block_cdf - block_sums, block[:, None], axis=-1)[:, 0]
+  inner = jnp.exp(jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0])  # [B, c]
+  inner_cdf = jax.lax.associative_scan(jnp.add, inner, axis=-1)
+  offset = jnp.minimum(jnp.sum(inner_cdf < (target - before)[:, None], axis=-1), c - 1).astype(jnp.int32)
+  drawn_ok = jnp.take_along_axis(inner, offset[:, None], axis=-1)[:, 0] > 0
+  return block * c + offset, sums, drawn_ok
+
+
+def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Draws one token per row from float32 logits [B, V].
 
   Returns (tokens [B] int32, log-probs [B] float32 of those tokens under the untruncated
-  log_softmax(logits / T), T = 1 for greedy).
+  log_softmax(logits / T), T = 1 for greedy, and that distribution's log-normaliser
+  logsumexp(logits / T) [B], which the caller reuses for the self-reward score when T = 1).
 
-  Sampling is by inverse CDF: one uniform number per row against the cumulative (unnormalised)
-  probabilities. That needs B random numbers per step instead of the B * V of Gumbel-max
-  (`jax.random.categorical`), which dominated the decode step of small models on CPU; the prefix
-  sum is an associative scan (XLA:CPU's cumsum lowering is slow inside loops). A draw that lands
-  on a filtered-out token (possible only through float rounding of the prefix sums) is replaced
-  by the most likely token, so top-k / top-p supports are respected exactly.
+  Sampling is by inverse CDF (`inverse_cdf_draw`): one uniform number per row instead of the
+  B * V of Gumbel-max (`jax.random.categorical`), whose random bits dominated the decode step of
+  small models on CPU. Without top-k / top-p the draw's exp-sums also give the log-normaliser,
+  so the whole draw is two passes over the logits (max, then exp-sum). A draw that lands on a
+  zero-probability token (only through float rounding) is replaced by the most likely token, so
+  top-k / top-p supports are respected exactly.
   """
+  scaled = logits if sampling.greedy else logits / sampling.temperature
+  row_max = jnp.max(scaled, axis=-1)
   if sampling.greedy:
-    tokens = first_argmax(logits)
-    scaled = logits
+    tokens = first_argmax(scaled)
+    lse = row_max + jnp.log(jnp.sum(jnp.exp(scaled - row_max[:, None]), axis=-1))
   else:
-    scaled = logits / sampling.temperature
-    filtered = filter_logits(logits, sampling)
-    probs = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
-    cdf = jax.lax.associative_scan(jnp.add, probs, axis=-1)
-    u = jax.random.uniform(rng, (logits.shape[0], 1), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
-    tokens = jnp.sum(cdf < u * cdf[:, -1:], axis=-1).astype(jnp.int32)
-    tokens = jnp.minimum(tokens, logits.shape[-1] - 1)
-    allowed = jnp.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0] > 0
-    tokens = jnp.where(allowed, tokens, first_argmax(filtered))
+    filtering = 0 < sampling.top_k < scaled.shape[-1] or sampling.top_p < 1.0
+    filtered = filter_logits(logits, sampling) if filtering else scaled
+    u = jax.random.uniform(rng, (logits.shape[0],), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+    # The row max is never filtered out, so it also shifts the filtered logits.
+    tokens, sums, drawn_ok = inverse_cdf_draw(filtered - row_max[:, None], u)
+    if filtering:
+      lse = row_max + jnp.log(jnp.sum(jnp.exp(scaled - row_max[:, None]), axis=-1))
+    else:
+      lse = row_max + jnp.log(sums)
+    tokens = jax.lax.cond(jnp.all(drawn_ok), lambda: tokens,
+                          lambda: jnp.where(drawn_ok, tokens, first_argmax(filtered)))
   picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-  logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
-  return tokens, logprobs
+  return tokens, picked - lse, lse
 
 
 def token_logprob_t1(logits: jax.Array, token_id: int) -> jax.Array:
@@ -308,7 +355,7 @@ class Sampler:
     cache = self.init_cache_fn(batch, prompt_len + max_new)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0).astype(jnp.int32)
     logits, cache = self.decode_fn(params, prompt_tokens, positions, prompt_mask, cache, jnp.int32(0))
-    first, first_lp = choose_tokens(logits[:, -1].astype(jnp.float32), jax.random.fold_in(rng, 0), sampling)
+    first, first_lp, _ = choose_tokens(logits[:, -1].astype(jnp.float32), jax.random.fold_in(rng, 0), sampling)
     first = jnp.where(row_valid, first, sampling.pad_id)
     is_eos = _is_eos(first, sampling.eos_ids) & row_valid
     scored = sampling.self_reward_token_id is not None
@@ -343,10 +390,15 @@ class Sampler:
       logits, cache = self.decode_fn(params, s.last_token[:, None], s.next_pos[:, None], consumes[:, None],
                                      s.cache, s.write_index)
       logits = logits[:, 0].astype(jnp.float32)
+      new, new_lp, lse = choose_tokens(logits, jax.random.fold_in(s.rng, s.step), sampling)
       self_reward = s.self_reward
       if z_c is not None:
-        self_reward = jnp.where(s.pending, token_logprob_t1(logits, z_c), self_reward)
-      new, new_lp = choose_tokens(logits, jax.random.fold_in(s.rng, s.step), sampling)
+        if sampling.logprob_temperature == 1.0:  # the draw's normaliser is the T = 1 one
+          score = logits[:, z_c] - lse
+        else:  # a separate logsumexp, computed only in steps that read a score
+          score = jax.lax.cond(jnp.any(s.pending), lambda: token_logprob_t1(logits, z_c),
+                               lambda: jnp.full_like(self_reward, jnp.nan))
+        self_reward = jnp.where(s.pending, score, self_reward)
       new = jnp.where(s.active, new, sampling.pad_id)
       is_eos = _is_eos(new, sampling.eos_ids) & s.active
       # Column `step` of the [B, R+1] buffers; at step == R only pending rows remain and the

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from laser_jax.model import KVCache, ModelConfig
+from laser_jax.model import KVCache, ModelConfig, cache_shapes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -100,18 +100,18 @@ def param_shardings(params, cfg: ModelConfig, mesh: Mesh):
 
 
 def cache_partition_spec(cfg: ModelConfig) -> KVCache:
-  """KV cache specs: batch over BATCH_AXES, kv heads over "tensor"."""
-  del cfg
-  kv = P(None, BATCH_AXES, None, "tensor", None)  # [L, B, S, K, D]
+  """KV cache specs: batch over BATCH_AXES, kv heads over "tensor" (per-layer arrays
+  [B, K, D, S] keys and [B, K, S, D] values, see `model.KVCache`)."""
+  kv = (P(BATCH_AXES, "tensor", None, None),) * cfg.num_layers
   return KVCache(k=kv, v=kv, mask=P(BATCH_AXES, None))
 
 
 def cache_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int) -> KVCache:
   """NamedShardings for a cache of the given size (axes that do not divide are dropped)."""
   specs = cache_partition_spec(cfg)
-  kv_shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(k=NamedSharding(mesh, fit_spec(specs.k, kv_shape, mesh)),
-                 v=NamedSharding(mesh, fit_spec(specs.v, kv_shape, mesh)),
+  k_shape, v_shape = cache_shapes(cfg, batch, max_len)
+  return KVCache(k=tuple(NamedSharding(mesh, fit_spec(s, k_shape, mesh)) for s in specs.k),
+                 v=tuple(NamedSharding(mesh, fit_spec(s, v_shape, mesh)) for s in specs.v),
                  mask=NamedSharding(mesh, fit_spec(specs.mask, (batch, max_len), mesh)))
 
 

@@ -112,14 +112,17 @@ def test_cached_decode_matches_full_forward(checkpoints, case):
 def test_cache_layout(checkpoints):
   cfg, params, _ = checkpoints[("qwen2", None)]
   cache = model.init_cache(cfg, batch=2, max_len=7)
-  assert cache.k.shape == (cfg.num_layers, 2, 7, cfg.num_kv_heads, cfg.head_dim) == cache.v.shape
+  assert len(cache.k) == len(cache.v) == cfg.num_layers
+  assert all(k.shape == (2, cfg.num_kv_heads, cfg.head_dim, 7) for k in cache.k)  # keys transposed
+  assert all(v.shape == (2, cfg.num_kv_heads, 7, cfg.head_dim) for v in cache.v)
   assert cache.mask.shape == (2, 7) and cache.mask.dtype == jnp.bool_ and not cache.mask.any()
   tokens = jnp.array([[5, 6, 7], [8, 9, 10]], jnp.int32)
   _, cache = forward_cached(params, cfg, tokens, jnp.array([[0, 1, 2]] * 2, jnp.int32),
                                   jnp.array([[True] * 3, [False, True, True]]), cache, 2)
-  # Only slots [2, 5) were written.
-  written = np.abs(np.asarray(cache.k)).sum(axis=(0, 3, 4)) > 0
-  np.testing.assert_array_equal(written, [[0, 0, 1, 1, 1, 0, 0]] * 2)
+  # Only slots [2, 5) were written, in every layer's keys and values.
+  for k, v in zip(cache.k, cache.v):
+    np.testing.assert_array_equal(np.abs(np.asarray(k)).sum(axis=(1, 2)) > 0, [[0, 0, 1, 1, 1, 0, 0]] * 2)
+    np.testing.assert_array_equal(np.abs(np.asarray(v)).sum(axis=(1, 3)) > 0, [[0, 0, 1, 1, 1, 0, 0]] * 2)
   np.testing.assert_array_equal(cache.mask, [[0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0]])
 
 
@@ -172,7 +175,7 @@ def test_bfloat16_close_to_float32(checkpoints):
   assert err.max() < 0.1 * np.abs(ref).max(), err.max()
   assert (np.asarray(out).argmax(-1) == ref.argmax(-1))[mask].mean() > 0.9
   cache = model.init_cache(cfg16, 3, tokens.shape[1])
-  assert cache.k.dtype == jnp.bfloat16
+  assert all(a.dtype == jnp.bfloat16 for a in cache.k + cache.v)
 
 
 def test_init_params_matches_num_params_and_hf_layout(checkpoints):

@@ -87,6 +87,37 @@ def test_sampling_distribution_matches_exact(temperature, top_k, top_p):
   np.testing.assert_allclose(out.logprobs.reshape(-1), log_softmax[draws], atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [6, 1000, 4096])
+def test_inverse_cdf_draw_lands_in_each_tokens_interval(vocab):
+  """The two-level draw equals a float64 NumPy inverse CDF: a uniform number in the middle of a
+  token's cumulative-probability interval draws that token (V not a multiple of the block size,
+  zero-weight tokens and whole zero-weight blocks included)."""
+  rng = np.random.default_rng(vocab)
+  logits = rng.normal(size=vocab) * 2.0
+  logits[rng.random(vocab) < 0.3] = -np.inf  # excluded tokens, as top-k / top-p leave them
+  if vocab > 512:
+    logits[128:384] = -np.inf  # whole blocks without weight
+  logits[vocab // 2] = 3.0
+  shifted = (logits - logits[np.isfinite(logits)].max()).astype(np.float32)
+  weights = np.exp(shifted.astype(np.float64))
+  cdf = np.cumsum(weights)
+  total = cdf[-1]
+  lower = np.concatenate([[0.0], cdf[:-1]])
+  # Tokens whose interval is wide compared with float32 rounding of the prefix sums.
+  eligible = np.nonzero(weights / total >= 1e-4)[0]
+  chosen = np.unique(np.concatenate([eligible[:3], eligible[-3:], rng.choice(eligible, min(256, eligible.size))]))
+  u = ((lower[chosen] + cdf[chosen]) / 2 / total).astype(np.float32)
+  rows = jnp.asarray(np.tile(shifted, (chosen.size, 1)))
+  tokens, sums, drawn_ok = jax.jit(sampler_lib.inverse_cdf_draw)(rows, jnp.asarray(u))
+  np.testing.assert_array_equal(np.asarray(tokens), chosen)
+  assert np.asarray(drawn_ok).all()
+  np.testing.assert_allclose(np.asarray(sums), total, rtol=1e-5)
+  # The extremes of (0, 1) land on the first and the last token with weight.
+  tokens, _, drawn_ok = sampler_lib.inverse_cdf_draw(rows[:2], jnp.asarray([np.finfo(np.float32).tiny, 1 - 2**-24]))
+  positive = np.nonzero(weights > 0)[0]
+  assert np.asarray(tokens).tolist() == [positive[0], positive[-1]] and np.asarray(drawn_ok).all()
+
+
 def test_greedy_toy_chain_and_eos_handling():
   # Table chain: 1 -> 2 -> 3(EOS); 4 -> 5 -> 6 -> 7 -> 3(EOS); 8 -> 8 -> ... (never ends).
   vocab = 10
