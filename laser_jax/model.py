@@ -158,11 +158,19 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotary embedding, half-split convention. x [B, T, N, D], positions [B, T] int."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) [B, T, 1, D] float32 of the rotary angles at `positions` [B, T] (int).
+
+  Computed once per forward and shared by every layer's queries and keys.
+  """
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotary embedding, half-split convention. x [B, T, N, D], rope = `rope_tables(...)`."""
+  cos, sin = rope
   xf = x.astype(jnp.float32)
   x1, x2 = jnp.split(xf, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -232,8 +240,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv_cache=None, write_index=None):
-    """x [B,T,H]. Without a cache attends within x (mask [B,T,T]). With kv_cache=(k_t, v), this
+  def __call__(self, x, rope, mask, kv_cache=None, write_index=None):
+    """x [B,T,H], rope = `rope_tables` at x's positions. Without a cache attends within x (mask [B,T,T]). With kv_cache=(k_t, v), this
     layer's cache ([B,K,D,S] and [B,K,S,D], see `KVCache`), writes this step's keys/values at
     slots [write_index, write_index + T) and attends over all slots (mask [B,T,S])."""
     cfg = self.cfg
@@ -245,9 +253,8 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="k_norm")(k)
-    inv_freq = rope_inv_freq(cfg)
-    q = constrain(apply_rope(q, positions, inv_freq), BATCH, None, "tensor", None)
-    k = constrain(apply_rope(k, positions, inv_freq), BATCH, None, "tensor", None)
+    q = constrain(apply_rope(q, rope), BATCH, None, "tensor", None)
+    k = constrain(apply_rope(k, rope), BATCH, None, "tensor", None)
     v = constrain(v, BATCH, None, "tensor", None)
     new_cache = None
     if kv_cache is None:
@@ -281,10 +288,10 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv_cache=None, write_index=None):
+  def __call__(self, x, rope, mask, kv_cache=None, write_index=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
-    attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, mask,
+    attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), rope, mask,
                                                       kv_cache, write_index)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
@@ -331,8 +338,9 @@ class Decoder(nn.Module):
     causal = jnp.tril(jnp.ones((t, t), bool))
     mask = causal[None] & attention_mask[:, None, :].astype(bool)
     x = constrain(self.embed(tokens), BATCH, None, None)
+    rope = rope_tables(positions, rope_inv_freq(self.cfg))
     for layer in self.layers:
-      x, _ = layer(x, positions, mask)
+      x, _ = layer(x, rope, mask)
     return self.final_norm(x)
 
   def cached(self, tokens, positions, token_mask, cache: KVCache, write_index):
@@ -344,9 +352,10 @@ class Decoder(nn.Module):
     visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [T, S]
     mask = visible[None] & cache_mask[:, None, :]
     x = constrain(self.embed(tokens), BATCH, None, None)
+    rope = rope_tables(positions, rope_inv_freq(self.cfg))
     keys, values = [], []
     for layer, k_t, v in zip(self.layers, cache.k, cache.v):
-      x, (k_t, v) = layer(x, positions, mask, (k_t, v), write_index)
+      x, (k_t, v) = layer(x, rope, mask, (k_t, v), write_index)
       keys.append(k_t)
       values.append(v)
     return self.final_norm(x), KVCache(tuple(keys), tuple(values), cache_mask)

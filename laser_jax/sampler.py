@@ -206,16 +206,17 @@ def _draw_block_size(vocab: int) -> int:
   return 128 * max(1, math.ceil(math.sqrt(vocab) / 128))
 
 
-def inverse_cdf_draw(shifted: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws from softmax(shifted) by inverse CDF, in two levels over blocks of the vocabulary.
+def inverse_cdf_draw(logits: jax.Array, row_max: jax.Array, u: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Draws from softmax(logits) by inverse CDF, in two levels over blocks of the vocabulary.
 
   Args:
-    shifted: [B, V] float32 log-weights with max 0 per row (logits minus their row max; -inf =
-      excluded).
+    logits: [B, V] float32 (-inf = excluded).
+    row_max: [B] max of each row of `logits` (finite).
     u: [B] uniform numbers in (0, 1).
   Returns:
-    (tokens [B] int32: the first index i with cumsum(exp(shifted))[i] >= u * sum(exp(shifted)),
-     sums [B] float32: sum(exp(shifted)), so logsumexp = row max + log(sums),
+    (tokens [B] int32: the first index i with cumsum(w)[i] >= u * sum(w), w = exp(logits - row_max),
+     sums [B] float32: sum(w), so logsumexp(logits) = row_max + log(sums),
      drawn_ok [B] bool: the drawn token has non-zero weight).
 
   A single prefix sum over the vocabulary costs about as much as the model's decode step on CPU.
@@ -224,19 +225,19 @@ def inverse_cdf_draw(shifted: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.A
   weights are recomputed and prefix-summed: O(V) exp and add, O(sqrt(V)) scans. Float rounding
   can only move a draw at a block or row end onto a zero-weight token; `drawn_ok` flags that.
   """
-  b, v = shifted.shape
+  b, v = logits.shape
   c = _draw_block_size(v)
   nb = -(-v // c)
   if nb * c != v:
-    shifted = jnp.pad(shifted, ((0, 0), (0, nb * c - v)), constant_values=-jnp.inf)
-  blocks = shifted.reshape(b, nb, c)
-  block_sums = jnp.sum(jnp.exp(blocks), axis=-1)  # [B, nb]
+    logits = jnp.pad(logits, ((0, 0), (0, nb * c - v)), constant_values=-jnp.inf)
+  blocks = logits.reshape(b, nb, c)
+  block_sums = jnp.sum(jnp.exp(blocks - row_max[:, None, None]), axis=-1)  # [B, nb]
   block_cdf = jax.lax.associative_scan(jnp.add, block_sums, axis=-1)
   sums = block_cdf[:, -1]
   target = u * sums
   block = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), nb - 1).astype(jnp.int32)
   before = jnp.take_along_axis(block_cdf - block_sums, block[:, None], axis=-1)[:, 0]
-  inner = jnp.exp(jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0])  # [B, c]
+  inner = jnp.exp(jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0] - row_max[:, None])  # [B, c]
   inner_cdf = jax.lax.associative_scan(jnp.add, inner, axis=-1)
   offset = jnp.minimum(jnp.sum(inner_cdf < (target - before)[:, None], axis=-1), c - 1).astype(jnp.int32)
   drawn_ok = jnp.take_along_axis(inner, offset[:, None], axis=-1)[:, 0] > 0
@@ -267,8 +268,8 @@ def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams
     filtering = 0 < sampling.top_k < scaled.shape[-1] or sampling.top_p < 1.0
     filtered = filter_logits(logits, sampling) if filtering else scaled
     u = jax.random.uniform(rng, (logits.shape[0],), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
-    # The row max is never filtered out, so it also shifts the filtered logits.
-    tokens, sums, drawn_ok = inverse_cdf_draw(filtered - row_max[:, None], u)
+    # The row max is never filtered out, so it is also the filtered logits' max.
+    tokens, sums, drawn_ok = inverse_cdf_draw(filtered, row_max, u)
     if filtering:
       lse = row_max + jnp.log(jnp.sum(jnp.exp(scaled - row_max[:, None]), axis=-1))
     else:

@@ -107,13 +107,15 @@ def test_inverse_cdf_draw_lands_in_each_tokens_interval(vocab):
   eligible = np.nonzero(weights / total >= 1e-4)[0]
   chosen = np.unique(np.concatenate([eligible[:3], eligible[-3:], rng.choice(eligible, min(256, eligible.size))]))
   u = ((lower[chosen] + cdf[chosen]) / 2 / total).astype(np.float32)
-  rows = jnp.asarray(np.tile(shifted, (chosen.size, 1)))
-  tokens, sums, drawn_ok = jax.jit(sampler_lib.inverse_cdf_draw)(rows, jnp.asarray(u))
+  rows = jnp.asarray(np.tile(shifted + 1.5, (chosen.size, 1)))  # any offset: the draw shifts by row_max
+  row_max = jnp.full((chosen.size,), 1.5, jnp.float32)
+  tokens, sums, drawn_ok = jax.jit(sampler_lib.inverse_cdf_draw)(rows, row_max, jnp.asarray(u))
   np.testing.assert_array_equal(np.asarray(tokens), chosen)
   assert np.asarray(drawn_ok).all()
   np.testing.assert_allclose(np.asarray(sums), total, rtol=1e-5)
   # The extremes of (0, 1) land on the first and the last token with weight.
-  tokens, _, drawn_ok = sampler_lib.inverse_cdf_draw(rows[:2], jnp.asarray([np.finfo(np.float32).tiny, 1 - 2**-24]))
+  tokens, _, drawn_ok = sampler_lib.inverse_cdf_draw(rows[:2], row_max[:2],
+                                                     jnp.asarray([np.finfo(np.float32).tiny, 1 - 2**-24]))
   positive = np.nonzero(weights > 0)[0]
   assert np.asarray(tokens).tolist() == [positive[0], positive[-1]] and np.asarray(drawn_ok).all()
 
