@@ -10,6 +10,9 @@ both sides (same weights). Three measurements, side by side in one run:
   3. the official recipe -- sample without the score, then a separate jitted forward over every
      full sequence `prompt + response + EOS` to read log pi(z_c | x, y, EOS) -- vs ours.
      (Our version of the recipe only unembeds the EOS position, so it is the cheapest form of it.)
+  4. long responses (--long-new-tokens at --long-batch, as in RL rollouts): ours with the default
+     decode segments (each loop attends only over the KV cache written so far) vs one loop over
+     the whole cache vs transformers generate.
 
 Usage:
   python bench/sampler.py             # full run, writes bench/results/sampler.json
@@ -54,6 +57,8 @@ def parse_args(argv=None):
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--batches", type=str, default="1,16,64")
   p.add_argument("--score-batch", type=int, default=16, help="batch size for measurements 2 and 3")
+  p.add_argument("--long-batch", type=int, default=16, help="batch size for measurement 4")
+  p.add_argument("--long-new-tokens", type=int, default=512, help="response length for measurement 4")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--skip-torch", action="store_true", help="skip the transformers baseline")
   p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
@@ -63,6 +68,7 @@ def parse_args(argv=None):
   if args.quick:
     args.vocab, args.hidden, args.intermediate, args.layers = 2048, 128, 256, 2
     args.heads, args.kv_heads, args.new_tokens, args.batches, args.score_batch, args.repeats = 4, 2, 16, "1,8", 8, 2
+    args.long_batch, args.long_new_tokens = 4, 48
   return args
 
 
@@ -147,31 +153,38 @@ def main(argv=None):
   key = jax.random.key(0)
   results = {"args": vars(args), "num_params": cfg.num_params(), "cpu_count": os.cpu_count(),
              "platform": platform.platform(), "jax": jax.__version__, "torch": torch.__version__,
-             "loadavg_start": os.getloadavg(), "throughput": [], "score_overhead": [], "official_recipe": {}}
+             "loadavg_start": os.getloadavg(), "throughput": [], "score_overhead": [], "official_recipe": {},
+             "long_responses": {}}
 
   # ---- 1. tokens/s vs transformers generate ----------------------------------------------
-  forced = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=(), pad_id=0,
-                          self_reward_token_id=z_c)
-  for batch in [int(b) for b in args.batches.split(",")]:
-    prompts = rng.integers(4, cfg.vocab_size - 1, size=(batch, args.prompt_len)).tolist()
+  def ours_fn(prompts, new_tokens, **sampling):
+    """Our sampler forced to generate exactly new_tokens tokens per row."""
+    forced = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, eos_ids=(), pad_id=0,
+                            self_reward_token_id=z_c, **sampling)
 
     def ours():
       out = sampler_lib.sample(params, cfg, prompts, forced, key)
-      assert (out.lengths == args.new_tokens).all()
+      assert (out.lengths == new_tokens).all()
+    return ours
 
+  def hf_fn(prompts, new_tokens):
+    """transformers generate forced to generate exactly new_tokens tokens per row."""
+    ids = torch.tensor(prompts)
+
+    def theirs():
+      with torch.no_grad():
+        gen = torch_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                   temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, pad_token_id=0)
+      assert gen.shape[1] == args.prompt_len + new_tokens
+    return theirs
+
+  for batch in [int(b) for b in args.batches.split(",")]:
+    prompts = rng.integers(4, cfg.vocab_size - 1, size=(batch, args.prompt_len)).tolist()
     entry = {"batch": batch}
-    fns = {"ours": ours}
+    fns = {"ours": ours_fn(prompts, args.new_tokens)}
     if not args.skip_torch:
-      ids = torch.tensor(prompts)
-
-      def theirs():
-        with torch.no_grad():
-          gen = torch_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                     temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.new_tokens,
-                                     min_new_tokens=args.new_tokens, pad_token_id=0)
-        assert gen.shape[1] == args.prompt_len + args.new_tokens
-
-      fns["hf"] = theirs
+      fns["hf"] = hf_fn(prompts, args.new_tokens)
     t = interleaved(fns, args.repeats)
     t_ours = t["ours"]
     entry.update(ours_s=t_ours, ours_tok_s=batch * args.new_tokens / t_ours, ours_median_s=MEDIANS["ours"])
@@ -235,6 +248,27 @@ def main(argv=None):
   print(f"[3] batch {batch}: ours (in-loop score) {t['ours'] * 1e3:8.1f} ms | sample + separate forward "
         f"{t['recipe'] * 1e3:8.1f} ms | ratio {t['recipe'] / t['ours']:.3f}x | max |score diff| {max_diff:.2e}")
 
+  # ---- 4. long responses: decode segments vs one loop over the whole cache ------------------
+  long_prompts = rng.integers(4, cfg.vocab_size - 1, size=(args.long_batch, args.prompt_len)).tolist()
+  segments = SamplingParams().decode_segments
+  fns = {"ours": ours_fn(long_prompts, args.long_new_tokens),
+         "one_loop": ours_fn(long_prompts, args.long_new_tokens, decode_segments=1)}
+  if not args.skip_torch:
+    fns["hf"] = hf_fn(long_prompts, args.long_new_tokens)
+  t = interleaved(fns, min(args.repeats, 3))
+  n_tokens = args.long_batch * args.long_new_tokens
+  long = {"batch": args.long_batch, "new_tokens": args.long_new_tokens, "decode_segments": segments,
+          "ours_s": t["ours"], "ours_tok_s": n_tokens / t["ours"], "one_loop_s": t["one_loop"],
+          "one_loop_tok_s": n_tokens / t["one_loop"], "one_loop_over_ours": t["one_loop"] / t["ours"]}
+  if "hf" in t:
+    long.update(hf_s=t["hf"], hf_tok_s=n_tokens / t["hf"], speedup=t["hf"] / t["ours"])
+  results["long_responses"] = long
+  print(f"[4] batch {args.long_batch}, {args.long_new_tokens} new tokens: ours ({segments} decode segments) "
+        f"{long['ours_tok_s']:.1f} tok/s | one loop {long['one_loop_tok_s']:.1f} tok/s "
+        f"({long['one_loop_over_ours']:.2f}x our time)" +
+        (f" | transformers {long['hf_tok_s']:.1f} tok/s | speedup {long['speedup']:.2f}x" if "hf" in t else ""),
+        flush=True)
+
   results["loadavg_end"] = os.getloadavg()
   results["command"] = "python " + " ".join(["bench/sampler.py"] + (argv if argv is not None else sys.argv[1:]))
   print()
@@ -251,6 +285,9 @@ def main(argv=None):
           f"{e['overhead_pct']:+.2f}% |")
   r = results["official_recipe"]
   print(f"\nofficial recipe / ours = {r['recipe_over_ours']:.3f} (batch {r['batch']})")
+  print(f"long responses (batch {long['batch']}, {long['new_tokens']} tokens): one loop / ours = "
+        f"{long['one_loop_over_ours']:.2f}" +
+        (f", speedup over transformers {long['speedup']:.2f}x" if "speedup" in long else ""))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=1)

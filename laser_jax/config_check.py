@@ -69,6 +69,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _require(c.rollout.temperature > 0, "rollout.temperature", f"expected > 0, got {c.rollout.temperature}")
   _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"expected in (0, 1], got {c.rollout.top_p}")
   _require(c.rollout.top_k >= 0, "rollout.top_k", f"expected >= 0, got {c.rollout.top_k}")
+  _require(c.rollout.decode_segments >= 1, "rollout.decode_segments",
+           f"expected >= 1, got {c.rollout.decode_segments}")
   _require(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens",
            f"expected >= 1, got {c.rollout.max_new_tokens}")
   _require(c.data.max_prompt_len >= 1, "data.max_prompt_len", f"expected >= 1, got {c.data.max_prompt_len}")

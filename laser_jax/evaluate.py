@@ -254,14 +254,15 @@ def sampling_params(config: ml_collections.ConfigDict, model: LoadedModel) -> sa
   e = config.eval
   checks = [("n", e.n >= 1), ("max_new_tokens", e.max_new_tokens >= 1),
             ("batch_size", e.batch_size >= 1), ("temperature", e.greedy or e.temperature > 0),
-            ("top_p", 0 < e.top_p <= 1), ("top_k", e.top_k >= 0)]
+            ("top_p", 0 < e.top_p <= 1), ("top_k", e.top_k >= 0),
+            ("decode_segments", e.decode_segments >= 1)]
   for key, ok in checks:
     if not ok:
       raise ConfigError(f"config.eval.{key}: invalid value {e[key]!r}")
   return sampler_lib.SamplingParams(
       n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
       max_new_tokens=e.max_new_tokens, eos_ids=tuple(model.eos_ids), pad_id=model.pad_id,
-      self_reward_token_id=model.zc_id, greedy=e.greedy)
+      self_reward_token_id=model.zc_id, greedy=e.greedy, decode_segments=e.decode_segments)
 
 
 def generate(model: LoadedModel, items: Sequence[dict], sampling: sampler_lib.SamplingParams,

@@ -101,16 +101,24 @@ class ModelConfig:
 
 
 class KVCache(NamedTuple):
-  """Preallocated key/value cache (a pytree), one array per layer.
+  """Preallocated key/value cache (a pytree): per layer, the slot axis split into chunks.
 
-  The layouts are the ones the decode step's two attention matmuls read without a copy:
-  q @ k needs the keys with head_dim before the slot axis, p @ v the values with the slot axis
-  first. Keeping layers as separate arrays (not one stacked [L, ...] array) lets each layer's
-  matmuls read its cache buffer in place; slicing a layer out of a stacked cache is a copy.
+  Layouts are the ones the attention matmuls read without a copy: q @ k needs the keys with
+  head_dim before the slot axis, p @ v the values with the slot axis first (`attend_cached`).
+
+  Every array is its own buffer, because XLA copies a slice of a buffer before a matmul reads
+  it: one array per layer (not one stacked [L, ...] array), and the slot axis [0, max_len) split
+  into consecutive chunks. A step that writes into chunk c attends over chunks 0..c only, so a
+  sampler that decodes chunk by chunk reads only the part of the cache written so far instead
+  of all max_len slots every step. One chunk (the default) is one buffer per layer.
   """
-  k: tuple  # num_layers x [batch, num_kv_heads, head_dim, max_len] keys (transposed), compute dtype
-  v: tuple  # num_layers x [batch, num_kv_heads, max_len, head_dim] values, compute dtype
+  k: tuple  # num_layers x num_chunks x [batch, num_kv_heads, head_dim, chunk_len] keys (transposed)
+  v: tuple  # num_layers x num_chunks x [batch, num_kv_heads, chunk_len, head_dim] values
   mask: jax.Array  # [batch, max_len] bool: slot holds a valid (non-pad) token
+
+  @property
+  def chunk_lengths(self) -> tuple[int, ...]:
+    return tuple(int(k.shape[-1]) for k in self.k[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,24 +202,32 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   return out.reshape(b, t, n, d)
 
 
-def attend_cached(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """`attend` over a cache: q [B,T,N,D], k_t [B,K,D,S] (keys transposed), v [B,K,S,D],
-  mask [B,T,S] -> [B,T,N,D].
+def attend_cached(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: jax.Array) -> jax.Array:
+  """`attend` over cache chunks: q [B,T,N,D], k_chunks [B,K,D,S_c] (keys transposed), v_chunks
+  [B,K,S_c,D], mask [B,T,sum(S_c)] -> [B,T,N,D].
 
-  Both matmuls are written as batched (B, K) products in plain row-major form, (G*T, D) @ (D, S)
-  and (G*T, S) @ (S, D), so XLA reads the cache in place; with an einsum over a [B,S,K,D] cache
-  XLA:CPU copied every layer's keys and values into a transposed layout on every decode step.
+  Both matmuls are batched (B, K) products in plain row-major form, (G*T, D) @ (D, S_c) and
+  (G*T, S_c) @ (S_c, D), so XLA reads the cache buffers in place (with an einsum over a
+  [B,S,K,D] cache XLA:CPU copied every layer's keys and values into a transposed layout on every
+  decode step). Scores of all chunks share one softmax; the outputs of the chunks are summed.
   """
   b, t, n, d = q.shape
-  kv_heads, s = k_t.shape[1], k_t.shape[3]
+  kv_heads = k_chunks[0].shape[1]
   g = n // kv_heads  # query head h uses kv head h // g
   q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
   batch_dims = ((0, 1), (0, 1))
-  scores = jax.lax.dot_general(q, k_t, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)
+  scores = [jax.lax.dot_general(q, k_t, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)
+            for k_t in k_chunks]
+  scores = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
+  s = scores.shape[-1]
   scores = scores.reshape(b, kv_heads, g, t, s) / math.sqrt(d)
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
-  out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [B, K, G*T, D]
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_chunks[0].dtype).reshape(b, kv_heads, g * t, s)
+  out, start = None, 0
+  for v in v_chunks:
+    length = v.shape[2]
+    part = jax.lax.dot_general(probs[..., start:start + length], v, (((3,), (2,)), batch_dims))  # [B,K,G*T,D]
+    out, start = (part if out is None else out + part), start + length
   return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
@@ -240,10 +256,11 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv_cache=None, write_index=None):
-    """x [B,T,H], rope = `rope_tables` at x's positions. Without a cache attends within x (mask [B,T,T]). With kv_cache=(k_t, v), this
-    layer's cache ([B,K,D,S] and [B,K,S,D], see `KVCache`), writes this step's keys/values at
-    slots [write_index, write_index + T) and attends over all slots (mask [B,T,S])."""
+  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None):
+    """x [B,T,H], rope = `rope_tables` at x's positions. Without a cache attends within x
+    (mask [B,T,T]). With kv_cache = (key chunks, value chunks), the chunks of this layer's cache
+    that the step sees (see `KVCache`), writes this step's keys/values into the last of them at
+    slots [write_offset, write_offset + T) and attends over all of them (mask [B,T,sum(S_c)])."""
     cfg = self.cfg
     b, t, _ = x.shape
     d = cfg.head_dim
@@ -261,12 +278,13 @@ class Attention(nn.Module):
       out = attend(q, k, v, mask)
     else:
       # In-place dynamic-update-slices of the (donated) cache buffers.
-      k_cache, v_cache = kv_cache
-      k_t = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
-                                         (0, 0, 0, write_index))
-      v_new = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                           (0, 0, write_index, 0))
-      new_cache = (constrain(k_t, BATCH, "tensor", None, None), constrain(v_new, BATCH, "tensor", None, None))
+      k_chunks, v_chunks = kv_cache
+      k_last = jax.lax.dynamic_update_slice(k_chunks[-1], k.transpose(0, 2, 3, 1).astype(k_chunks[-1].dtype),
+                                            (0, 0, 0, write_offset))
+      v_last = jax.lax.dynamic_update_slice(v_chunks[-1], v.transpose(0, 2, 1, 3).astype(v_chunks[-1].dtype),
+                                            (0, 0, write_offset, 0))
+      new_cache = tuple(tuple(constrain(c, BATCH, "tensor", None, None) for c in chunks)
+                        for chunks in (k_chunks[:-1] + (k_last,), v_chunks[:-1] + (v_last,)))
       out = attend_cached(q, *new_cache, mask)
     out = out.reshape(b, t, cfg.num_heads * d)
     return _dense(cfg.hidden_size, cfg, "o_proj")(out), new_cache
@@ -288,11 +306,11 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv_cache=None, write_index=None):
+  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), rope, mask,
-                                                      kv_cache, write_index)
+                                                      kv_cache, write_offset)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
     return constrain(x, BATCH, None, None), new_cache
@@ -343,21 +361,24 @@ class Decoder(nn.Module):
       x, _ = layer(x, rope, mask)
     return self.final_norm(x)
 
-  def cached(self, tokens, positions, token_mask, cache: KVCache, write_index):
-    """Prefill / decode step into `cache` at slots [write_index, write_index + T)."""
+  def cached(self, tokens, positions, token_mask, cache: KVCache, write_index, chunk: int):
+    """Prefill / decode step into `cache` at slots [write_index, write_index + T), which lie in
+    chunk `chunk` (static); attends over chunks 0..chunk."""
     t = tokens.shape[1]
-    max_len = cache.mask.shape[1]
+    lengths = cache.chunk_lengths
+    chunk_start, visible_len = sum(lengths[:chunk]), sum(lengths[:chunk + 1])
     cache_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, token_mask.astype(bool), write_index, axis=1)
     query_slot = write_index + jnp.arange(t)
-    visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [T, S]
-    mask = visible[None] & cache_mask[:, None, :]
+    visible = jnp.arange(visible_len)[None, :] <= query_slot[:, None]  # [T, S_visible]
+    mask = visible[None] & cache_mask[:, None, :visible_len]
     x = constrain(self.embed(tokens), BATCH, None, None)
     rope = rope_tables(positions, rope_inv_freq(self.cfg))
     keys, values = [], []
-    for layer, k_t, v in zip(self.layers, cache.k, cache.v):
-      x, (k_t, v) = layer(x, rope, mask, (k_t, v), write_index)
-      keys.append(k_t)
-      values.append(v)
+    for layer, k_chunks, v_chunks in zip(self.layers, cache.k, cache.v):
+      x, (k_seen, v_seen) = layer(x, rope, mask, (k_chunks[:chunk + 1], v_chunks[:chunk + 1]),
+                                  write_index - chunk_start)
+      keys.append(k_seen + k_chunks[chunk + 1:])
+      values.append(v_seen + v_chunks[chunk + 1:])
     return self.final_norm(x), KVCache(tuple(keys), tuple(values), cache_mask)
 
   def unembed(self, hidden):
@@ -380,17 +401,28 @@ def init_params(cfg: ModelConfig, rng) -> Params:
   return variables["params"]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-  """An empty cache: zeros, every slot invalid."""
-  k_shape, v_shape = cache_shapes(cfg, batch, max_len)
-  return KVCache(tuple(jnp.zeros(k_shape, cfg.compute_dtype) for _ in range(cfg.num_layers)),
-                 tuple(jnp.zeros(v_shape, cfg.compute_dtype) for _ in range(cfg.num_layers)),
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, chunk_lengths=None) -> KVCache:
+  """An empty cache: zeros, every slot invalid. `chunk_lengths` (summing to max_len) splits the
+  slot axis into chunks (see `KVCache`); default one chunk."""
+  chunk_lengths = _check_chunks(max_len, chunk_lengths)
+  def zeros(shape):
+    return jnp.zeros(shape, cfg.compute_dtype)
+  shapes = [cache_shapes(cfg, batch, length) for length in chunk_lengths]
+  return KVCache(tuple(tuple(zeros(k) for k, _ in shapes) for _ in range(cfg.num_layers)),
+                 tuple(tuple(zeros(v) for _, v in shapes) for _ in range(cfg.num_layers)),
                  jnp.zeros((batch, max_len), bool))
 
 
-def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> tuple[tuple, tuple]:
-  """Shapes of one layer's (keys, values) cache arrays (see `KVCache`)."""
-  return ((batch, cfg.num_kv_heads, cfg.head_dim, max_len), (batch, cfg.num_kv_heads, max_len, cfg.head_dim))
+def _check_chunks(max_len: int, chunk_lengths) -> tuple[int, ...]:
+  chunk_lengths = (max_len,) if chunk_lengths is None else tuple(int(c) for c in chunk_lengths)
+  if sum(chunk_lengths) != max_len or min(chunk_lengths) < 1:
+    raise ValueError(f"cache chunk_lengths={chunk_lengths} must be positive and sum to max_len={max_len}")
+  return chunk_lengths
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> tuple[tuple, tuple]:
+  """Shapes of one (keys, values) cache chunk of `length` slots (see `KVCache`)."""
+  return ((batch, cfg.num_kv_heads, cfg.head_dim, length), (batch, cfg.num_kv_heads, length, cfg.head_dim))
 
 
 def forward(params, cfg: ModelConfig, tokens, positions, attention_mask, *, return_hidden=False):
@@ -409,7 +441,7 @@ def unembed(params, cfg: ModelConfig, hidden) -> jax.Array:
 
 
 def forward_cached(params, cfg: ModelConfig, tokens, positions, token_mask, cache: KVCache, write_index,
-                   *, last_logits_only: bool = False):
+                   *, last_logits_only: bool = False, chunk: int | None = None):
   """Cached forward for prefill (T = prompt length) and decode (T = 1).
 
   Writes the new tokens' keys/values into cache slots [write_index, write_index + T), sets
@@ -417,10 +449,21 @@ def forward_cached(params, cfg: ModelConfig, tokens, positions, token_mask, cach
   Returns (float32 logits [B,T,V], updated cache); with `last_logits_only`, logits [B,1,V] of the
   last position only (a sampler's prefill reads nothing else, and unembedding the whole prompt
   costs as much as many decode steps).
+
+  With a chunked cache (`init_cache(..., chunk_lengths)`), `chunk` (static) names the chunk that
+  holds slots [write_index, write_index + T): the step attends over chunks 0..chunk only. The
+  caller guarantees the slots lie in that chunk (write_index is traced, so this is not checked).
   """
+  num_chunks = len(cache.chunk_lengths)
+  if chunk is None:
+    if num_chunks > 1:
+      raise ValueError(f"forward_cached: the cache has {num_chunks} chunks; pass chunk= (the chunk written)")
+    chunk = 0
+  if not 0 <= chunk < num_chunks:
+    raise ValueError(f"forward_cached: chunk={chunk} but the cache has {num_chunks} chunks")
   write_index = jnp.asarray(write_index, jnp.int32)
   hidden, cache = Decoder(cfg).apply({"params": params}, tokens, positions, token_mask, cache, write_index,
-                                     method=Decoder.cached)
+                                     chunk, method=Decoder.cached)
   if last_logits_only:
     hidden = hidden[:, -1:]
   return unembed(params, cfg, hidden), cache

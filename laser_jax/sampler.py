@@ -19,16 +19,20 @@ Conventions (all documented on `SampleOutput`):
     and a NaN self-reward score.
 
 The core (`Sampler`) is generic over the step function
-    decode_fn(params, tokens[B,T], positions[B,T], token_mask[B,T], cache, write_index)
+    decode_fn(params, tokens[B,T], positions[B,T], token_mask[B,T], cache, write_index, chunk)
         -> (logits[B,T,V] float32, cache)
-and `init_cache_fn(batch, max_len) -> cache`, so it can be tested with a toy logits table. Only
-the last position's logits (`logits[:, -1]`) are read, so a decode_fn may return T' = 1.
+and `init_cache_fn(batch, chunk_lengths) -> cache`, so it can be tested with a toy logits table.
+The cache's slots are split into chunks: the prompt's, then one per decode segment
+(`SamplingParams.decode_segments`); `chunk` (static) is the chunk that holds the slots written,
+and a step only needs to attend over chunks 0..chunk. Only the last position's logits
+(`logits[:, -1]`) are read, so a decode_fn may return T' = 1.
 `sample(params, cfg, prompts, sampling, rng, mesh=None)` is the convenience entry point for
 the Transformer in `laser_jax.model`; the trainer and the evaluator both use it.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -57,6 +61,11 @@ class SamplingParams:
     self_reward_token_id: z_c; None = no self-reward score (the loop then never runs the
       extra step for rows finishing on the last allowed step).
     greedy: argmax decoding (log-probs are then taken at temperature 1).
+    decode_segments: the decode loop runs as this many consecutive loops, each over its own
+      chunk of the KV cache and attending only over the chunks written so far, so attention
+      reads about half of the cache on average instead of all of it every step. Execution
+      only: results are equal up to float rounding. Each segment is compiled separately, so
+      more segments cost compile time (1 = one loop over the whole cache).
   """
   n: int = 1
   temperature: float = 1.0
@@ -67,6 +76,7 @@ class SamplingParams:
   pad_id: int = 0
   self_reward_token_id: int | None = None
   greedy: bool = False
+  decode_segments: int = 4
 
   def __post_init__(self):
     if self.n < 1:
@@ -79,8 +89,17 @@ class SamplingParams:
       raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+    if self.decode_segments < 1:
+      raise ValueError(f"SamplingParams.decode_segments must be >= 1, got {self.decode_segments}")
     if not isinstance(self.eos_ids, tuple):
       raise TypeError(f"SamplingParams.eos_ids must be a tuple of ints, got {type(self.eos_ids).__name__}")
+
+  @property
+  def decode_chunk_lengths(self) -> tuple[int, ...]:
+    """Cache slots of each decode segment: max_new_tokens split into near-equal parts."""
+    n = min(self.decode_segments, self.max_new_tokens)
+    base, extra = divmod(self.max_new_tokens, n)
+    return tuple(base + (i < extra) for i in range(n))
 
   @property
   def logprob_temperature(self) -> float:
@@ -315,7 +334,7 @@ class Sampler:
     self.min_bucket = min_bucket
     self.num_traces = 0
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("sampling",))
-    self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",), donate_argnames=("state",))
+    self._decode = jax.jit(self._decode_impl, static_argnames=("sampling", "prompt_len"), donate_argnames=("state",))
 
   # ---- sharding helpers -------------------------------------------------------------------
   @property
@@ -352,10 +371,11 @@ class Sampler:
     self.num_traces += 1
     batch, prompt_len = prompt_tokens.shape
     max_new = sampling.max_new_tokens
-    # The last consumed token is token number max_new_tokens (an EOS whose score is read).
-    cache = self.init_cache_fn(batch, prompt_len + max_new)
+    # Slots: the prompt's chunk, then one chunk per decode segment. The last consumed token is
+    # token number max_new_tokens (an EOS whose score is read), so there are max_new of those.
+    cache = self.init_cache_fn(batch, (prompt_len,) + sampling.decode_chunk_lengths)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0).astype(jnp.int32)
-    logits, cache = self.decode_fn(params, prompt_tokens, positions, prompt_mask, cache, jnp.int32(0))
+    logits, cache = self.decode_fn(params, prompt_tokens, positions, prompt_mask, cache, jnp.int32(0), 0)
     first, first_lp, _ = choose_tokens(logits[:, -1].astype(jnp.float32), jax.random.fold_in(rng, 0), sampling)
     first = jnp.where(row_valid, first, sampling.pad_id)
     is_eos = _is_eos(first, sampling.eos_ids) & row_valid
@@ -377,19 +397,23 @@ class Sampler:
     )
     return self._constrain_state(state)
 
-  def _decode_impl(self, params, state: SamplingState, *, sampling: SamplingParams):
-    """Decodes until every row is done; `state` is donated (updated in place)."""
+  def _decode_impl(self, params, state: SamplingState, *, sampling: SamplingParams, prompt_len: int):
+    """Decodes until every row is done; `state` is donated (updated in place).
+
+    One while_loop per decode segment: segment j writes cache chunk j and attends over chunks
+    0..j, and ends when its chunk is full (or every row is done: later loops then exit at once).
+    """
     self.num_traces += 1
     max_new = sampling.max_new_tokens
     z_c = sampling.self_reward_token_id
 
-    def cond(s: SamplingState):
-      return jnp.any(s.active | s.pending) & (s.step <= max_new)
+    def cond(s: SamplingState, chunk_end: int):
+      return jnp.any(s.active | s.pending) & (s.step <= max_new) & (s.write_index < chunk_end)
 
-    def body(s: SamplingState):
+    def body(s: SamplingState, chunk: int):
       consumes = s.active | s.pending
       logits, cache = self.decode_fn(params, s.last_token[:, None], s.next_pos[:, None], consumes[:, None],
-                                     s.cache, s.write_index)
+                                     s.cache, s.write_index, chunk)
       logits = logits[:, 0].astype(jnp.float32)
       new, new_lp, lse = choose_tokens(logits, jax.random.fold_in(s.rng, s.step), sampling)
       self_reward = s.self_reward
@@ -422,7 +446,12 @@ class Sampler:
       )
       return self._constrain_state(out)
 
-    return jax.lax.while_loop(cond, body, state)
+    chunk_end = prompt_len
+    for chunk, length in enumerate(sampling.decode_chunk_lengths, start=1):
+      chunk_end += length
+      state = jax.lax.while_loop(functools.partial(cond, chunk_end=chunk_end), functools.partial(body, chunk=chunk),
+                                 state)
+    return state
 
   # ---- host API ---------------------------------------------------------------------------
   def __call__(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingParams, rng: jax.Array) -> SampleOutput:
@@ -447,7 +476,7 @@ class Sampler:
 
     state = self._prefill(params, self._put_batch(prompt_tokens), self._put_batch(prompt_mask),
                           self._put_batch(row_valid), rng, sampling=sampling)
-    state = self._decode(params, state, sampling=sampling)
+    state = self._decode(params, state, sampling=sampling, prompt_len=bucket)
     return _to_output(state, prompt_tokens, prompt_mask, num_rows, sampling)
 
 
@@ -497,15 +526,15 @@ def model_sampler(cfg, mesh: Mesh | None = None) -> Sampler:
 
       def cache_sharding_fn(cache):
         batch, max_len = cache.mask.shape
-        return sharding_lib.cache_shardings(cfg, mesh, batch, max_len)
+        return sharding_lib.cache_shardings(cfg, mesh, batch, max_len, cache.chunk_lengths)
 
-    def decode_fn(params, tokens, positions, token_mask, cache, write_index):
+    def decode_fn(params, tokens, positions, token_mask, cache, write_index, chunk):
       # The sampler reads only the last position's logits.
       return model_lib.forward_cached(params, cfg, tokens, positions, token_mask, cache, write_index,
-                                      last_logits_only=True)
+                                      last_logits_only=True, chunk=chunk)
 
-    def init_cache_fn(batch, max_len):
-      return model_lib.init_cache(cfg, batch, max_len)
+    def init_cache_fn(batch, chunk_lengths):
+      return model_lib.init_cache(cfg, batch, sum(chunk_lengths), chunk_lengths)
 
     _SAMPLERS[key] = Sampler(decode_fn, init_cache_fn, mesh=mesh, cache_sharding_fn=cache_sharding_fn)
   return _SAMPLERS[key]

@@ -99,19 +99,21 @@ def param_shardings(params, cfg: ModelConfig, mesh: Mesh):
   return jax.tree_util.tree_map(lambda x, s: NamedSharding(mesh, fit_spec(s, x.shape, mesh)), params, specs)
 
 
-def cache_partition_spec(cfg: ModelConfig) -> KVCache:
-  """KV cache specs: batch over BATCH_AXES, kv heads over "tensor" (per-layer arrays
-  [B, K, D, S] keys and [B, K, S, D] values, see `model.KVCache`)."""
-  kv = (P(BATCH_AXES, "tensor", None, None),) * cfg.num_layers
+def cache_partition_spec(cfg: ModelConfig, num_chunks: int = 1) -> KVCache:
+  """KV cache specs: batch over BATCH_AXES, kv heads over "tensor" (per layer and chunk,
+  [B, K, D, S_c] keys and [B, K, S_c, D] values, see `model.KVCache`)."""
+  kv = ((P(BATCH_AXES, "tensor", None, None),) * num_chunks,) * cfg.num_layers
   return KVCache(k=kv, v=kv, mask=P(BATCH_AXES, None))
 
 
-def cache_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int) -> KVCache:
-  """NamedShardings for a cache of the given size (axes that do not divide are dropped)."""
-  specs = cache_partition_spec(cfg)
-  k_shape, v_shape = cache_shapes(cfg, batch, max_len)
-  return KVCache(k=tuple(NamedSharding(mesh, fit_spec(s, k_shape, mesh)) for s in specs.k),
-                 v=tuple(NamedSharding(mesh, fit_spec(s, v_shape, mesh)) for s in specs.v),
+def cache_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int, chunk_lengths=None) -> KVCache:
+  """NamedShardings for a cache of the given size and chunks (axes that do not divide are dropped)."""
+  chunk_lengths = (max_len,) if chunk_lengths is None else tuple(chunk_lengths)
+  specs = cache_partition_spec(cfg, len(chunk_lengths))
+  def layer(chunk_specs, which):
+    return tuple(NamedSharding(mesh, fit_spec(s, cache_shapes(cfg, batch, n)[which], mesh))
+                 for s, n in zip(chunk_specs, chunk_lengths))
+  return KVCache(k=tuple(layer(s, 0) for s in specs.k), v=tuple(layer(s, 1) for s in specs.v),
                  mask=NamedSharding(mesh, fit_spec(specs.mask, (batch, max_len), mesh)))
 
 

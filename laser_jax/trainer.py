@@ -84,7 +84,8 @@ class Trainer:
     self.sampling = sampler_lib.SamplingParams(
         n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
         top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
-        eos_ids=tuple(self.eos_ids), pad_id=self.pad_id, self_reward_token_id=self.zc_id)
+        eos_ids=tuple(self.eos_ids), pad_id=self.pad_id, self_reward_token_id=self.zc_id,
+        decode_segments=config.rollout.decode_segments)
     self.eval_sampling = dataclasses.replace(
         self.sampling, n=config.eval.n, temperature=config.eval.temperature,
         max_new_tokens=config.eval.max_new_tokens, top_p=1.0, top_k=0)

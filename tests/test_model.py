@@ -16,7 +16,7 @@ from laser_jax import hf, model
 
 # Jitted entry points (eager op-by-op dispatch is much slower on CPU).
 forward = jax.jit(model.forward, static_argnums=1, static_argnames="return_hidden")
-forward_cached = jax.jit(model.forward_cached, static_argnums=1)
+forward_cached = jax.jit(model.forward_cached, static_argnums=1, static_argnames="chunk")
 
 CASES = [("qwen2", None), ("qwen2", False), ("llama", None), ("qwen3", None)]  # (family, tie override)
 
@@ -85,22 +85,26 @@ def test_hidden_states_and_unembed(checkpoints):
                              forward(params, cfg, tokens, positions, mask), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{f}-tie{t}" for f, t in CASES])
-def test_cached_decode_matches_full_forward(checkpoints, case):
+@pytest.mark.parametrize("case,chunked", [(c, False) for c in CASES] + [(("qwen2", None), True)],
+                         ids=[f"{f}-tie{t}" for f, t in CASES] + ["qwen2-chunked"])
+def test_cached_decode_matches_full_forward(checkpoints, case, chunked):
   """Left-padded prompts: prefill the first P slots, then decode one token per step; every real
-  position's logits equal the full forward over the whole sequence."""
+  position's logits equal the full forward over the whole sequence. Chunked: the cache is split
+  into chunks (prompt, 1, 2, 1, rest) and each step attends over the chunks written so far."""
   cfg, params, _ = checkpoints[case]
   tokens, positions, mask = padded_batch("left", seed=1)
   full = np.asarray(forward(params, cfg, tokens, positions, mask))
   prompt_len, total = 6, tokens.shape[1]
-  cache = model.init_cache(cfg, tokens.shape[0], total + 2)  # spare slots stay invalid
+  chunk_lengths = (prompt_len, 1, 2, 1, total + 2 - prompt_len - 4) if chunked else None
+  cache = model.init_cache(cfg, tokens.shape[0], total + 2, chunk_lengths)  # spare slots stay invalid
+  chunk_of_slot = np.repeat(np.arange(len(chunk_lengths)), chunk_lengths) if chunked else np.zeros(total + 2, int)
   step = forward_cached
   logits, cache = step(params, cfg, tokens[:, :prompt_len], positions[:, :prompt_len], mask[:, :prompt_len],
-                       cache, 0)
+                       cache, 0, chunk=0)
   pieces = [np.asarray(logits)]
   for s in range(prompt_len, total):
     logits, cache = step(params, cfg, tokens[:, s:s + 1], positions[:, s:s + 1], mask[:, s:s + 1], cache,
-                         jnp.int32(s))
+                         jnp.int32(s), chunk=int(chunk_of_slot[s]))
     pieces.append(np.asarray(logits))
   cached = np.concatenate(pieces, axis=1)
   np.testing.assert_allclose(cached[mask], full[mask], atol=2e-5, rtol=0)
@@ -112,17 +116,31 @@ def test_cached_decode_matches_full_forward(checkpoints, case):
 def test_cache_layout(checkpoints):
   cfg, params, _ = checkpoints[("qwen2", None)]
   cache = model.init_cache(cfg, batch=2, max_len=7)
-  assert len(cache.k) == len(cache.v) == cfg.num_layers
-  assert all(k.shape == (2, cfg.num_kv_heads, cfg.head_dim, 7) for k in cache.k)  # keys transposed
-  assert all(v.shape == (2, cfg.num_kv_heads, 7, cfg.head_dim) for v in cache.v)
+  assert len(cache.k) == len(cache.v) == cfg.num_layers and cache.chunk_lengths == (7,)
+  assert all(k.shape == (2, cfg.num_kv_heads, cfg.head_dim, 7) for (k,) in cache.k)  # keys transposed
+  assert all(v.shape == (2, cfg.num_kv_heads, 7, cfg.head_dim) for (v,) in cache.v)
   assert cache.mask.shape == (2, 7) and cache.mask.dtype == jnp.bool_ and not cache.mask.any()
   tokens = jnp.array([[5, 6, 7], [8, 9, 10]], jnp.int32)
   _, cache = forward_cached(params, cfg, tokens, jnp.array([[0, 1, 2]] * 2, jnp.int32),
                                   jnp.array([[True] * 3, [False, True, True]]), cache, 2)
   # Only slots [2, 5) were written, in every layer's keys and values.
-  for k, v in zip(cache.k, cache.v):
+  for (k,), (v,) in zip(cache.k, cache.v):
     np.testing.assert_array_equal(np.abs(np.asarray(k)).sum(axis=(1, 2)) > 0, [[0, 0, 1, 1, 1, 0, 0]] * 2)
     np.testing.assert_array_equal(np.abs(np.asarray(v)).sum(axis=(1, 3)) > 0, [[0, 0, 1, 1, 1, 0, 0]] * 2)
+  # A chunked cache: chunk c holds its own slots; writing chunk 1 leaves chunks 0 and 2 untouched.
+  chunked = model.init_cache(cfg, 2, 7, (3, 2, 2))
+  assert chunked.chunk_lengths == (3, 2, 2)
+  assert [k.shape[-1] for k in chunked.k[0]] == [3, 2, 2] and [v.shape[2] for v in chunked.v[0]] == [3, 2, 2]
+  _, chunked = forward_cached(params, cfg, tokens[:, :1], jnp.array([[3]] * 2, jnp.int32), jnp.ones((2, 1), bool),
+                              chunked, 4, chunk=1)
+  for k_chunks in chunked.k:
+    assert [bool(np.abs(np.asarray(k)).sum() > 0) for k in k_chunks] == [False, True, False]
+    np.testing.assert_array_equal(np.abs(np.asarray(k_chunks[1])).sum(axis=(0, 1, 2)) > 0, [False, True])
+  np.testing.assert_array_equal(chunked.mask, [[0, 0, 0, 0, 1, 0, 0]] * 2)
+  with pytest.raises(ValueError, match="pass chunk="):
+    forward_cached(params, cfg, tokens[:, :1], jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1), bool), chunked, 0)
+  with pytest.raises(ValueError, match="sum to max_len"):
+    model.init_cache(cfg, 2, 7, (3, 3))
   np.testing.assert_array_equal(cache.mask, [[0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0]])
 
 
@@ -175,7 +193,7 @@ def test_bfloat16_close_to_float32(checkpoints):
   assert err.max() < 0.1 * np.abs(ref).max(), err.max()
   assert (np.asarray(out).argmax(-1) == ref.argmax(-1))[mask].mean() > 0.9
   cache = model.init_cache(cfg16, 3, tokens.shape[1])
-  assert all(a.dtype == jnp.bfloat16 for a in cache.k + cache.v)
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree_util.tree_leaves((cache.k, cache.v)))
 
 
 def test_init_params_matches_num_params_and_hf_layout(checkpoints):

@@ -21,13 +21,13 @@ from laser_jax.sampler import Sampler, SamplingParams
 # Toy step function: logits depend only on the token being consumed (a fixed [V, V] table).
 
 
-def toy_decode(params, tokens, positions, token_mask, cache, write_index):
-  del positions, token_mask, write_index
+def toy_decode(params, tokens, positions, token_mask, cache, write_index, chunk):
+  del positions, token_mask, write_index, chunk
   return params[tokens].astype(jnp.float32), cache
 
 
-def toy_cache(batch, max_len):
-  return jnp.zeros((batch, max_len), jnp.int32)
+def toy_cache(batch, chunk_lengths):
+  return jnp.zeros((batch, sum(chunk_lengths)), jnp.int32)
 
 
 def exact_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -194,6 +194,11 @@ def test_bad_inputs_raise_clear_errors():
     SamplingParams(temperature=0.0)
   with pytest.raises(TypeError, match="eos_ids"):
     SamplingParams(eos_ids=[1, 2])
+  with pytest.raises(ValueError, match="decode_segments"):
+    SamplingParams(decode_segments=0)
+  # Segments split max_new_tokens into near-equal cache chunks, never more chunks than tokens.
+  assert SamplingParams(max_new_tokens=10, decode_segments=4).decode_chunk_lengths == (3, 3, 2, 2)
+  assert SamplingParams(max_new_tokens=2, decode_segments=4).decode_chunk_lengths == (1, 1)
   sampler = Sampler(toy_decode, toy_cache)
   with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
     sampler(jnp.zeros((4, 4)), [[1], []], SamplingParams(), jax.random.key(0))
@@ -314,14 +319,24 @@ def test_greedy_self_reward_equals_full_forward_including_last_step():
   check_against_full_forward(params, PROMPTS, out, temperature=1.0)
 
 
-def test_sampled_logprobs_and_scores_equal_full_forward():
-  params = tiny_params()
+@functools.lru_cache(maxsize=None)
+def sampled_output(decode_segments):
   sp = SamplingParams(n=3, temperature=0.8, top_p=0.95, top_k=60, max_new_tokens=10,
-                      eos_ids=tuple(range(10, 24)), pad_id=0, self_reward_token_id=Z_C)
-  out = sampler_lib.sample(params, TINY, PROMPTS[:4], sp, jax.random.key(5))
+                      eos_ids=tuple(range(10, 24)), pad_id=0, self_reward_token_id=Z_C,
+                      decode_segments=decode_segments)
+  return sampler_lib.sample(tiny_params(), TINY, PROMPTS[:4], sp, jax.random.key(5))
+
+
+@pytest.mark.parametrize("decode_segments", [1, 3])
+def test_sampled_logprobs_and_scores_equal_full_forward(decode_segments):
+  """Also across decode segments: a loop over the whole cache (1) and three loops that each
+  attend over the cache chunks written so far give the same draws and the exact values."""
+  out = sampled_output(decode_segments)
   assert out.finished.any() and out.truncated.any()
   assert len(set(out.lengths[out.finished].tolist())) >= 2  # rows finish at different steps
-  check_against_full_forward(params, PROMPTS[:4], out, temperature=0.8)
+  check_against_full_forward(tiny_params(), PROMPTS[:4], out, temperature=0.8)
+  if decode_segments > 1:
+    np.testing.assert_array_equal(out.tokens, sampled_output(1).tokens)
 
 
 def test_sharded_matches_single_device():

@@ -163,7 +163,7 @@ def test_sharded_cached_decode_equals_single_device():
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   p_shard = sharding.param_shardings(params, cfg, mesh)
   c_shard = sharding.cache_shardings(cfg, mesh, batch, length)
-  assert all(s.spec == P(("data", "fsdp"), "tensor") for s in c_shard.k + c_shard.v)
+  assert all(s.spec == P(("data", "fsdp"), "tensor") for s in jax.tree_util.tree_leaves((c_shard.k, c_shard.v)))
   b2 = sharding.batch_sharding(mesh, 2)
   step_sharded = jax.jit(lambda p, t, pos, m, c, i: model.forward_cached(p, cfg, t, pos, m, c, i),
                          in_shardings=(p_shard, b2, b2, b2, c_shard, None),
