@@ -100,8 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.top_k = 0  # Top-k sampling (0 = off).
   c.rollout.prompts_per_chunk = 0  # Prompts per sampler call (0 = the whole batch): bounds KV-cache memory.
   c.rollout.max_new_tokens = 32  # Response length limit (EOS included); longer ones are truncated.
-  # Decode loops per sampler call, each attending only over the KV cache written so far (about
-  # half the attention reads of one loop over the whole cache); each is compiled separately.
+  # At most this many decode loops per sampler call (each >= 64 tokens), each attending only over
+  # the KV cache written so far (about half the attention reads of one loop over the whole
+  # cache); each loop is compiled separately.
   c.rollout.decode_segments = 4
   # Old log-probs: False = the sampler's (same policy, same temperature; exact in f32),
   # True = recomputed with a training forward (bit-consistent with the update, e.g. in bf16).

@@ -61,11 +61,12 @@ class SamplingParams:
     self_reward_token_id: z_c; None = no self-reward score (the loop then never runs the
       extra step for rows finishing on the last allowed step).
     greedy: argmax decoding (log-probs are then taken at temperature 1).
-    decode_segments: the decode loop runs as this many consecutive loops, each over its own
-      chunk of the KV cache and attending only over the chunks written so far, so attention
-      reads about half of the cache on average instead of all of it every step. Execution
-      only: results are equal up to float rounding. Each segment is compiled separately, so
-      more segments cost compile time (1 = one loop over the whole cache).
+    decode_segments: at most this many decode loops, each over its own chunk of the KV cache
+      and attending only over the chunks written so far, so attention reads about half of the
+      cache on average instead of all of it every step. Execution only: results are equal up
+      to float rounding. Each loop is compiled separately (1 = one loop over the whole cache).
+    min_segment_tokens: each decode loop covers at least this many tokens: shorter ones save
+      less attention reading than their extra per-chunk matmuls cost (measured on CPU).
   """
   n: int = 1
   temperature: float = 1.0
@@ -77,6 +78,7 @@ class SamplingParams:
   self_reward_token_id: int | None = None
   greedy: bool = False
   decode_segments: int = 4
+  min_segment_tokens: int = 64
 
   def __post_init__(self):
     if self.n < 1:
@@ -91,13 +93,15 @@ class SamplingParams:
       raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
     if self.decode_segments < 1:
       raise ValueError(f"SamplingParams.decode_segments must be >= 1, got {self.decode_segments}")
+    if self.min_segment_tokens < 1:
+      raise ValueError(f"SamplingParams.min_segment_tokens must be >= 1, got {self.min_segment_tokens}")
     if not isinstance(self.eos_ids, tuple):
       raise TypeError(f"SamplingParams.eos_ids must be a tuple of ints, got {type(self.eos_ids).__name__}")
 
   @property
   def decode_chunk_lengths(self) -> tuple[int, ...]:
     """Cache slots of each decode segment: max_new_tokens split into near-equal parts."""
-    n = min(self.decode_segments, self.max_new_tokens)
+    n = max(1, min(self.decode_segments, self.max_new_tokens // self.min_segment_tokens))
     base, extra = divmod(self.max_new_tokens, n)
     return tuple(base + (i < extra) for i in range(n))
 

@@ -196,9 +196,13 @@ def test_bad_inputs_raise_clear_errors():
     SamplingParams(eos_ids=[1, 2])
   with pytest.raises(ValueError, match="decode_segments"):
     SamplingParams(decode_segments=0)
-  # Segments split max_new_tokens into near-equal cache chunks, never more chunks than tokens.
-  assert SamplingParams(max_new_tokens=10, decode_segments=4).decode_chunk_lengths == (3, 3, 2, 2)
-  assert SamplingParams(max_new_tokens=2, decode_segments=4).decode_chunk_lengths == (1, 1)
+  with pytest.raises(ValueError, match="min_segment_tokens"):
+    SamplingParams(min_segment_tokens=0)
+  # Segments split max_new_tokens into near-equal cache chunks of at least min_segment_tokens.
+  assert SamplingParams(max_new_tokens=10, decode_segments=4, min_segment_tokens=1).decode_chunk_lengths == (3, 3, 2, 2)
+  assert SamplingParams(max_new_tokens=2, decode_segments=4, min_segment_tokens=1).decode_chunk_lengths == (1, 1)
+  assert SamplingParams(max_new_tokens=200, decode_segments=4).decode_chunk_lengths == (67, 67, 66)
+  assert SamplingParams(max_new_tokens=63, decode_segments=4).decode_chunk_lengths == (63,)
   sampler = Sampler(toy_decode, toy_cache)
   with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
     sampler(jnp.zeros((4, 4)), [[1], []], SamplingParams(), jax.random.key(0))
@@ -323,7 +327,7 @@ def test_greedy_self_reward_equals_full_forward_including_last_step():
 def sampled_output(decode_segments):
   sp = SamplingParams(n=3, temperature=0.8, top_p=0.95, top_k=60, max_new_tokens=10,
                       eos_ids=tuple(range(10, 24)), pad_id=0, self_reward_token_id=Z_C,
-                      decode_segments=decode_segments)
+                      decode_segments=decode_segments, min_segment_tokens=1)
   return sampler_lib.sample(tiny_params(), TINY, PROMPTS[:4], sp, jax.random.key(5))
 
 
