@@ -46,7 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.top_p = 1.0  # Nucleus sampling threshold (1.0 = off).
   c.eval.top_k = 0  # Top-k sampling (0 = off).
   c.eval.greedy = False  # Argmax decoding (then n is usually 1).
-  c.eval.decode_segments = 4  # At most this many decode loops (>= 64 tokens each), each attending only over the KV cache written so far.
+  # At most this many decode loops (>= 64 tokens each), each attending only over the KV cache
+  # written so far; each loop is compiled separately.
+  c.eval.decode_segments = 4
   c.eval.template = "chat"  # "chat" (tokenizer's chat template) | "base" (plain text prompt).
   c.eval.max_prompt_len = 0  # Drop (and count) prompts longer than this many tokens (0 = keep all).
   c.eval.batch_size = 8  # Prompts per sampler call (x n rows); the last batch is padded to this size.

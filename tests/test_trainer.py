@@ -129,6 +129,7 @@ def test_laser_with_zero_alpha_equals_grpo_step(tmp_path):
     ("loss.agg_mode", "bogus", "config.loss.agg_mode"),
     ("laser.adv_integration_coef", 1.5, "config.laser.adv_integration_coef"),
     ("sft.steps", -1, "config.sft.steps"),
+    ("rollout.decode_segments", 0, "config.rollout.decode_segments"),
 ])
 def test_bad_config_values_name_the_key(tmp_path, key, value, message):
   cfg = tiny_config(tmp_path, **{key: value})
