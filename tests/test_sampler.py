@@ -355,9 +355,10 @@ def test_sharded_matches_single_device():
   np.testing.assert_array_equal(out.finished, single.finished)
   np.testing.assert_allclose(out.self_reward_logprob, single.self_reward_logprob, atol=1e-5)
   np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
-  # Sampling with the same key gives the same draws when no padding rows are involved.
+  # Sampling with the same key gives the same draws when no padding rows are involved; here with
+  # three decode segments, so several sharded cache chunks.
   sp_t = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, eos_ids=tuple(range(10, 20)),
-                        self_reward_token_id=Z_C)
+                        self_reward_token_id=Z_C, decode_segments=3, min_segment_tokens=1)
   a = sampler_lib.sample(params, TINY, PROMPTS[:4], sp_t, jax.random.key(3))
   b = sampler_lib.sample(sharded_params, TINY, PROMPTS[:4], sp_t, jax.random.key(3), mesh=mesh)
   np.testing.assert_array_equal(a.tokens, b.tokens)
