@@ -154,21 +154,21 @@ def run_model(name: str, args) -> dict:
     one_update()  # warm-up (compilation)
     update_times, adjacent_peaks = [], []
     for _ in range(args.repeats):
-      adjacent_peaks.append(common.matmul_peak(args.peak_size, 3)["gflop_s"] * 1e9)
+      adjacent_peaks.append(common.matmul_peak(args.peak_size, 3)["gflop_s"])
       t0 = time.perf_counter()
       one_update()
       update_times.append(time.perf_counter() - t0)
     state = holder["state"]
   peak_after = common.matmul_peak(args.peak_size, args.peak_repeats)
 
-  peak = max(peak_before["gflop_s"], peak_after["gflop_s"], *[p / 1e9 for p in adjacent_peaks]) * 1e9
+  peak = max(peak_before["gflop_s"], peak_after["gflop_s"], *adjacent_peaks) * 1e9
   tokens = float(rows * seq_len)  # processed (padded) tokens per update
   valid_tokens = float(np.sum(batch["attention_mask"]))
   upd_flops = update_flops(cfg, tokens, seq_len)
   fwd_flops = forward_flops(cfg, tokens, seq_len)
   best_update = min(update_times)
   # Per call: achieved FLOP/s over the peak measured just before it (same load).
-  fracs_adjacent = [upd_flops / t / p for t, p in zip(update_times, adjacent_peaks)]
+  fracs_adjacent = [upd_flops / t / (p * 1e9) for t, p in zip(update_times, adjacent_peaks)]
   step_best = min(steps, key=lambda s: s["step_time_s"])
   rollout_best = min(s["rollout_time_s"] for s in steps)
   step_time_best = step_best["step_time_s"]
@@ -191,7 +191,7 @@ def run_model(name: str, args) -> dict:
       "update": {**common.summarize(update_times), "flop": upd_flops,
                  "gflop_s": upd_flops / best_update / 1e9, "frac_of_peak": upd_flops / best_update / peak,
                  "tokens_per_s": tokens / best_update,
-                 "adjacent_peaks_gflop_s": [p / 1e9 for p in adjacent_peaks],
+                 "adjacent_peaks_gflop_s": adjacent_peaks,
                  "frac_of_adjacent_peak": fracs_adjacent,
                  "frac_of_adjacent_peak_best": max(fracs_adjacent)},
       "rollout": {"best_s": rollout_best, "flop": fwd_flops,

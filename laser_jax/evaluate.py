@@ -45,6 +45,9 @@ from laser_jax import default_config
 from laser_jax.config_check import ConfigError
 
 DEFAULT_ZC_TOKEN = "<|vision_start|>"  # Qwen2.5's z_c in the reference setup (id 151652).
+# beta_v and c_ref of an HF model's score unless the eval config sets them (the reference setup).
+DEFAULT_KL_COEF = 0.1
+DEFAULT_REF_CONSTANT = -23.0
 
 
 class EvalError(ValueError):
@@ -66,8 +69,8 @@ class LoadedModel:
   zc_id: int
   mesh: Any
   source: str  # where the weights came from (for the summary)
-  kl_coef: float = 0.1  # beta_v of the score r_s = beta_v * (log pi(z_c | x, y) - c_ref).
-  ref_constant: float = -23.0  # c_ref.
+  kl_coef: float  # beta_v of the score r_s = beta_v * (log pi(z_c | x, y) - c_ref).
+  ref_constant: float  # c_ref.
 
 
 def make_eval_mesh(config: ml_collections.ConfigDict):
@@ -186,10 +189,10 @@ def _from_checkpoint(config, mesh) -> LoadedModel:
   laser = config.laser
   if laser.self_reward_token_id >= 0 or laser.self_reward_token:
     zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id,
-                          laser.self_reward_token, "")
+                                laser.self_reward_token, "")
   else:
     zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, tc.laser.self_reward_token_id,
-                          tc.laser.self_reward_token, " (the training config's z_c)")
+                                tc.laser.self_reward_token, " (the training config's z_c)")
   eos_ids = tasks.eos_token_ids(tokenizer, tc.model.hf_path)
   # The score the run trained: its beta_v and c_ref unless the eval config sets them.
   kl_coef = laser.kl_coef if laser.kl_coef is not None else tc.laser.kl_coef
@@ -211,10 +214,8 @@ def _from_hf(config, mesh) -> LoadedModel:
   zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id, token, "")
   eos_ids = tasks.eos_token_ids(tokenizer, path)
   return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh, path,
-                     laser.kl_coef if laser.kl_coef is not None else 0.1,
-                     laser.ref_constant if laser.ref_constant is not None else -23.0)
-
-
+                     laser.kl_coef if laser.kl_coef is not None else DEFAULT_KL_COEF,
+                     laser.ref_constant if laser.ref_constant is not None else DEFAULT_REF_CONSTANT)
 
 
 def load_model(config: ml_collections.ConfigDict, mesh=None) -> LoadedModel:

@@ -37,7 +37,6 @@ class MetricsWriter:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     self._jsonl = (path / "metrics.jsonl").open("a")
-    self._tb_remote = None
     tb_dir = path / "tensorboard"
     if is_remote(workdir):
       # tensorboardX writes local files only: write locally, mirror to gs://.../tensorboard.

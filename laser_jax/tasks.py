@@ -66,8 +66,7 @@ class Task:
       raise ConfigError(f"config.batch_size: {c.batch_size} prompts cannot be split over {hosts} hosts")
     # Each host reads batch_size / hosts prompts of its own shard; `global_batch` joins them.
     return data_lib.PromptIterator(self.train_prompts, c.batch_size // hosts, seed=c.seed, num_epochs=None,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+                                   process_index=jax.process_index(), process_count=hosts)
 
   def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
     return [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
