@@ -131,6 +131,25 @@ class Trainer:
                               mesh=self.mesh, param_shardings=shardings.params, log_fn=log)
     return params
 
+  def reference_params(self, initial_params=None):
+    """pi_ref, the frozen initial policy of the RL run (KL loss, exact self-reward variant).
+
+    That is the initial parameters *after* the supervised warm start when `sft.steps > 0`, the
+    policy RL starts from (not the random init). `initial_params` (what `initial_params()` just
+    returned for a fresh run) is copied, since the train state's buffers are donated; on resume
+    the warm start is recomputed (deterministic for a given seed and mesh).
+    """
+    if initial_params is None:
+      if self.config.sft.steps > 0:
+        logging.info("Recomputing the supervised warm start (%d steps) for the reference policy",
+                     self.config.sft.steps)
+        return self.initial_params()
+      params = self.task.init_params(reference=True, mesh=self.mesh)
+      if self.param_shardings is None:
+        self._state_shardings(params)
+      return jax.device_put(params, self.param_shardings)
+    return jax.tree.map(jnp.copy, initial_params)
+
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without allocating it (restore target)."""
     # Random init and HF checkpoints of one ModelConfig have the same parameter shapes.
@@ -421,12 +440,12 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
     iterator.set_state(data_state)
     _truncate_metrics_file(c.workdir, latest)
     logging.info("Resumed from %s/checkpoints at step %d", c.workdir, latest)
+    initial = None
   else:
-    state = trainer.init_state(trainer.initial_params())
-  ref_params = None
-  if trainer.needs_ref:
-    ref_params = jax.device_put(trainer.task.init_params(reference=True, mesh=trainer.mesh),
-                                trainer.param_shardings)
+    initial = trainer.initial_params()
+    state = trainer.init_state(initial)
+  ref_params = trainer.reference_params(initial) if trainer.needs_ref else None
+  del initial
 
   preempt = ckpt_lib.PreemptionFlag()
   start = int(state.step)

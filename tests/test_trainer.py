@@ -219,6 +219,22 @@ def test_hf_checkpoint_files_task_with_reference_model(tmp_path):
   assert ev["eval/num_problems"] == 8 and 0.0 <= ev["eval/accuracy"] <= 1.0
 
 
+def test_reference_policy_is_the_post_warm_start_initial_policy(tmp_path):
+  """pi_ref (KL loss, exact score) is the policy RL starts from: after the supervised warm start,
+  not the random init; a resumed run recomputes the same one."""
+  cfg = tiny_config(tmp_path / "run", **{"sft.steps": 3, "sft.batch_size": 8, "loss.kl_loss_coef": 0.05,
+                                         "total_steps": 1, "eval_every": 0})
+  records = trainer.train(cfg, progress=False)
+  # Step 1 samples and updates from the initial policy, so its KL to pi_ref is zero.
+  assert abs(_steps(records)[0]["kl_loss"]) < 1e-6, _steps(records)[0]["kl_loss"]
+  t = trainer.Trainer(cfg)
+  initial = jax.device_get(t.initial_params())
+  random_init = jax.device_get(t.task.init_params(reference=True))
+  differs = lambda a, b: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+  assert differs(initial, random_init) > 1e-4  # The warm start moved the weights.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(t.reference_params()), initial)
+
+
 def test_global_batch_is_identity_on_one_host_and_round_trips_prompts(monkeypatch):
   from laser_jax import tasks
   prompts = [tasks.Prompt([1, 2, 3], "7", "What is 3+4?"), tasks.Prompt([4], "\\frac{1}{2}", "é")]
