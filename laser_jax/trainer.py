@@ -375,12 +375,23 @@ class Trainer:
     return (forwards + 6) * n * tokens
 
   # ---- evaluation -----------------------------------------------------------------------
-  def evaluate(self, params, rng) -> dict:
-    """Held-out accuracy and self-verification on `task.eval_prompts`."""
-    with jax.set_mesh(self.mesh):
-      return self._evaluate(params, rng)
+  @property
+  def exact_score(self) -> bool:
+    """Scores use log pi_ref(z_c | x, y) instead of the constant c_ref (the exact variant)."""
+    return bool(self.config.laser.use_self_reward_loss and self.config.laser.use_ref_model_score)
 
-  def _evaluate(self, params, rng) -> dict:
+  def evaluate(self, params, rng, ref_params=None) -> dict:
+    """Held-out accuracy and self-verification on `task.eval_prompts`.
+
+    With the exact score variant, `ref_params` (pi_ref) is required: the scores subtract its
+    log pi_ref(z_c | x, y, EOS), as in training.
+    """
+    if self.exact_score and ref_params is None:
+      raise ValueError("Trainer.evaluate: config.laser.use_ref_model_score needs ref_params (pi_ref)")
+    with jax.set_mesh(self.mesh):
+      return self._evaluate(params, rng, ref_params)
+
+  def _evaluate(self, params, rng, ref_params) -> dict:
     prompts = self.task.eval_prompts
     out = sampler_lib.sample(params, self.model_cfg, [p.token_ids for p in prompts], self.eval_sampling,
                              rng, mesh=self.mesh)
@@ -388,8 +399,14 @@ class Trainer:
     answers = [prompts[g].answer for g in out.group_ids]
     rewards = np.asarray(self.task.verifier(texts, answers).rewards, np.float32)
     c = self.config
+    ref_z_logprob = None
+    if self.exact_score:
+      batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
+                                               out.response_lengths, out.finished, self.pad_id)
+      _, ref_z_logprob = self.logprobs(ref_params, batch)
     scores = np.asarray(objective.self_reward_score(
-        out.self_reward_logprob, kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant))
+        out.self_reward_logprob, kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant,
+        ref_z_logprob=ref_z_logprob))
     sv = jax.device_get(rl_metrics.self_verification_metrics(scores, rewards, out.finished))
     return {
         "eval/accuracy": float(np.mean(rewards)),
@@ -452,7 +469,7 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
   end = c.total_steps if max_steps is None else min(c.total_steps, start + max_steps)
   eval_key = jax.random.key(c.seed + 1)
   if start == 0 and c.eval_every > 0:
-    records.append(writer.write(0, trainer.evaluate(state.params, eval_key)))
+    records.append(writer.write(0, trainer.evaluate(state.params, eval_key, ref_params)))
   bar = tqdm(total=c.total_steps, initial=start, disable=not progress or jax.process_index() != 0,
              desc="LaSeR", unit="step", dynamic_ncols=True)
   try:
@@ -465,7 +482,7 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
       state, metrics = trainer.train_step(state, prompts, ref_params)
       step = int(state.step)
       if c.eval_every > 0 and (step % c.eval_every == 0 or step == c.total_steps):
-        metrics.update(trainer.evaluate(state.params, eval_key))
+        metrics.update(trainer.evaluate(state.params, eval_key, ref_params))
       records.append(writer.write(step, metrics))
       bar.update(1)
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", f1=f"{metrics['self_reward/f1']:.2f}",

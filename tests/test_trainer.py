@@ -215,8 +215,24 @@ def test_hf_checkpoint_files_task_with_reference_model(tmp_path):
   assert np.isfinite(metrics["loss"])
   new = jax.device_get(state.params)
   assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), new, ref))) > 0
-  ev = t.evaluate(state.params, jax.random.key(0))
+  ev = t.evaluate(state.params, jax.random.key(0), ref_params=ref)
   assert ev["eval/num_problems"] == 8 and 0.0 <= ev["eval/accuracy"] <= 1.0
+
+
+def test_eval_with_the_exact_score_subtracts_the_reference_logprob(tmp_path):
+  """In-training eval scores with log pi_ref(z_c | x, y) under the exact variant, not c_ref."""
+  overrides = {"laser.ref_constant": -100.0, "eval_every": 0}
+  t = trainer.Trainer(tiny_config(tmp_path, **{**overrides, "laser.use_ref_model_score": True}))
+  params = t.initial_params()
+  # pi_ref = the policy: every exact score is 0 -> "incorrect"; with c_ref = -100 the constant
+  # variant's scores are ~10 -> "correct". The random policy gets every answer wrong.
+  ev = t.evaluate(params, jax.random.key(0), ref_params=params)
+  assert ev["eval/truncated_frac"] < 1 and ev["eval/accuracy"] == 0
+  assert ev["eval/self_verification_acc_incorrect"] == 1.0
+  constant = trainer.Trainer(tiny_config(tmp_path, **overrides)).evaluate(params, jax.random.key(0))
+  assert constant["eval/self_verification_acc_incorrect"] == 0.0
+  with pytest.raises(ValueError, match="needs ref_params"):
+    t.evaluate(params, jax.random.key(0))
 
 
 def test_reference_policy_is_the_post_warm_start_initial_policy(tmp_path):
