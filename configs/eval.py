@@ -9,6 +9,9 @@ Evaluate a training run (latest checkpoint of its workdir; the run's config file
   python -m laser_jax.evaluate --config=configs/eval.py \
       --config.model.checkpoint_dir=/tmp/laser_jax/tiny_cpu --config.model.train_config=configs/tiny_cpu.py \
       --config.eval.input_file=synthetic --config.eval.reward_fn=synthetic --config.eval.template=chat
+Score with the exact variant (log pi_ref(z_c | x, y) of a reference model instead of c_ref):
+  python -m laser_jax.evaluate --config=configs/eval.py --config.model.hf_path=/path/to/trained \
+      --config.laser.ref_hf_path=/path/to/initial_model --config.eval.input_file=math500
 Export a training run as a Hugging Face directory (for vLLM serving or the Hub):
   python -m laser_jax.export --config=configs/eval.py \
       --config.model.checkpoint_dir=/tmp/laser_jax/tiny_cpu --config.export.output_dir=/tmp/laser_jax/tiny_cpu_hf
@@ -69,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   # beta_v and c_ref; unset = the training run's values for a checkpoint, 0.1 and -23.0 for an HF model.
   c.laser.kl_coef = config_dict.placeholder(float)  # beta_v.
   c.laser.ref_constant = config_dict.placeholder(float)  # c_ref (Qwen2.5: -23.0, OctoThinker: -25.0; see calibrate).
+  # The exact score r_s = kl_coef * (log pi(z_c | x, y, EOS) - log pi_ref(z_c | x, y, EOS)): pi_ref's HF
+  # directory (the evaluated model's architecture, usually its initial model). "" = ref_constant,
+  # except for a checkpoint of a run that trained the exact score: its own reference is used.
+  c.laser.ref_hf_path = ""
 
   # Device mesh (sizes multiply to the device count; -1 takes the rest). Batches shard over data x fsdp.
   c.mesh = ml_collections.ConfigDict()

@@ -11,7 +11,10 @@ Output, one JSON line per problem, field names as in the official LaSeR release'
   truncated responses), plus prompt (text), prompt_token_ids, response_token_ids (EOS excluded) and
   self_rewarding_logprobs (log pi(z_c | x, y, EOS) read by the sampler during generation; null for
   truncated responses) and stop_token_ids (the EOS id each response emitted, null if truncated:
-  models may have several). JSON never holds NaN: a missing value is null.
+  models may have several). With the exact score (`config.laser.ref_hf_path`, or a checkpoint of a
+  run trained with `laser.use_ref_model_score`), scores are beta_v * (logprob - ref_logprob) and
+  the records add self_rewarding_ref_logprobs (log pi_ref(z_c | x, y, EOS), one reference-model
+  forward per batch). JSON never holds NaN: a missing value is null.
 The summary (`summary_path(output_file)`: `foo.jsonl` -> `foo.summary.json`) holds the metrics of
 `laser_jax.tts.summarize` (mean@n, verify/*, maj@k, self_weighted_maj@k, best@k), the run's
 statistics and the config; the same numbers are printed as a table.
@@ -23,6 +26,7 @@ same answer, while e.g. "0.5" and "\frac12" stay separate votes (slightly conser
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,6 +38,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from laser_jax import data as data_lib
 from laser_jax import model as model_lib
@@ -71,6 +76,10 @@ class LoadedModel:
   source: str  # where the weights came from (for the summary)
   kl_coef: float  # beta_v of the score r_s = beta_v * (log pi(z_c | x, y) - c_ref).
   ref_constant: float  # c_ref.
+  # The exact variant: pi_ref's params (same ModelConfig); scores subtract its log pi_ref(z_c | x, y)
+  # instead of c_ref. None = the constant.
+  ref_params: Any = None
+  ref_source: str = ""  # Where pi_ref came from (for the summary).
 
 
 def make_eval_mesh(config: ml_collections.ConfigDict):
@@ -197,8 +206,14 @@ def _from_checkpoint(config, mesh) -> LoadedModel:
   # The score the run trained: its beta_v and c_ref unless the eval config sets them.
   kl_coef = laser.kl_coef if laser.kl_coef is not None else tc.laser.kl_coef
   ref_constant = laser.ref_constant if laser.ref_constant is not None else tc.laser.ref_constant
+  # A run that trained the exact score is evaluated with it, against the run's own reference.
+  ref_params, ref_source = None, ""
+  if laser.ref_hf_path:
+    ref_params, ref_source = _load_reference_hf(laser.ref_hf_path, cfg, mesh), laser.ref_hf_path
+  elif tc.laser.get("use_self_reward_loss") and tc.laser.get("use_ref_model_score"):
+    ref_params, ref_source = _run_reference(tc, train_config_path, cfg, mesh)
   return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh,
-                     f"{state_dir} (step {step})", kl_coef, ref_constant)
+                     f"{state_dir} (step {step})", kl_coef, ref_constant, ref_params, ref_source)
 
 
 def _from_hf(config, mesh) -> LoadedModel:
@@ -213,9 +228,39 @@ def _from_hf(config, mesh) -> LoadedModel:
   token = laser.self_reward_token or ("" if laser.self_reward_token_id >= 0 else DEFAULT_ZC_TOKEN)
   zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id, token, "")
   eos_ids = tasks.eos_token_ids(tokenizer, path)
+  ref_params = _load_reference_hf(laser.ref_hf_path, cfg, mesh) if laser.ref_hf_path else None
   return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh, path,
                      laser.kl_coef if laser.kl_coef is not None else DEFAULT_KL_COEF,
-                     laser.ref_constant if laser.ref_constant is not None else DEFAULT_REF_CONSTANT)
+                     laser.ref_constant if laser.ref_constant is not None else DEFAULT_REF_CONSTANT,
+                     ref_params, laser.ref_hf_path)
+
+
+def _load_reference_hf(path: str, cfg: model_lib.ModelConfig, mesh) -> Any:
+  """pi_ref's params from an HF directory, which must have the evaluated model's architecture."""
+  from laser_jax import hf
+  try:
+    ref_cfg = hf.load_hf_config(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+  except hf.HFCheckpointError as e:
+    raise ConfigError(f"config.laser.ref_hf_path: {e}") from None
+  ref_cfg = dataclasses.replace(ref_cfg, remat=cfg.remat)
+  for field in dataclasses.fields(cfg):
+    want, got = getattr(cfg, field.name), getattr(ref_cfg, field.name)
+    if want != got:
+      raise ConfigError(f"config.laser.ref_hf_path: {path} is not the evaluated model's architecture: "
+                        f"{field.name} is {got!r} there, {want!r} in the evaluated model")
+  return hf.load_hf_params(path, cfg, mesh=mesh)
+
+
+def _run_reference(tc, m_train_config: str, cfg: model_lib.ModelConfig, mesh) -> tuple[Any, str]:
+  """The reference policy of a training run that used the exact score: its HF model, or else its
+  initial policy rebuilt as the trainer builds it (random init + the supervised warm start)."""
+  if tc.model.hf_path:
+    return _load_reference_hf(tc.model.hf_path, cfg, mesh), tc.model.hf_path
+  from laser_jax import trainer as trainer_lib
+  logging.info("Rebuilding the run's reference policy (its initial policy) from %s", m_train_config)
+  ref = jax.device_get(trainer_lib.Trainer(tc).reference_params())
+  shardings = sharding_lib.param_shardings(ref, cfg, mesh)
+  return jax.device_put(ref, shardings), f"initial policy of {m_train_config}"
 
 
 def load_model(config: ml_collections.ConfigDict, mesh=None) -> LoadedModel:
@@ -297,6 +342,28 @@ def _take_rows(out: sampler_lib.SampleOutput, num_rows: int) -> sampler_lib.Samp
       if isinstance(getattr(out, f.name), np.ndarray)})
 
 
+def reference_logprobs(model: LoadedModel, out: sampler_lib.SampleOutput) -> np.ndarray:
+  """log pi_ref(z_c | x, y, EOS) [N] of every row of `out` (NaN for truncated rows): one forward
+  of the reference model over `prompt + response + EOS`, read at the EOS position."""
+  from laser_jax import rollout as rollout_lib
+  batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
+                                           out.response_lengths, out.finished, model.pad_id)
+  fn = _reference_logprob_fn(model.cfg, model.zc_id)
+  logprobs = jax.device_get(fn(model.ref_params, batch["tokens"], batch["positions"],
+                               batch["attention_mask"], batch["eos_index"]))
+  return np.where(out.finished, np.asarray(logprobs, np.float64), np.nan)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_logprob_fn(cfg: model_lib.ModelConfig, zc_id: int):
+  from laser_jax import policy
+
+  def fn(params, tokens, positions, attention_mask, eos_index):
+    hidden = model_lib.forward(params, cfg, tokens, positions, attention_mask, return_hidden=True)
+    return policy.self_reward_logprob(params, cfg, hidden, eos_index, zc_id)
+  return jax.jit(fn)
+
+
 def prepare_items(config, model: LoadedModel, records) -> data_lib.PreparedPrompts:
   e = config.eval
   if e.template not in ("chat", "base"):
@@ -329,21 +396,30 @@ def _nullable(x: float) -> float | None:
 
 
 def build_rows(items, out: sampler_lib.SampleOutput, texts: list[str], rewards: np.ndarray,
-               beta_v: float, c_ref: float) -> list[dict]:
-  """One output record per problem (the n rows of a problem are contiguous in `out`)."""
+               beta_v: float, c_ref: float, ref_logprobs: np.ndarray | None = None) -> list[dict]:
+  """One output record per problem (the n rows of a problem are contiguous in `out`).
+
+  With `ref_logprobs` ([N] log pi_ref(z_c | x, y, EOS), the exact variant) the scores subtract
+  them instead of c_ref, and the records hold them as `self_rewarding_ref_logprobs`.
+  """
   n = len(texts) // len(items)
   rows = []
   for i, item in enumerate(items):
     sl = slice(i * n, (i + 1) * n)
     logprobs = [_nullable(float(x)) if f else None
                 for x, f in zip(out.self_reward_logprob[sl], out.finished[sl])]
+    if ref_logprobs is None:
+      refs = [None if lp is None else c_ref for lp in logprobs]
+    else:
+      refs = [None if lp is None else _nullable(float(x)) for lp, x in zip(logprobs, ref_logprobs[sl])]
+    scores = [None if lp is None or ref is None else beta_v * (lp - ref) for lp, ref in zip(logprobs, refs)]
     rows.append({
         "problem": item["problem"],
         "answer": item["answer"],
         "responses": texts[sl],
         "pred_answers": [verifier_lib.extract_last_boxed(t) for t in texts[sl]],
         "acc_list": [float(r) for r in rewards[sl]],
-        "self_rewarding_scores": [None if lp is None else beta_v * (lp - c_ref) for lp in logprobs],
+        "self_rewarding_scores": scores,
         "self_rewarding_logprobs": logprobs,
         "prompt": item["prompt"],
         "prompt_token_ids": [int(t) for t in item["prompt_ids"]],
@@ -351,6 +427,8 @@ def build_rows(items, out: sampler_lib.SampleOutput, texts: list[str], rewards: 
         "stop_token_ids": [int(out.eos_token[r]) if out.finished[r] else None
                            for r in range(sl.start, sl.stop)],
     })
+    if ref_logprobs is not None:
+      rows[-1]["self_rewarding_ref_logprobs"] = refs
   return rows
 
 
@@ -447,7 +525,9 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
       result = verify(texts, [items[g]["answer"] for g in out.group_ids])
       timeouts += result.num_timeouts
       num_tokens += int(out.response_lengths.sum())
-      for row in build_rows(items, out, texts, result.rewards, model.kl_coef, model.ref_constant):
+      ref_logprobs = reference_logprobs(model, out) if model.ref_params is not None else None
+      for row in build_rows(items, out, texts, result.rewards, model.kl_coef, model.ref_constant,
+                            ref_logprobs):
         f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         rows.append(row)
   os.replace(e.output_file + ".tmp", e.output_file)
@@ -457,7 +537,9 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
                   "verifier_timeouts": timeouts, "elapsed_s": elapsed,
                   "tokens_per_s": num_tokens / max(elapsed, 1e-9), "model": model.source,
                   "self_reward_token_id": model.zc_id, "kl_coef": model.kl_coef,
-                  "ref_constant": model.ref_constant, "output_file": e.output_file,
+                  "ref_constant": model.ref_constant if model.ref_params is None else None,
+                  "reference_model": model.ref_source if model.ref_params is not None else None,
+                  "output_file": e.output_file,
                   "config": config.to_dict()})
   summary = json_safe(summary)
   with open(summary_path(e.output_file), "w") as f:

@@ -123,6 +123,43 @@ def test_self_reward_logprobs_match_transformers_forward(run_output, ckpt):
   assert checked == 6
 
 
+def test_exact_score_subtracts_the_reference_models_logprob(ckpt, tmp_path):
+  """laser.ref_hf_path: each score is beta_v * (log pi - log pi_ref), and log pi_ref equals a
+  transformers forward of the reference checkpoint over prompt + response + EOS."""
+  import torch
+  import transformers
+  ref_ckpt = hf_fixtures.make_tiny_hf_checkpoint(str(tmp_path / "ref"), "qwen2", seed=1)
+  config = eval_config(**{
+      "model.hf_path": ckpt, "laser.ref_hf_path": ref_ckpt, "eval.input_file": write_problems(tmp_path / "p.jsonl"),
+      "eval.output_file": str(tmp_path / "out.jsonl"), "eval.n": N, "eval.max_new_tokens": MAX_NEW,
+      "eval.batch_size": 2, "eval.num_workers": 0, "eval.reward_fn": "test_evaluate:length_parity_reward",
+      "eval.num_bootstrap": 10, "laser.kl_coef": BETA, "laser.ref_constant": C_REF})
+  summary = evaluate.run(config, progress=False, print_table=False)
+  assert summary["reference_model"] == ref_ckpt and summary["ref_constant"] is None
+  rows = [json.loads(line) for line in open(config.eval.output_file)]
+  ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_ckpt, dtype=torch.float32).eval()
+  checked = 0
+  for r in rows:
+    for i, (ids, stop, lp) in enumerate(zip(r["response_token_ids"], r["stop_token_ids"],
+                                            r["self_rewarding_logprobs"])):
+      ref_lp, score = r["self_rewarding_ref_logprobs"][i], r["self_rewarding_scores"][i]
+      if lp is None:
+        assert ref_lp is None and score is None
+        continue
+      with torch.no_grad():
+        logits = ref_model(torch.tensor([r["prompt_token_ids"] + ids + [stop]])).logits[0, -1].double()
+      assert ref_lp == pytest.approx(torch.log_softmax(logits, -1)[hf_fixtures.ZC_ID].item(), abs=1e-4)
+      assert abs(ref_lp - lp) > 1e-3  # Another model: not the policy's own log-prob.
+      assert score == pytest.approx(BETA * (lp - ref_lp), abs=1e-6)
+      checked += 1
+  assert checked > 0
+  # A reference with another architecture is a one-line error naming the field.
+  other = hf_fixtures.make_tiny_hf_checkpoint(str(tmp_path / "other"), "qwen2", vocab_size=512)
+  config.laser.ref_hf_path = other
+  with pytest.raises(evaluate.ConfigError, match=r"config\.laser\.ref_hf_path: .* vocab_size is 512 there, 384"):
+    evaluate.run(config, progress=False, print_table=False)
+
+
 def _canon(a):
   if a is None:
     return None
@@ -314,3 +351,35 @@ def test_evaluate_trainer_checkpoint(tmp_path):
   config.model.train_config = os.path.join(REPO, "configs", "tiny_cpu.py")
   with pytest.raises(evaluate.EvalError, match=r"params\['embed'\]\['embedding'\] has shape"):
     evaluate.run(config, progress=False, print_table=False)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_an_exact_score_run_is_evaluated_against_its_reference(tmp_path):
+  """A run trained with the exact score (random init, no HF model) is evaluated with it: pi_ref is
+  the run's rebuilt initial policy, whose log-probs the records hold."""
+  import jax
+  from laser_jax import model as model_lib
+  from laser_jax import trainer
+  from test_trainer import tiny_config
+  train_cfg = tiny_config(tmp_path / "run", total_steps=1, eval_every=0, **{"laser.use_ref_model_score": True})
+  trainer.train(train_cfg, progress=False)
+  config = eval_config(**{
+      "model.checkpoint_dir": str(tmp_path / "run"), "eval.input_file": "synthetic", "eval.limit": 8,
+      "eval.reward_fn": "synthetic", "eval.num_workers": 0, "eval.n": 8, "eval.max_new_tokens": 32,
+      "eval.batch_size": 8, "eval.output_file": str(tmp_path / "eval.jsonl"), "eval.num_bootstrap": 10})
+  summary = evaluate.run(config, progress=False, print_table=False)
+  assert summary["reference_model"].startswith("initial policy of")
+  t = trainer.Trainer(train_cfg)
+  initial = jax.device_get(t.initial_params())
+  checked = 0
+  for r in map(json.loads, open(config.eval.output_file)):
+    for ids, stop, lp, ref_lp, score in zip(r["response_token_ids"], r["stop_token_ids"], r["self_rewarding_logprobs"],
+                                            r["self_rewarding_ref_logprobs"], r["self_rewarding_scores"]):
+      if lp is None:
+        continue
+      seq = np.array([r["prompt_token_ids"] + ids + [stop]], np.int32)
+      logits = model_lib.forward(initial, t.model_cfg, seq, np.arange(seq.shape[1])[None], np.ones(seq.shape, bool))
+      assert ref_lp == pytest.approx(float(jax.nn.log_softmax(logits[0, -1])[t.zc_id]), abs=1e-4)
+      assert score == pytest.approx(train_cfg.laser.kl_coef * (lp - ref_lp), abs=1e-6)
+      checked += 1
+  assert checked > 0
