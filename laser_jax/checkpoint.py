@@ -5,12 +5,38 @@ optimizer state, step, RNG), saved sharded and restored straight into the target
 `data` is the JSON position of the prompt iterator, so a resumed run sees exactly the prompts the
 uninterrupted run would have seen.
 """
+import logging
+import os
 import signal
 import threading
 from typing import Any
 
 import orbax.checkpoint as ocp
 from etils import epath
+
+
+class _DropOrbaxInfo(logging.Filter):
+  """Drops records below WARNING that orbax's modules emit (through absl's logger)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+_DROP_ORBAX_INFO = _DropOrbaxInfo()
+
+
+def hide_orbax_info_logs(hide: bool = True) -> None:
+  """Hides (or shows again) orbax's INFO logs, dozens of lines per save; its warnings still show.
+
+  absl routes every library's logs through one Python logger, so the filter goes on that
+  logger's handlers and matches orbax's source files.
+  """
+  from absl import logging as absl_logging
+  handler = absl_logging.get_absl_handler()
+  if hide:
+    handler.addFilter(_DROP_ORBAX_INFO)
+  else:
+    handler.removeFilter(_DROP_ORBAX_INFO)
 
 
 class Checkpointer:

@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2  # How many checkpoints orbax keeps in workdir.
   c.async_checkpointing = True  # Write checkpoints in the background while training continues.
   c.log_every = 1  # Print a console summary every this many steps (metrics.jsonl gets every step).
+  # Show orbax's INFO logs (dozens of lines per checkpoint save); its warnings always show.
+  c.library_info_logs = False
   c.eval_every = 25  # Held-out evaluation every this many steps (0 = never); also at step 0 and the end.
   c.mfu_peak_flops = 0.0  # Peak FLOP/s of the whole slice; when > 0, `mfu` is reported.
 

@@ -444,6 +444,7 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
   from tqdm.auto import tqdm
   trainer = Trainer(config)
   c = config
+  ckpt_lib.hide_orbax_info_logs(not c.library_info_logs)
   ckpt = ckpt_lib.Checkpointer(c.workdir, keep=c.keep_checkpoints, async_save=c.async_checkpointing)
   writer = metrics_writer.MetricsWriter(c.workdir)
   if jax.process_index() == 0:

@@ -183,6 +183,7 @@ def test_sigterm_saves_current_step_and_resume_repeats_none(tmp_path):
   done = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved[-1] == done[-1]  # The step in progress when SIGTERM came was finished and saved.
+  assert "checkpoint_manager.py" not in out  # orbax's INFO chatter is hidden by default.
   resumed = _cli(["--config=configs/tiny_cpu.py", f"--config.workdir={workdir}",
                   f"--config.total_steps={done[-1] + 1}", *SMALL_FLAGS])
   out, _ = resumed.communicate(timeout=300)
@@ -249,6 +250,25 @@ def test_reference_policy_is_the_post_warm_start_initial_policy(tmp_path):
   differs = lambda a, b: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
   assert differs(initial, random_init) > 1e-4  # The warm start moved the weights.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(t.reference_params()), initial)
+
+
+def test_orbax_info_logs_are_hidden_but_warnings_and_our_logs_pass():
+  import logging
+  from laser_jax import checkpoint as ckpt_lib
+  from absl import logging as absl_logging
+  handler = absl_logging.get_absl_handler()
+  record = lambda level, path: logging.LogRecord("absl", level, path, 1, "m", None, None)
+  orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+  ours = os.path.join(REPO, "laser_jax", "trainer.py")
+  try:
+    ckpt_lib.hide_orbax_info_logs()
+    assert not handler.filter(record(logging.INFO, orbax_file))
+    assert handler.filter(record(logging.WARNING, orbax_file))
+    assert handler.filter(record(logging.INFO, ours))
+    ckpt_lib.hide_orbax_info_logs(False)  # config.library_info_logs = True
+    assert handler.filter(record(logging.INFO, orbax_file))
+  finally:
+    ckpt_lib.hide_orbax_info_logs(False)
 
 
 def test_global_batch_is_identity_on_one_host_and_round_trips_prompts(monkeypatch):
