@@ -251,16 +251,16 @@ def _load_reference_hf(path: str, cfg: model_lib.ModelConfig, mesh) -> Any:
   return hf.load_hf_params(path, cfg, mesh=mesh)
 
 
-def _run_reference(tc, m_train_config: str, cfg: model_lib.ModelConfig, mesh) -> tuple[Any, str]:
+def _run_reference(tc, train_config_path: str, cfg: model_lib.ModelConfig, mesh) -> tuple[Any, str]:
   """The reference policy of a training run that used the exact score: its HF model, or else its
   initial policy rebuilt as the trainer builds it (random init + the supervised warm start)."""
   if tc.model.hf_path:
     return _load_reference_hf(tc.model.hf_path, cfg, mesh), tc.model.hf_path
   from laser_jax import trainer as trainer_lib
-  logging.info("Rebuilding the run's reference policy (its initial policy) from %s", m_train_config)
+  logging.info("Rebuilding the run's reference policy (its initial policy) from %s", train_config_path)
   ref = jax.device_get(trainer_lib.Trainer(tc).reference_params())
   shardings = sharding_lib.param_shardings(ref, cfg, mesh)
-  return jax.device_put(ref, shardings), f"initial policy of {m_train_config}"
+  return jax.device_put(ref, shardings), f"initial policy of {train_config_path}"
 
 
 def load_model(config: ml_collections.ConfigDict, mesh=None) -> LoadedModel:

@@ -463,7 +463,7 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
     initial = trainer.initial_params()
     state = trainer.init_state(initial)
   ref_params = trainer.reference_params(initial) if trainer.needs_ref else None
-  del initial
+  del initial  # Its buffers are the state's, which the first update donates.
 
   preempt = ckpt_lib.PreemptionFlag()
   start = int(state.step)
