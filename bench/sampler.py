@@ -13,6 +13,9 @@ both sides (same weights). Three measurements, side by side in one run:
   4. long responses (--long-new-tokens at --long-batch, as in RL rollouts): ours with the default
      decode segments (each loop attends only over the KV cache written so far) vs one loop over
      the whole cache vs transformers generate.
+  5. an RL-shaped batch, --rl-prompts prompts x --rl-n responses each: ours (each prompt
+     prefilled once, its cache repeated for its n rows) vs ours prefilling every row vs
+     transformers generate with num_return_sequences (which prefills every row).
 
 Usage:
   python bench/sampler.py             # full run, writes bench/results/sampler.json
@@ -59,6 +62,8 @@ def parse_args(argv=None):
   p.add_argument("--score-batch", type=int, default=16, help="batch size for measurements 2 and 3")
   p.add_argument("--long-batch", type=int, default=16, help="batch size for measurement 4")
   p.add_argument("--long-new-tokens", type=int, default=512, help="response length for measurement 4")
+  p.add_argument("--rl-prompts", type=int, default=8, help="distinct prompts in measurement 5")
+  p.add_argument("--rl-n", type=int, default=8, help="responses per prompt in measurement 5")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--skip-torch", action="store_true", help="skip the transformers baseline")
   p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
@@ -68,7 +73,7 @@ def parse_args(argv=None):
   if args.quick:
     args.vocab, args.hidden, args.intermediate, args.layers = 2048, 128, 256, 2
     args.heads, args.kv_heads, args.new_tokens, args.batches, args.score_batch, args.repeats = 4, 2, 16, "1,8", 8, 2
-    args.long_batch, args.long_new_tokens = 4, 48
+    args.long_batch, args.long_new_tokens, args.rl_prompts, args.rl_n = 4, 48, 2, 4
   return args
 
 
@@ -167,16 +172,16 @@ def main(argv=None):
       assert (out.lengths == new_tokens).all()
     return ours
 
-  def hf_fn(prompts, new_tokens):
-    """transformers generate forced to generate exactly new_tokens tokens per row."""
+  def hf_fn(prompts, new_tokens, n=1):
+    """transformers generate forced to generate exactly new_tokens tokens per row (n per prompt)."""
     ids = torch.tensor(prompts)
 
     def theirs():
       with torch.no_grad():
         gen = torch_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                    temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, pad_token_id=0)
-      assert gen.shape[1] == args.prompt_len + new_tokens
+                                   min_new_tokens=new_tokens, pad_token_id=0, num_return_sequences=n)
+      assert gen.shape == (len(prompts) * n, args.prompt_len + new_tokens)
     return theirs
 
   for batch in [int(b) for b in args.batches.split(",")]:
@@ -269,6 +274,26 @@ def main(argv=None):
         (f" | transformers {long['hf_tok_s']:.1f} tok/s | speedup {long['speedup']:.2f}x" if "hf" in t else ""),
         flush=True)
 
+  # ---- 5. RL-shaped batch: n responses per prompt ------------------------------------------
+  rl_prompts = rng.integers(4, cfg.vocab_size - 1, size=(args.rl_prompts, args.prompt_len)).tolist()
+  rows = [p for p in rl_prompts for _ in range(args.rl_n)]
+  fns = {"ours": ours_fn(rl_prompts, args.new_tokens, n=args.rl_n),
+         "per_row_prefill": ours_fn(rows, args.new_tokens)}
+  if not args.skip_torch:
+    fns["hf"] = hf_fn(rl_prompts, args.new_tokens, n=args.rl_n)
+  t = interleaved(fns, args.repeats)
+  n_tokens = len(rows) * args.new_tokens
+  rl = {"prompts": args.rl_prompts, "n": args.rl_n, "batch": len(rows), "ours_s": t["ours"],
+        "ours_tok_s": n_tokens / t["ours"], "per_row_prefill_s": t["per_row_prefill"],
+        "per_row_prefill_over_ours": t["per_row_prefill"] / t["ours"], "ours_median_s": MEDIANS["ours"]}
+  if "hf" in t:
+    rl.update(hf_s=t["hf"], hf_tok_s=n_tokens / t["hf"], speedup=t["hf"] / t["ours"], hf_median_s=MEDIANS["hf"])
+  results["rl_batch"] = rl
+  print(f"[5] {args.rl_prompts} prompts x n={args.rl_n}: ours {rl['ours_tok_s']:.1f} tok/s | each row "
+        f"prefilled {rl['per_row_prefill_over_ours']:.2f}x our time" +
+        (f" | transformers {rl['hf_tok_s']:.1f} tok/s | speedup {rl['speedup']:.2f}x" if "hf" in t else ""),
+        flush=True)
+
   results["loadavg_end"] = os.getloadavg()
   results["command"] = "python " + " ".join(["bench/sampler.py"] + (argv if argv is not None else sys.argv[1:]))
   print()
@@ -288,6 +313,9 @@ def main(argv=None):
   print(f"long responses (batch {long['batch']}, {long['new_tokens']} tokens): one loop / ours = "
         f"{long['one_loop_over_ours']:.2f}" +
         (f", speedup over transformers {long['speedup']:.2f}x" if "speedup" in long else ""))
+  print(f"RL-shaped batch ({rl['prompts']} prompts x n={rl['n']}): per-row prefill / ours = "
+        f"{rl['per_row_prefill_over_ours']:.2f}" +
+        (f", speedup over transformers {rl['speedup']:.2f}x" if "speedup" in rl else ""))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=1)

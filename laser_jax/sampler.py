@@ -325,8 +325,10 @@ class Sampler:
   def __init__(self, decode_fn: Callable, init_cache_fn: Callable, *, mesh: Mesh | None = None,
                cache_sharding_fn: Callable | None = None, min_bucket: int = MIN_BUCKET):
     """Args:
-      decode_fn: (params, tokens, positions, token_mask, cache, write_index) -> (logits, cache).
-      init_cache_fn: (batch, max_len) -> empty cache pytree (called inside jit).
+      decode_fn: (params, tokens, positions, token_mask, cache, write_index, chunk) -> (logits, cache).
+      init_cache_fn: (batch, chunk_lengths) -> empty cache pytree (called inside jit) whose
+        leaves all have the batch as their leading axis (a prefilled prompt's cache rows are
+        repeated for its n responses).
       mesh: when given, the batch is sharded over its ("data", "fsdp") axes.
       cache_sharding_fn: cache -> NamedSharding pytree for it on `mesh` (None = XLA chooses).
       min_bucket: smallest prompt bucket length.
@@ -371,16 +373,28 @@ class Sampler:
 
   # ---- jitted pieces ----------------------------------------------------------------------
   def _prefill_impl(self, params, prompt_tokens, prompt_mask, row_valid, rng, *, sampling: SamplingParams):
-    """Runs the prompt through the model and samples the first token. Returns the state."""
+    """Runs the prompts through the model and samples every row's first token. Returns the state.
+
+    `prompt_tokens`/`prompt_mask` hold either one row per sampled response or, when the batch
+    divides evenly, each distinct prompt once: then the prompt is prefilled once and its cache
+    and last logits are repeated for its n rows (`row_valid` [rows] gives the row count).
+    """
     self.num_traces += 1
-    batch, prompt_len = prompt_tokens.shape
+    num_prompts, prompt_len = prompt_tokens.shape
+    batch = row_valid.shape[0]
+    repeats = batch // num_prompts
     max_new = sampling.max_new_tokens
     # Slots: the prompt's chunk, then one chunk per decode segment. The last consumed token is
     # token number max_new_tokens (an EOS whose score is read), so there are max_new of those.
-    cache = self.init_cache_fn(batch, (prompt_len,) + sampling.decode_chunk_lengths)
+    cache = self.init_cache_fn(num_prompts, (prompt_len,) + sampling.decode_chunk_lengths)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0).astype(jnp.int32)
     logits, cache = self.decode_fn(params, prompt_tokens, positions, prompt_mask, cache, jnp.int32(0), 0)
-    first, first_lp, _ = choose_tokens(logits[:, -1].astype(jnp.float32), jax.random.fold_in(rng, 0), sampling)
+    logits = logits[:, -1]
+    if repeats > 1:
+      # Row r is prompt r // n. A repeat of the (batch-sharded) leading axis stays on each device.
+      expand = functools.partial(jnp.repeat, repeats=repeats, axis=0)
+      logits, prompt_mask, cache = expand(logits), expand(prompt_mask), jax.tree.map(expand, cache)
+    first, first_lp, _ = choose_tokens(logits.astype(jnp.float32), jax.random.fold_in(rng, 0), sampling)
     first = jnp.where(row_valid, first, sampling.pad_id)
     is_eos = _is_eos(first, sampling.eos_ids) & row_valid
     scored = sampling.self_reward_token_id is not None
@@ -472,16 +486,22 @@ class Sampler:
     dp = self.data_parallel_size
     batch = -(-num_rows // dp) * dp
     bucket = bucket_length(max(len(p) for p in prompts), self.min_bucket)
-    rows = [list(p) for p in prompts for _ in range(n)]
-    # Padding rows (to a multiple of the data-parallel size) hold one pad token and start done.
-    rows += [[sampling.pad_id]] * (batch - num_rows)
-    prompt_tokens, prompt_mask = left_pad(rows, bucket, sampling.pad_id)
+    # Padding (to a multiple of the data-parallel size) holds one pad token and starts done.
+    num_prompts = -(-len(prompts) // dp) * dp
+    if n > 1 and num_prompts * n == batch:
+      # Each distinct prompt is prefilled once (prefill costs 1/n); the prefill repeats its cache.
+      prefill_rows = [list(p) for p in prompts] + [[sampling.pad_id]] * (num_prompts - len(prompts))
+    else:
+      prefill_rows = [list(p) for p in prompts for _ in range(n)] + [[sampling.pad_id]] * (batch - num_rows)
+    prompt_tokens, prompt_mask = left_pad(prefill_rows, bucket, sampling.pad_id)
     row_valid = np.arange(batch) < num_rows
 
     state = self._prefill(params, self._put_batch(prompt_tokens), self._put_batch(prompt_mask),
                           self._put_batch(row_valid), rng, sampling=sampling)
     state = self._decode(params, state, sampling=sampling, prompt_len=bucket)
-    return _to_output(state, prompt_tokens, prompt_mask, num_rows, sampling)
+    repeats = batch // prompt_tokens.shape[0]
+    return _to_output(state, np.repeat(prompt_tokens, repeats, axis=0), np.repeat(prompt_mask, repeats, axis=0),
+                      num_rows, sampling)
 
 
 def _gather(x: jax.Array) -> np.ndarray:

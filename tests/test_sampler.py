@@ -4,6 +4,7 @@ References: a toy decode function over a fixed logits table (exact probabilities
 NumPy), the full-sequence `model.forward` (self-reward and per-token log-probs), and
 `transformers` greedy `generate` on the same tiny checkpoint.
 """
+import dataclasses
 import functools
 import math
 
@@ -170,6 +171,38 @@ def test_seeds_and_groups():
   np.testing.assert_array_equal(a.prompt_tokens[4:8], np.tile([[0] * 15 + [5]], (4, 1)))
   np.testing.assert_array_equal(a.prompt_mask.sum(1), [3] * 4 + [1] * 4 + [2] * 4)
   assert len({tuple(t) for t in a.tokens[:4]}) > 1  # the n samples of a prompt differ
+
+
+def test_each_distinct_prompt_is_prefilled_once():
+  """n responses per prompt share one prefill (its cache rows are repeated), which gives the same
+  draws as prefilling every row; an uneven sharded batch falls back to prefilling every row."""
+  table = jnp.asarray(np.random.default_rng(2).normal(size=(16, 16)).astype(np.float32))
+  prefill_rows = []
+
+  def recording_decode(params, tokens, positions, token_mask, cache, write_index, chunk):
+    if tokens.shape[1] > 1:  # the prefill (decode steps consume one token)
+      prefill_rows.append(tokens.shape[0])
+    return toy_decode(params, tokens, positions, token_mask, cache, write_index, chunk)
+
+  sp = SamplingParams(n=4, max_new_tokens=6, temperature=1.0)
+  prompts = [[1, 2, 3], [5], [7, 7]]
+  shared = Sampler(recording_decode, toy_cache)(table, prompts, sp, jax.random.key(4))
+  assert prefill_rows == [3]
+  rows = [p for p in prompts for _ in range(4)]
+  per_row = Sampler(recording_decode, toy_cache)(table, rows, dataclasses.replace(sp, n=1),
+                                                       jax.random.key(4))
+  assert prefill_rows == [3, 12]
+  np.testing.assert_array_equal(shared.tokens, per_row.tokens)
+  np.testing.assert_array_equal(shared.logprobs, per_row.logprobs)
+  np.testing.assert_array_equal(shared.prompt_tokens, per_row.prompt_tokens)
+  # 5 prompts x n=2 on data x fsdp = 4: prompts pad to 8 (16 rows) but rows only to 12.
+  mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
+  out = Sampler(recording_decode, toy_cache, mesh=mesh)(
+      table, [[1], [2], [3], [4], [5]], dataclasses.replace(sp, n=2), jax.random.key(0))
+  assert prefill_rows[-1] == 12 and out.tokens.shape == (10, 6)
+  Sampler(recording_decode, toy_cache, mesh=mesh)(
+      table, [[1], [2], [3], [4]], dataclasses.replace(sp, n=2), jax.random.key(0))
+  assert prefill_rows[-1] == 4
 
 
 def test_bucketing_does_not_recompile():
@@ -341,6 +374,20 @@ def test_sampled_logprobs_and_scores_equal_full_forward(decode_segments):
   check_against_full_forward(tiny_params(), PROMPTS[:4], out, temperature=0.8)
   if decode_segments > 1:
     np.testing.assert_array_equal(out.tokens, sampled_output(1).tokens)
+
+
+def test_shared_prefill_equals_prefilling_every_row():
+  """The n rows of a prompt decode from copies of one prefilled cache: the same draws, log-probs
+  and scores as when each row prefills its own copy of the prompt."""
+  out = sampled_output(1)  # 4 prompts x n = 3: one prefill per prompt
+  sp = SamplingParams(n=1, temperature=0.8, top_p=0.95, top_k=60, max_new_tokens=10,
+                      eos_ids=tuple(range(10, 24)), pad_id=0, self_reward_token_id=Z_C,
+                      decode_segments=1, min_segment_tokens=1)
+  rows = [p for p in PROMPTS[:4] for _ in range(3)]
+  per_row = sampler_lib.sample(tiny_params(), TINY, rows, sp, jax.random.key(5))
+  np.testing.assert_array_equal(out.tokens, per_row.tokens)
+  np.testing.assert_allclose(out.logprobs, per_row.logprobs, atol=1e-6)
+  np.testing.assert_allclose(out.self_reward_logprob, per_row.self_reward_logprob, atol=1e-6)
 
 
 def test_sharded_matches_single_device():
