@@ -65,6 +65,7 @@ def parse_args(argv=None):
   p.add_argument("--rl-prompts", type=int, default=8, help="distinct prompts in measurement 5")
   p.add_argument("--rl-n", type=int, default=8, help="responses per prompt in measurement 5")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--measurements", type=str, default="1,2,3,4,5", help="which measurements to run")
   p.add_argument("--skip-torch", action="store_true", help="skip the transformers baseline")
   p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
   p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -144,7 +145,6 @@ def main(argv=None):
   args = parse_args(argv)
   import torch
   torch.set_num_threads(os.cpu_count())
-  rows = []
   with tempfile.TemporaryDirectory() as tmp:
     torch_model = make_checkpoint(args, tmp)
     cfg = hf.load_hf_config(tmp)
@@ -153,13 +153,13 @@ def main(argv=None):
         f"{cfg.hidden_size}, {cfg.num_layers} layers); prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens; jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
-  rng = np.random.default_rng(0)
+  todo = {int(m) for m in args.measurements.split(",")}
   z_c = cfg.vocab_size - 1
   key = jax.random.key(0)
   results = {"args": vars(args), "num_params": cfg.num_params(), "cpu_count": os.cpu_count(),
              "platform": platform.platform(), "jax": jax.__version__, "torch": torch.__version__,
              "loadavg_start": os.getloadavg(), "throughput": [], "score_overhead": [], "official_recipe": {},
-             "long_responses": {}}
+             "long_responses": {}, "rl_batch": {}}
 
   # ---- 1. tokens/s vs transformers generate ----------------------------------------------
   def ours_fn(prompts, new_tokens, **sampling):
@@ -184,138 +184,153 @@ def main(argv=None):
       assert gen.shape == (len(prompts) * n, args.prompt_len + new_tokens)
     return theirs
 
-  for batch in [int(b) for b in args.batches.split(",")]:
-    prompts = rng.integers(4, cfg.vocab_size - 1, size=(batch, args.prompt_len)).tolist()
-    entry = {"batch": batch}
-    fns = {"ours": ours_fn(prompts, args.new_tokens)}
-    if not args.skip_torch:
-      fns["hf"] = hf_fn(prompts, args.new_tokens)
-    t = interleaved(fns, args.repeats)
-    t_ours = t["ours"]
-    entry.update(ours_s=t_ours, ours_tok_s=batch * args.new_tokens / t_ours, ours_median_s=MEDIANS["ours"])
-    if "hf" in t:
-      t_hf = t["hf"]
-      entry.update(hf_s=t_hf, hf_tok_s=batch * args.new_tokens / t_hf, speedup=t_hf / t_ours,
-                   hf_median_s=MEDIANS["hf"])
-    results["throughput"].append(entry)
-    rows.append(entry)
-    print(f"[1] batch {batch:3d}: ours {entry['ours_tok_s']:9.1f} tok/s" +
-          (f" | transformers {entry['hf_tok_s']:9.1f} tok/s | speedup {entry['speedup']:.2f}x"
-           if "hf_s" in entry else ""), flush=True)
+  if 1 in todo:
+    for batch in [int(b) for b in args.batches.split(",")]:
+      prompts = np.random.default_rng(batch).integers(4, cfg.vocab_size - 1,
+                                                      size=(batch, args.prompt_len)).tolist()
+      entry = {"batch": batch}
+      fns = {"ours": ours_fn(prompts, args.new_tokens)}
+      if not args.skip_torch:
+        fns["hf"] = hf_fn(prompts, args.new_tokens)
+      t = interleaved(fns, args.repeats)
+      t_ours = t["ours"]
+      entry.update(ours_s=t_ours, ours_tok_s=batch * args.new_tokens / t_ours, ours_median_s=MEDIANS["ours"])
+      if "hf" in t:
+        t_hf = t["hf"]
+        entry.update(hf_s=t_hf, hf_tok_s=batch * args.new_tokens / t_hf, speedup=t_hf / t_ours,
+                     hf_median_s=MEDIANS["hf"])
+      results["throughput"].append(entry)
+      print(f"[1] batch {batch:3d}: ours {entry['ours_tok_s']:9.1f} tok/s" +
+            (f" | transformers {entry['hf_tok_s']:9.1f} tok/s | speedup {entry['speedup']:.2f}x"
+             if "hf_s" in entry else ""), flush=True)
 
   # ---- 2. score overhead ---------------------------------------------------------------------
   batch = args.score_batch
-  prompts = rng.integers(4, cfg.vocab_size - 1, size=(batch, args.prompt_len)).tolist()
+  prompts = np.random.default_rng(2).integers(4, cfg.vocab_size - 1, size=(batch, args.prompt_len)).tolist()
   # About one token in new_tokens is an EOS, so rows stop at spread-out steps.
   eos_ids = tuple(range(4, 4 + max(1, cfg.vocab_size // args.new_tokens)))
   workloads = {"rows stop at different steps": eos_ids, "no EOS (all rows run to the limit)": ()}
-  for name, eos in workloads.items():
-    with_score = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0,
-                                self_reward_token_id=z_c)
-    without = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0,
-                             self_reward_token_id=None)
-    a = sampler_lib.sample(params, cfg, prompts, with_score, key)
-    b = sampler_lib.sample(params, cfg, prompts, without, key)
-    np.testing.assert_array_equal(a.tokens, b.tokens)  # the score does not change the samples
-    t = interleaved({"with": lambda: sampler_lib.sample(params, cfg, prompts, with_score, key),
-                     "without": lambda: sampler_lib.sample(params, cfg, prompts, without, key)},
-                    args.repeats)
-    entry = {"workload": name, "batch": batch, "with_score_s": t["with"], "without_score_s": t["without"],
-             "with_score_median_s": MEDIANS["with"], "without_score_median_s": MEDIANS["without"],
-             "overhead_pct": 100 * (t["with"] / t["without"] - 1), "finished_rows": int(a.finished.sum()),
-             "mean_length": float(a.response_lengths.mean())}
-    results["score_overhead"].append(entry)
-    print(f"[2] {name}: with score {t['with'] * 1e3:8.1f} ms | without {t['without'] * 1e3:8.1f} ms | "
-          f"overhead {entry['overhead_pct']:+.2f}% ({entry['finished_rows']}/{batch} rows finished)", flush=True)
+  if 2 in todo:
+    for name, eos in workloads.items():
+      with_score = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0,
+                                  self_reward_token_id=z_c)
+      without = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0,
+                               self_reward_token_id=None)
+      a = sampler_lib.sample(params, cfg, prompts, with_score, key)
+      b = sampler_lib.sample(params, cfg, prompts, without, key)
+      np.testing.assert_array_equal(a.tokens, b.tokens)  # the score does not change the samples
+      t = interleaved({"with": lambda: sampler_lib.sample(params, cfg, prompts, with_score, key),
+                       "without": lambda: sampler_lib.sample(params, cfg, prompts, without, key)},
+                      args.repeats)
+      entry = {"workload": name, "batch": batch, "with_score_s": t["with"], "without_score_s": t["without"],
+               "with_score_median_s": MEDIANS["with"], "without_score_median_s": MEDIANS["without"],
+               "overhead_pct": 100 * (t["with"] / t["without"] - 1), "finished_rows": int(a.finished.sum()),
+               "mean_length": float(a.response_lengths.mean())}
+      results["score_overhead"].append(entry)
+      print(f"[2] {name}: with score {t['with'] * 1e3:8.1f} ms | without {t['without'] * 1e3:8.1f} ms | "
+            f"overhead {entry['overhead_pct']:+.2f}% ({entry['finished_rows']}/{batch} rows finished)", flush=True)
 
   # ---- 3. official recipe (separate forward) vs in-loop -------------------------------------
-  eos = workloads["rows stop at different steps"]
-  with_score = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0,
-                              self_reward_token_id=z_c)
-  without = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0)
-  scorer = official_recipe_scorer(cfg, z_c)
-  width = args.prompt_len + args.new_tokens
+  if 3 in todo:
+    eos = workloads["rows stop at different steps"]
+    with_score = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0,
+                                self_reward_token_id=z_c)
+    without = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=0)
+    scorer = official_recipe_scorer(cfg, z_c)
+    width = args.prompt_len + args.new_tokens
 
-  def recipe():
-    out = sampler_lib.sample(params, cfg, prompts, without, key)
-    tokens, mask, last = recipe_batch(out, width)
-    return np.asarray(scorer(params, tokens, mask, last)), out
+    def recipe():
+      out = sampler_lib.sample(params, cfg, prompts, without, key)
+      tokens, mask, last = recipe_batch(out, width)
+      return np.asarray(scorer(params, tokens, mask, last)), out
 
-  ours_out = sampler_lib.sample(params, cfg, prompts, with_score, key)
-  recipe_scores, recipe_out = recipe()
-  fin = ours_out.finished
-  max_diff = float(np.max(np.abs(recipe_scores[fin] - ours_out.self_reward_logprob[fin]))) if fin.any() else 0.0
-  t = interleaved({"ours": lambda: sampler_lib.sample(params, cfg, prompts, with_score, key),
-                   "recipe": recipe}, args.repeats)
-  results["official_recipe"] = {"batch": batch, "ours_s": t["ours"], "recipe_s": t["recipe"],
-                                "recipe_over_ours": t["recipe"] / t["ours"], "max_abs_score_diff": max_diff,
-                                "ours_median_s": MEDIANS["ours"], "recipe_median_s": MEDIANS["recipe"]}
-  print(f"[3] batch {batch}: ours (in-loop score) {t['ours'] * 1e3:8.1f} ms | sample + separate forward "
-        f"{t['recipe'] * 1e3:8.1f} ms | ratio {t['recipe'] / t['ours']:.3f}x | max |score diff| {max_diff:.2e}")
+    ours_out = sampler_lib.sample(params, cfg, prompts, with_score, key)
+    recipe_scores, recipe_out = recipe()
+    fin = ours_out.finished
+    max_diff = float(np.max(np.abs(recipe_scores[fin] - ours_out.self_reward_logprob[fin]))) if fin.any() else 0.0
+    t = interleaved({"ours": lambda: sampler_lib.sample(params, cfg, prompts, with_score, key),
+                     "recipe": recipe}, args.repeats)
+    results["official_recipe"] = {"batch": batch, "ours_s": t["ours"], "recipe_s": t["recipe"],
+                                  "recipe_over_ours": t["recipe"] / t["ours"], "max_abs_score_diff": max_diff,
+                                  "ours_median_s": MEDIANS["ours"], "recipe_median_s": MEDIANS["recipe"]}
+    print(f"[3] batch {batch}: ours (in-loop score) {t['ours'] * 1e3:8.1f} ms | sample + separate forward "
+          f"{t['recipe'] * 1e3:8.1f} ms | ratio {t['recipe'] / t['ours']:.3f}x | max |score diff| {max_diff:.2e}")
 
   # ---- 4. long responses: decode segments vs one loop over the whole cache ------------------
-  long_prompts = rng.integers(4, cfg.vocab_size - 1, size=(args.long_batch, args.prompt_len)).tolist()
-  segments = SamplingParams().decode_segments
-  fns = {"ours": ours_fn(long_prompts, args.long_new_tokens),
-         "one_loop": ours_fn(long_prompts, args.long_new_tokens, decode_segments=1)}
-  if not args.skip_torch:
-    fns["hf"] = hf_fn(long_prompts, args.long_new_tokens)
-  t = interleaved(fns, min(args.repeats, 3))
-  n_tokens = args.long_batch * args.long_new_tokens
-  long = {"batch": args.long_batch, "new_tokens": args.long_new_tokens, "decode_segments": segments,
-          "ours_s": t["ours"], "ours_tok_s": n_tokens / t["ours"], "one_loop_s": t["one_loop"],
-          "one_loop_tok_s": n_tokens / t["one_loop"], "one_loop_over_ours": t["one_loop"] / t["ours"]}
-  if "hf" in t:
-    long.update(hf_s=t["hf"], hf_tok_s=n_tokens / t["hf"], speedup=t["hf"] / t["ours"])
-  results["long_responses"] = long
-  print(f"[4] batch {args.long_batch}, {args.long_new_tokens} new tokens: ours ({segments} decode segments) "
-        f"{long['ours_tok_s']:.1f} tok/s | one loop {long['one_loop_tok_s']:.1f} tok/s "
-        f"({long['one_loop_over_ours']:.2f}x our time)" +
-        (f" | transformers {long['hf_tok_s']:.1f} tok/s | speedup {long['speedup']:.2f}x" if "hf" in t else ""),
-        flush=True)
+  if 4 in todo:
+    long_prompts = np.random.default_rng(4).integers(4, cfg.vocab_size - 1,
+                                                     size=(args.long_batch, args.prompt_len)).tolist()
+    segments = SamplingParams().decode_segments
+    fns = {"ours": ours_fn(long_prompts, args.long_new_tokens),
+           "one_loop": ours_fn(long_prompts, args.long_new_tokens, decode_segments=1)}
+    if not args.skip_torch:
+      fns["hf"] = hf_fn(long_prompts, args.long_new_tokens)
+    t = interleaved(fns, min(args.repeats, 3))
+    n_tokens = args.long_batch * args.long_new_tokens
+    long = {"batch": args.long_batch, "new_tokens": args.long_new_tokens, "decode_segments": segments,
+            "ours_s": t["ours"], "ours_tok_s": n_tokens / t["ours"], "one_loop_s": t["one_loop"],
+            "one_loop_tok_s": n_tokens / t["one_loop"], "one_loop_over_ours": t["one_loop"] / t["ours"]}
+    if "hf" in t:
+      long.update(hf_s=t["hf"], hf_tok_s=n_tokens / t["hf"], speedup=t["hf"] / t["ours"])
+    results["long_responses"] = long
+    print(f"[4] batch {args.long_batch}, {args.long_new_tokens} new tokens: ours ({segments} decode segments) "
+          f"{long['ours_tok_s']:.1f} tok/s | one loop {long['one_loop_tok_s']:.1f} tok/s "
+          f"({long['one_loop_over_ours']:.2f}x our time)" +
+          (f" | transformers {long['hf_tok_s']:.1f} tok/s | speedup {long['speedup']:.2f}x" if "hf" in t else ""),
+          flush=True)
 
   # ---- 5. RL-shaped batch: n responses per prompt ------------------------------------------
-  rl_prompts = rng.integers(4, cfg.vocab_size - 1, size=(args.rl_prompts, args.prompt_len)).tolist()
-  rows = [p for p in rl_prompts for _ in range(args.rl_n)]
-  fns = {"ours": ours_fn(rl_prompts, args.new_tokens, n=args.rl_n),
-         "per_row_prefill": ours_fn(rows, args.new_tokens)}
-  if not args.skip_torch:
-    fns["hf"] = hf_fn(rl_prompts, args.new_tokens, n=args.rl_n)
-  t = interleaved(fns, args.repeats)
-  n_tokens = len(rows) * args.new_tokens
-  rl = {"prompts": args.rl_prompts, "n": args.rl_n, "batch": len(rows), "ours_s": t["ours"],
-        "ours_tok_s": n_tokens / t["ours"], "per_row_prefill_s": t["per_row_prefill"],
-        "per_row_prefill_over_ours": t["per_row_prefill"] / t["ours"], "ours_median_s": MEDIANS["ours"]}
-  if "hf" in t:
-    rl.update(hf_s=t["hf"], hf_tok_s=n_tokens / t["hf"], speedup=t["hf"] / t["ours"], hf_median_s=MEDIANS["hf"])
-  results["rl_batch"] = rl
-  print(f"[5] {args.rl_prompts} prompts x n={args.rl_n}: ours {rl['ours_tok_s']:.1f} tok/s | each row "
-        f"prefilled {rl['per_row_prefill_over_ours']:.2f}x our time" +
-        (f" | transformers {rl['hf_tok_s']:.1f} tok/s | speedup {rl['speedup']:.2f}x" if "hf" in t else ""),
-        flush=True)
+  if 5 in todo:
+    rl_prompts = np.random.default_rng(5).integers(4, cfg.vocab_size - 1,
+                                                   size=(args.rl_prompts, args.prompt_len)).tolist()
+    rl_rows = [p for p in rl_prompts for _ in range(args.rl_n)]
+    fns = {"ours": ours_fn(rl_prompts, args.new_tokens, n=args.rl_n),
+           "per_row_prefill": ours_fn(rl_rows, args.new_tokens)}
+    if not args.skip_torch:
+      fns["hf"] = hf_fn(rl_prompts, args.new_tokens, n=args.rl_n)
+    t = interleaved(fns, args.repeats)
+    n_tokens = len(rl_rows) * args.new_tokens
+    rl = {"prompts": args.rl_prompts, "n": args.rl_n, "batch": len(rl_rows), "ours_s": t["ours"],
+          "ours_tok_s": n_tokens / t["ours"], "per_row_prefill_s": t["per_row_prefill"],
+          "per_row_prefill_over_ours": t["per_row_prefill"] / t["ours"], "ours_median_s": MEDIANS["ours"]}
+    if "hf" in t:
+      rl.update(hf_s=t["hf"], hf_tok_s=n_tokens / t["hf"], speedup=t["hf"] / t["ours"], hf_median_s=MEDIANS["hf"])
+    results["rl_batch"] = rl
+    print(f"[5] {args.rl_prompts} prompts x n={args.rl_n}: ours {rl['ours_tok_s']:.1f} tok/s | each row "
+          f"prefilled {rl['per_row_prefill_over_ours']:.2f}x our time" +
+          (f" | transformers {rl['hf_tok_s']:.1f} tok/s | speedup {rl['speedup']:.2f}x" if "hf" in t else ""),
+          flush=True)
 
   results["loadavg_end"] = os.getloadavg()
   results["command"] = "python " + " ".join(["bench/sampler.py"] + (argv if argv is not None else sys.argv[1:]))
   print()
-  print("| batch | ours tok/s | transformers tok/s | speedup |")
-  print("|---:|---:|---:|---:|")
-  for e in results["throughput"]:
-    print(f"| {e['batch']} | {e['ours_tok_s']:.1f} | {e.get('hf_tok_s', float('nan')):.1f} | "
-          f"{e.get('speedup', float('nan')):.2f}x |")
-  print()
-  print("| workload | with score (ms) | without (ms) | overhead |")
-  print("|---|---:|---:|---:|")
-  for e in results["score_overhead"]:
-    print(f"| {e['workload']} | {e['with_score_s'] * 1e3:.1f} | {e['without_score_s'] * 1e3:.1f} | "
-          f"{e['overhead_pct']:+.2f}% |")
-  r = results["official_recipe"]
-  print(f"\nofficial recipe / ours = {r['recipe_over_ours']:.3f} (batch {r['batch']})")
-  print(f"long responses (batch {long['batch']}, {long['new_tokens']} tokens): one loop / ours = "
-        f"{long['one_loop_over_ours']:.2f}" +
-        (f", speedup over transformers {long['speedup']:.2f}x" if "speedup" in long else ""))
-  print(f"RL-shaped batch ({rl['prompts']} prompts x n={rl['n']}): per-row prefill / ours = "
-        f"{rl['per_row_prefill_over_ours']:.2f}" +
-        (f", speedup over transformers {rl['speedup']:.2f}x" if "speedup" in rl else ""))
+  if results["throughput"]:
+    print("| batch | ours tok/s | transformers tok/s | speedup |")
+    print("|---:|---:|---:|---:|")
+    for e in results["throughput"]:
+      print(f"| {e['batch']} | {e['ours_tok_s']:.1f} | {e.get('hf_tok_s', float('nan')):.1f} | "
+            f"{e.get('speedup', float('nan')):.2f}x |")
+    print()
+  if results["score_overhead"]:
+    print("| workload | with score (ms) | without (ms) | overhead |")
+    print("|---|---:|---:|---:|")
+    for e in results["score_overhead"]:
+      print(f"| {e['workload']} | {e['with_score_s'] * 1e3:.1f} | {e['without_score_s'] * 1e3:.1f} | "
+            f"{e['overhead_pct']:+.2f}% |")
+    print()
+  if results["official_recipe"]:
+    r = results["official_recipe"]
+    print(f"official recipe / ours = {r['recipe_over_ours']:.3f} (batch {r['batch']})")
+  if results["long_responses"]:
+    long = results["long_responses"]
+    print(f"long responses (batch {long['batch']}, {long['new_tokens']} tokens): one loop / ours = "
+          f"{long['one_loop_over_ours']:.2f}" +
+          (f", speedup over transformers {long['speedup']:.2f}x" if "speedup" in long else ""))
+  if results["rl_batch"]:
+    rl = results["rl_batch"]
+    print(f"RL-shaped batch ({rl['prompts']} prompts x n={rl['n']}): per-row prefill / ours = "
+          f"{rl['per_row_prefill_over_ours']:.2f}" +
+          (f", speedup over transformers {rl['speedup']:.2f}x" if "speedup" in rl else ""))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=1)
