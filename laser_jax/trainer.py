@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any
 
@@ -489,8 +490,11 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", f1=f"{metrics['self_reward/f1']:.2f}",
                       loss=f"{metrics['loss']:.4f}")
       if step % c.log_every == 0:
-        logging.info("step %d: %s", step, " ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        line = f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        if bar.disable:
+          logging.info(line)
+        else:  # Above the progress bar instead of through it.
+          bar.write(line, file=sys.stderr)
       stop = preempt.is_set() or ckpt.manager.reached_preemption(step)
       if step % c.checkpoint_every == 0 or step == c.total_steps or stop:
         ckpt.save(step, state, iterator.get_state(), force=stop)
