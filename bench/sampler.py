@@ -43,6 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 from laser_jax import hf, model as model_lib  # noqa: E402
 from laser_jax import sampler as sampler_lib  # noqa: E402
 from laser_jax.sampler import SamplingParams  # noqa: E402
@@ -305,18 +306,14 @@ def main(argv=None):
   results["command"] = "python " + " ".join(["bench/sampler.py"] + (argv if argv is not None else sys.argv[1:]))
   print()
   if results["throughput"]:
-    print("| batch | ours tok/s | transformers tok/s | speedup |")
-    print("|---:|---:|---:|---:|")
-    for e in results["throughput"]:
-      print(f"| {e['batch']} | {e['ours_tok_s']:.1f} | {e.get('hf_tok_s', float('nan')):.1f} | "
-            f"{e.get('speedup', float('nan')):.2f}x |")
+    common.print_table(["batch", "ours tok/s", "transformers tok/s", "speedup"], [
+        [e["batch"], f"{e['ours_tok_s']:.1f}", f"{e.get('hf_tok_s', float('nan')):.1f}",
+         f"{e.get('speedup', float('nan')):.2f}x"] for e in results["throughput"]])
     print()
   if results["score_overhead"]:
-    print("| workload | with score (ms) | without (ms) | overhead |")
-    print("|---|---:|---:|---:|")
-    for e in results["score_overhead"]:
-      print(f"| {e['workload']} | {e['with_score_s'] * 1e3:.1f} | {e['without_score_s'] * 1e3:.1f} | "
-            f"{e['overhead_pct']:+.2f}% |")
+    common.print_table(["workload", "with score (ms)", "without (ms)", "overhead"], [
+        [e["workload"], f"{e['with_score_s'] * 1e3:.1f}", f"{e['without_score_s'] * 1e3:.1f}",
+         f"{e['overhead_pct']:+.2f}%"] for e in results["score_overhead"]])
     print()
   if results["official_recipe"]:
     r = results["official_recipe"]

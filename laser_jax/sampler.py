@@ -488,8 +488,10 @@ class Sampler:
     bucket = bucket_length(max(len(p) for p in prompts), self.min_bucket)
     # Padding (to a multiple of the data-parallel size) holds one pad token and starts done.
     num_prompts = -(-len(prompts) // dp) * dp
-    if n > 1 and num_prompts * n == batch:
-      # Each distinct prompt is prefilled once (prefill costs 1/n); the prefill repeats its cache.
+    # Each distinct prompt is prefilled once (prefill costs 1/n) and the prefill repeats its cache,
+    # unless sharding pads prompts and rows unevenly.
+    repeats = n if num_prompts * n == batch else 1
+    if repeats > 1:
       prefill_rows = [list(p) for p in prompts] + [[sampling.pad_id]] * (num_prompts - len(prompts))
     else:
       prefill_rows = [list(p) for p in prompts for _ in range(n)] + [[sampling.pad_id]] * (batch - num_rows)
@@ -499,7 +501,6 @@ class Sampler:
     state = self._prefill(params, self._put_batch(prompt_tokens), self._put_batch(prompt_mask),
                           self._put_batch(row_valid), rng, sampling=sampling)
     state = self._decode(params, state, sampling=sampling, prompt_len=bucket)
-    repeats = batch // prompt_tokens.shape[0]
     return _to_output(state, np.repeat(prompt_tokens, repeats, axis=0), np.repeat(prompt_mask, repeats, axis=0),
                       num_rows, sampling)
 
