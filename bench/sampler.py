@@ -20,16 +20,16 @@ both sides (same weights). Three measurements, side by side in one run:
 Usage:
   python bench/sampler.py             # full run, writes bench/results/sampler.json
   python bench/sampler.py --quick     # small and fast smoke run
-Times are the best of --repeats runs after one warm-up (compilation) run (medians are stored in
-the JSON too); the variants of each comparison are interleaved so that background load affects
-them alike.
+Times are the best of --repeats runs (--overhead-repeats for measurement 2, whose target is a
+difference of 2%) after one warm-up (compilation) run (medians are stored in the JSON too); the
+variants of each comparison are interleaved so that background load affects them alike, and
+measurements 1 and 2 also report the paired median: the median over rounds of the ratio of the
+two variants' times in the same round, which on a noisy shared machine is the steadier ratio.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -66,6 +66,8 @@ def parse_args(argv=None):
   p.add_argument("--rl-prompts", type=int, default=8, help="distinct prompts in measurement 5")
   p.add_argument("--rl-n", type=int, default=8, help="responses per prompt in measurement 5")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--overhead-repeats", type=int, default=15,
+                 help="repeats of measurement 2: it resolves a difference of about 1%%, under this machine's noise")
   p.add_argument("--measurements", type=str, default="1,2,3,4,5", help="which measurements to run")
   p.add_argument("--skip-torch", action="store_true", help="skip the transformers baseline")
   p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
@@ -75,6 +77,7 @@ def parse_args(argv=None):
   if args.quick:
     args.vocab, args.hidden, args.intermediate, args.layers = 2048, 128, 256, 2
     args.heads, args.kv_heads, args.new_tokens, args.batches, args.score_batch, args.repeats = 4, 2, 16, "1,8", 8, 2
+    args.overhead_repeats = 2
     args.long_batch, args.long_new_tokens, args.rl_prompts, args.rl_n = 4, 48, 2, 4
   return args
 
@@ -108,10 +111,18 @@ def interleaved(fns: dict, repeats):
       fn()
       times[k].append(time.perf_counter() - t0)
   MEDIANS.update({k: statistics.median(v) for k, v in times.items()})
+  TIMES.update(times)
   return {k: min(v) for k, v in times.items()}
 
 
 MEDIANS: dict = {}
+TIMES: dict = {}  # every wall time of the latest `interleaved` calls, by variant
+
+
+def paired_ratio(a: str, b: str) -> float:
+  """Median over repeats of time(a) / time(b) within each round of `interleaved`: adjacent runs
+  share the machine's load, so this resolves small differences that the minima blur."""
+  return statistics.median(x / y for x, y in zip(TIMES[a], TIMES[b]))
 
 
 def timed(fn, repeats):
@@ -157,8 +168,7 @@ def main(argv=None):
   todo = {int(m) for m in args.measurements.split(",")}
   z_c = cfg.vocab_size - 1
   key = jax.random.key(0)
-  results = {"args": vars(args), "num_params": cfg.num_params(), "cpu_count": os.cpu_count(),
-             "platform": platform.platform(), "jax": jax.__version__, "torch": torch.__version__,
+  results = {"args": vars(args), "num_params": cfg.num_params(), "torch": torch.__version__,
              "loadavg_start": os.getloadavg(), "throughput": [], "score_overhead": [], "official_recipe": {},
              "long_responses": {}, "rl_batch": {}}
 
@@ -199,10 +209,11 @@ def main(argv=None):
       if "hf" in t:
         t_hf = t["hf"]
         entry.update(hf_s=t_hf, hf_tok_s=batch * args.new_tokens / t_hf, speedup=t_hf / t_ours,
-                     hf_median_s=MEDIANS["hf"])
+                     hf_median_s=MEDIANS["hf"], paired_speedup=paired_ratio("hf", "ours"))
       results["throughput"].append(entry)
       print(f"[1] batch {batch:3d}: ours {entry['ours_tok_s']:9.1f} tok/s" +
             (f" | transformers {entry['hf_tok_s']:9.1f} tok/s | speedup {entry['speedup']:.2f}x"
+             f" (paired median {entry['paired_speedup']:.2f}x)"
              if "hf_s" in entry else ""), flush=True)
 
   # ---- 2. score overhead ---------------------------------------------------------------------
@@ -222,14 +233,18 @@ def main(argv=None):
       np.testing.assert_array_equal(a.tokens, b.tokens)  # the score does not change the samples
       t = interleaved({"with": lambda: sampler_lib.sample(params, cfg, prompts, with_score, key),
                        "without": lambda: sampler_lib.sample(params, cfg, prompts, without, key)},
-                      args.repeats)
+                      args.overhead_repeats)
       entry = {"workload": name, "batch": batch, "with_score_s": t["with"], "without_score_s": t["without"],
                "with_score_median_s": MEDIANS["with"], "without_score_median_s": MEDIANS["without"],
-               "overhead_pct": 100 * (t["with"] / t["without"] - 1), "finished_rows": int(a.finished.sum()),
-               "mean_length": float(a.response_lengths.mean())}
+               "overhead_pct": 100 * (t["with"] / t["without"] - 1),
+               "median_overhead_pct": 100 * (MEDIANS["with"] / MEDIANS["without"] - 1),
+               "paired_overhead_pct": 100 * (paired_ratio("with", "without") - 1),
+               "finished_rows": int(a.finished.sum()), "mean_length": float(a.response_lengths.mean())}
       results["score_overhead"].append(entry)
       print(f"[2] {name}: with score {t['with'] * 1e3:8.1f} ms | without {t['without'] * 1e3:8.1f} ms | "
-            f"overhead {entry['overhead_pct']:+.2f}% ({entry['finished_rows']}/{batch} rows finished)", flush=True)
+            f"overhead {entry['overhead_pct']:+.2f}% (medians: {entry['median_overhead_pct']:+.2f}%, "
+            f"paired: {entry['paired_overhead_pct']:+.2f}%) "
+            f"({entry['finished_rows']}/{batch} rows finished)", flush=True)
 
   # ---- 3. official recipe (separate forward) vs in-loop -------------------------------------
   if 3 in todo:
@@ -306,14 +321,17 @@ def main(argv=None):
   results["command"] = "python " + " ".join(["bench/sampler.py"] + (argv if argv is not None else sys.argv[1:]))
   print()
   if results["throughput"]:
-    common.print_table(["batch", "ours tok/s", "transformers tok/s", "speedup"], [
+    common.print_table(["batch", "ours tok/s", "transformers tok/s", "speedup", "paired median"], [
         [e["batch"], f"{e['ours_tok_s']:.1f}", f"{e.get('hf_tok_s', float('nan')):.1f}",
-         f"{e.get('speedup', float('nan')):.2f}x"] for e in results["throughput"]])
+         f"{e.get('speedup', float('nan')):.2f}x", f"{e.get('paired_speedup', float('nan')):.2f}x"]
+        for e in results["throughput"]])
     print()
   if results["score_overhead"]:
-    common.print_table(["workload", "with score (ms)", "without (ms)", "overhead"], [
+    common.print_table(["workload", "with score (ms)", "without (ms)", "overhead of bests", "of medians",
+                        "paired median"], [
         [e["workload"], f"{e['with_score_s'] * 1e3:.1f}", f"{e['without_score_s'] * 1e3:.1f}",
-         f"{e['overhead_pct']:+.2f}%"] for e in results["score_overhead"]])
+         f"{e['overhead_pct']:+.2f}%", f"{e['median_overhead_pct']:+.2f}%", f"{e['paired_overhead_pct']:+.2f}%"]
+        for e in results["score_overhead"]])
     print()
   if results["official_recipe"]:
     r = results["official_recipe"]
@@ -328,10 +346,7 @@ def main(argv=None):
     print(f"RL-shaped batch ({rl['prompts']} prompts x n={rl['n']}): per-row prefill / ours = "
           f"{rl['per_row_prefill_over_ours']:.2f}" +
           (f", speedup over transformers {rl['speedup']:.2f}x" if "speedup" in rl else ""))
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=1)
-  print(f"wrote {args.out}")
+  common.write_results("sampler", results, args.out)
 
 
 if __name__ == "__main__":

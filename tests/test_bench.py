@@ -24,7 +24,17 @@ def test_benchmark_quick_mode_writes_results(script, tmp_path):
   stdout = _run([f"bench/{script}.py", "--quick", f"--out={out}"], tmp_path)
   assert "|" in stdout  # The printed table.
   result = json.loads(out.read_text())
-  assert result  # A non-empty record with the machine and the measurements.
+  # The record names the machine it was measured on and holds the measurements.
+  assert result["machine"]["cpu_model"] and result["machine"]["cpu_count"] >= 1
+  assert result["command"].startswith(f"python bench/{script}.py")
+  if script == "sampler":
+    assert [e["batch"] for e in result["throughput"]] == [1, 8]
+    assert all(e["ours_tok_s"] > 0 and e["speedup"] > 0 for e in result["throughput"])
+    assert {e["workload"] for e in result["score_overhead"]} == {
+        "rows stop at different steps", "no EOS (all rows run to the limit)"}
+    assert result["official_recipe"]["max_abs_score_diff"] < 1e-4
+  else:
+    assert result["models"]
 
 
 @pytest.mark.slow
