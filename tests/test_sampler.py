@@ -386,8 +386,10 @@ def test_shared_prefill_equals_prefilling_every_row():
   rows = [p for p in PROMPTS[:4] for _ in range(3)]
   per_row = sampler_lib.sample(tiny_params(), TINY, rows, sp, jax.random.key(5))
   np.testing.assert_array_equal(out.tokens, per_row.tokens)
-  np.testing.assert_allclose(out.logprobs, per_row.logprobs, atol=1e-6)
-  np.testing.assert_allclose(out.self_reward_logprob, per_row.self_reward_logprob, atol=1e-6)
+  # Equal up to float rounding: a prefill over 4 rows and one over 12 run the matmuls in other
+  # blocks (1.7e-6 apart on an AVX-512 host; a wrong cache copy is off by far more).
+  np.testing.assert_allclose(out.logprobs, per_row.logprobs, atol=1e-5)
+  np.testing.assert_allclose(out.self_reward_logprob, per_row.self_reward_logprob, atol=1e-5)
 
 
 def test_sharded_matches_single_device():
