@@ -1,7 +1,7 @@
 """Sampler benchmark: laser_jax.sampler vs transformers `generate`, and the cost of the score.
 
 One random Qwen2-shaped model is saved as a Hugging Face checkpoint in a temp dir and loaded by
-both sides (same weights). Three measurements, side by side in one run:
+both sides (same weights). Five measurements, side by side in one run:
   1. generated tokens/s at several batch sizes: ours (sampling, in-loop self-reward on) vs
      transformers generate (torch, CPU), both forced to produce exactly --new-tokens tokens
      (no EOS on our side; min_new_tokens = max_new_tokens on theirs);
@@ -67,7 +67,7 @@ def parse_args(argv=None):
   p.add_argument("--rl-n", type=int, default=8, help="responses per prompt in measurement 5")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--overhead-repeats", type=int, default=15,
-                 help="repeats of measurement 2: it resolves a difference of about 1%%, under this machine's noise")
+                 help="repeats of measurement 2 (its target is a difference of at most 2%%)")
   p.add_argument("--measurements", type=str, default="1,2,3,4,5", help="which measurements to run")
   p.add_argument("--skip-torch", action="store_true", help="skip the transformers baseline")
   p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
