@@ -125,10 +125,6 @@ def paired_ratio(a: str, b: str) -> float:
   return statistics.median(x / y for x, y in zip(TIMES[a], TIMES[b]))
 
 
-def timed(fn, repeats):
-  return interleaved({"fn": fn}, repeats)["fn"]
-
-
 def official_recipe_scorer(cfg, z_c):
   """Jitted separate forward over `prompt + response + EOS` (right-padded) -> log pi(z_c | ...)."""
   @jax.jit
