@@ -73,7 +73,8 @@ class Checkpointer:
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (Cloud TPU preemption notice); the loop checks it after every step.
+  """Set by SIGTERM (Cloud TPU preemption notice); the loop checks it after every step, on
+  every host (`is_set_on_any_host`), so all hosts save the same step and exit together.
 
   The handler only sets a flag: saving from inside a signal handler could interleave with a
   running step. The loop saves the current step and exits, well inside the 60 s grace period.
@@ -92,6 +93,16 @@ class PreemptionFlag:
 
   def is_set(self) -> bool:
     return self._event.is_set()
+
+  def is_set_on_any_host(self) -> bool:
+    """Whether any process got the signal: hosts must agree to stop, since the save that
+    follows is collective (a host that saved alone would wait for the others forever)."""
+    import jax
+    if jax.process_count() == 1:
+      return self.is_set()
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.is_set()]))))
 
   def restore_handlers(self):
     for sig, handler in self._previous.items():

@@ -200,21 +200,26 @@ def _eval_records(c) -> list[dict]:
 
 
 def global_batch(prompts: list[Prompt]) -> list[Prompt]:
-  """Every host's prompt shard, concatenated in process order, on every host.
+  """Every host's prompt shard, joined into the global batch, on every host.
 
-  Each host reads only its shard of the data (`PromptIterator` with its process index); the
-  sampler and the update then build global arrays from the same full batch on every host.
+  Each host reads only its shard of the data (`PromptIterator` with its process index: host p
+  of P holds positions p, p+P, ... of the epoch's permutation); the sampler and the update then
+  build global arrays from the same full batch on every host. The shards are interleaved back
+  (item k of host p at position k * P + p), so the global batch is exactly the batch a
+  single-process run of the same config draws: a run on P hosts repeats the one-host run.
   Single-process runs return `prompts` unchanged.
   """
   if jax.process_count() == 1:
     return prompts
   from jax.experimental import multihost_utils
   payload = np.frombuffer(json.dumps([dataclasses.asdict(p) for p in prompts]).encode(), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64)))
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64))).reshape(-1)
   padded = np.zeros(int(sizes.max()), np.uint8)
   padded[:payload.size] = payload
-  gathered = np.asarray(multihost_utils.process_allgather(padded))
-  out = []
-  for row, size in zip(gathered.reshape(len(sizes.reshape(-1)), -1), sizes.reshape(-1)):
-    out.extend(Prompt(**d) for d in json.loads(row[:int(size)].tobytes().decode()))
-  return out
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  shards = [[Prompt(**d) for d in json.loads(row[:int(size)].tobytes().decode())]
+            for row, size in zip(gathered, sizes)]
+  counts = [len(shard) for shard in shards]
+  if len(set(counts)) != 1:  # PromptIterator gives every host the same count; anything else is a bug.
+    raise RuntimeError(f"global_batch: hosts hold different numbers of prompts: {counts}")
+  return [shard[k] for k in range(counts[0]) for shard in shards]

@@ -2,29 +2,56 @@ r"""Command-line entry point: `python -m laser_jax.train --config=configs/<name>
 
 Overrides use ml_collections' syntax, e.g. `--config.total_steps=10 --config.laser.loss_coef=0`.
 Unknown keys fail at flag parsing; inconsistent values fail at start with the key named.
+
+Multi-host: on a Cloud TPU slice the same command runs on every worker and JAX finds its peers
+itself (launch/tpu.py). Elsewhere (a GPU cluster, or several CPU processes on one machine) give
+every process `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; a run on N
+processes repeats the single-process run of the same config on as many devices.
 """
 import os
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                           lock_config=True)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process run outside Cloud TPU: HOST:PORT of process 0 "
+    "(with --num_processes and --process_id, the same on every process but the id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index, 0-based.")
+
+
+def _initialize_distributed():
+  """Joins the other processes of a multi-host run (no-op for a single process)."""
+  import jax
+  explicit = {"--coordinator_address": _COORDINATOR.value, "--num_processes": _NUM_PROCESSES.value,
+              "--process_id": _PROCESS_ID.value}
+  if any(v is not None for v in explicit.values()):
+    missing = [k for k, v in explicit.items() if v is None]
+    if missing:
+      raise app.UsageError(f"{', '.join(missing)} missing: a multi-process run needs "
+                           "--coordinator_address, --num_processes and --process_id together")
+    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+      raise app.UsageError(f"--process_id={_PROCESS_ID.value} not in [0, --num_processes="
+                           f"{_NUM_PROCESSES.value})")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif (os.environ.get("LASER_JAX_DISTRIBUTED") == "1" or os.environ.get("TPU_WORKER_HOSTNAMES")
+        or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    # Multi-host pod: the same command runs on every worker. On Cloud TPU VMs JAX finds the
+    # coordinator in the GCE metadata; launch/tpu.py sets LASER_JAX_DISTRIBUTED=1 on slices.
+    jax.distributed.initialize()
 
 
 def main(argv):
   del argv
   import jax
-  if (os.environ.get("LASER_JAX_DISTRIBUTED") == "1" or os.environ.get("TPU_WORKER_HOSTNAMES")
-      or os.environ.get("JAX_COORDINATOR_ADDRESS")):
-    # Multi-host pod: the same command runs on every worker. On Cloud TPU VMs JAX finds the
-    # coordinator in the GCE metadata; launch/tpu.py sets LASER_JAX_DISTRIBUTED=1 on slices.
-    jax.distributed.initialize()
-  from laser_jax import config_check, data, hf, trainer
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny_cpu.py")
+  _initialize_distributed()
+  from laser_jax import config_check, data, hf, trainer
   logging.info("Devices: %s", jax.devices())
   try:
     trainer.train(config)

@@ -495,7 +495,7 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
           logging.info(line)
         else:  # Above the progress bar instead of through it.
           bar.write(line, file=sys.stderr)
-      stop = preempt.is_set() or ckpt.manager.reached_preemption(step)
+      stop = preempt.is_set_on_any_host() or ckpt.manager.reached_preemption(step)
       if step % c.checkpoint_every == 0 or step == c.total_steps or stop:
         ckpt.save(step, state, iterator.get_state(), force=stop)
       if stop:

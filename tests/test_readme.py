@@ -2,7 +2,8 @@
 
 * The quick-start test command is exactly what .ci/run runs.
 * Every `python -m laser_jax.<module> --config=...` line: its config file loads and its
-  overrides parse (unknown keys fail here); training configs also pass start-up validation.
+  overrides parse (unknown keys fail here); training configs also pass start-up validation, and
+  the training command's other flags (--num_processes, ...) parse too.
 * Every `python launch/tpu.py ...` line runs, in order, against the fake gcloud of test_launch.
 """
 import os
@@ -45,7 +46,11 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 from laser_jax import config_check
-config = config_flags.DEFINE_config_file("config", None, lock_config=True)
+if "{module}" == "laser_jax.train":  # Its own flags too (--num_processes, ...).
+  from laser_jax import train
+  config = train._CONFIG
+else:
+  config = config_flags.DEFINE_config_file("config", None, lock_config=True)
 flags.FLAGS(sys.argv)
 if sys.argv[1:2] == ["train"] or "{module}" == "laser_jax.train":
   config_check.validate(config.value, num_devices={devices})
@@ -60,7 +65,8 @@ def test_readme_commands_parse(module):
   commands = _module_commands(module)
   assert commands, f"README shows no {module} command"
   for args in commands:
-    args = [a for a in args if a.startswith("--config")]
+    if module != "laser_jax.train":
+      args = [a for a in args if a.startswith("--config")]
     devices = 32 if "tpu_v4" in args[0] else 1
     code = _PARSE.replace("{module}", module).replace("{devices}", str(devices))
     res = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,

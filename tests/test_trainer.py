@@ -271,15 +271,46 @@ def test_orbax_info_logs_are_hidden_but_warnings_and_our_logs_pass():
     ckpt_lib.hide_orbax_info_logs(False)
 
 
-def test_global_batch_is_identity_on_one_host_and_round_trips_prompts(monkeypatch):
+def test_global_batch_is_identity_on_one_host_and_interleaves_host_shards(monkeypatch):
+  import dataclasses
   from laser_jax import tasks
-  prompts = [tasks.Prompt([1, 2, 3], "7", "What is 3+4?"), tasks.Prompt([4], "\\frac{1}{2}", "é")]
-  assert tasks.global_batch(prompts) is prompts
-  # Two fake hosts: process_allgather stacks each host's array; both hosts hold `prompts` here.
+  mine = [tasks.Prompt([1, 2, 3], "7", "What is 3+4?"), tasks.Prompt([4], "\\frac{1}{2}", "é")]
+  assert tasks.global_batch(mine) is mine
+  # Two fake hosts: this one holds `mine`, the other `theirs`; process_allgather stacks the two.
+  theirs = [tasks.Prompt([5, 6], "1", "a longer question than the others"), tasks.Prompt([7], "2", "b")]
+
+  def fake_allgather(x, other):
+    their_bytes = np.frombuffer(json.dumps([dataclasses.asdict(p) for p in other]).encode(), np.uint8)
+    if x.dtype == np.int64:  # The payload sizes.
+      return np.stack([x, np.array([their_bytes.size], np.int64)])
+    padded = np.zeros(max(x.size, their_bytes.size), np.uint8)
+    padded[:their_bytes.size] = their_bytes
+    return np.stack([np.pad(x, (0, padded.size - x.size)), padded])
+
   from jax.experimental import multihost_utils
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x]))
-  assert tasks.global_batch(prompts) == prompts + prompts
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: fake_allgather(x, theirs))
+  # Host p's item k goes to k * 2 + p: the order a one-host PromptIterator yields (see below).
+  assert tasks.global_batch(mine) == [mine[0], theirs[0], mine[1], theirs[1]]
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: fake_allgather(x, theirs[:1]))
+  with pytest.raises(RuntimeError, match=r"different numbers of prompts: \[2, 1\]"):
+    tasks.global_batch(mine)
+
+
+def test_host_shards_interleaved_are_the_one_host_batches():
+  """PromptIterator shards + global_batch's interleave = the single-process batch sequence."""
+  from laser_jax import data as data_lib
+  items = list(range(203))
+  one = data_lib.PromptIterator(items, 12, seed=3, num_epochs=2)
+  hosts = [data_lib.PromptIterator(items, 3, seed=3, num_epochs=2, process_index=p, process_count=4)
+           for p in range(4)]
+  assert one.batches_per_epoch == hosts[0].batches_per_epoch == 203 // 12
+  for batch in one:
+    shards = [next(h) for h in hosts]
+    assert [shard[k] for k in range(3) for shard in shards] == batch
+  for h in hosts:
+    with pytest.raises(StopIteration):
+      next(h)
 
 
 def test_non_finite_gradient_skips_the_update_and_is_counted(tmp_path):
