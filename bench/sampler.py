@@ -20,6 +20,7 @@ both sides (same weights). Five measurements, side by side in one run:
 Usage:
   python bench/sampler.py             # full run, writes bench/results/sampler.json
   python bench/sampler.py --quick     # small and fast smoke run
+  JAX_PLATFORMS=cuda python bench/sampler.py --torch-device=cuda --out=bench/results/sampler_gpu.json
 Times are the best of --repeats runs (--overhead-repeats for measurement 2, whose target is a
 difference of 2%) after one warm-up (compilation) run (medians are stored in the JSON too); the
 variants of each comparison are interleaved so that background load affects them alike, and
@@ -70,6 +71,9 @@ def parse_args(argv=None):
                  help="repeats of measurement 2 (its target is a difference of at most 2%%)")
   p.add_argument("--measurements", type=str, default="1,2,3,4,5", help="which measurements to run")
   p.add_argument("--skip-torch", action="store_true", help="skip the transformers baseline")
+  p.add_argument("--torch-device", type=str, default="cpu",
+                 help="device of the transformers baseline: cpu, or cuda on a GPU machine (where JAX "
+                      "runs on the GPU too: JAX_PLATFORMS=cuda)")
   p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
   p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                        "results", "sampler.json"))
@@ -154,13 +158,13 @@ def main(argv=None):
   import torch
   torch.set_num_threads(os.cpu_count())
   with tempfile.TemporaryDirectory() as tmp:
-    torch_model = make_checkpoint(args, tmp)
+    torch_model = make_checkpoint(args, tmp).to(args.torch_device)
     cfg = hf.load_hf_config(tmp)
     params = hf.load_hf_params(tmp, cfg)
   print(f"model: Qwen2-shaped, {cfg.num_params() / 1e6:.1f}M params (vocab {cfg.vocab_size}, hidden "
         f"{cfg.hidden_size}, {cfg.num_layers} layers); prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens; jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
+        f"torch {torch.__version__} on {args.torch_device}, {os.cpu_count()} CPU cores")
   todo = {int(m) for m in args.measurements.split(",")}
   z_c = cfg.vocab_size - 1
   key = jax.random.key(0)
@@ -181,13 +185,14 @@ def main(argv=None):
 
   def hf_fn(prompts, new_tokens, n=1):
     """transformers generate forced to generate exactly new_tokens tokens per row (n per prompt)."""
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=args.torch_device)
 
     def theirs():
       with torch.no_grad():
         gen = torch_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                    temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, pad_token_id=0, num_return_sequences=n)
+      gen = gen.cpu()  # Waits for a GPU to finish.
       assert gen.shape == (len(prompts) * n, args.prompt_len + new_tokens)
     return theirs
 
