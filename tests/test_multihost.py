@@ -132,3 +132,65 @@ def test_multi_process_flags_must_come_together_and_be_in_range():
     run = subprocess.run([sys.executable, "-m", "laser_jax.train", "--config=configs/tiny_cpu.py", *flags],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and message in run.stderr, (flags, run.returncode, run.stderr[-500:])
+
+
+def test_hf_checkpoint_loaded_sampled_and_exported_across_two_processes(tmp_path):
+  """The HF path of a pod run: weights read straight into shards spread over two processes
+  (data 2 x fsdp 2 x tensor 2 over their 8 devices), a forward, greedy sampling with the in-loop
+  score, and the export gathered back: against transformers and against the one-process run."""
+  import torch
+  import transformers
+  from safetensors.numpy import load_file
+
+  import multihost_hf_worker as worker
+  from hf_fixtures import make_tiny_hf_checkpoint
+  from laser_jax import sharding as sharding_lib
+  from test_sampler import choose_eos_set
+
+  checkpoint = make_tiny_hf_checkpoint(str(tmp_path / "hf"))
+  mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
+  _, free, _, cfg = worker.results(checkpoint, mesh, [], 10)
+  eos, finish, max_new = choose_eos_set(free.tokens)  # Rows stop at different steps.
+  ref_logits, ref, _, _ = worker.results(checkpoint, mesh, sorted(eos), max_new)
+
+  out_dir = tmp_path / "two_processes"
+  out_dir.mkdir()
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+  procs = []
+  for i in range(2):
+    log = open(out_dir / f"process{i}.log", "w")
+    cmd = [sys.executable, os.path.join(REPO, "tests", "multihost_hf_worker.py"), f"localhost:{port}", "2",
+           str(i), checkpoint, str(out_dir), ",".join(map(str, sorted(eos))), str(max_new)]
+    procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+  assert _wait(procs) == [0, 0], (out_dir / "process0.log").read_text()[-3000:]
+
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+  with torch.no_grad():
+    want = torch_model(torch.tensor(worker.TOKENS, dtype=torch.long)).logits.numpy()
+  logits = np.load(out_dir / "logits.npy")
+  np.testing.assert_allclose(logits, want, atol=1e-4)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+
+  sample = np.load(out_dir / "sample.npz")
+  np.testing.assert_array_equal(sample["tokens"], ref.tokens)
+  np.testing.assert_array_equal(sample["lengths"], [max_new if f is None else f for f in finish])
+  np.testing.assert_array_equal(sample["finished"], ref.finished)
+  assert sample["finished"].any() and not sample["finished"].all()
+  np.testing.assert_allclose(sample["self_reward"], ref.self_reward_logprob, atol=1e-5)  # NaN where truncated
+  for i, prompt in enumerate(worker.PROMPTS):  # log pi(z_c | x, y, EOS) from transformers
+    if sample["finished"][i]:
+      seq = prompt + ref.response_tokens[i, :ref.response_lengths[i]].tolist()
+      with torch.no_grad():
+        last = torch_model(torch.tensor([seq])).logits[0, -1].double()
+      np.testing.assert_allclose(sample["self_reward"][i], torch.log_softmax(last, -1)[-1].item(), atol=1e-4)
+
+  original = load_file(os.path.join(checkpoint, "model.safetensors"))
+  exported = {}
+  for name in os.listdir(out_dir / "export"):
+    if name.endswith(".safetensors"):
+      exported.update(load_file(str(out_dir / "export" / name)))
+  assert sorted(exported) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)

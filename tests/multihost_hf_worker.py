@@ -1,0 +1,59 @@
+"""One process of tests/test_multihost.py's HF round trip (not a test module itself).
+
+usage: python tests/multihost_hf_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID CHECKPOINT OUT_DIR \
+           EOS_IDS MAX_NEW_TOKENS      (EOS_IDS comma-separated)
+
+Joins the other processes, loads the HF checkpoint straight into shards of a (data 2, fsdp 2,
+tensor 2) mesh spanning every process's devices, and writes from process 0: the logits of a fixed
+batch (logits.npy), greedy samples with their self-reward log-probs (sample.npz) and the
+parameters exported back to an HF directory (OUT_DIR/export).
+"""
+import sys
+
+import jax
+import numpy as np
+
+PROMPTS = [[5, 17, 42, 9], [3, 8], [200, 201, 202, 203, 204, 205], [77]]
+TOKENS = np.array([[5, 17, 42, 9, 100, 3], [3, 8, 15, 16, 23, 42], [200, 201, 202, 203, 204, 205],
+                   [77, 78, 79, 80, 81, 82]], np.int32)
+
+
+def results(checkpoint, mesh, eos_ids, max_new_tokens):
+  """(logits of TOKENS, greedy SampleOutput for PROMPTS, params): every process calls this."""
+  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from laser_jax import hf, model as model_lib, sampler as sampler_lib, sharding as sharding_lib
+  cfg = hf.load_hf_config(checkpoint)
+  params = hf.load_hf_params(checkpoint, cfg, mesh=mesh)
+  batch = NamedSharding(mesh, P(sharding_lib.BATCH_AXES))
+  tokens = jax.make_array_from_callback(TOKENS.shape, batch, lambda idx: TOKENS[idx])
+  mask = jax.make_array_from_callback(TOKENS.shape, batch, lambda idx: np.ones_like(TOKENS[idx], bool))
+  forward = jax.jit(lambda p, t, m: model_lib.forward(p, cfg, t, model_lib.default_positions(m), m))
+  logits = np.asarray(multihost_utils.process_allgather(forward(params, tokens, mask), tiled=True))
+  sampling = sampler_lib.SamplingParams(greedy=True, max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids),
+                                        pad_id=0, self_reward_token_id=cfg.vocab_size - 1)
+  out = sampler_lib.sample(params, cfg, PROMPTS, sampling, jax.random.key(0), mesh=mesh)
+  return logits, out, params, cfg
+
+
+def main(coordinator, num_processes, process_id, checkpoint, out_dir, eos_ids, max_new_tokens):
+  jax.distributed.initialize(coordinator, int(num_processes), int(process_id))
+  from jax.experimental import multihost_utils
+
+  from laser_jax import hf, sharding as sharding_lib
+  assert jax.process_count() == int(num_processes) and len(jax.devices()) == 8, jax.devices()
+  mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
+  logits, out, params, cfg = results(checkpoint, mesh, [int(e) for e in eos_ids.split(",")],
+                                     int(max_new_tokens))
+  assert not jax.tree.leaves(params)[0].is_fully_addressable  # Really spread over the processes.
+  hf.export_hf(params, cfg, f"{out_dir}/export")  # Collective: every process calls it.
+  if jax.process_index() == 0:
+    np.save(f"{out_dir}/logits.npy", logits)
+    np.savez(f"{out_dir}/sample.npz", tokens=out.tokens, lengths=out.lengths, finished=out.finished,
+             self_reward=out.self_reward_logprob)
+  multihost_utils.sync_global_devices("done")
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
