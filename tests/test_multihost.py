@@ -28,6 +28,7 @@ OVERRIDES = {
     "data.eval_size": 8, "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1,
     "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16, "laser.ref_constant": -4.0,
     "laser.self_rewarding_warmup_steps": 1, "sft.steps": 0,
+    "reward.fn": "multihost_helpers:parity_reward",  # Non-zero advantages from an untrained model.
 }
 # Row-level results that must be identical (same prompts, same samples, same verdicts).
 EXACT = ("reward_mean", "response_length", "truncated_frac", "eval/accuracy", "self_reward/n_incorrect")
@@ -43,7 +44,7 @@ def _free_port() -> int:
 
 def _launch(workdir, num_processes=2, devices_per_process=4):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.join(REPO, "tests"),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
   procs = []
   for i in range(num_processes):
@@ -88,6 +89,7 @@ def test_two_hosts_preempted_on_one_host_then_resumed_repeat_the_one_host_run(tm
   trainer.train(config, progress=False)
   reference = _records(config.workdir)
   assert [r["step"] for r in reference] == list(range(TOTAL_STEPS + 1))
+  assert all(r["pg_loss"] != 0 and 0 < r["reward_mean"] < 1 for r in reference[1:])  # A real test.
 
   # Two hosts; the preemption signal reaches host 1 only, once the step-2 checkpoint is written.
   workdir = str(tmp_path / "two_hosts")
@@ -142,7 +144,7 @@ def test_hf_checkpoint_loaded_sampled_and_exported_across_two_processes(tmp_path
   import transformers
   from safetensors.numpy import load_file
 
-  import multihost_hf_worker as worker
+  import multihost_helpers as worker
   from hf_fixtures import make_tiny_hf_checkpoint
   from laser_jax import sharding as sharding_lib
   from test_sampler import choose_eos_set
@@ -161,7 +163,7 @@ def test_hf_checkpoint_loaded_sampled_and_exported_across_two_processes(tmp_path
   procs = []
   for i in range(2):
     log = open(out_dir / f"process{i}.log", "w")
-    cmd = [sys.executable, os.path.join(REPO, "tests", "multihost_hf_worker.py"), f"localhost:{port}", "2",
+    cmd = [sys.executable, os.path.join(REPO, "tests", "multihost_helpers.py"), f"localhost:{port}", "2",
            str(i), checkpoint, str(out_dir), ",".join(map(str, sorted(eos))), str(max_new)]
     procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   assert _wait(procs) == [0, 0], (out_dir / "process0.log").read_text()[-3000:]

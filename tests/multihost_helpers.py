@@ -1,6 +1,11 @@
-"""One process of tests/test_multihost.py's HF round trip (not a test module itself).
+"""Helpers of tests/test_multihost.py (not a test module itself).
 
-usage: python tests/multihost_hf_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID CHECKPOINT OUT_DIR \
+`parity_reward`: a reward function for the multi-host training test (`reward.fn=
+multihost_helpers:parity_reward`) that a tiny untrained model still earns about half the time,
+so that advantages and the policy-gradient loss are not all zero there.
+
+Run as a script: one process of the HF round trip.
+usage: python tests/multihost_helpers.py COORDINATOR NUM_PROCESSES PROCESS_ID CHECKPOINT OUT_DIR \
            EOS_IDS MAX_NEW_TOKENS      (EOS_IDS comma-separated)
 
 Joins the other processes, loads the HF checkpoint straight into shards of a (data 2, fsdp 2,
@@ -16,6 +21,12 @@ import numpy as np
 PROMPTS = [[5, 17, 42, 9], [3, 8], [200, 201, 202, 203, 204, 205], [77]]
 TOKENS = np.array([[5, 17, 42, 9, 100, 3], [3, 8, 15, 16, 23, 42], [200, 201, 202, 203, 204, 205],
                    [77, 78, 79, 80, 81, 82]], np.int32)
+
+
+def parity_reward(response: str, reference: str) -> float:
+  """1 for responses of even length, else 0 (the reference answer is ignored)."""
+  del reference
+  return float(len(response) % 2 == 0)
 
 
 def results(checkpoint, mesh, eos_ids, max_new_tokens):
