@@ -20,9 +20,10 @@ from laser_jax import default_config, trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 6
 
-# A tiny model and batch (4 prompts x 4 responses; 2 prompts per host), checkpoints every 2 steps.
+# A tiny model and batch (4 prompts x 4 responses; 2 prompts per host), checkpoints (async, the
+# default) every 2 steps.
 OVERRIDES = {
-    "total_steps": TOTAL_STEPS, "checkpoint_every": 2, "eval_every": 3, "async_checkpointing": False,
+    "total_steps": TOTAL_STEPS, "checkpoint_every": 2, "eval_every": 3,
     "batch_size": 4, "micro_batch_size": 8, "rollout.n": 4, "rollout.max_new_tokens": 12,
     "eval.max_new_tokens": 12, "data.synthetic_train_size": 64, "data.synthetic_eval_size": 8,
     "data.eval_size": 8, "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1,
