@@ -447,22 +447,28 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
   c = config
   ckpt_lib.hide_orbax_info_logs(not c.library_info_logs)
   ckpt = ckpt_lib.Checkpointer(c.workdir, keep=c.keep_checkpoints, async_save=c.async_checkpointing)
-  writer = metrics_writer.MetricsWriter(c.workdir)
-  if jax.process_index() == 0:
-    # The resolved config next to the checkpoints: `laser_jax.evaluate` rebuilds the model from it.
-    (epath.Path(c.workdir) / "config.json").write_text(c.to_json_best_effort(indent=2))
   records = []
   iterator = trainer.task.train_iterator()
   latest = ckpt.latest_step()
   if latest is not None:
     state, data_state = ckpt.restore(latest, trainer.abstract_state())
-    iterator.set_state(data_state)
+    try:
+      iterator.set_state(data_state)
+    except ValueError as e:  # The data, the seed or the host count changed since the save.
+      ckpt.close()  # Nothing in workdir has been touched.
+      raise config_check.ConfigError(
+          f"config.workdir: {c.workdir} holds a run saved with other data, seed or host count "
+          f"({e}); resume it unchanged or use a new workdir") from None
     _truncate_metrics_file(c.workdir, latest)
     logging.info("Resumed from %s/checkpoints at step %d", c.workdir, latest)
     initial = None
   else:
     initial = trainer.initial_params()
     state = trainer.init_state(initial)
+  writer = metrics_writer.MetricsWriter(c.workdir)
+  if jax.process_index() == 0:
+    # The resolved config next to the checkpoints: `laser_jax.evaluate` rebuilds the model from it.
+    (epath.Path(c.workdir) / "config.json").write_text(c.to_json_best_effort(indent=2))
   ref_params = trainer.reference_params(initial) if trainer.needs_ref else None
   del initial  # Its buffers are the state's, which the first update donates.
 

@@ -165,6 +165,20 @@ SMALL_FLAGS = ["--config.batch_size=4", "--config.micro_batch_size=8", "--config
                "--config.eval_every=0", "--config.checkpoint_every=1000", "--config.sft.steps=0"]
 
 
+def test_resume_with_another_seed_is_a_one_line_config_error(tmp_path):
+  cfg = tiny_config(tmp_path, total_steps=2, eval_every=0)
+  trainer.train(cfg, max_steps=1, progress=False)
+  changed = tiny_config(tmp_path, total_steps=2, eval_every=0, seed=1)
+  with pytest.raises(config_check.ConfigError, match=r"^config.workdir: .* holds a run saved with other "
+                     r"data, seed or host count \(PromptIterator.set_state: state seed=0 does not match "
+                     r"this iterator's seed=1\)"):
+    trainer.train(changed, progress=False)
+  # The workdir is untouched: its metrics, its checkpoint and the config it was run with.
+  assert [r["step"] for r in metrics_writer.read_metrics(str(tmp_path))] == [1]
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
 def test_sigterm_saves_current_step_and_resume_repeats_none(tmp_path):
   workdir = tmp_path / "run"
   args = ["--config=configs/tiny_cpu.py", f"--config.workdir={workdir}", "--config.total_steps=1000",
