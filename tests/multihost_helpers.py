@@ -30,14 +30,13 @@ def parity_reward(response: str, reference: str) -> float:
 
 
 def results(checkpoint, mesh, eos_ids, max_new_tokens):
-  """(logits of TOKENS, greedy SampleOutput for PROMPTS, params): every process calls this."""
+  """(logits of TOKENS, greedy SampleOutput for PROMPTS, params, cfg): every process calls this."""
   from jax.experimental import multihost_utils
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   from laser_jax import hf, model as model_lib, sampler as sampler_lib, sharding as sharding_lib
   cfg = hf.load_hf_config(checkpoint)
   params = hf.load_hf_params(checkpoint, cfg, mesh=mesh)
-  batch = NamedSharding(mesh, P(sharding_lib.BATCH_AXES))
+  batch = sharding_lib.batch_sharding(mesh, TOKENS.ndim)
   tokens = jax.make_array_from_callback(TOKENS.shape, batch, lambda idx: TOKENS[idx])
   mask = jax.make_array_from_callback(TOKENS.shape, batch, lambda idx: np.ones_like(TOKENS[idx], bool))
   forward = jax.jit(lambda p, t, m: model_lib.forward(p, cfg, t, model_lib.default_positions(m), m))

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from laser_jax import default_config, trainer
+from laser_jax import default_config, metrics_writer, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 6
@@ -43,19 +43,30 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, num_processes=2, devices_per_process=4):
+def _spawn(argv_for, log_for, num_processes=2, devices_per_process=4):
+  """Starts `python *argv_for(i, port)` for every process i, its output going to `log_for(i)`."""
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.join(REPO, "tests"),
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
   procs = []
   for i in range(num_processes):
-    cmd = [sys.executable, "-m", "laser_jax.train", "--config=configs/tiny_cpu.py",
-           f"--config.workdir={workdir}", f"--coordinator_address=localhost:{port}",
-           f"--num_processes={num_processes}", f"--process_id={i}"]
-    cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-    log = open(os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}.process{i}.log"), "a")
-    procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    log = open(log_for(i), "a")
+    procs.append((subprocess.Popen([sys.executable, *argv_for(i, port)], cwd=REPO, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT), log))
   return procs
+
+
+def _log_path(workdir, i):
+  return os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}.process{i}.log")
+
+
+def _launch(workdir, num_processes=2):
+  """The training CLI on `num_processes` processes joined through --coordinator_address."""
+  def argv(i, port):
+    return ["-m", "laser_jax.train", "--config=configs/tiny_cpu.py", f"--config.workdir={workdir}",
+            f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}", f"--process_id={i}",
+            *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
+  return _spawn(argv, lambda i: _log_path(workdir, i), num_processes)
 
 
 def _wait(procs, timeout=300):
@@ -74,13 +85,8 @@ def _wait(procs, timeout=300):
 
 
 def _log_text(workdir, i):
-  with open(os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}.process{i}.log")) as f:
+  with open(_log_path(workdir, i)) as f:
     return f.read()
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def test_two_hosts_preempted_on_one_host_then_resumed_repeat_the_one_host_run(tmp_path):
@@ -88,7 +94,7 @@ def test_two_hosts_preempted_on_one_host_then_resumed_repeat_the_one_host_run(tm
   config = default_config.apply_overrides(default_config.get_config(), OVERRIDES)
   config.workdir = str(tmp_path / "one_host")
   trainer.train(config, progress=False)
-  reference = _records(config.workdir)
+  reference = metrics_writer.read_metrics(config.workdir)
   assert [r["step"] for r in reference] == list(range(TOTAL_STEPS + 1))
   assert all(r["pg_loss"] != 0 and 0 < r["reward_mean"] < 1 for r in reference[1:])  # A real test.
 
@@ -106,12 +112,12 @@ def test_two_hosts_preempted_on_one_host_then_resumed_repeat_the_one_host_run(tm
   logs = [_log_text(workdir, i) for i in range(2)]
   saved = [int(log.split("Preemption signal: saved step ")[1].split(",")[0]) for log in logs]
   assert saved[0] == saved[1] < TOTAL_STEPS, saved
-  stopped = _records(workdir)
+  stopped = metrics_writer.read_metrics(workdir)
   assert stopped[-1]["step"] == saved[0]
 
   # The same command again resumes both hosts from that checkpoint and finishes the run.
   assert _wait(_launch(workdir)) == [0, 0], _log_text(workdir, 0)[-3000:]
-  records = _records(workdir)
+  records = metrics_writer.read_metrics(workdir)
   assert [r["step"] for r in records] == list(range(TOTAL_STEPS + 1))
   assert f"Resumed from {workdir}/checkpoints at step {saved[0]}" in _log_text(workdir, 0)
 
@@ -158,15 +164,9 @@ def test_hf_checkpoint_loaded_sampled_and_exported_across_two_processes(tmp_path
 
   out_dir = tmp_path / "two_processes"
   out_dir.mkdir()
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-  procs = []
-  for i in range(2):
-    log = open(out_dir / f"process{i}.log", "w")
-    cmd = [sys.executable, os.path.join(REPO, "tests", "multihost_helpers.py"), f"localhost:{port}", "2",
-           str(i), checkpoint, str(out_dir), ",".join(map(str, sorted(eos))), str(max_new)]
-    procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+  procs = _spawn(lambda i, port: [os.path.join(REPO, "tests", "multihost_helpers.py"), f"localhost:{port}", "2",
+                                  str(i), checkpoint, str(out_dir), ",".join(map(str, sorted(eos))), str(max_new)],
+                 lambda i: out_dir / f"process{i}.log")
   assert _wait(procs) == [0, 0], (out_dir / "process0.log").read_text()[-3000:]
 
   torch_model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
