@@ -295,8 +295,13 @@ class PromptIterator:
   (hosts must step in lockstep). Batches are `batch_size` items per host; the incomplete last
   batch of an epoch is dropped. `num_epochs=None` repeats forever.
 
-  `get_state()` returns {"epoch", "batch", "seed", "num_items", "process_count"}; a new iterator
-  given `set_state(state)` yields exactly the batches the saved one would have yielded next.
+  `get_state()` returns {"epoch", "batch", "seed", "num_items", "process_count",
+  "global_batch_size"}; a new iterator given `set_state(state)` yields exactly the batches the
+  saved one would have yielded next. The position is host-count independent: with P hosts,
+  batch b of an epoch is, interleaved over the hosts (`laser_jax.tasks.global_batch`),
+  positions [b * G, (b + 1) * G) of the epoch's permutation (G = batch_size * P, the global
+  batch), and an epoch holds floor(floor(N / P) / (G / P)) = floor(N / G) batches for every P.
+  So a state saved on P hosts restores on any host count with the same global batch.
   """
 
   def __init__(self, items: Sequence[Any], batch_size: int, seed: int = 0,
@@ -351,15 +356,21 @@ class PromptIterator:
   def get_state(self) -> dict:
     """A JSON-able position: the next batch is batch `batch` of epoch `epoch`."""
     return {"epoch": int(self._epoch), "batch": int(self._batch), "seed": int(self.seed),
-            "num_items": len(self.items), "process_count": int(self.process_count)}
+            "num_items": len(self.items), "process_count": int(self.process_count),
+            "global_batch_size": int(self.batch_size * self.process_count)}
 
   def set_state(self, state: dict) -> None:
-    """Restores a position saved by `get_state` (same data, seed and host count)."""
-    for key in ("seed", "num_items", "process_count"):
-      mine = getattr(self, key) if key != "num_items" else len(self.items)
-      if state.get(key) != mine:
+    """Restores a position saved by `get_state`: same data, seed and global batch size; the
+    host count may differ (class docstring). A state without "global_batch_size" (saved before
+    it was recorded) needs the same host count."""
+    mine = {"seed": self.seed, "num_items": len(self.items),
+            "global_batch_size": self.batch_size * self.process_count}
+    if "global_batch_size" not in state:
+      mine = {"seed": self.seed, "num_items": len(self.items), "process_count": self.process_count}
+    for key, value in mine.items():
+      if state.get(key) != value:
         raise ValueError(f"PromptIterator.set_state: state {key}={state.get(key)!r} does not "
-                         f"match this iterator's {key}={mine!r}")
+                         f"match this iterator's {key}={value!r}")
     if not 0 <= state["batch"] <= self.batches_per_epoch:
       raise ValueError(f"PromptIterator.set_state: batch {state['batch']} not in "
                        f"[0, {self.batches_per_epoch}]")

@@ -454,10 +454,10 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
     state, data_state = ckpt.restore(latest, trainer.abstract_state())
     try:
       iterator.set_state(data_state)
-    except ValueError as e:  # The data, the seed or the host count changed since the save.
+    except ValueError as e:  # The data, the seed or the global batch size changed since the save.
       ckpt.close()  # Nothing in workdir has been touched.
       raise config_check.ConfigError(
-          f"config.workdir: {c.workdir} holds a run saved with other data, seed or host count "
+          f"config.workdir: {c.workdir} holds a run saved with other data, seed or batch size "
           f"({e}); resume it unchanged or use a new workdir") from None
     _truncate_metrics_file(c.workdir, latest)
     logging.info("Resumed from %s/checkpoints at step %d", c.workdir, latest)

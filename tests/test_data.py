@@ -168,6 +168,40 @@ def test_iterator_sharding_two_hosts_is_disjoint_and_covering():
     assert sorted(shards[0] + shards[1]) == items
 
 
+def _global_batches(iterators, count):
+  """`count` global batches of host iterators, interleaved as `tasks.global_batch` joins them."""
+  out = []
+  for _ in range(count):
+    shards = [next(it) for it in iterators]
+    out.append([shard[k] for k in range(len(shards[0])) for shard in shards])
+  return out
+
+
+def test_iterator_state_saved_on_some_hosts_restores_on_any_host_count():
+  items = list(range(203))  # 203 // 12 = 16 batches per epoch for 1, 2, 3, 4 or 6 hosts alike.
+  def hosts(count):
+    return [data.PromptIterator(items, 12 // count, seed=5, num_epochs=None, process_index=p,
+                                process_count=count) for p in range(count)]
+  full = _global_batches(hosts(1), 40)  # Two and a half epochs.
+  for saved_on, resumed_on, k in ((4, 1, 7), (1, 4, 16), (2, 3, 23), (6, 2, 35)):
+    before = hosts(saved_on)
+    head = _global_batches(before, k)
+    state = json.loads(json.dumps(before[0].get_state()))
+    assert state["global_batch_size"] == 12 and state["process_count"] == saved_on
+    after = hosts(resumed_on)
+    for it in after:
+      it.set_state(state)
+    assert head + _global_batches(after, 40 - k) == full, (saved_on, resumed_on, k)
+  # Another global batch size is another data position: refused, whatever the host count.
+  with pytest.raises(ValueError, match="state global_batch_size=12 does not match this iterator's global_batch_size=8"):
+    data.PromptIterator(items, 4, seed=5, process_index=0, process_count=2).set_state(state)
+  # A state from before global_batch_size was recorded restores on its own host count only.
+  old = {key: value for key, value in state.items() if key != "global_batch_size"}
+  hosts(state["process_count"])[0].set_state(old)
+  with pytest.raises(ValueError, match="state process_count=6 does not match this iterator's process_count=1"):
+    hosts(1)[0].set_state({**old, "process_count": 6})
+
+
 def test_iterator_errors():
   with pytest.raises(ValueError, match="fewer than batch_size 8"):
     data.PromptIterator(list(range(10)), batch_size=8, process_count=2)

@@ -7,6 +7,7 @@ exercised here with the same code paths, on one machine.
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,13 +61,15 @@ def _log_path(workdir, i):
   return os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}.process{i}.log")
 
 
-def _launch(workdir, num_processes=2):
-  """The training CLI on `num_processes` processes joined through --coordinator_address."""
+def _launch(workdir, num_processes=2, devices_per_process=4):
+  """The training CLI on `num_processes` processes joined through --coordinator_address (one
+  process: a plain single-process run)."""
   def argv(i, port):
-    return ["-m", "laser_jax.train", "--config=configs/tiny_cpu.py", f"--config.workdir={workdir}",
-            f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}", f"--process_id={i}",
+    multi = [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
+             f"--process_id={i}"] if num_processes > 1 else []
+    return ["-m", "laser_jax.train", "--config=configs/tiny_cpu.py", f"--config.workdir={workdir}", *multi,
             *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
-  return _spawn(argv, lambda i: _log_path(workdir, i), num_processes)
+  return _spawn(argv, lambda i: _log_path(workdir, i), num_processes, devices_per_process)
 
 
 def _wait(procs, timeout=300):
@@ -87,6 +90,18 @@ def _wait(procs, timeout=300):
 def _log_text(workdir, i):
   with open(_log_path(workdir, i)) as f:
     return f.read()
+
+
+def _assert_metrics_match(records, reference):
+  for ours, ref in zip(records, reference, strict=True):
+    assert set(ours) == set(ref), ours["step"]
+    for key, want in ref.items():
+      if key in SKIP or not isinstance(want, (int, float)):
+        continue
+      if key in EXACT:
+        assert ours[key] == want, (ours["step"], key)
+      else:
+        np.testing.assert_allclose(ours[key], want, rtol=1e-4, atol=1e-6, err_msg=f"step {ours['step']} {key}")
 
 
 def test_two_hosts_preempted_on_one_host_then_resumed_repeat_the_one_host_run(tmp_path):
@@ -115,21 +130,21 @@ def test_two_hosts_preempted_on_one_host_then_resumed_repeat_the_one_host_run(tm
   stopped = metrics_writer.read_metrics(workdir)
   assert stopped[-1]["step"] == saved[0]
 
+  # Elastic resume: a copy of that workdir continued by ONE process with 4 devices (another host
+  # count and another device count, as when a run moves to a smaller slice) repeats the rest of
+  # the run: the data position is global and orbax restores into the new shardings.
+  elastic = str(tmp_path / "one_host_4_devices")
+  shutil.copytree(workdir, elastic)
+  assert _wait(_launch(elastic, num_processes=1)) == [0], _log_text(elastic, 0)[-3000:]
+  assert f"Resumed from {elastic}/checkpoints at step {saved[0]}" in _log_text(elastic, 0)
+  _assert_metrics_match(metrics_writer.read_metrics(elastic), reference)
+
   # The same command again resumes both hosts from that checkpoint and finishes the run.
   assert _wait(_launch(workdir)) == [0, 0], _log_text(workdir, 0)[-3000:]
   records = metrics_writer.read_metrics(workdir)
   assert [r["step"] for r in records] == list(range(TOTAL_STEPS + 1))
   assert f"Resumed from {workdir}/checkpoints at step {saved[0]}" in _log_text(workdir, 0)
-
-  for ours, ref in zip(records, reference):
-    assert set(ours) == set(ref), ours["step"]
-    for key, want in ref.items():
-      if key in SKIP or not isinstance(want, (int, float)):
-        continue
-      if key in EXACT:
-        assert ours[key] == want, (ours["step"], key)
-      else:
-        np.testing.assert_allclose(ours[key], want, rtol=1e-4, atol=1e-6, err_msg=f"step {ours['step']} {key}")
+  _assert_metrics_match(records, reference)
 
 
 def test_multi_process_flags_must_come_together_and_be_in_range():

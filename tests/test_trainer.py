@@ -170,7 +170,7 @@ def test_resume_with_another_seed_is_a_one_line_config_error(tmp_path):
   trainer.train(cfg, max_steps=1, progress=False)
   changed = tiny_config(tmp_path, total_steps=2, eval_every=0, seed=1)
   with pytest.raises(config_check.ConfigError, match=r"^config.workdir: .* holds a run saved with other "
-                     r"data, seed or host count \(PromptIterator.set_state: state seed=0 does not match "
+                     r"data, seed or batch size \(PromptIterator.set_state: state seed=0 does not match "
                      r"this iterator's seed=1\)"):
     trainer.train(changed, progress=False)
   # The workdir is untouched: its metrics, its checkpoint and the config it was run with.
