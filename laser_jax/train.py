@@ -6,7 +6,9 @@ Unknown keys fail at flag parsing; inconsistent values fail at start with the ke
 Multi-host: on a Cloud TPU slice the same command runs on every worker and JAX finds its peers
 itself (launch/tpu.py). Elsewhere (a GPU cluster, or several CPU processes on one machine) give
 every process `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; a run on N
-processes repeats the single-process run of the same config on as many devices.
+processes repeats the single-process run of the same config on as many devices. A process
+other than 0 that cannot reach the coordinator within `--initialization_timeout` seconds
+stops with a one-line error.
 """
 import os
 import sys
@@ -21,6 +23,35 @@ _COORDINATOR = flags.DEFINE_string(
     "(with --num_processes and --process_id, the same on every process but the id).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index, 0-based.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Multi-process run: seconds to wait for the coordinator and the "
+    "other processes to come up (JAX's default).", lower_bound=1)
+
+
+class CoordinatorUnreachable(Exception):
+  """The multi-process coordinator did not accept a connection in time."""
+
+
+def _wait_for_coordinator(address: str, timeout_s: int):
+  """Polls HOST:PORT until it accepts a TCP connection; CoordinatorUnreachable after timeout_s.
+
+  jax.distributed.initialize would abort the process from C++ with a stack trace instead.
+  """
+  import socket
+  import time
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit():
+    raise app.UsageError(f"--coordinator_address={address}: expected HOST:PORT")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+      return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise CoordinatorUnreachable(f"--coordinator_address={address}: not reachable within "
+                             f"--initialization_timeout={timeout_s} s ({e}); is process 0 running?") from None
+      time.sleep(0.5)
 
 
 def _initialize_distributed():
@@ -36,12 +67,17 @@ def _initialize_distributed():
     if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
       raise app.UsageError(f"--process_id={_PROCESS_ID.value} not in [0, --num_processes="
                            f"{_NUM_PROCESSES.value})")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _PROCESS_ID.value != 0:  # Process 0 serves the coordinator; the others connect to it.
+      _wait_for_coordinator(_COORDINATOR.value, _INIT_TIMEOUT.value)
+    logging.info("Joining %d processes through %s as process %d (waiting up to %d s)", _NUM_PROCESSES.value,
+                 _COORDINATOR.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               initialization_timeout=_INIT_TIMEOUT.value)
   elif (os.environ.get("LASER_JAX_DISTRIBUTED") == "1" or os.environ.get("TPU_WORKER_HOSTNAMES")
         or os.environ.get("JAX_COORDINATOR_ADDRESS")):
     # Multi-host pod: the same command runs on every worker. On Cloud TPU VMs JAX finds the
     # coordinator in the GCE metadata; launch/tpu.py sets LASER_JAX_DISTRIBUTED=1 on slices.
-    jax.distributed.initialize()
+    jax.distributed.initialize(initialization_timeout=_INIT_TIMEOUT.value)
 
 
 def main(argv):
@@ -50,13 +86,14 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny_cpu.py")
-  _initialize_distributed()
   from laser_jax import config_check, data, hf, trainer
-  logging.info("Devices: %s", jax.devices())
   try:
+    _initialize_distributed()
+    logging.info("Devices: %s", jax.devices())
     trainer.train(config)
-  except (config_check.ConfigError, data.DataError, hf.HFCheckpointError) as e:
-    # Bad input (a config value, a malformed data row, a broken checkpoint): one line, exit 2.
+  except (CoordinatorUnreachable, config_check.ConfigError, data.DataError, hf.HFCheckpointError) as e:
+    # Bad input (a config value, a malformed data row, a broken checkpoint, a coordinator that
+    # is not there): one line, exit 2.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -149,13 +149,22 @@ def test_two_hosts_preempted_on_one_host_then_resumed_repeat_the_one_host_run(tm
 
 def test_multi_process_flags_must_come_together_and_be_in_range():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  closed = _free_port()  # Nobody listens there.
   cases = {("--num_processes=2",): "--coordinator_address, --process_id missing",
            ("--num_processes=2", "--process_id=2", "--coordinator_address=localhost:1"):
-               "--process_id=2 not in [0, --num_processes=2)"}
+               "--process_id=2 not in [0, --num_processes=2)",
+           ("--num_processes=2", "--process_id=1", "--coordinator_address=localhost"):
+               "--coordinator_address=localhost: expected HOST:PORT",
+           ("--num_processes=2", "--process_id=1", f"--coordinator_address=localhost:{closed}",
+            "--initialization_timeout=2"):
+               f"--coordinator_address=localhost:{closed}: not reachable within --initialization_timeout=2 s"}
   for flags, message in cases.items():
     run = subprocess.run([sys.executable, "-m", "laser_jax.train", "--config=configs/tiny_cpu.py", *flags],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and message in run.stderr, (flags, run.returncode, run.stderr[-500:])
+    if "not reachable" in message:  # Not a usage mistake: the error line alone, exit 2.
+      lines = run.stderr.strip().splitlines()
+      assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), run.stderr[-500:]
 
 
 def test_hf_checkpoint_loaded_sampled_and_exported_across_two_processes(tmp_path):
