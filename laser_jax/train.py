@@ -32,6 +32,13 @@ class CoordinatorUnreachable(Exception):
   """The multi-process coordinator did not accept a connection in time."""
 
 
+def _host_port(address: str) -> tuple[str, int]:
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit():
+    raise app.UsageError(f"--coordinator_address={address}: expected HOST:PORT")
+  return host.strip("[]"), int(port)  # [::1]:1234 names an IPv6 host.
+
+
 def _wait_for_coordinator(address: str, timeout_s: int):
   """Polls HOST:PORT until it accepts a TCP connection; CoordinatorUnreachable after timeout_s.
 
@@ -39,18 +46,16 @@ def _wait_for_coordinator(address: str, timeout_s: int):
   """
   import socket
   import time
-  host, sep, port = address.rpartition(":")
-  if not sep or not host or not port.isdigit():
-    raise app.UsageError(f"--coordinator_address={address}: expected HOST:PORT")
   deadline = time.monotonic() + timeout_s
   while True:
     try:
-      socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+      socket.create_connection(_host_port(address), timeout=5).close()
       return
     except OSError as e:
       if time.monotonic() >= deadline:
-        raise CoordinatorUnreachable(f"--coordinator_address={address}: not reachable within "
-                             f"--initialization_timeout={timeout_s} s ({e}); is process 0 running?") from None
+        raise CoordinatorUnreachable(
+            f"--coordinator_address={address}: not reachable within --initialization_timeout={timeout_s} s "
+            f"({e}); is process 0 running?") from None
       time.sleep(0.5)
 
 
@@ -67,6 +72,7 @@ def _initialize_distributed():
     if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
       raise app.UsageError(f"--process_id={_PROCESS_ID.value} not in [0, --num_processes="
                            f"{_NUM_PROCESSES.value})")
+    _host_port(_COORDINATOR.value)  # A usage error if malformed, on every process.
     if _PROCESS_ID.value != 0:  # Process 0 serves the coordinator; the others connect to it.
       _wait_for_coordinator(_COORDINATOR.value, _INIT_TIMEOUT.value)
     logging.info("Joining %d processes through %s as process %d (waiting up to %d s)", _NUM_PROCESSES.value,

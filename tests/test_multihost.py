@@ -153,7 +153,7 @@ def test_multi_process_flags_must_come_together_and_be_in_range():
   cases = {("--num_processes=2",): "--coordinator_address, --process_id missing",
            ("--num_processes=2", "--process_id=2", "--coordinator_address=localhost:1"):
                "--process_id=2 not in [0, --num_processes=2)",
-           ("--num_processes=2", "--process_id=1", "--coordinator_address=localhost"):
+           ("--num_processes=2", "--process_id=0", "--coordinator_address=localhost"):
                "--coordinator_address=localhost: expected HOST:PORT",
            ("--num_processes=2", "--process_id=1", f"--coordinator_address=localhost:{closed}",
             "--initialization_timeout=2"):
