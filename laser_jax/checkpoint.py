@@ -3,7 +3,10 @@
 Layout: `workdir/checkpoints/<step>/{state,data}`. `state` is the train-state pytree (params,
 optimizer state, step, RNG), saved sharded and restored straight into the target shardings;
 `data` is the JSON position of the prompt iterator, so a resumed run sees exactly the prompts the
-uninterrupted run would have seen.
+uninterrupted run would have seen. `workdir/reference` holds pi_ref's parameters when they come
+from the supervised warm start (saved once, at the start of the run): a resume reads them back
+instead of recomputing the warm start, which would cost its steps again and, on another mesh,
+differ by float rounding.
 """
 import logging
 import os
@@ -13,6 +16,25 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 from etils import epath
+
+
+def reference_directory(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "reference"
+
+
+def save_reference(workdir: str, params: Any) -> None:
+  """Saves pi_ref's params to `workdir/reference`, replacing any there; returns when written."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(reference_directory(workdir), params, force=True)
+    checkpointer.wait_until_finished()
+
+
+def restore_reference(workdir: str, abstract_params: Any) -> Any | None:
+  """pi_ref's params from `save_reference`, into `abstract_params`' shardings; None if absent."""
+  if not reference_directory(workdir).exists():
+    return None
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(reference_directory(workdir), abstract_params)
 
 
 class _DropOrbaxInfo(logging.Filter):

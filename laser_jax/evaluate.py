@@ -211,7 +211,9 @@ def _from_checkpoint(config, mesh) -> LoadedModel:
   if laser.ref_hf_path:
     ref_params, ref_source = _load_reference_hf(laser.ref_hf_path, cfg, mesh), laser.ref_hf_path
   elif tc.laser.get("use_self_reward_loss") and tc.laser.get("use_ref_model_score"):
-    ref_params, ref_source = _run_reference(tc, train_config_path, cfg, mesh)
+    # state_dir is <workdir>/checkpoints/<step>/state; the run saved its reference in <workdir>.
+    run_dir = os.path.dirname(os.path.dirname(os.path.dirname(state_dir)))
+    ref_params, ref_source = _run_reference(tc, train_config_path, run_dir, cfg, mesh)
   return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh,
                      f"{state_dir} (step {step})", kl_coef, ref_constant, ref_params, ref_source)
 
@@ -251,14 +253,16 @@ def _load_reference_hf(path: str, cfg: model_lib.ModelConfig, mesh) -> Any:
   return hf.load_hf_params(path, cfg, mesh=mesh)
 
 
-def _run_reference(tc, train_config_path: str, cfg: model_lib.ModelConfig, mesh) -> tuple[Any, str]:
+def _run_reference(tc, train_config_path: str, run_dir: str, cfg: model_lib.ModelConfig, mesh
+                   ) -> tuple[Any, str]:
   """The reference policy of a training run that used the exact score: its HF model, or else its
-  initial policy rebuilt as the trainer builds it (random init + the supervised warm start)."""
+  initial policy as the run saved it (`run_dir/reference`), or rebuilt as the trainer builds it
+  (random init + the supervised warm start) for a run that saved none."""
   if tc.model.hf_path:
     return _load_reference_hf(tc.model.hf_path, cfg, mesh), tc.model.hf_path
   from laser_jax import trainer as trainer_lib
-  logging.info("Rebuilding the run's reference policy (its initial policy) from %s", train_config_path)
-  ref = jax.device_get(trainer_lib.Trainer(tc).reference_params())
+  logging.info("The run's reference policy: its initial policy, from %s and %s", train_config_path, run_dir)
+  ref = jax.device_get(trainer_lib.Trainer(tc).reference_params(workdir=run_dir))
   shardings = sharding_lib.param_shardings(ref, cfg, mesh)
   return jax.device_put(ref, shardings), f"initial policy of {train_config_path}"
 

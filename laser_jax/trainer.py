@@ -132,24 +132,37 @@ class Trainer:
                               mesh=self.mesh, param_shardings=shardings.params, log_fn=log)
     return params
 
-  def reference_params(self, initial_params=None):
+  def reference_params(self, initial_params=None, workdir: str | None = None):
     """pi_ref, the frozen initial policy of the RL run (KL loss, exact self-reward variant).
 
     That is the initial parameters *after* the supervised warm start when `sft.steps > 0`, the
     policy RL starts from (not the random init). `initial_params` (what `initial_params()` just
-    returned for a fresh run) is copied, since the train state's buffers are donated; on resume
-    the warm start is recomputed (deterministic for a given seed and mesh).
+    returned for a fresh run) is copied, since the train state's buffers are donated. With a
+    warm start and a `workdir`, a fresh run saves that copy there (`checkpoint.save_reference`)
+    and a resumed run or the evaluator (no `initial_params`) restores it; without a saved copy
+    (a workdir from before it was saved) the warm start is recomputed (deterministic for a
+    given seed and mesh).
+    The other references (an HF checkpoint, the random init) are loaded again.
     """
-    if initial_params is None:
-      if self.config.sft.steps > 0:
-        logging.info("Recomputing the supervised warm start (%d steps) for the reference policy",
-                     self.config.sft.steps)
-        return self.initial_params()
-      params = self.task.init_params(reference=True, mesh=self.mesh)
-      if self.param_shardings is None:
-        self._state_shardings(params)
-      return jax.device_put(params, self.param_shardings)
-    return jax.tree.map(jnp.copy, initial_params)
+    warm_started = self.config.sft.steps > 0
+    if initial_params is not None:
+      ref = jax.tree.map(jnp.copy, initial_params)
+      if warm_started and workdir:
+        ckpt_lib.save_reference(workdir, ref)
+      return ref
+    if warm_started:
+      saved = ckpt_lib.restore_reference(workdir, self.abstract_state().params) if workdir else None
+      if saved is not None:
+        logging.info("Restored the reference policy (after the warm start) from %s",
+                     ckpt_lib.reference_directory(workdir))
+        return saved
+      logging.info("Recomputing the supervised warm start (%d steps) for the reference policy",
+                   self.config.sft.steps)
+      return self.initial_params()
+    params = self.task.init_params(reference=True, mesh=self.mesh)
+    if self.param_shardings is None:
+      self._state_shardings(params)
+    return jax.device_put(params, self.param_shardings)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without allocating it (restore target)."""
@@ -469,7 +482,7 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
   if jax.process_index() == 0:
     # The resolved config next to the checkpoints: `laser_jax.evaluate` rebuilds the model from it.
     (epath.Path(c.workdir) / "config.json").write_text(c.to_json_best_effort(indent=2))
-  ref_params = trainer.reference_params(initial) if trainer.needs_ref else None
+  ref_params = trainer.reference_params(initial, c.workdir) if trainer.needs_ref else None
   del initial  # Its buffers are the state's, which the first update donates.
 
   preempt = ckpt_lib.PreemptionFlag()

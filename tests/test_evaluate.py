@@ -354,23 +354,29 @@ def test_evaluate_trainer_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_of_an_exact_score_run_is_evaluated_against_its_reference(tmp_path):
-  """A run trained with the exact score (random init, no HF model) is evaluated with it: pi_ref is
-  the run's rebuilt initial policy, whose log-probs the records hold."""
+def test_checkpoint_of_an_exact_score_run_is_evaluated_against_its_reference(tmp_path, monkeypatch):
+  """A run trained with the exact score (random init + warm start, no HF model) is evaluated with
+  it: pi_ref is the run's initial policy, read from the copy the run saved (the warm start does
+  not run again), whose log-probs the records hold."""
   import jax
   from laser_jax import model as model_lib
-  from laser_jax import trainer
+  from laser_jax import sft, trainer
   from test_trainer import tiny_config
-  train_cfg = tiny_config(tmp_path / "run", total_steps=1, eval_every=0, **{"laser.use_ref_model_score": True})
+  train_cfg = tiny_config(tmp_path / "run", total_steps=1, eval_every=0,
+                          **{"laser.use_ref_model_score": True, "sft.steps": 3, "sft.batch_size": 8})
   trainer.train(train_cfg, progress=False)
+  t = trainer.Trainer(train_cfg)
+  initial = jax.device_get(t.initial_params())
+
+  def no_warm_start(*args, **kwargs):
+    raise AssertionError("the evaluator ran the warm start again")
+  monkeypatch.setattr(sft, "warm_start", no_warm_start)
   config = eval_config(**{
       "model.checkpoint_dir": str(tmp_path / "run"), "eval.input_file": "synthetic", "eval.limit": 8,
       "eval.reward_fn": "synthetic", "eval.num_workers": 0, "eval.n": 8, "eval.max_new_tokens": 32,
       "eval.batch_size": 8, "eval.output_file": str(tmp_path / "eval.jsonl"), "eval.num_bootstrap": 10})
   summary = evaluate.run(config, progress=False, print_table=False)
   assert summary["reference_model"].startswith("initial policy of")
-  t = trainer.Trainer(train_cfg)
-  initial = jax.device_get(t.initial_params())
   checked = 0
   for r in map(json.loads, open(config.eval.output_file)):
     for ids, stop, lp, ref_lp, score in zip(r["response_token_ids"], r["stop_token_ids"], r["self_rewarding_logprobs"],

@@ -250,20 +250,41 @@ def test_eval_with_the_exact_score_subtracts_the_reference_logprob(tmp_path):
     t.evaluate(params, jax.random.key(0))
 
 
-def test_reference_policy_is_the_post_warm_start_initial_policy(tmp_path):
+def test_reference_policy_is_the_post_warm_start_initial_policy_and_resumes_restore_it(tmp_path, monkeypatch):
   """pi_ref (KL loss, exact score) is the policy RL starts from: after the supervised warm start,
-  not the random init; a resumed run recomputes the same one."""
-  cfg = tiny_config(tmp_path / "run", **{"sft.steps": 3, "sft.batch_size": 8, "loss.kl_loss_coef": 0.05,
-                                         "total_steps": 1, "eval_every": 0})
-  records = trainer.train(cfg, progress=False)
+  not the random init. The run saves it in workdir/reference; a resumed run restores it instead
+  of running the warm start again, and then repeats the uninterrupted run."""
+  import shutil
+  from laser_jax import checkpoint as ckpt_lib
+  from laser_jax import sft
+  overrides = {"sft.steps": 3, "sft.batch_size": 8, "loss.kl_loss_coef": 0.05, "total_steps": 2,
+               "eval_every": 0}
+  cfg = tiny_config(tmp_path / "run", **overrides)
+  first = trainer.train(cfg, max_steps=1, progress=False)
   # Step 1 samples and updates from the initial policy, so its KL to pi_ref is zero.
-  assert abs(_steps(records)[0]["kl_loss"]) < 1e-6, _steps(records)[0]["kl_loss"]
+  assert abs(_steps(first)[0]["kl_loss"]) < 1e-6, _steps(first)[0]["kl_loss"]
   t = trainer.Trainer(cfg)
   initial = jax.device_get(t.initial_params())
   random_init = jax.device_get(t.task.init_params(reference=True))
   differs = lambda a, b: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
   assert differs(initial, random_init) > 1e-4  # The warm start moved the weights.
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(t.reference_params()), initial)
+  saved = jax.device_get(ckpt_lib.restore_reference(cfg.workdir, t.abstract_state().params))
+  jax.tree.map(np.testing.assert_array_equal, saved, initial)
+
+  def no_warm_start(*args, **kwargs):
+    raise AssertionError("the warm start ran again on resume")
+  with monkeypatch.context() as patch:
+    patch.setattr(sft, "warm_start", no_warm_start)
+    second = trainer.train(cfg, progress=False)
+  full = trainer.train(tiny_config(tmp_path / "full", **overrides), progress=False)
+  resumed, uninterrupted = _comparable(first + second), _comparable(full)
+  assert [r["step"] for r in resumed] == [1, 2] and uninterrupted[1]["kl_loss"] > 0
+  for key in ("loss", "pg_loss", "kl_loss", "self_reward_loss", "reward_mean"):
+    np.testing.assert_allclose(resumed[1][key], uninterrupted[1][key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+  # A workdir without the saved copy (from before it was saved) recomputes the same policy.
+  shutil.rmtree(ckpt_lib.reference_directory(cfg.workdir))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(t.reference_params(workdir=cfg.workdir)), initial)
 
 
 def test_orbax_info_logs_are_hidden_but_warnings_and_our_logs_pass():
