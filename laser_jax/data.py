@@ -363,10 +363,11 @@ class PromptIterator:
     """Restores a position saved by `get_state`: same data, seed and global batch size; the
     host count may differ (class docstring). A state without "global_batch_size" (saved before
     it was recorded) needs the same host count."""
-    mine = {"seed": self.seed, "num_items": len(self.items),
-            "global_batch_size": self.batch_size * self.process_count}
-    if "global_batch_size" not in state:
-      mine = {"seed": self.seed, "num_items": len(self.items), "process_count": self.process_count}
+    mine = {"seed": self.seed, "num_items": len(self.items)}
+    if "global_batch_size" in state:
+      mine["global_batch_size"] = self.batch_size * self.process_count
+    else:
+      mine["process_count"] = self.process_count
     for key, value in mine.items():
       if state.get(key) != value:
         raise ValueError(f"PromptIterator.set_state: state {key}={state.get(key)!r} does not "
