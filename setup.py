@@ -33,6 +33,8 @@ EXTRAS = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
         "matplotlib>=3.8",
+        # libtpu: tests compile the RL step for a TPU slice on the CPU (laser_jax.aot).
+        "jax[tpu]; sys_platform == 'linux'",
     ],
     # gcsfs: gs:// workdirs for metrics.jsonl and TensorBoard (orbax writes gs:// natively).
     "tpu": ["jax[tpu]", "gcsfs"],

@@ -14,6 +14,7 @@ def get_config():
   c = default_config.load_config_file(os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
   c.workdir = "gs://YOUR_BUCKET/laser/octothinker-3b"
   c.model.hf_path = "/mnt/models/OctoThinker-3B-Hybrid-Base"  # Llama-3.2-3B architecture.
+  c.model.preset = "octothinker-3b"  # Its shape, for `laser_jax.aot` where the checkpoint is not.
   c.laser.self_reward_token_id = 128002  # <|reserved_special_token_0|>: never in normal text.
   c.laser.ref_constant = -25.0  # c_ref measured for OctoThinker (SPEC).
   c.data.template = "base"  # A base model: plain prompt with the boxed-answer instruction.

@@ -27,9 +27,12 @@ def get_config():
   c.mesh.tensor = 1
 
   c.model.hf_path = "/mnt/models/Qwen2.5-7B"  # Local copy of Qwen/Qwen2.5-7B on every worker.
+  c.model.preset = "qwen2.5-7b"  # Its shape, for `laser_jax.aot` where the checkpoint is not.
   c.model.dtype = "bfloat16"  # bf16 compute on the MXU.
   c.model.param_dtype = "float32"  # f32 master weights and Adam moments (lr 1e-6 needs them).
   c.model.remat = True  # 8k-token responses: recompute layer activations in the backward pass.
+  c.model.scan_layers = True  # One layer's recomputation alive at a time; one compiled layer.
+  c.model.attention = "chunked"  # Never hold [10k, 10k] scores: 512 queries at a time.
   c.model.logprob_chunk = 1024  # Never hold [B, 10k, 152k] logits at once.
 
   c.data.task = "files"

@@ -65,7 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.hf_path = ""  # Hugging Face directory (config.json + safetensors + tokenizer) to start from.
-  c.model.preset = ""  # Or a named shape from laser_jax.presets with random init (benchmarks).
+  # Or a named shape from laser_jax.presets with random init (benchmarks). With hf_path set too,
+  # the checkpoint is trained and the preset is the shape `laser_jax.aot` compiles for where the
+  # checkpoint is not on the machine.
+  c.model.preset = ""
   c.model.tokenizer_path = ""  # Tokenizer directory; "" = hf_path, or the synthetic task's tokenizer.
   # Shape for random init when neither hf_path nor preset is set (the tiny default model).
   c.model.family = "qwen2"  # "qwen2" | "llama" | "qwen3": which block layout to use.
@@ -81,6 +84,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # Compute dtype: "float32" | "bfloat16".
   c.model.param_dtype = "float32"  # Parameter (and optimizer state) dtype.
   c.model.remat = False  # Rematerialise each layer in the training forward to save activation memory.
+  # Attention of the training / log-prob forward: "xla" (all [T, T] scores at once), "chunked"
+  # (attention_block queries at a time, recomputed in the backward: memory ~ block * T), or
+  # "auto" (= "chunked"; equal to "xla" for sequences up to attention_block tokens).
+  c.model.attention = "auto"
+  c.model.attention_block = 512  # Queries per block of the chunked attention.
+  c.model.scan_layers = False  # Training forward as a lax.scan over the layers (faster compiles, bounded remat).
   c.model.logprob_chunk = 0  # Sequence chunk for the vocab projection in training (0 = whole sequence).
 
   c.data = ml_collections.ConfigDict()

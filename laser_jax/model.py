@@ -30,6 +30,7 @@ import numpy as np
 Params = Any
 
 FAMILIES = ("qwen2", "llama", "qwen3")
+ATTENTION_IMPLS = ("xla", "chunked")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -57,6 +58,14 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: bool = False  # per-layer rematerialisation in the full forward
+  # Attention of the full forward (training, log-probs): "xla" materialises the [T, T] scores;
+  # "chunked" computes them for `attention_block` queries at a time, each block recomputed in the
+  # backward pass, so memory grows with attention_block * T instead of T * T. Same values.
+  attention: str = "xla"
+  attention_block: int = 512
+  # Full forward as a lax.scan over the layers (weights stacked per call): one compiled layer
+  # instead of num_layers, and with remat one layer's recomputation alive at a time.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -67,6 +76,10 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig: num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+    if self.attention_block < 1:
+      raise ValueError(f"ModelConfig.attention_block must be >= 1, got {self.attention_block}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
     if self.rope_scaling is not None:
@@ -202,6 +215,39 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   return out.reshape(b, t, n, d)
 
 
+def causal_mask(query_positions: jax.Array, key_valid: jax.Array) -> jax.Array:
+  """[B, Tq, S] bool: query at sequence index i sees the valid keys at indices <= i.
+  query_positions [Tq] (sequence indices), key_valid [B, S]."""
+  visible = jnp.arange(key_valid.shape[1])[None, :] <= query_positions[:, None]
+  return visible[None] & key_valid[:, None, :]
+
+
+def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, impl: str = "xla",
+                  block: int = 512) -> jax.Array:
+  """Causal self-attention of a full sequence over its valid keys: q [B,T,N,D], k/v [B,T,K,D],
+  key_valid [B,T] bool -> [B,T,N,D]; equals `attend` with `causal_mask`.
+
+  impl "xla" builds the [B, T, T] scores at once. impl "chunked" runs `attend` on `block` queries
+  at a time (a lax.map; each block under jax.checkpoint, so the backward pass recomputes its
+  scores instead of keeping them): the largest live buffer is [B, heads, block, T] scores.
+  Every query row still normalises over all of its keys, so the values are the same.
+  """
+  t = q.shape[1]
+  if impl == "xla" or t <= block:
+    return attend(q, k, v, causal_mask(jnp.arange(t), key_valid))
+  num_blocks = -(-t // block)
+  q_blocks = jnp.pad(q, ((0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)))
+  q_blocks = q_blocks.reshape(q.shape[0], num_blocks, block, *q.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_block(args):
+    q_block, start = args
+    return attend(q_block, k, v, causal_mask(start + jnp.arange(block), key_valid))
+
+  out = jax.lax.map(one_block, (q_blocks, jnp.arange(num_blocks) * block))
+  return out.swapaxes(0, 1).reshape(q.shape[0], num_blocks * block, *q.shape[2:])[:, :t]
+
+
 def attend_cached(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: jax.Array) -> jax.Array:
   """`attend` over cache chunks: q [B,T,N,D], k_chunks [B,K,D,S_c] (keys transposed), v_chunks
   [B,K,S_c,D], mask [B,T,sum(S_c)] -> [B,T,N,D].
@@ -257,8 +303,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, rope, mask, kv_cache=None, write_offset=None):
-    """x [B,T,H], rope = `rope_tables` at x's positions. Without a cache attends within x
-    (mask [B,T,T]). With kv_cache = (key chunks, value chunks), the chunks of this layer's cache
+    """x [B,T,H], rope = `rope_tables` at x's positions. Without a cache attends causally within
+    x over its valid tokens (mask = key validity [B,T]). With kv_cache = (key chunks, value chunks), the chunks of this layer's cache
     that the step sees (see `KVCache`), writes this step's keys/values into the last of them at
     slots [write_offset, write_offset + T) and attends over all of them (mask [B,T,sum(S_c)])."""
     cfg = self.cfg
@@ -275,7 +321,7 @@ class Attention(nn.Module):
     v = constrain(v, BATCH, None, "tensor", None)
     new_cache = None
     if kv_cache is None:
-      out = attend(q, k, v, mask)
+      out = attend_causal(q, k, v, mask, cfg.attention, cfg.attention_block)
     else:
       # In-place dynamic-update-slices of the (donated) cache buffers.
       k_chunks, v_chunks = kv_cache
@@ -352,13 +398,17 @@ class Decoder(nn.Module):
 
   def __call__(self, tokens, positions, attention_mask):
     """Full sequence: causal attention restricted to real tokens. Returns normed hidden [B,T,H]."""
-    t = tokens.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    mask = causal[None] & attention_mask[:, None, :].astype(bool)
-    x = constrain(self.embed(tokens), BATCH, None, None)
+    key_valid = attention_mask.astype(bool)
+    x = self.embed_tokens(tokens)
     rope = rope_tables(positions, rope_inv_freq(self.cfg))
     for layer in self.layers:
-      x, _ = layer(x, rope, mask)
+      x, _ = layer(x, rope, key_valid)
+    return self.final_norm(x)
+
+  def embed_tokens(self, tokens):
+    return constrain(self.embed(tokens), BATCH, None, None)
+
+  def finish(self, x):
     return self.final_norm(x)
 
   def cached(self, tokens, positions, token_mask, cache: KVCache, write_index, chunk: int):
@@ -431,8 +481,34 @@ def forward(params, cfg: ModelConfig, tokens, positions, attention_mask, *, retu
   Returns float32 logits [B,T,V], or with return_hidden=True the final-normed hidden states [B,T,H]
   (compute dtype). Padding positions produce finite values that callers must ignore.
   """
-  hidden = Decoder(cfg).apply({"params": params}, tokens, positions, attention_mask)
+  if cfg.scan_layers:
+    hidden = _forward_scanned(params, cfg, tokens, positions, attention_mask)
+  else:
+    hidden = Decoder(cfg).apply({"params": params}, tokens, positions, attention_mask)
   return hidden if return_hidden else unembed(params, cfg, hidden)
+
+
+def _forward_scanned(params, cfg: ModelConfig, tokens, positions, attention_mask):
+  """`Decoder.__call__` as a lax.scan over the layers' stacked weights (same values).
+
+  The stacked copy lives for one forward; its gradient is unstacked back onto each layer's
+  weights. With remat the scan body is checkpointed, so the backward pass recomputes one layer
+  at a time (an unrolled Python loop leaves XLA free to schedule many layers' recomputations at
+  once)."""
+  decoder = Decoder(cfg)
+  x = decoder.apply({"params": params}, tokens, method=Decoder.embed_tokens)
+  rope = rope_tables(positions, rope_inv_freq(cfg))
+  key_valid = attention_mask.astype(bool)
+  stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *[params[f"layers_{i}"] for i in range(cfg.num_layers)])
+  layer = DecoderLayer(cfg)
+
+  def body(x, layer_params):
+    return layer.apply({"params": layer_params}, x, rope, key_valid)[0], None
+
+  if cfg.remat:
+    body = jax.checkpoint(body, prevent_cse=False)  # inside a scan CSE cannot merge the recompute
+  x, _ = jax.lax.scan(body, x, stacked)
+  return decoder.apply({"params": params}, x, method=Decoder.finish)
 
 
 def unembed(params, cfg: ModelConfig, hidden) -> jax.Array:

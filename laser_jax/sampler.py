@@ -472,6 +472,34 @@ class Sampler:
     return state
 
   # ---- host API ---------------------------------------------------------------------------
+  def batch_layout(self, num_prompts: int, n: int) -> tuple[int, int, int]:
+    """(rows, prefill rows, repeats) of a call on `num_prompts` prompts x `n` responses.
+
+    Rows are padded to a multiple of the data-parallel size (padding holds one pad token and
+    starts done). Each distinct prompt is prefilled once (prefill costs 1/n) and the prefill
+    repeats its cache `repeats` = n times, unless sharding pads prompts and rows unevenly; then
+    every row is prefilled (`repeats` = 1).
+    """
+    dp = self.data_parallel_size
+    rows = -(-num_prompts * n // dp) * dp
+    prompts_padded = -(-num_prompts // dp) * dp
+    if prompts_padded * n == rows:
+      return rows, prompts_padded, n
+    return rows, rows, 1
+
+  def abstract_prefill_args(self, params, num_prompts: int, prompt_len: int, sampling: SamplingParams):
+    """Abstract arguments of `_prefill` for `num_prompts` prompts in a `prompt_len` bucket, laid
+    out (and sharded) as `__call__` lays them out: `self._prefill.lower(*args, sampling=...)`."""
+    rows, prefill_rows, _ = self.batch_layout(num_prompts, sampling.n)
+    def batch(shape, dtype):
+      sharding = None if self.mesh is None else NamedSharding(self.mesh, self._batch_spec(len(shape)))
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype,
+                               sharding=None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec()))
+    return (params, batch((prefill_rows, prompt_len), jnp.int32), batch((prefill_rows, prompt_len), jnp.bool_),
+            batch((rows,), jnp.bool_), rng)
+
   def __call__(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingParams, rng: jax.Array) -> SampleOutput:
     """Samples `sampling.n` responses for every prompt (lists of token ids)."""
     if not isinstance(sampling, SamplingParams):
@@ -483,14 +511,8 @@ class Sampler:
         raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
     n = sampling.n
     num_rows = len(prompts) * n
-    dp = self.data_parallel_size
-    batch = -(-num_rows // dp) * dp
+    batch, num_prompts, repeats = self.batch_layout(len(prompts), n)
     bucket = bucket_length(max(len(p) for p in prompts), self.min_bucket)
-    # Padding (to a multiple of the data-parallel size) holds one pad token and starts done.
-    num_prompts = -(-len(prompts) // dp) * dp
-    # Each distinct prompt is prefilled once (prefill costs 1/n) and the prefill repeats its cache,
-    # unless sharding pads prompts and rows unevenly.
-    repeats = n if num_prompts * n == batch else 1
     if repeats > 1:
       prefill_rows = [list(p) for p in prompts] + [[sampling.pad_id]] * (num_prompts - len(prompts))
     else:

@@ -121,6 +121,13 @@ def _random_init(model_cfg, seed):
   return init
 
 
+def model_settings(m: ml_collections.ConfigDict) -> dict:
+  """The `ModelConfig` fields `config.model` sets on top of any shape (numerics, memory)."""
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+              attention="chunked" if m.attention == "auto" else m.attention,
+              attention_block=m.attention_block, scan_layers=m.scan_layers)
+
+
 def model_cfg_from_shape(c, vocab_size: int) -> model_lib.ModelConfig:
   """The random-init model of `config.model` for a tokenizer of `vocab_size` tokens."""
   m = c.model
@@ -134,7 +141,7 @@ def model_cfg_from_shape(c, vocab_size: int) -> model_lib.ModelConfig:
       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
       tie_word_embeddings=m.tie_word_embeddings, qkv_bias=m.family == "qwen2",
-      qk_norm=m.family == "qwen3", dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+      qk_norm=m.family == "qwen3", **model_settings(m))
 
 
 def build_task(c: ml_collections.ConfigDict) -> Task:
@@ -167,13 +174,11 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
   if c.model.hf_path:
     from laser_jax import hf
     model_cfg = hf.load_hf_config(c.model.hf_path)
-    model_cfg = dataclasses.replace(model_cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-                                    remat=c.model.remat)
+    model_cfg = dataclasses.replace(model_cfg, **model_settings(c.model))
     init_fn = lambda reference, mesh=None: hf.load_hf_params(c.model.hf_path, model_cfg, mesh=mesh)
   elif c.model.preset:
     from laser_jax import presets
-    model_cfg = dataclasses.replace(presets.get_preset(c.model.preset), dtype=c.model.dtype,
-                                    param_dtype=c.model.param_dtype, remat=c.model.remat)
+    model_cfg = dataclasses.replace(presets.get_preset(c.model.preset), **model_settings(c.model))
     init_fn = _random_init(model_cfg, c.seed)
   else:
     model_cfg = model_cfg_from_shape(c, len(tokenizer))

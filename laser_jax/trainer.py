@@ -11,21 +11,15 @@ One RL step:
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import sys
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from laser_jax import checkpoint as ckpt_lib
 from laser_jax import config_check
@@ -34,22 +28,14 @@ from laser_jax import metrics_writer
 from laser_jax import model as model_lib
 from laser_jax import objective
 from laser_jax import optim as optim_lib
-from laser_jax import policy
+from laser_jax import programs as programs_lib
 from laser_jax import rl_metrics
 from laser_jax import rollout as rollout_lib
-from laser_jax import sampler as sampler_lib
 from laser_jax import sharding as sharding_lib
 from laser_jax import tasks
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything a resumed run needs besides the data position (saved next to it)."""
-  step: jax.Array  # RL steps completed.
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # Raw uint32 key data: plain arrays checkpoint everywhere.
-  skipped_updates: jax.Array  # Updates skipped for a non-finite gradient norm.
+TrainState = programs_lib.TrainState
 
 
 def warmup_flags(step: int, laser: ml_collections.ConfigDict) -> tuple[bool, bool]:
@@ -82,34 +68,21 @@ class Trainer:
     self.schedule = optim_lib.make_schedule(config.optim, total_updates)
     self.needs_ref = config.loss.kl_loss_coef > 0 or (
         config.laser.use_self_reward_loss and config.laser.use_ref_model_score)
-    self.sampling = sampler_lib.SamplingParams(
-        n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-        top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
-        eos_ids=tuple(self.eos_ids), pad_id=self.pad_id, self_reward_token_id=self.zc_id,
-        decode_segments=config.rollout.decode_segments)
-    self.eval_sampling = dataclasses.replace(
-        self.sampling, n=config.eval.n, temperature=config.eval.temperature,
-        max_new_tokens=config.eval.max_new_tokens, top_p=1.0, top_k=0)
+    self.sampling, self.eval_sampling = programs_lib.sampling_params(
+        config, eos_ids=self.eos_ids, pad_id=self.pad_id, self_reward_token_id=self.zc_id)
     self.loss_cfg = objective.LossConfig.from_config(config)
-    self.param_shardings = None
-    self._update_fn = None
-    self._logprob_fn = None
+    self.statics = programs_lib.StepStatics.from_config(config, self.model_cfg, self.zc_id)
+    abstract_params = jax.eval_shape(lambda: model_lib.init_params(self.model_cfg, jax.random.key(0)))
+    self.state_shardings = programs_lib.state_shardings(abstract_params, self.model_cfg,
+                                                        self.optimizer, self.mesh)
+    self.param_shardings = self.state_shardings.params
+    self.programs = programs_lib.StepPrograms(self.statics, self.optimizer, self.mesh,
+                                              self.state_shardings)
 
   # ---- state ----------------------------------------------------------------------------
-  def _state_shardings(self, params):
-    self.param_shardings = sharding_lib.param_shardings(params, self.model_cfg, self.mesh)
-    replicated = NamedSharding(self.mesh, P())
-    opt_shapes = jax.eval_shape(self.optimizer.init, params)
-    # Optimizer leaves shaped like a parameter take that parameter's sharding (ZeRO-style).
-    opt_shardings = optax.tree_map_params(
-        self.optimizer, lambda _, s: s, opt_shapes, self.param_shardings,
-        transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings,
-                      rng=replicated, skipped_updates=replicated)
-
   def init_state(self, params) -> TrainState:
     """A fresh state around `params` (host or device arrays), placed in its shardings."""
-    shardings = self._state_shardings(params)
+    shardings = self.state_shardings
     params = jax.device_put(params, shardings.params)
     opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
     rng = jax.random.key_data(jax.random.key(self.config.seed))
@@ -121,7 +94,7 @@ class Trainer:
     """Initial parameters, after the supervised warm start when `sft.steps > 0`."""
     c = self.config
     params = self.task.init_params(mesh=self.mesh)
-    shardings = self._state_shardings(params)
+    shardings = self.state_shardings
     params = jax.device_put(params, shardings.params)
     if c.sft.steps > 0:
       from laser_jax import sft, synthetic
@@ -160,35 +133,35 @@ class Trainer:
                    self.config.sft.steps)
       return self.initial_params()
     params = self.task.init_params(reference=True, mesh=self.mesh)
-    if self.param_shardings is None:
-      self._state_shardings(params)
     return jax.device_put(params, self.param_shardings)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without allocating it (restore target)."""
     # Random init and HF checkpoints of one ModelConfig have the same parameter shapes.
-    params = jax.eval_shape(lambda: model_lib.init_params(self.model_cfg, jax.random.key(0)))
-    shardings = self._state_shardings(params)
-    shapes = jax.eval_shape(lambda p: TrainState(
-        step=jnp.int32(0), params=p, opt_state=self.optimizer.init(p),
-        rng=jax.random.key_data(jax.random.key(0)), skipped_updates=jnp.int32(0)), params)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)
+    return programs_lib.abstract_state(self.model_cfg, self.optimizer, self.mesh)
 
   # ---- rollout --------------------------------------------------------------------------
   def step_key(self, state: TrainState, salt: int) -> jax.Array:
     base = jax.random.wrap_key_data(jax.device_get(state.rng))
     return jax.random.fold_in(jax.random.fold_in(base, int(state.step)), salt)
 
+  def sample(self, params, prompts: list[tasks.Prompt], sampling, keys) -> "sampler_lib.SampleOutput":
+    """Samples `prompts` in calls of at most `rollout.prompts_per_chunk` prompts (bounding the
+    KV cache), call i with `keys[i]`; the outputs are joined as one."""
+    chunk = self.config.rollout.prompts_per_chunk or len(prompts)
+    starts = range(0, len(prompts), chunk)
+    outs = [self.programs.sampler(params, [p.token_ids for p in prompts[start:start + chunk]], sampling,
+                                  keys[i]) for i, start in enumerate(starts)]
+    return rollout_lib.concat_samples(outs, self.pad_id)
+
+  def num_sampler_calls(self, num_prompts: int) -> int:
+    chunk = self.config.rollout.prompts_per_chunk or num_prompts
+    return -(-num_prompts // chunk)
+
   def rollout(self, params, prompts: list[tasks.Prompt], rng) -> dict:
     """Samples `rollout.n` responses per prompt and scores them with the verifier."""
-    chunk = self.config.rollout.prompts_per_chunk or len(prompts)
-    outs = []
-    for i, start in enumerate(range(0, len(prompts), chunk)):
-      outs.append(sampler_lib.sample(
-          params, self.model_cfg, [p.token_ids for p in prompts[start:start + chunk]],
-          self.sampling, jax.random.fold_in(rng, i), mesh=self.mesh))
-    out = rollout_lib.concat_samples(outs, self.pad_id)
+    keys = [jax.random.fold_in(rng, i) for i in range(self.num_sampler_calls(len(prompts)))]
+    out = self.sample(params, prompts, self.sampling, keys)
     texts = self.task.decode(out.tokens, out.lengths)
     answers = [prompts[g].answer for g in out.group_ids]
     result = self.task.verifier(texts, answers)
@@ -196,74 +169,21 @@ class Trainer:
             "verifier_timeouts": int(result.num_timeouts)}
 
   # ---- update ---------------------------------------------------------------------------
-  def _micro_loss(self, params, micro, normalisers, sr_loss_on):
-    c = self.config
-    logp, sr_logp = policy.sequence_logprobs(
-        params, self.model_cfg, micro, temperature=c.rollout.temperature,
-        self_reward_token_id=self.zc_id, chunk=c.model.logprob_chunk)
-    return objective.total_loss(
-        self.loss_cfg, logp=logp, old_logp=micro["old_logp"], advantages=micro["advantages"],
-        response_mask=micro["response_mask"], normalisers=normalisers,
-        ref_logp=micro.get("ref_logp"), z_logprob=sr_logp, rewards=micro["rewards"],
-        finished=micro["finished"], self_reward_weights=micro["sr_weights"],
-        ref_z_logprob=micro.get("ref_sr_logp"), self_reward_active=sr_loss_on)
-
-  def _update_impl(self, state: TrainState, batch, normalisers, sr_loss_on):
-    """One optimizer update from a mini-batch laid out as [num_micro, micro, ...]."""
-    grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
-
-    def body(carry, micro):
-      grads_acc, loss_acc, terms_acc = carry
-      (loss, terms), grads = grad_fn(state.params, micro, normalisers, sr_loss_on)
-      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-      terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
-      return (grads_acc, loss_acc + loss, terms_acc), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    first = jax.tree.map(lambda x: x[0], batch)
-    terms_shape = jax.eval_shape(lambda: self._micro_loss(state.params, first, normalisers, sr_loss_on)[1])
-    terms_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape)
-    (grads, loss, terms), _ = jax.lax.scan(body, (zeros, jnp.float32(0), terms_zero), batch)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(grad_norm)
-    updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    # A non-finite gradient norm skips the update entirely (params and optimizer moments).
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    state = state.replace(params=keep(new_params, state.params),
-                          opt_state=keep(new_opt_state, state.opt_state),
-                          skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
-    return state, {"loss": loss, "grad_norm": grad_norm, "terms": terms}
-
-  def _batch_shardings(self, batch):
-    def spec(x):
-      return NamedSharding(self.mesh, P(None, sharding_lib.BATCH_AXES, *([None] * (x.ndim - 2))))
-    return jax.tree.map(spec, batch)
-
   def update(self, state: TrainState, batch: dict, normalisers: dict, sr_loss_on: bool):
-    if self._update_fn is None:
-      shardings = self._state_shardings(state.params)
-      self._update_fn = jax.jit(self._update_impl, donate_argnums=(0,),
-                                out_shardings=(shardings, None))
-    batch = jax.device_put(batch, self._batch_shardings(batch))
-    return self._update_fn(state, batch, normalisers, jnp.bool_(sr_loss_on))
+    """One optimizer update (`programs.update_step`) from a [num_micro, micro, ...] batch."""
+    return self.programs.update(state, self.programs.place_update_batch(batch), normalisers,
+                                jnp.bool_(sr_loss_on))
 
   # ---- log-probs without gradient (old / reference) -------------------------------------
   def logprobs(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
     """Token log-probs (rollout temperature) and z_c log-probs, micro-batch by micro-batch."""
-    if self._logprob_fn is None:
-      self._logprob_fn = jax.jit(functools.partial(
-          policy.sequence_logprobs, cfg=self.model_cfg, temperature=self.config.rollout.temperature,
-          self_reward_token_id=self.zc_id, chunk=self.config.model.logprob_chunk))
-    keys = ("tokens", "positions", "attention_mask", "targets", "eos_index")
     n = batch["tokens"].shape[0]
     mb = self.config.micro_batch_size
     outs = []
     for start in range(0, n, mb):
-      piece = {k: batch[k][start:start + mb] for k in keys}
-      piece = jax.device_put(piece, jax.tree.map(
-          lambda x: NamedSharding(self.mesh, P(sharding_lib.BATCH_AXES, *([None] * (x.ndim - 1)))), piece))
-      outs.append(jax.device_get(self._logprob_fn(params, batch=piece)))
+      piece = self.programs.place_logprob_batch(
+          {k: batch[k][start:start + mb] for k in programs_lib.LOGPROB_KEYS})
+      outs.append(jax.device_get(self.programs.logprobs(params, piece)))
     return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
 
   # ---- one RL step ----------------------------------------------------------------------
@@ -407,8 +327,11 @@ class Trainer:
 
   def _evaluate(self, params, rng, ref_params) -> dict:
     prompts = self.task.eval_prompts
-    out = sampler_lib.sample(params, self.model_cfg, [p.token_ids for p in prompts], self.eval_sampling,
-                             rng, mesh=self.mesh)
+    calls = self.num_sampler_calls(len(prompts))
+    # Chunked like the rollout (a 500-problem eval set in one call would need 500 * n rows of
+    # KV cache); one call keeps its key unfolded.
+    keys = [rng] if calls == 1 else [jax.random.fold_in(rng, i) for i in range(calls)]
+    out = self.sample(params, prompts, self.eval_sampling, keys)
     texts = self.task.decode(out.tokens, out.lengths)
     answers = [prompts[g].answer for g in out.group_ids]
     rewards = np.asarray(self.task.verifier(texts, answers).rewards, np.float32)

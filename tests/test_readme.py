@@ -59,7 +59,7 @@ print("ok", config.value.workdir if "workdir" in config.value else "")
 
 
 @pytest.mark.parametrize("module", ["laser_jax.train", "laser_jax.evaluate", "laser_jax.calibrate",
-                                    "laser_jax.export"])
+                                    "laser_jax.export", "laser_jax.aot"])
 def test_readme_commands_parse(module):
   """Loads each command's config with its overrides exactly as the CLI does (absl + config_flags)."""
   commands = _module_commands(module)

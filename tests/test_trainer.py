@@ -397,3 +397,34 @@ def test_cli_malformed_training_file_is_one_line_with_file_and_line(tmp_path):
   assert proc.returncode == 2
   last = out.strip().splitlines()[-1]
   assert last.startswith("error: ") and f"{bad}:2" in last, last
+
+
+@pytest.mark.parametrize("kl_loss_coef,exact_score", [(0.0, False), (0.05, True)])
+def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path, kl_loss_coef, exact_score):
+  """laser_jax.aot compiles the update and log-prob programs from `programs.abstract_*_batch`:
+  they must be the trainer's real batches (fields, shapes, dtypes, shardings)."""
+  from laser_jax import programs, rollout as rollout_lib
+  c = tiny_config(tmp_path / "run", **{"loss.kl_loss_coef": kl_loss_coef,
+                                       "laser.use_ref_model_score": exact_score})
+  t = trainer.Trainer(c)
+  state = t.init_state(t.initial_params())
+  prompts = t.task.train_prompts[:c.batch_size]
+  with jax.set_mesh(t.mesh):
+    roll = t.rollout(state.params, prompts, t.step_key(state, salt=0))
+    batch, _, _ = t.prepare_update_batch(roll, state.params, state.params, step=1)
+  batch["sr_weights"] = np.ones(batch["rewards"].shape, np.float32)  # as _train_step adds it
+  rows, seq_len = batch["tokens"].shape
+  num_micro = rows // c.micro_batch_size
+  spec = programs.abstract_update_batch(t.mesh, num_micro, c.micro_batch_size, seq_len,
+                                        with_ref_logp=kl_loss_coef > 0, with_ref_score=exact_score)
+  assert set(spec) == set(batch)
+  placed = t.programs.place_update_batch(
+      {k: np.asarray(v).reshape(num_micro, c.micro_batch_size, *np.shape(v)[1:]) for k, v in batch.items()})
+  for k, s in spec.items():
+    assert (placed[k].shape, placed[k].dtype, placed[k].sharding) == (s.shape, s.dtype, s.sharding), k
+  # A prompt bucket of P tokens gives rows of P + max_new_tokens + 1 (what aot assumes).
+  assert seq_len == roll["sample"].prompt_tokens.shape[1] + c.rollout.max_new_tokens + 1
+  logprob = programs.abstract_logprob_batch(t.mesh, c.micro_batch_size, seq_len)
+  piece = t.programs.place_logprob_batch({k: batch[k][:c.micro_batch_size] for k in programs.LOGPROB_KEYS})
+  for k, s in logprob.items():
+    assert (piece[k].shape, piece[k].dtype, piece[k].sharding) == (s.shape, s.dtype, s.sharding), k

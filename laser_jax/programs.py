@@ -1,0 +1,215 @@
+"""The compiled programs of one RL step, as module-level pure functions with their shardings.
+
+One RL step runs four kinds of XLA program: the sampler's prefill and decode loop
+(`sampler.model_sampler`), the no-gradient log-prob forward (old and reference log-probs,
+`sequence_logprobs`) and the optimizer update with its micro-batch scan (`update_step`).
+`StepPrograms` jits them once per run with the run's shardings. The trainer calls them, and
+`laser_jax.aot` lowers the very same jitted functions with abstract inputs for a TPU slice, so
+what the compile-time report measures is what a run executes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from laser_jax import model as model_lib
+from laser_jax import objective
+from laser_jax import policy
+from laser_jax import sampler as sampler_lib
+from laser_jax import sharding as sharding_lib
+
+# What a log-prob forward reads from a training batch.
+LOGPROB_KEYS = ("tokens", "positions", "attention_mask", "targets", "eos_index")
+# Every field of an update batch: (per-row shape after the row axis, dtype); "S" is the sequence
+# length P + R + 1 (`rollout.build_training_batch`). ref_logp / ref_sr_logp are present only when
+# the KL loss / the exact self-reward score needs pi_ref.
+UPDATE_FIELDS = {
+    "tokens": (("S",), np.int32), "positions": (("S",), np.int32),
+    "attention_mask": (("S",), np.bool_), "targets": (("S",), np.int32),
+    "response_mask": (("S",), np.float32), "eos_index": ((), np.int32),
+    "old_logp": (("S",), np.float32), "ref_logp": (("S",), np.float32),
+    "ref_sr_logp": ((), np.float32), "advantages": ((), np.float32), "rewards": ((), np.float32),
+    "finished": ((), np.bool_), "sr_weights": ((), np.float32),
+}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data position (saved next to it)."""
+  step: jax.Array  # RL steps completed.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # Raw uint32 key data: plain arrays checkpoint everywhere.
+  skipped_updates: jax.Array  # Updates skipped for a non-finite gradient norm.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStatics:
+  """The static settings the step programs are compiled for (frozen, hashable)."""
+  model_cfg: model_lib.ModelConfig
+  loss_cfg: objective.LossConfig
+  temperature: float  # Rollout temperature: token log-probs are log softmax(logits / T).
+  self_reward_token_id: int  # z_c.
+  logprob_chunk: int  # Sequence chunk of the vocabulary projection (0 = whole sequence).
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
+                  self_reward_token_id: int) -> "StepStatics":
+    return cls(model_cfg=model_cfg, loss_cfg=objective.LossConfig.from_config(config),
+               temperature=float(config.rollout.temperature),
+               self_reward_token_id=int(self_reward_token_id),
+               logprob_chunk=int(config.model.logprob_chunk))
+
+
+# ---- the pure step functions ----------------------------------------------------------------
+def sequence_logprobs(params, batch: dict, *, statics: StepStatics) -> tuple[jax.Array, jax.Array]:
+  """(token log-probs [B, S] at the rollout temperature, log pi(z_c | x, y) [B]) of a batch."""
+  return policy.sequence_logprobs(
+      params, statics.model_cfg, batch, temperature=statics.temperature,
+      self_reward_token_id=statics.self_reward_token_id, chunk=statics.logprob_chunk)
+
+
+def micro_loss(params, micro: dict, normalisers: dict, sr_loss_on, *, statics: StepStatics):
+  """The LaSeR objective's share of one micro-batch: (loss, named terms)."""
+  logp, sr_logp = sequence_logprobs(params, micro, statics=statics)
+  return objective.total_loss(
+      statics.loss_cfg, logp=logp, old_logp=micro["old_logp"], advantages=micro["advantages"],
+      response_mask=micro["response_mask"], normalisers=normalisers,
+      ref_logp=micro.get("ref_logp"), z_logprob=sr_logp, rewards=micro["rewards"],
+      finished=micro["finished"], self_reward_weights=micro["sr_weights"],
+      ref_z_logprob=micro.get("ref_sr_logp"), self_reward_active=sr_loss_on)
+
+
+def update_step(state: TrainState, batch: dict, normalisers: dict, sr_loss_on, *,
+                statics: StepStatics, optimizer: optax.GradientTransformation):
+  """One optimizer update from a mini-batch laid out as [num_micro, micro, ...].
+
+  Gradients are summed exactly over the micro-batches (a `lax.scan`); a non-finite gradient
+  norm skips the update entirely (parameters and optimizer moments) and is counted.
+  """
+  grad_fn = jax.value_and_grad(functools.partial(micro_loss, statics=statics), has_aux=True)
+
+  def body(carry, micro):
+    grads_acc, loss_acc, terms_acc = carry
+    (loss, terms), grads = grad_fn(state.params, micro, normalisers, sr_loss_on)
+    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+    terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
+    return (grads_acc, loss_acc + loss, terms_acc), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  first = jax.tree.map(lambda x: x[0], batch)
+  terms_shape = jax.eval_shape(
+      lambda: micro_loss(state.params, first, normalisers, sr_loss_on, statics=statics)[1])
+  terms_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape)
+  (grads, loss, terms), _ = jax.lax.scan(body, (zeros, jnp.float32(0), terms_zero), batch)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(grad_norm)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  state = state.replace(params=keep(new_params, state.params),
+                        opt_state=keep(new_opt_state, state.opt_state),
+                        skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
+  return state, {"loss": loss, "grad_norm": grad_norm, "terms": terms}
+
+
+# ---- shardings ------------------------------------------------------------------------------
+def state_shardings(params, model_cfg: model_lib.ModelConfig, optimizer, mesh: Mesh) -> TrainState:
+  """NamedShardings of the train state around `params` (arrays or ShapeDtypeStructs)."""
+  param_shardings = sharding_lib.param_shardings(params, model_cfg, mesh)
+  replicated = sharding_lib.replicated(mesh)
+  opt_shapes = jax.eval_shape(optimizer.init, params)
+  # Optimizer leaves shaped like a parameter take that parameter's sharding (ZeRO-style).
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, s: s, opt_shapes, param_shardings,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                    rng=replicated, skipped_updates=replicated)
+
+
+def abstract_state(model_cfg: model_lib.ModelConfig, optimizer, mesh: Mesh) -> TrainState:
+  """ShapeDtypeStructs (with shardings) of the train state; allocates nothing."""
+  params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+  shardings = state_shardings(params, model_cfg, optimizer, mesh)
+  shapes = jax.eval_shape(lambda p: TrainState(
+      step=jnp.int32(0), params=p, opt_state=optimizer.init(p),
+      rng=jax.random.key_data(jax.random.key(0)), skipped_updates=jnp.int32(0)), params)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def update_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """An update batch leaf [num_micro, micro, ...]: the micro-batch rows over the batch axes."""
+  return NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES, *([None] * (ndim - 2))))
+
+
+def update_batch_fields(with_ref_logp: bool, with_ref_score: bool) -> tuple[str, ...]:
+  """Names of the update batch's fields for a run with / without the pi_ref terms."""
+  skip = {"ref_logp"} if not with_ref_logp else set()
+  skip |= {"ref_sr_logp"} if not with_ref_score else set()
+  return tuple(k for k in UPDATE_FIELDS if k not in skip)
+
+
+def abstract_update_batch(mesh: Mesh, num_micro: int, micro: int, seq_len: int, *,
+                          with_ref_logp: bool, with_ref_score: bool) -> dict:
+  """ShapeDtypeStructs (in their shardings) of one optimizer update's [num_micro, micro, ...] batch."""
+  out = {}
+  for name in update_batch_fields(with_ref_logp, with_ref_score):
+    row_shape, dtype = UPDATE_FIELDS[name]
+    shape = (num_micro, micro) + tuple(seq_len for _ in row_shape)
+    out[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=update_batch_sharding(mesh, len(shape)))
+  return out
+
+
+def abstract_logprob_batch(mesh: Mesh, rows: int, seq_len: int) -> dict:
+  """ShapeDtypeStructs (in their shardings) of one log-prob forward's batch."""
+  out = {}
+  for name in LOGPROB_KEYS:
+    row_shape, dtype = UPDATE_FIELDS[name]
+    shape = (rows,) + tuple(seq_len for _ in row_shape)
+    out[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(mesh, len(shape)))
+  return out
+
+
+def sampling_params(config: ml_collections.ConfigDict, *, eos_ids, pad_id: int,
+                    self_reward_token_id: int):
+  """(rollout, eval) `SamplingParams` of a run."""
+  rollout = sampler_lib.SamplingParams(
+      n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+      top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
+      eos_ids=tuple(eos_ids), pad_id=pad_id, self_reward_token_id=self_reward_token_id,
+      decode_segments=config.rollout.decode_segments)
+  evaluation = dataclasses.replace(
+      rollout, n=config.eval.n, temperature=config.eval.temperature,
+      max_new_tokens=config.eval.max_new_tokens, top_p=1.0, top_k=0)
+  return rollout, evaluation
+
+
+class StepPrograms:
+  """The jitted programs of a run (see the module docstring), compiled on first call."""
+
+  def __init__(self, statics: StepStatics, optimizer: optax.GradientTransformation, mesh: Mesh,
+               shardings: TrainState):
+    self.statics = statics
+    self.mesh = mesh
+    self.state_shardings = shardings
+    # The state is donated: the update writes the new parameters and moments in place.
+    self.update = jax.jit(functools.partial(update_step, statics=statics, optimizer=optimizer),
+                          donate_argnums=(0,), out_shardings=(shardings, None))
+    self.logprobs = jax.jit(functools.partial(sequence_logprobs, statics=statics))
+    self.sampler = sampler_lib.model_sampler(statics.model_cfg, mesh)
+
+  def place_update_batch(self, batch: dict) -> dict:
+    return jax.device_put(batch, {k: update_batch_sharding(self.mesh, v.ndim) for k, v in batch.items()})
+
+  def place_logprob_batch(self, batch: dict) -> dict:
+    return jax.device_put(batch, {k: sharding_lib.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()})
