@@ -5,6 +5,8 @@ Launch (on every worker of the slice; see launch/tpu.py which does exactly this)
       --config.model.hf_path=/mnt/models/Qwen2.5-7B \
       --config.data.train_files=/mnt/data/deepmath-103k.parquet \
       --config.workdir=gs://YOUR_BUCKET/laser/qwen2.5-7b
+Check that every program fits on the v4-64 before renting it (any Linux machine, libtpu only):
+  python -m laser_jax.aot --config=configs/tpu_v4.py --topology=v4-64
 """
 from laser_jax import default_config
 
@@ -49,6 +51,9 @@ def get_config():
   c.rollout.top_p = 1.0
   c.rollout.max_new_tokens = 8192  # Reference max response length.
   c.rollout.prompts_per_chunk = 32  # 256 sequences of 10k tokens per sampler call fit the KV cache.
+  # Sample on a bf16 copy of the weights laid out data 8 x tensor 4 (one host's 4 chips per
+  # tensor group) instead of gathering the fsdp shards at every token.
+  c.rollout.tensor_parallel = 4
   c.rollout.recompute_old_logprobs = True  # bf16 sampler vs training forward: recompute for exact ratios.
 
   c.reward.fn = "math"  # math-verify on the last \boxed{}.
@@ -75,4 +80,9 @@ def get_config():
   c.eval.temperature = 1.0
   c.eval.max_new_tokens = 8192
   c.mfu_peak_flops = 32 * 275e12  # 32 v4 chips x 275 bf16 TFLOP/s.
+  # One sequence per chip and fsdp-sharded contractions: XLA's windowed einsums would re-read and
+  # re-write each full [10k, 19k] matmul output once per weight slice (laser_jax.aot: 3.5x the
+  # HBM bytes of the log-prob forward); plain all-gathers of the weights instead.
+  c.libtpu_init_args = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
+                        "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
   return c

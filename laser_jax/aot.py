@@ -193,7 +193,8 @@ def jaxpr_flops(jaxpr, while_trip_counts: Sequence[int] = ()) -> float:
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
           "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
           "s4": 1, "u4": 1}
-_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
+# dtype[dims] and its layout {...}, whose S(k), k > 0, places it in on-chip memory, not HBM.
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\](\{[^}]*\})?")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 _HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
@@ -202,9 +203,11 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "replica-id", "iota", "opt-barrier"}
 
 
-def _type_bytes(type_str: str, largest_only: bool = False) -> float:
+def _type_bytes(type_str: str, largest_only: bool = False, hbm_only: bool = False) -> float:
+  """Bytes of the arrays in an HLO type; with hbm_only, of those in HBM (memory space 0)."""
   sizes = [_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-           for dtype, dims in _ARRAY.findall(type_str)]
+           for dtype, dims, layout in _ARRAY.findall(type_str)
+           if not (hbm_only and re.search(r"S\([1-9]", layout or ""))]
   if not sizes:
     return 0.0
   return float(max(sizes) if largest_only else sum(sizes))
@@ -272,6 +275,26 @@ def _trip_count(instr: _Instr, computations) -> int | None:
   return None
 
 
+_SLICING = ("dynamic-slice", "slice", "gather")
+# TPU custom calls that move no data (buffer allocation, concatenation by bitcast, index hints).
+_NO_TRAFFIC_CALLS = {"AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound"}
+
+
+def _fusion_reads(fused: list[_Instr]) -> list[float]:
+  """Bytes a fusion reads of each operand: a parameter used only as the sliced operand of
+  (dynamic-)slices and gathers is read only where they read it; any other is read whole."""
+  params = {}
+  for ins in fused:
+    if ins.opcode == "parameter" and ins.args.strip().isdigit():
+      params[ins.name] = int(ins.args.strip())
+  reads = [float("inf")] * (max(params.values()) + 1 if params else 0)
+  for name, index in params.items():
+    users = [i for i in fused if name in i.operands]
+    if users and all(u.opcode in _SLICING and u.operands[0] == name for u in users):
+      reads[index] = sum(_type_bytes(u.type_str) for u in users)
+  return reads
+
+
 @dataclasses.dataclass
 class HloCosts:
   hbm_bytes: float = 0.0  # per chip, loops multiplied out
@@ -280,7 +303,7 @@ class HloCosts:
   loops_without_trip_count: int = 0  # loops counted once (no count known or given)
 
 
-def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = ()) -> HloCosts:
+def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: dict | None = None) -> HloCosts:
   """HBM and collective bytes per chip of a compiled (per-chip, SPMD-partitioned) HLO module.
 
   Loops whose trip count XLA knows or whose condition is `i < constant` are multiplied by it;
@@ -321,6 +344,18 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = ()) -> HloCosts:
       base = op[:-len("-start")] if op.endswith("-start") else op
       if op.endswith("-done"):
         continue
+      target = re.search(r'custom_call_target="([^"]*)"', ins.attrs) if op == "custom-call" else None
+      if target and target.group(1) in _NO_TRAFFIC_CALLS:
+        continue
+      if op.endswith("-start") and base not in _COLLECTIVES:
+        # An async copy or slice (TPU prefetches): (operand, result, context); it reads and
+        # writes the result.
+        arrays = _ARRAY.findall(ins.type_str)
+        if len(arrays) >= 2:
+          source, result = ("{}[{}]{}".format(*a) for a in arrays[:2])
+          read = _type_bytes(result) if _type_bytes(source, hbm_only=True) else 0.0
+          out.hbm_bytes += times * (read + _type_bytes(result, hbm_only=True))
+        continue
       if base in _COLLECTIVES:
         moved = _type_bytes(ins.type_str, largest_only=op.endswith("-start"))
         if base in ("all-reduce", "reduce-scatter", "all-to-all", "collective-permute"):
@@ -330,16 +365,22 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = ()) -> HloCosts:
           out.collective_bytes_in_loops += times * moved
         out.hbm_bytes += times * 2 * moved
         continue
-      operand_bytes = [_type_bytes(types.get(o, "")) for o in ins.operands]
+      operand_bytes = [_type_bytes(types.get(o, ""), hbm_only=True) for o in ins.operands]
       fused_root = ""
+      if op in _SLICING:  # reads only what it returns
+        operand_bytes = [_type_bytes(ins.type_str) if operand_bytes and operand_bytes[0] else 0.0]
       if op == "fusion":
         called = computations.get(_attr(ins.attrs, "calls") or "", [])
         fused_root = called[-1].opcode if called else ""
+        operand_bytes = [min(full, read) for full, read in zip(operand_bytes, _fusion_reads(called))]
+      result_bytes = _type_bytes(ins.type_str, hbm_only=True)
       if op == "dynamic-update-slice" or fused_root == "dynamic-update-slice":
         # Written in place: reads and writes the update, not the whole buffer.
         out.hbm_bytes += times * 2 * sum(operand_bytes[1:])
         continue
-      out.hbm_bytes += times * (sum(operand_bytes) + _type_bytes(ins.type_str))
+      out.hbm_bytes += times * (sum(operand_bytes) + result_bytes)
+      if breakdown is not None:  # (computation, instruction) -> bytes, for reading a report
+        breakdown[(comp, ins.name, op, fused_root)] = times * (sum(operand_bytes) + result_bytes)
 
   walk(entry, 1.0, False)
   return out
@@ -368,6 +409,9 @@ class ProgramReport:
   # Set when libtpu refused the program for its size: temp_bytes is then the temporaries it
   # asked for, output_bytes is not known (0) and the byte counts are NaN.
   error: str = ""
+  # Decode loops: the HBM-bandwidth floor, every step reading the weights and the KV cache
+  # written so far once (NaN for other programs).
+  ideal_hbm_s: float = float("nan")
 
   def _times(self) -> dict:
     times = {"compute": self.compute_s, "HBM": self.hbm_s, "ICI": self.ici_s}
@@ -421,6 +465,9 @@ def model_config(config):
       f"--config.model.preset (one of {', '.join(sorted(presets.PRESETS))})")
 
 
+HLO_DUMP_DIR = ""  # When set (--hlo_dir), each compiled program's HLO text is written there.
+
+
 def _report(name, traced, calls, chip: Chip, num_chips: int, loop_trips=()) -> tuple[ProgramReport, Any]:
   """(the report, the compiled program) of a traced program."""
   t0 = time.perf_counter()
@@ -431,8 +478,7 @@ def _report(name, traced, calls, chip: Chip, num_chips: int, loop_trips=()) -> t
     needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
       raise
-    arguments = sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-                    for a in jax.tree.leaves(traced.args_info) if hasattr(a, "sharding"))
+    arguments = sum(_shard_bytes(a) for a in jax.tree.leaves(traced.args_info) if hasattr(a, "sharding"))
     nan = float("nan")
     return ProgramReport(
         name=name, calls_per_step=calls, argument_bytes=arguments, output_bytes=0.0, alias_bytes=0.0,
@@ -442,7 +488,12 @@ def _report(name, traced, calls, chip: Chip, num_chips: int, loop_trips=()) -> t
         error=str(e).splitlines()[0][:300]), None
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  costs = hlo_costs(compiled.as_text(), loop_trips)
+  hlo = compiled.as_text()
+  if HLO_DUMP_DIR:
+    os.makedirs(HLO_DUMP_DIR, exist_ok=True)
+    with open(os.path.join(HLO_DUMP_DIR, name.replace("/", "_").replace(" ", "_") + ".hlo.txt"), "w") as f:
+      f.write(hlo)
+  costs = hlo_costs(hlo, loop_trips)
   return ProgramReport(
       name=name, calls_per_step=calls, argument_bytes=mem.argument_size_in_bytes,
       output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
@@ -470,14 +521,33 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
   decode = sampler._decode.trace(abstract_params, state, sampling=sampling, prompt_len=prompt_len)
   log(f"compiling {prefix} decode ({sampling.max_new_tokens} tokens in "
       f"{len(sampling.decode_chunk_lengths)} loops)")
-  return [report, _report(f"{prefix} decode", decode, calls, chip, num_chips,
-                          loop_trips=sampling.decode_chunk_lengths)[0]]
+  decode_report = _report(f"{prefix} decode", decode, calls, chip, num_chips,
+                          loop_trips=sampling.decode_chunk_lengths)[0]
+  # Its HBM-bandwidth floor: every step reads this chip's weights and the KV cache written so
+  # far (with decode segments, attention reads the chunks written so far: the prompt plus half
+  # the response on average).
+  weights = sum(_shard_bytes(p) for p in jax.tree.leaves(abstract_params))
+  cache = sum(_shard_bytes(x) for x in jax.tree.leaves(state.cache))
+  average_fill = (prompt_len + sampling.max_new_tokens / 2) / (prompt_len + sampling.max_new_tokens)
+  decode_report.ideal_hbm_s = sampling.max_new_tokens * (weights + cache * average_fill) / chip.hbm_bandwidth
+  return [report, decode_report]
 
 
-def compile_step(config, tpu: Slice, devices=None, log=print) -> dict:
+def _shard_bytes(x) -> float:
+  """Bytes of one device's shard of an abstract array."""
+  shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+  return float(math.prod(shape) * np.dtype(x.dtype).itemsize)
+
+
+PROGRAM_GROUPS = ("rollout", "eval", "logprobs", "update")
+
+
+def compile_step(config, tpu: Slice, devices=None, log=print, groups: Sequence[str] = PROGRAM_GROUPS) -> dict:
   """Compiles one RL step's programs of `config` for the slice `tpu`; returns the report dict.
 
-  `devices` defaults to the slice's devices from libtpu (tests pass CPU devices).
+  `groups` selects programs: "rollout" (prefill + decode), "eval" (the eval sampler's),
+  "logprobs" (old / reference log-probs), "update". `devices` defaults to the slice's devices
+  from libtpu.
   """
   from laser_jax import config_check, objective, optim as optim_lib, programs as programs_lib
   from laser_jax import sampler as sampler_lib, sharding as sharding_lib
@@ -493,7 +563,9 @@ def compile_step(config, tpu: Slice, devices=None, log=print) -> dict:
   data, fsdp, tensor = config_check.mesh_shape(c, len(devices))
   mesh = sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=devices)
   state = programs_lib.abstract_state(model_cfg, optimizer, mesh)
-  programs = programs_lib.StepPrograms(statics, optimizer, mesh, jax.tree.map(lambda s: s.sharding, state))
+  programs = programs_lib.StepPrograms(statics, optimizer, mesh, jax.tree.map(lambda s: s.sharding, state),
+                                       c.rollout.tensor_parallel)
+  rollout_params = programs.abstract_rollout_params(state.params)
   # Token ids change no shape: an EOS id and a pad id stand in for the tokenizer's.
   sampling, eval_sampling = programs_lib.sampling_params(c, eos_ids=(0,), pad_id=0, self_reward_token_id=zc_id)
   prompt_len = sampler_lib.bucket_length(c.data.max_prompt_len)
@@ -506,51 +578,59 @@ def compile_step(config, tpu: Slice, devices=None, log=print) -> dict:
   chip, n = tpu.chip, len(devices)
 
   reports = []
-  with jax.set_mesh(mesh):
-    reports += _sampler_programs(programs, state.params, sampling, min(chunk, c.batch_size), prompt_len,
-                                 "rollout", -(-c.batch_size // chunk), chip, n, log)
-    logprob_calls = (c.batch_size * c.rollout.n // c.micro_batch_size) * (
-        int(c.rollout.recompute_old_logprobs) + int(needs_ref))
-    batch = programs_lib.abstract_logprob_batch(mesh, c.micro_batch_size, seq_len)
-    log(f"compiling old/ref log-probs ({c.micro_batch_size} x {seq_len} tokens)")
-    reports.append(_report("old/ref log-probs", programs.logprobs.trace(state.params, batch),
-                           logprob_calls, chip, n)[0])
-    update_batch = programs_lib.abstract_update_batch(mesh, num_micro, c.micro_batch_size, seq_len,
-                                                      with_ref_logp=c.loss.kl_loss_coef > 0,
-                                                      with_ref_score=exact_score)
-    normalisers = jax.eval_shape(lambda mask: objective.loss_normalisers(statics.loss_cfg, mask),
-                                 jax.ShapeDtypeStruct((rows, seq_len), np.float32))
-    log(f"compiling update ({num_micro} micro-batches of {c.micro_batch_size} x {seq_len} tokens)")
-    reports.append(_report("update", programs.update.trace(state, update_batch, normalisers,
-                                                   jax.ShapeDtypeStruct((), jnp.bool_)),
-                           updates_per_step, chip, n)[0])
-    if c.eval_every > 0:
+  unknown = set(groups) - set(PROGRAM_GROUPS)
+  if unknown:
+    raise ValueError(f"--programs: unknown {sorted(unknown)}; expected some of {PROGRAM_GROUPS}")
+  with jax.set_mesh(programs.rollout_mesh):
+    if "rollout" in groups:
+      reports += _sampler_programs(programs, rollout_params, sampling, min(chunk, c.batch_size), prompt_len,
+                                   "rollout", -(-c.batch_size // chunk), chip, n, log)
+    if c.eval_every > 0 and "eval" in groups:
       eval_prompts = min(chunk, c.data.eval_size) if c.data.eval_size > 0 else chunk
-      reports += _sampler_programs(programs, state.params, eval_sampling, eval_prompts, prompt_len,
+      reports += _sampler_programs(programs, rollout_params, eval_sampling, eval_prompts, prompt_len,
                                    "eval", 0, chip, n, log)
-  return _summary(c, tpu, model_cfg, reports, rows * updates_per_step, seq_len)
+  forwards = int(c.rollout.recompute_old_logprobs) + int(needs_ref)  # log-prob passes per row
+  with jax.set_mesh(mesh):
+    if "logprobs" in groups:
+      batch = programs_lib.abstract_logprob_batch(mesh, c.micro_batch_size, seq_len)
+      log(f"compiling old/ref log-probs ({c.micro_batch_size} x {seq_len} tokens)")
+      reports.append(_report("old/ref log-probs", programs.logprobs.trace(state.params, batch),
+                             c.batch_size * c.rollout.n // c.micro_batch_size * forwards, chip, n)[0])
+    if "update" in groups:
+      update_batch = programs_lib.abstract_update_batch(mesh, num_micro, c.micro_batch_size, seq_len,
+                                                        with_ref_logp=c.loss.kl_loss_coef > 0,
+                                                        with_ref_score=exact_score)
+      normalisers = jax.eval_shape(lambda mask: objective.loss_normalisers(statics.loss_cfg, mask),
+                                   jax.ShapeDtypeStruct((rows, seq_len), np.float32))
+      log(f"compiling update ({num_micro} micro-batches of {c.micro_batch_size} x {seq_len} tokens)")
+      reports.append(_report("update", programs.update.trace(state, update_batch, normalisers,
+                                                             jax.ShapeDtypeStruct((), jnp.bool_)),
+                             updates_per_step, chip, n)[0])
+  report = _summary(c, tpu, model_cfg, reports, rows * updates_per_step, seq_len, forwards)
+  report["program_groups"] = list(groups)
+  return report
 
 
 def _summary(c, tpu: Slice, model_cfg, reports: list[ProgramReport], rows_per_step: int,
-             seq_len: int) -> dict:
+             seq_len: int, logprob_forwards: int) -> dict:
   """One RL step's estimated time (rollout = sampler + old/ref log-probs, update) and its MFU."""
   def total(names):
     return sum(r.roofline_s * r.calls_per_step for r in reports if r.name in names)
   rollout_s = total({"rollout prefill", "rollout decode", "old/ref log-probs"})
+  decode = [r for r in reports if r.name == "rollout decode"]
+  decode_vs_floor = decode[0].roofline_s / decode[0].ideal_hbm_s if decode else float("nan")
   update_s = total({"update"})
   step_s = rollout_s + update_s
   # Model FLOPs (PaLM's 2N per token forward, 6N with the backward) over every token of the
   # step's rows, padding included: 2N for sampling, 2N per log-prob forward, 6N for the update.
-  logprob = next(r for r in reports if r.name == "old/ref log-probs")
-  forwards = 1 + logprob.calls_per_step * c.micro_batch_size / max(1, rows_per_step)
-  model_flops = (2 * forwards + 6) * model_cfg.num_params() * rows_per_step * seq_len
+  model_flops = (2 * (1 + logprob_forwards) + 6) * model_cfg.num_params() * rows_per_step * seq_len
   mfu = model_flops / (step_s * tpu.chip.peak_flops * tpu.num_chips) if step_s > 0 else 0.0
   return {
       "topology": tpu.name, "libtpu_topology": tpu.topology_name, "num_chips": tpu.num_chips,
       "chip": dataclasses.asdict(tpu.chip), "model_params": model_cfg.num_params(),
       "programs": [r.as_dict() for r in reports],
       "step": {"rollout_s": rollout_s, "update_s": update_s, "step_s": step_s, "mfu": mfu,
-               "model_flops": model_flops},
+               "model_flops": model_flops, "decode_vs_hbm_floor": decode_vs_floor},
       "fits": all(r.fits for r in reports),
       "fits_with_10pct_spare": all(r.hbm_fraction <= 0.9 for r in reports),
   }
@@ -577,9 +657,14 @@ def format_report(report: dict) -> str:
   if any(r["error"] for r in report["programs"]):
     lines += ["", "Programs marked NO with '-' were refused by the compiler; temp GiB is what it asked for."]
   s = report["step"]
-  lines += ["", f"One RL step (compile-time roofline estimate): rollout {s['rollout_s']:.1f} s "
+  partial = [g for g in PROGRAM_GROUPS if g not in report.get("program_groups", PROGRAM_GROUPS)]
+  lines += ["", (f"Partial report: {', '.join(partial)} not compiled (--programs); the step "
+                 f"estimate leaves them out. " if partial else "") +
+            f"One RL step (compile-time roofline estimate): rollout {s['rollout_s']:.1f} s "
             f"(sampling + old/ref log-probs), update {s['update_s']:.1f} s, step {s['step_s']:.1f} s, "
-            f"MFU {100 * s['mfu']:.1f}%.",
+            f"MFU {100 * s['mfu']:.1f}%. The rollout decode loop's estimate is "
+            f"{s['decode_vs_hbm_floor']:.2f}x its HBM-bandwidth floor (weights + KV cache read once "
+            f"per token).",
             f"Every program fits: {'yes' if report['fits'] else 'NO'}; with >= 10% HBM to spare: "
             f"{'yes' if report['fits_with_10pct_spare'] else 'no'}."]
   return "\n".join(lines)
@@ -591,6 +676,8 @@ def main(argv=None):
   if "topology" not in flags.FLAGS:  # defined on the first call only
     flags.DEFINE_string("topology", None, f"TPU slice to compile for: {TOPOLOGY_FORMS}")
     flags.DEFINE_string("out", "", "Write the report as JSON here.")
+    flags.DEFINE_list("programs", list(PROGRAM_GROUPS), f"Which programs to compile: some of {PROGRAM_GROUPS}.")
+    flags.DEFINE_string("hlo_dir", "", "Also write each compiled program's HLO text into this directory.")
     config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                     lock_config=True)
 
@@ -599,10 +686,14 @@ def main(argv=None):
     if not FLAGS.topology or FLAGS.config is None:
       raise app.UsageError("--config and --topology are required, e.g. "
                            "--config=configs/tpu_v4.py --topology=v4-64")
+    from laser_jax import programs
+    programs.apply_libtpu_init_args(FLAGS.config)  # compile with the run's TPU flags
     try:
       tpu = parse_topology(FLAGS.topology)
       log = lambda msg: print(msg, file=sys.stderr, flush=True)
-      report = compile_step(FLAGS.config, tpu, log=log)
+      global HLO_DUMP_DIR
+      HLO_DUMP_DIR = FLAGS.hlo_dir
+      report = compile_step(FLAGS.config, tpu, log=log, groups=FLAGS.programs)
     except (ValueError, RuntimeError) as e:  # ConfigError is a ValueError
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)

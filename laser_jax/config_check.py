@@ -71,6 +71,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _require(c.rollout.top_k >= 0, "rollout.top_k", f"expected >= 0, got {c.rollout.top_k}")
   _require(c.rollout.decode_segments >= 1, "rollout.decode_segments",
            f"expected >= 1, got {c.rollout.decode_segments}")
+  k = c.rollout.tensor_parallel
+  _require(k >= 0 and (k == 0 or num_devices % k == 0), "rollout.tensor_parallel",
+           f"expected 0 or a divisor of the {num_devices} devices, got {k}")
   _require(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens",
            f"expected >= 1, got {c.rollout.max_new_tokens}")
   _require(c.data.max_prompt_len >= 1, "data.max_prompt_len", f"expected >= 1, got {c.data.max_prompt_len}")

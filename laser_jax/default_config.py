@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.library_info_logs = False
   c.eval_every = 25  # Held-out evaluation every this many steps (0 = never); also at step 0 and the end.
   c.mfu_peak_flops = 0.0  # Peak FLOP/s of the whole slice; when > 0, `mfu` is reported.
+  # XLA TPU compiler flags for this run's programs, added to $LIBTPU_INIT_ARGS before the TPU
+  # backend starts (laser_jax.train and laser_jax.aot both apply them, so the report compiles
+  # what the run executes). Ignored on CPU / GPU.
+  c.libtpu_init_args = ""
 
   # Rollout batch: `batch_size` prompts x `rollout.n` responses per RL step.
   c.batch_size = 32  # Prompts per RL step.
@@ -115,6 +119,11 @@ def get_config() -> ml_collections.ConfigDict:
   # the KV cache written so far (about half the attention reads of one loop over the whole
   # cache); each loop is compiled separately.
   c.rollout.decode_segments = 4
+  # Sampling layout. 0: sample with the training layout (weights sharded over fsdp are gathered
+  # at every generated token). k > 0: once per RL step the weights are copied in the compute
+  # dtype onto a (data = devices / k, tensor = k) mesh of the same devices and sampled there, the
+  # copy dropped after: k = a host's chips (4 on v4) keeps every decode collective within a host.
+  c.rollout.tensor_parallel = 0
   # Old log-probs: False = the sampler's (same policy, same temperature; exact in f32),
   # True = recomputed with a training forward (bit-consistent with the update, e.g. in bf16).
   c.rollout.recompute_old_logprobs = False

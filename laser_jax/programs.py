@@ -70,6 +70,18 @@ class StepStatics:
                logprob_chunk=int(config.model.logprob_chunk))
 
 
+def apply_libtpu_init_args(config: ml_collections.ConfigDict) -> None:
+  """Adds `config.libtpu_init_args` to $LIBTPU_INIT_ARGS (read when libtpu starts); flags the
+  environment already sets win."""
+  import os
+  wanted = (config.get("libtpu_init_args", "") or "").split()
+  current = os.environ.get("LIBTPU_INIT_ARGS", "").split()
+  names = {flag.split("=")[0] for flag in current}
+  added = [flag for flag in wanted if flag.split("=")[0] not in names]
+  if added:
+    os.environ["LIBTPU_INIT_ARGS"] = " ".join(current + added)
+
+
 # ---- the pure step functions ----------------------------------------------------------------
 def sequence_logprobs(params, batch: dict, *, statics: StepStatics) -> tuple[jax.Array, jax.Array]:
   """(token log-probs [B, S] at the rollout temperature, log pi(z_c | x, y) [B]) of a batch."""
@@ -194,11 +206,24 @@ def sampling_params(config: ml_collections.ConfigDict, *, eos_ids, pad_id: int,
   return rollout, evaluation
 
 
+def rollout_mesh(mesh: Mesh, tensor_parallel: int) -> Mesh:
+  """The sampling mesh over `mesh`'s devices: (data = devices / k, fsdp = 1, tensor = k), each
+  tensor group k consecutive devices of one host (ordered by process, then id)."""
+  devices = sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id))
+  return sharding_lib.make_mesh(data=len(devices) // tensor_parallel, fsdp=1, tensor=tensor_parallel,
+                                devices=devices)
+
+
 class StepPrograms:
-  """The jitted programs of a run (see the module docstring), compiled on first call."""
+  """The jitted programs of a run (see the module docstring), compiled on first call.
+
+  With `rollout_tensor_parallel` = k > 0 the sampler runs on `rollout_mesh` (see
+  `rollout.tensor_parallel` in default_config.py): `to_rollout_layout` copies the weights there,
+  in the compute dtype, once per RL step.
+  """
 
   def __init__(self, statics: StepStatics, optimizer: optax.GradientTransformation, mesh: Mesh,
-               shardings: TrainState):
+               shardings: TrainState, rollout_tensor_parallel: int = 0):
     self.statics = statics
     self.mesh = mesh
     self.state_shardings = shardings
@@ -206,7 +231,32 @@ class StepPrograms:
     self.update = jax.jit(functools.partial(update_step, statics=statics, optimizer=optimizer),
                           donate_argnums=(0,), out_shardings=(shardings, None))
     self.logprobs = jax.jit(functools.partial(sequence_logprobs, statics=statics))
-    self.sampler = sampler_lib.model_sampler(statics.model_cfg, mesh)
+    cfg = statics.model_cfg
+    if rollout_tensor_parallel:
+      self.rollout_mesh = rollout_mesh(mesh, rollout_tensor_parallel)
+      shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+      self.rollout_param_shardings = sharding_lib.param_shardings(shapes, cfg, self.rollout_mesh)
+      # The cast runs where the weights are (training layout); the copy then moves once.
+      self._cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.compute_dtype), p))
+    else:
+      self.rollout_mesh = mesh
+      self.rollout_param_shardings = shardings.params
+      self._cast = None
+    self.sampler = sampler_lib.model_sampler(cfg, self.rollout_mesh)
+
+  def to_rollout_layout(self, params):
+    """The weights the sampler reads: `params` itself, or its copy in the rollout layout."""
+    if self._cast is None:
+      return params
+    return jax.device_put(self._cast(params), self.rollout_param_shardings)
+
+  def abstract_rollout_params(self, abstract_params):
+    """ShapeDtypeStructs of `to_rollout_layout`'s output (for laser_jax.aot)."""
+    if self._cast is None:
+      return abstract_params
+    dtype = self.statics.model_cfg.compute_dtype
+    return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, dtype, sharding=s),
+                        abstract_params, self.rollout_param_shardings)
 
   def place_update_batch(self, batch: dict) -> dict:
     return jax.device_put(batch, {k: update_batch_sharding(self.mesh, v.ndim) for k, v in batch.items()})

@@ -92,7 +92,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny_cpu.py")
-  from laser_jax import config_check, data, hf, trainer
+  from laser_jax import config_check, data, hf, programs, trainer
+  programs.apply_libtpu_init_args(config)  # before the TPU backend starts
   try:
     _initialize_distributed()
     logging.info("Devices: %s", jax.devices())

@@ -77,7 +77,7 @@ class Trainer:
                                                         self.optimizer, self.mesh)
     self.param_shardings = self.state_shardings.params
     self.programs = programs_lib.StepPrograms(self.statics, self.optimizer, self.mesh,
-                                              self.state_shardings)
+                                              self.state_shardings, config.rollout.tensor_parallel)
 
   # ---- state ----------------------------------------------------------------------------
   def init_state(self, params) -> TrainState:
@@ -145,23 +145,25 @@ class Trainer:
     base = jax.random.wrap_key_data(jax.device_get(state.rng))
     return jax.random.fold_in(jax.random.fold_in(base, int(state.step)), salt)
 
-  def sample(self, params, prompts: list[tasks.Prompt], sampling, keys) -> "sampler_lib.SampleOutput":
+  def sample(self, params, prompts: list[tasks.Prompt], sampling, rng, *, fold_single_call: bool = True):
     """Samples `prompts` in calls of at most `rollout.prompts_per_chunk` prompts (bounding the
-    KV cache), call i with `keys[i]`; the outputs are joined as one."""
+    KV cache), call i with key fold_in(rng, i) (a single call uses `rng` itself unless
+    `fold_single_call`), on the rollout layout; the outputs are joined as one."""
     chunk = self.config.rollout.prompts_per_chunk or len(prompts)
     starts = range(0, len(prompts), chunk)
-    outs = [self.programs.sampler(params, [p.token_ids for p in prompts[start:start + chunk]], sampling,
-                                  keys[i]) for i, start in enumerate(starts)]
+    mesh = self.programs.rollout_mesh
+    with jax.set_mesh(mesh):
+      rng = _host_key(rng)  # uncommitted: usable on the rollout mesh too
+      keys = ([rng] if len(starts) == 1 and not fold_single_call
+              else [jax.random.fold_in(rng, i) for i in range(len(starts))])
+      params = self.programs.to_rollout_layout(params)  # dropped when this returns
+      outs = [self.programs.sampler(params, [p.token_ids for p in prompts[start:start + chunk]],
+                                    sampling, keys[i]) for i, start in enumerate(starts)]
     return rollout_lib.concat_samples(outs, self.pad_id)
-
-  def num_sampler_calls(self, num_prompts: int) -> int:
-    chunk = self.config.rollout.prompts_per_chunk or num_prompts
-    return -(-num_prompts // chunk)
 
   def rollout(self, params, prompts: list[tasks.Prompt], rng) -> dict:
     """Samples `rollout.n` responses per prompt and scores them with the verifier."""
-    keys = [jax.random.fold_in(rng, i) for i in range(self.num_sampler_calls(len(prompts)))]
-    out = self.sample(params, prompts, self.sampling, keys)
+    out = self.sample(params, prompts, self.sampling, rng)
     texts = self.task.decode(out.tokens, out.lengths)
     answers = [prompts[g].answer for g in out.group_ids]
     result = self.task.verifier(texts, answers)
@@ -327,11 +329,9 @@ class Trainer:
 
   def _evaluate(self, params, rng, ref_params) -> dict:
     prompts = self.task.eval_prompts
-    calls = self.num_sampler_calls(len(prompts))
     # Chunked like the rollout (a 500-problem eval set in one call would need 500 * n rows of
     # KV cache); one call keeps its key unfolded.
-    keys = [rng] if calls == 1 else [jax.random.fold_in(rng, i) for i in range(calls)]
-    out = self.sample(params, prompts, self.eval_sampling, keys)
+    out = self.sample(params, prompts, self.eval_sampling, rng, fold_single_call=False)
     texts = self.task.decode(out.tokens, out.lengths)
     answers = [prompts[g].answer for g in out.group_ids]
     rewards = np.asarray(self.task.verifier(texts, answers).rewards, np.float32)
@@ -354,6 +354,14 @@ class Trainer:
         "eval/truncated_frac": float(np.mean(~out.finished.astype(bool))),
         "eval/num_problems": len(prompts),
     }
+
+
+def _host_key(rng: jax.Array) -> jax.Array:
+  """The same PRNG key as a host value (from this process's copy of a replicated key)."""
+  data = jax.random.key_data(rng)
+  if isinstance(data, jax.Array) and not data.is_fully_addressable:
+    data = data.addressable_data(0)
+  return jax.random.wrap_key_data(np.asarray(data))
 
 
 def _truncate_metrics_file(workdir: str, last_step: int):

@@ -166,8 +166,8 @@ def test_small_model_compiles_for_a_v4_8_and_its_counts_match_the_model(monkeypa
   c = _small_config()
   report = aot.compile_step(c, aot.parse_topology("v4-8"), log=lambda _: None)
   names = [p["name"] for p in report["programs"]]
-  assert names == ["rollout prefill", "rollout decode", "old/ref log-probs", "update", "eval prefill",
-                   "eval decode"]
+  assert names == ["rollout prefill", "rollout decode", "eval prefill", "eval decode", "old/ref log-probs",
+                   "update"]
   assert report["fits"] and report["num_chips"] == 4
   by_name = {p["name"]: p for p in report["programs"]}
   cfg = dataclasses.replace(two_layers, dtype="bfloat16", remat=True)
@@ -200,3 +200,72 @@ def test_cli_reports_a_bad_topology_in_one_line_and_exit_2():
   assert proc.returncode == 2
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert errors == [l for l in errors if "--topology='v4-7'" in l] and len(errors) == 1
+
+
+def test_rollout_layout_takes_the_weight_gathers_out_of_the_decode_loop(monkeypatch):
+  """rollout.tensor_parallel: the decode loop reads a tensor-parallel bf16 copy of the weights
+  instead of all-gathering the f32 fsdp shards at every token."""
+  _libtpu_or_skip()
+  import dataclasses
+  from laser_jax import presets
+  monkeypatch.setitem(presets.PRESETS, "qwen2.5-0.5b",
+                      dataclasses.replace(presets.PRESETS["qwen2.5-0.5b"], num_layers=2))
+  decode = {}
+  for k in (0, 4):
+    c = _small_config()
+    c.rollout.tensor_parallel = k
+    report = aot.compile_step(c, aot.parse_topology("v4-8"), log=lambda _: None, groups=("rollout",))
+    assert [p["name"] for p in report["programs"]] == ["rollout prefill", "rollout decode"]
+    assert "not compiled" in aot.format_report(report)
+    decode[k] = next(p for p in report["programs"] if p["name"] == "rollout decode")
+  # Training layout: every step gathers 3/4 of the weights (at least in bf16) on every chip.
+  cfg = presets.PRESETS["qwen2.5-0.5b"]
+  steps = 128
+  assert decode[0]["collective_bytes_in_loops"] >= steps * 2 * cfg.num_params() * 3 / 4
+  # Tensor parallel over the 4 chips: only activations move (all-reduces of [rows, hidden]).
+  assert decode[4]["collective_bytes_in_loops"] < decode[0]["collective_bytes_in_loops"] / 20
+  assert decode[4]["roofline_s"] < decode[0]["roofline_s"] / 2
+
+
+_SLICING_HLO = """HloModule m
+
+%fused (param_0: f32[1024,256], param_1: s32[], param_2: f32[8,256]) -> f32[8,256] {
+  %param_0 = f32[1024,256]{1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %param_2 = f32[8,256]{1,0} parameter(2)
+  %zero = s32[] constant(0)
+  %rows = f32[8,256]{1,0} dynamic-slice(%param_0, %param_1, %zero), dynamic_slice_sizes={8,256}
+  ROOT %sum = f32[8,256]{1,0} add(%rows, %param_2)
+}
+
+ENTRY %main (table: f32[1024,256], i: s32[], x: f32[8,256]) -> f32[16,256] {
+  %table = f32[1024,256]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %x = f32[8,256]{1,0} parameter(2)
+  %zero.1 = s32[] constant(0)
+  %fusion = f32[8,256]{1,0} fusion(%table, %i, %x), kind=kLoop, calls=%fused
+  %slice = f32[8,256]{1,0} dynamic-slice(%table, %i, %zero.1), dynamic_slice_sizes={8,256}
+  ROOT %both = f32[16,256]{1,0} concatenate(%fusion, %slice), dimensions={0}
+}
+"""
+
+
+def test_hlo_costs_count_only_the_rows_a_slice_reads():
+  """An embedding lookup or a scan reading layer i of stacked weights reads a slice, not the table."""
+  rows, out = 8 * 256 * 4, 16 * 256 * 4
+  fusion = rows + 4 + rows + rows  # the sliced rows, the index, x; writes its result
+  slice_ = rows + rows  # reads the rows it returns, writes them
+  concatenate = 2 * rows + out
+  assert aot.hlo_costs(_SLICING_HLO).hbm_bytes == fusion + slice_ + concatenate
+
+
+def test_libtpu_init_args_from_the_config_join_the_environment_which_wins(monkeypatch):
+  from laser_jax import programs
+  c = default_config.get_config()
+  c.libtpu_init_args = "--xla_a=false --xla_b=1"
+  monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_b=2")
+  programs.apply_libtpu_init_args(c)
+  assert os.environ["LIBTPU_INIT_ARGS"].split() == ["--xla_b=2", "--xla_a=false"]
+  monkeypatch.delenv("LIBTPU_INIT_ARGS")
+  programs.apply_libtpu_init_args(default_config.get_config())  # "" adds nothing
+  assert "LIBTPU_INIT_ARGS" not in os.environ

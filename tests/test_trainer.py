@@ -428,3 +428,27 @@ def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path
   piece = t.programs.place_logprob_batch({k: batch[k][:c.micro_batch_size] for k in programs.LOGPROB_KEYS})
   for k, s in logprob.items():
     assert (piece[k].shape, piece[k].dtype, piece[k].sharding) == (s.shape, s.dtype, s.sharding), k
+
+
+def test_rollout_layout_samples_the_same_tokens_and_scores(tmp_path):
+  """rollout.tensor_parallel = 2 on 8 devices: the weights are copied onto a data 4 x tensor 2
+  mesh for sampling; the samples equal those of the training layout (fsdp 8)."""
+  results = {}
+  for k in (0, 2):
+    c = tiny_config(tmp_path / f"run{k}", **{"rollout.tensor_parallel": k})
+    t = trainer.Trainer(c)
+    state = t.init_state(t.initial_params())
+    with jax.set_mesh(t.mesh):
+      results[k] = t.rollout(state.params, t.task.train_prompts[:c.batch_size], jax.random.key(3))["sample"]
+    if k:
+      assert dict(t.programs.rollout_mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+      copy = t.programs.to_rollout_layout(state.params)
+      up = copy["layers_0"]["mlp"]["up_proj"]["kernel"]
+      assert up.sharding.mesh.shape == t.programs.rollout_mesh.shape
+      # Whole rows on every device, the MLP features split over the 2-device tensor axis.
+      assert up.sharding.shard_shape(up.shape) == (c.model.hidden_size, c.model.intermediate_size // 2)
+  a, b = results[0], results[2]
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.finished, b.finished)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  np.testing.assert_allclose(a.self_reward_logprob, b.self_reward_logprob, atol=1e-5)
