@@ -19,9 +19,11 @@ update, and its MFU. Exit status 0 only if every program fits in the chip's HBM.
 How the counts are made (see `jaxpr_flops` and `hlo_costs`):
   * FLOPs: 2*M*N*K of every dot_general in the program's jaxpr, scans multiplied by their length,
     divided by the chip count (the work is split over the slice).
-  * HBM bytes: operands + results of every top-level instruction of the compiled per-chip HLO
-    (fusions count what they read and write, not their insides), loops multiplied by their trip
-    count; an in-place dynamic-update-slice counts only the slice written.
+  * HBM bytes: operands + results in HBM of every top-level instruction of the compiled per-chip
+    HLO (fusions count what they read and write, not their insides; buffers the compiler placed
+    in on-chip memory are not HBM traffic), loops multiplied by their trip count; a slice or
+    gather counts what it reads, an in-place dynamic-update-slice only the slice written, a
+    collective its data twice (read and written).
   * Collective bytes: the data moved by each all-gather / all-reduce / reduce-scatter /
     all-to-all / collective-permute per chip, loops multiplied out.
   * Decode loops end when every row is done; they are counted at their worst case, every row
@@ -142,9 +144,9 @@ def slice_devices(tpu: Slice) -> list:
 
 
 def libtpu_available() -> bool:
+  """Whether libtpu can describe a TPU slice here (the tests' condition for compiling)."""
   try:
-    parse_and_describe = slice_devices(parse_topology("v4-8"))
-    return bool(parse_and_describe)
+    return bool(slice_devices(parse_topology("v4-8")))
   except RuntimeError:
     return False
 
@@ -697,7 +699,7 @@ def main(argv=None):
     except (ValueError, RuntimeError) as e:  # ConfigError is a ValueError
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
-    report["command"] = " ".join(sys.argv)
+    report["command"] = " ".join(["python -m laser_jax.aot"] + sys.argv[1:])
     print(format_report(report))
     if FLAGS.out:
       with open(FLAGS.out, "w") as f:

@@ -1,7 +1,6 @@
 """laser_jax.aot: slice names, loop-aware cost counts, and the whole report for a small model on
 a TPU v4-8 compiled on this CPU (when libtpu is installed: the `test` extra brings it)."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -269,3 +268,17 @@ def test_libtpu_init_args_from_the_config_join_the_environment_which_wins(monkey
   monkeypatch.delenv("LIBTPU_INIT_ARGS")
   programs.apply_libtpu_init_args(default_config.get_config())  # "" adds nothing
   assert "LIBTPU_INIT_ARGS" not in os.environ
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/tpu_v4.py", "configs/orz_7b.py", "configs/octothinker_3b.py"])
+def test_paper_configs_fit_their_v4_64_with_10_percent_to_spare(config, tmp_path):
+  """The full report at the reference shapes: 7-16 minutes and ~15 GiB of RAM each."""
+  _libtpu_or_skip()
+  out = tmp_path / "report.json"
+  proc = subprocess.run([sys.executable, "-m", "laser_jax.aot", f"--config={config}", "--topology=v4-64",
+                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["fits_with_10pct_spare"], [(p["name"], p["hbm_fraction"]) for p in report["programs"]]
+  assert report["step"]["decode_vs_hbm_floor"] <= 2.0

@@ -144,15 +144,18 @@ def test_cache_layout(checkpoints):
   np.testing.assert_array_equal(cache.mask, [[0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0]])
 
 
-def test_remat_gives_identical_values_and_gradients(checkpoints):
-  cfg, params, _ = checkpoints[("qwen3", None)]
-  tokens, positions, mask = padded_batch("right")
-
+def _next_token_loss_and_grads(tokens, positions, mask):
+  """jitted (params, cfg) -> (mean next-token NLL of the batch, its gradients)."""
   def loss(p, c):
     logp = jax.nn.log_softmax(forward(p, c, tokens, positions, mask))
     return -jnp.mean(jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1))
+  return jax.jit(jax.value_and_grad(loss), static_argnums=1)
 
-  grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+
+def test_remat_gives_identical_values_and_gradients(checkpoints):
+  cfg, params, _ = checkpoints[("qwen3", None)]
+  tokens, positions, mask = padded_batch("right")
+  grad_fn = _next_token_loss_and_grads(tokens, positions, mask)
   v1, g1 = grad_fn(params, cfg)
   v2, g2 = grad_fn(params, cfg.replace(remat=True))
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
@@ -265,12 +268,7 @@ def test_chunked_attention_never_materialises_the_full_scores():
 def test_scanned_layers_equal_the_unrolled_forward(checkpoints, remat):
   cfg, params, _ = checkpoints[("qwen2", None)]
   tokens, positions, mask = padded_batch("left")
-
-  def loss(p, c):
-    logp = jax.nn.log_softmax(forward(p, c, tokens, positions, mask))
-    return -jnp.mean(jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1))
-
-  grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  grad_fn = _next_token_loss_and_grads(tokens, positions, mask)
   v1, g1 = grad_fn(params, cfg.replace(remat=remat))
   v2, g2 = grad_fn(params, cfg.replace(remat=remat, scan_layers=True, attention="chunked", attention_block=4))
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
