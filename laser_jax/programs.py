@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import flax
@@ -73,7 +74,6 @@ class StepStatics:
 def apply_libtpu_init_args(config: ml_collections.ConfigDict) -> None:
   """Adds `config.libtpu_init_args` to $LIBTPU_INIT_ARGS (read when libtpu starts); flags the
   environment already sets win."""
-  import os
   wanted = (config.get("libtpu_init_args", "") or "").split()
   current = os.environ.get("LIBTPU_INIT_ARGS", "").split()
   names = {flag.split("=")[0] for flag in current}

@@ -70,8 +70,8 @@ class Trainer:
         config.laser.use_self_reward_loss and config.laser.use_ref_model_score)
     self.sampling, self.eval_sampling = programs_lib.sampling_params(
         config, eos_ids=self.eos_ids, pad_id=self.pad_id, self_reward_token_id=self.zc_id)
-    self.loss_cfg = objective.LossConfig.from_config(config)
     self.statics = programs_lib.StepStatics.from_config(config, self.model_cfg, self.zc_id)
+    self.loss_cfg = self.statics.loss_cfg
     abstract_params = jax.eval_shape(lambda: model_lib.init_params(self.model_cfg, jax.random.key(0)))
     self.state_shardings = programs_lib.state_shardings(abstract_params, self.model_cfg,
                                                         self.optimizer, self.mesh)
