@@ -133,7 +133,7 @@ def run_model(name: str, args) -> dict:
     # The update alone, on the batch of a real rollout.
     sr_on, _ = trainer_lib.warmup_flags(int(state.step) + 1, config.laser)
     roll = trainer.rollout(state.params, prompts, trainer.step_key(state, salt=0))
-    batch, _, _ = trainer.prepare_update_batch(roll, state.params, None, int(state.step) + 1)
+    batch, _, _, _ = trainer.prepare_update_batch(roll, state.params, None, int(state.step) + 1)
     assert trainer.updates_per_step == 1
     batch["sr_weights"] = np.asarray(objective.self_reward_class_weights(
         batch["rewards"], batch["finished"], config.laser.balanced), np.float32)

@@ -34,7 +34,7 @@ def get_config():
   c.model.param_dtype = "float32"  # f32 master weights and Adam moments (lr 1e-6 needs them).
   c.model.remat = True  # 8k-token responses: recompute layer activations in the backward pass.
   c.model.scan_layers = True  # One layer's recomputation alive at a time; one compiled layer.
-  c.model.attention = "chunked"  # Never hold [10k, 10k] scores: 512 queries at a time.
+  c.model.attention = "auto"  # Splash (Pallas flash) kernel on TPU: never holds [10k, 10k] scores.
   c.model.logprob_chunk = 1024  # Never hold [B, 10k, 152k] logits at once.
 
   c.data.task = "files"

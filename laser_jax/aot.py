@@ -166,7 +166,9 @@ def jaxpr_flops(jaxpr, while_trip_counts: Sequence[int] = ()) -> float:
 
   A scan counts `length` times its body; a while loop (whose trip count only the data decides)
   counts the next entry of `while_trip_counts` (consumed in program order) times its body, or
-  once when none is left; a cond counts its most expensive branch.
+  once when none is left; a cond counts its most expensive branch; a Pallas kernel counts its
+  body once per grid point (every tile, including those a causal mask skips at run time: an
+  upper bound, about 2x for causal attention).
   """
   counts = list(while_trip_counts)
 
@@ -185,6 +187,8 @@ def jaxpr_flops(jaxpr, while_trip_counts: Sequence[int] = ()) -> float:
         total += trips * (walk(eqn.params["body_jaxpr"].jaxpr) + walk(eqn.params["cond_jaxpr"].jaxpr))
       elif name == "cond":
         total += max(walk(branch.jaxpr) for branch in eqn.params["branches"])
+      elif name == "pallas_call":  # the kernel runs once per grid point
+        total += math.prod(eqn.params["grid_mapping"].grid) * walk(eqn.params["jaxpr"])
       else:
         total += sum(walk(sub) for sub in _subjaxprs(eqn.params))
     return total
@@ -454,7 +458,7 @@ def model_config(config):
   import dataclasses as dc
   from laser_jax import config_check, hf, presets, tasks
   m = config.model
-  numerics = tasks.model_settings(m)
+  numerics = tasks.model_settings(m, platform="tpu")  # compiled for a TPU slice, whatever runs this
   if m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
     return dc.replace(hf.load_hf_config(m.hf_path), **numerics)
   if m.preset:

@@ -85,7 +85,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _one_of(c, "loss.kl_type", {"kl", "mse", "low_var_kl"})
   _one_of(c, "model.dtype", {"float32", "bfloat16"})
   _one_of(c, "model.param_dtype", {"float32", "bfloat16"})
-  _one_of(c, "model.attention", {"auto", "xla", "chunked"})
+  _one_of(c, "model.attention", {"auto", "xla", "chunked", "splash", "cudnn"})
   _require(c.model.attention_block >= 1, "model.attention_block", f"expected >= 1, got {c.model.attention_block}")
   _one_of(c, "data.task", {"synthetic", "files"})
   _one_of(c, "data.template", {"chat", "base"})

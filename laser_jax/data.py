@@ -290,18 +290,18 @@ def prepare_prompts(records: Sequence[dict], tokenizer, template: str = "chat",
 class PromptIterator:
   """Per-host batches over `items`, reshuffled each epoch, with exact resume.
 
-  Each epoch draws one global permutation from (seed, epoch), identical on every host; host p of
-  P takes positions p, p+P, ... of it, truncated so that all hosts have the same number of items
-  (hosts must step in lockstep). Batches are `batch_size` items per host; the incomplete last
-  batch of an epoch is dropped. `num_epochs=None` repeats forever.
+  Each epoch draws one global permutation from (seed, epoch), identical on every host, and cuts
+  it into global batches of G = batch_size * P items (P hosts); host p takes block p of each,
+  items [p * batch_size, (p + 1) * batch_size) of the global batch, so the hosts' batches in
+  process order are the global batch (`laser_jax.hosts`). The incomplete last global batch of an
+  epoch is dropped. `num_epochs=None` repeats forever.
 
   `get_state()` returns {"epoch", "batch", "seed", "num_items", "process_count",
   "global_batch_size"}; a new iterator given `set_state(state)` yields exactly the batches the
-  saved one would have yielded next. The position is host-count independent: with P hosts,
-  batch b of an epoch is, interleaved over the hosts (`laser_jax.tasks.global_batch`),
-  positions [b * G, (b + 1) * G) of the epoch's permutation (G = batch_size * P, the global
-  batch), and an epoch holds floor(floor(N / P) / (G / P)) = floor(N / G) batches for every P.
-  So a state saved on P hosts restores on any host count with the same global batch.
+  saved one would have yielded next. The position is host-count independent: global batch b of
+  an epoch is positions [b * G, (b + 1) * G) of the epoch's permutation, and an epoch holds
+  floor(N / G) batches, for every P. So a state saved on P hosts restores on any host count with
+  the same global batch.
   """
 
   def __init__(self, items: Sequence[Any], batch_size: int, seed: int = 0,
@@ -318,11 +318,10 @@ class PromptIterator:
     self.shuffle = shuffle
     self.process_index = process_index
     self.process_count = process_count
-    self.items_per_host = len(items) // process_count
-    self.batches_per_epoch = self.items_per_host // batch_size
+    self.batches_per_epoch = len(items) // (batch_size * process_count)
     if self.batches_per_epoch == 0:
-      raise ValueError(f"PromptIterator: {len(items)} items over {process_count} host(s) give "
-                       f"{self.items_per_host} per host, fewer than batch_size {batch_size}")
+      raise ValueError(f"PromptIterator: {len(items)} items are fewer than one global batch of "
+                       f"{batch_size} x {process_count} host(s)")
     self._epoch = 0
     self._batch = 0
     self._order: np.ndarray | None = None  # this host's item order for self._epoch
@@ -331,7 +330,8 @@ class PromptIterator:
     n = len(self.items)
     order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
              else np.arange(n))
-    return order[self.process_index::self.process_count][:self.items_per_host]
+    batches = order[:self.batches_per_epoch * self.batch_size * self.process_count]
+    return batches.reshape(self.batches_per_epoch, self.process_count, self.batch_size)[:, self.process_index].reshape(-1)
 
   def __iter__(self) -> Iterator[list[Any]]:
     return self

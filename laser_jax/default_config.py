@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Rollout batch: `batch_size` prompts x `rollout.n` responses per RL step.
   c.batch_size = 32  # Prompts per RL step.
-  c.mini_batch_size = 0  # Prompts per optimizer step (0 = batch_size: one update per rollout batch).
+  # Prompts per optimizer step (0 = batch_size: one update per rollout batch); with k updates per
+  # batch, update u takes the prompts whose index in the batch is u modulo k.
+  c.mini_batch_size = 0
   c.micro_batch_size = 64  # Responses per forward/backward pass; gradients are accumulated exactly.
 
   # Device mesh. Sizes multiply to the device count; -1 takes all remaining devices.
@@ -88,11 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # Compute dtype: "float32" | "bfloat16".
   c.model.param_dtype = "float32"  # Parameter (and optimizer state) dtype.
   c.model.remat = False  # Rematerialise each layer in the training forward to save activation memory.
-  # Attention of the training / log-prob forward: "xla" (all [T, T] scores at once), "chunked"
-  # (attention_block queries at a time, recomputed in the backward: memory ~ block * T), or
-  # "auto" (= "chunked"; equal to "xla" for sequences up to attention_block tokens).
+  # Attention of the training / log-prob forward, same values whichever: "xla" (all [T, T] scores
+  # at once), "chunked" (attention_block queries at a time, recomputed in the backward: memory
+  # ~ block * T), "splash" (Pallas flash kernel, TPU), "cudnn" (cuDNN flash, GPU, bf16), or "auto"
+  # (splash on TPU, cudnn on GPU with bf16 compute, chunked otherwise).
   c.model.attention = "auto"
-  c.model.attention_block = 512  # Queries per block of the chunked attention.
+  c.model.attention_block = 512  # Queries per block of chunked attention; tile size of splash.
   c.model.scan_layers = False  # Training forward as a lax.scan over the layers (faster compiles, bounded remat).
   c.model.logprob_chunk = 0  # Sequence chunk for the vocab projection in training (0 = whole sequence).
 

@@ -30,7 +30,7 @@ import numpy as np
 Params = Any
 
 FAMILIES = ("qwen2", "llama", "qwen3")
-ATTENTION_IMPLS = ("xla", "chunked")
+ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -58,11 +58,16 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: bool = False  # per-layer rematerialisation in the full forward
-  # Attention of the full forward (training, log-probs): "xla" materialises the [T, T] scores;
-  # "chunked" computes them for `attention_block` queries at a time, each block recomputed in the
-  # backward pass, so memory grows with attention_block * T instead of T * T. Same values.
+  # Attention of the full forward (training, log-probs); all give the same values (`attend_causal`):
+  # "xla" materialises the [T, T] scores; "chunked" computes them for `attention_block` queries at
+  # a time, each block recomputed in the backward pass, so memory grows with attention_block * T;
+  # "splash" is JAX's Pallas splash-attention kernel for TPU (blocks of attention_block, never
+  # holds scores beyond a block); "cudnn" is jax.nn.dot_product_attention's cuDNN flash attention
+  # (GPU, bf16/fp16 compute). `resolve_attention` picks one for a platform.
   attention: str = "xla"
   attention_block: int = 512
+  # Run Pallas kernels ("splash") in the Pallas interpreter: any backend, slow; for tests on CPU.
+  interpret_kernels: bool = False
   # Full forward as a lax.scan over the layers (weights stacked per call): one compiled layer
   # instead of num_layers, and with remat one layer's recomputation alive at a time.
   scan_layers: bool = False
@@ -80,6 +85,9 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
     if self.attention_block < 1:
       raise ValueError(f"ModelConfig.attention_block must be >= 1, got {self.attention_block}")
+    if self.attention == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError(f"ModelConfig.attention='cudnn' needs dtype='bfloat16' (cuDNN flash attention), "
+                       f"got {self.dtype!r}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
     if self.rope_scaling is not None:
@@ -222,17 +230,37 @@ def causal_mask(query_positions: jax.Array, key_valid: jax.Array) -> jax.Array:
   return visible[None] & key_valid[:, None, :]
 
 
+def resolve_attention(name: str, platform: str, dtype: str) -> str:
+  """The attention implementation `name` ("auto" or one of ATTENTION_IMPLS) means on `platform`
+  ("tpu", "gpu"/"cuda", "cpu", ...): "auto" is splash on TPU, cuDNN on GPU with bf16 compute,
+  else chunked. A kernel asked for on a platform that cannot run it is a ValueError."""
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  if name == "auto":
+    return {"tpu": "splash", "gpu": "cudnn" if dtype == "bfloat16" else "chunked"}.get(platform, "chunked")
+  needs = {"splash": "tpu", "cudnn": "gpu"}.get(name)
+  if needs and platform != needs:
+    raise ValueError(f"attention {name!r} runs on {needs.upper()} only (this run's platform: {platform}); "
+                     f"use 'auto' or 'chunked'")
+  return name
+
+
 def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, impl: str = "xla",
-                  block: int = 512) -> jax.Array:
+                  block: int = 512, interpret: bool = False) -> jax.Array:
   """Causal self-attention of a full sequence over its valid keys: q [B,T,N,D], k/v [B,T,K,D],
-  key_valid [B,T] bool -> [B,T,N,D]; equals `attend` with `causal_mask`.
+  key_valid [B,T] bool -> [B,T,N,D]; equals `attend` with `causal_mask` on the valid query rows
+  (a row's output at an invalid position is unspecified: nothing valid reads it).
 
   impl "xla" builds the [B, T, T] scores at once. impl "chunked" runs `attend` on `block` queries
   at a time (a lax.map; each block under jax.checkpoint, so the backward pass recomputes its
   scores instead of keeping them): the largest live buffer is [B, heads, block, T] scores.
   Every query row still normalises over all of its keys, so the values are the same.
+  impl "splash" / "cudnn": `attend_splash` / `attend_cudnn`.
   """
   t = q.shape[1]
+  if impl == "splash":
+    return attend_splash(q, k, v, key_valid, block, interpret)
+  if impl == "cudnn":
+    return attend_cudnn(q, k, v, key_valid)
   if impl == "xla" or t <= block:
     return attend(q, k, v, causal_mask(jnp.arange(t), key_valid))
   num_blocks = -(-t // block)
@@ -246,6 +274,78 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array
 
   out = jax.lax.map(one_block, (q_blocks, jnp.arange(num_blocks) * block))
   return out.swapaxes(0, 1).reshape(q.shape[0], num_blocks * block, *q.shape[2:])[:, :t]
+
+
+def _per_shard(fn, q, k, v, key_valid):
+  """Runs fn(q, k, v, key_valid) per shard under the laser_jax mesh (batch over BATCH, heads over
+  "tensor" where they divide), since a Pallas / custom call cannot be partitioned by GSPMD; calls
+  it directly without such a mesh. Query head h uses kv head h // (N // K) in every shard, because
+  both head axes are split into the same number of contiguous pieces."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
+    return fn(q, k, v, key_valid)
+  batch = BATCH if q.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+  heads = "tensor" if k.shape[2] % mesh.shape["tensor"] == 0 else None
+  qkv = jax.sharding.PartitionSpec(batch, None, heads, None)
+  return jax.shard_map(fn, in_specs=(qkv, qkv, qkv, jax.sharding.PartitionSpec(batch, None)),
+                       out_specs=qkv, check_vma=False)(q, k, v, key_valid)
+
+
+def attend_splash(q, k, v, key_valid, block: int = 512, interpret: bool = False):
+  """`attend_causal` through JAX's Pallas splash-attention kernel (TPU; any backend with
+  interpret=True). Flash-style: scores exist one [block, block] tile at a time, forward and
+  backward. Padding is a segment mask (valid tokens segment 1, pad 0), so valid queries see only
+  valid keys; grouped-query heads run as the kernel's multi-query form, one call per kv head.
+  The sequence is padded to a multiple of the block (pad = segment 0, never seen by valid rows)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  def run(q, k, v, key_valid):
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    g = n // kv_heads
+    blk = min(block, -(-t // 128) * 128)
+    padded = -(-t // blk) * blk
+    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q = jnp.pad(q * jnp.asarray(1 / math.sqrt(d), q.dtype), pad)
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    segments = jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, padded - t)))
+    sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
+                              block_kv_dkv=blk, block_kv_dkv_compute=blk, use_fused_bwd_kernel=True)
+    kernel = splash.make_splash_mqa_single_device(
+        splash.MultiHeadMask([splash.CausalMask((padded, padded))] * g), block_sizes=sizes,
+        interpret=interpret)
+
+    def one_group(q_group, k_head, v_head, seg):  # [G, T, D], [T, D], [T, D], [T]
+      return kernel(q_group, k_head, v_head, splash.SegmentIds(q=seg, kv=seg))
+
+    per_example = jax.vmap(one_group, in_axes=(0, 0, 0, None))  # over kv heads
+    out = jax.vmap(per_example)(q.reshape(b, padded, kv_heads, g, d).transpose(0, 2, 3, 1, 4),
+                                k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segments)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, padded, n, d)[:, :t]
+
+  return _per_shard(run, q, k, v, key_valid)
+
+
+def attend_cudnn(q, k, v, key_valid, implementation: str | None = "cudnn"):
+  """`attend_causal` through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
+
+  cuDNN's causal mask with per-row key lengths handles right padding only, so each row is first
+  rolled left by its leading pads (RoPE is already applied, so a shift changes no score), attended
+  with is_causal and key_value_seq_lengths, and rolled back. Needs each row's valid tokens to be
+  one contiguous run, as every laser_jax batch is (left-padded prompt, right-padded response).
+  implementation=None / "xla" runs the same wrapper through XLA (the CPU test of it)."""
+  def run(q, k, v, key_valid):
+    t = q.shape[1]
+    lead = jnp.argmax(key_valid, axis=1).astype(jnp.int32)  # index of the first valid token
+    index = (jnp.arange(t)[None, :] + lead[:, None]) % t
+    roll = lambda x, i: jnp.take_along_axis(x, i[:, :, None, None], axis=1)
+    out = jax.nn.dot_product_attention(
+        roll(q, index), roll(k, index), roll(v, index), is_causal=True,
+        key_value_seq_lengths=jnp.maximum(jnp.sum(key_valid, axis=1), 1).astype(jnp.int32),  # >= 1: finite
+        implementation=implementation)
+    return roll(out, (jnp.arange(t)[None, :] - lead[:, None]) % t)
+
+  return _per_shard(run, q, k, v, key_valid)
 
 
 def attend_cached(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: jax.Array) -> jax.Array:
@@ -321,7 +421,7 @@ class Attention(nn.Module):
     v = constrain(v, BATCH, None, "tensor", None)
     new_cache = None
     if kv_cache is None:
-      out = attend_causal(q, k, v, mask, cfg.attention, cfg.attention_block)
+      out = attend_causal(q, k, v, mask, cfg.attention, cfg.attention_block, cfg.interpret_kernels)
     else:
       # In-place dynamic-update-slices of the (donated) cache buffers.
       k_chunks, v_chunks = kv_cache

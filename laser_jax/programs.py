@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from laser_jax import hosts
 from laser_jax import model as model_lib
 from laser_jax import objective
 from laser_jax import policy
@@ -259,7 +260,9 @@ class StepPrograms:
                         abstract_params, self.rollout_param_shardings)
 
   def place_update_batch(self, batch: dict) -> dict:
-    return jax.device_put(batch, {k: update_batch_sharding(self.mesh, v.ndim) for k, v in batch.items()})
+    """Global [num_micro, micro, ...] arrays from this host's share of every micro-batch."""
+    return {k: hosts.put_rows(v, update_batch_sharding(self.mesh, v.ndim), axis=1) for k, v in batch.items()}
 
   def place_logprob_batch(self, batch: dict) -> dict:
-    return jax.device_put(batch, {k: sharding_lib.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()})
+    """A global [rows, ...] batch from this host's rows."""
+    return {k: hosts.put_rows(v, sharding_lib.batch_sharding(self.mesh, v.ndim)) for k, v in batch.items()}

@@ -178,13 +178,13 @@ def zero_std_group_fraction(rewards: jax.Array, group_ids: jax.Array,
   return jnp.sum(constant) / jnp.maximum(jnp.sum(present), 1)
 
 
-def rollout_metrics(rewards: jax.Array, response_mask: jax.Array, finished: jax.Array,
+def rollout_metrics(rewards: jax.Array, response_lengths: jax.Array, finished: jax.Array,
                     group_ids: jax.Array, num_groups: int | None = None) -> dict:
   """Whole-rollout-batch statistics: reward mean, response length, truncation, zero-std groups.
 
-  response_mask: [B, T] (1 on generated response tokens, EOS included).
+  response_lengths: [B] generated tokens per row, EOS included (the response mask's row sums).
   """
-  lengths = jnp.sum(jnp.asarray(response_mask, jnp.float32), axis=-1)
+  lengths = jnp.asarray(response_lengths, jnp.float32)
   finished = jnp.asarray(finished, bool)
   return {
       "reward_mean": jnp.mean(jnp.asarray(rewards, jnp.float32)),

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from laser_jax import hosts as hosts_lib
+
 BATCH_AXES = ("data", "fsdp")  # Mesh axes the batch dimension is sharded over.
 MIN_BUCKET = 16  # Smallest prompt bucket; buckets are powers of two from here.
 
@@ -366,10 +368,10 @@ class Sampler:
     return state._replace(cache=cache, **fields)
 
   def _put_batch(self, x: np.ndarray) -> jax.Array:
+    """This host's rows `x` as its block of the global batch (`laser_jax.hosts.put_rows`)."""
     if self.mesh is None:
       return jnp.asarray(x)
-    sharding = NamedSharding(self.mesh, self._batch_spec(x.ndim))
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return hosts_lib.put_rows(x, NamedSharding(self.mesh, self._batch_spec(x.ndim)))
 
   # ---- jitted pieces ----------------------------------------------------------------------
   def _prefill_impl(self, params, prompt_tokens, prompt_mask, row_valid, rng, *, sampling: SamplingParams):
@@ -472,15 +474,16 @@ class Sampler:
     return state
 
   # ---- host API ---------------------------------------------------------------------------
-  def batch_layout(self, num_prompts: int, n: int) -> tuple[int, int, int]:
+  def batch_layout(self, num_prompts: int, n: int, data_parallel: int | None = None) -> tuple[int, int, int]:
     """(rows, prefill rows, repeats) of a call on `num_prompts` prompts x `n` responses.
 
     Rows are padded to a multiple of the data-parallel size (padding holds one pad token and
     starts done). Each distinct prompt is prefilled once (prefill costs 1/n) and the prefill
     repeats its cache `repeats` = n times, unless sharding pads prompts and rows unevenly; then
-    every row is prefilled (`repeats` = 1).
+    every row is prefilled (`repeats` = 1). `data_parallel` defaults to the mesh's; a host of a
+    multi-host run lays out its own prompts over its share of it.
     """
-    dp = self.data_parallel_size
+    dp = self.data_parallel_size if data_parallel is None else data_parallel
     rows = -(-num_prompts * n // dp) * dp
     prompts_padded = -(-num_prompts // dp) * dp
     if prompts_padded * n == rows:
@@ -501,7 +504,12 @@ class Sampler:
             batch((rows,), jnp.bool_), rng)
 
   def __call__(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingParams, rng: jax.Array) -> SampleOutput:
-    """Samples `sampling.n` responses for every prompt (lists of token ids)."""
+    """Samples `sampling.n` responses for every prompt (lists of token ids).
+
+    In a multi-host run each process passes its own prompts (as many on every host) and gets its
+    own rows back: the global batch is the hosts' row blocks in process order (`laser_jax.hosts`),
+    the same batch a single process given all the prompts in that order would sample.
+    """
     if not isinstance(sampling, SamplingParams):
       raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
     if len(prompts) == 0:
@@ -511,8 +519,13 @@ class Sampler:
         raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
     n = sampling.n
     num_rows = len(prompts) * n
-    batch, num_prompts, repeats = self.batch_layout(len(prompts), n)
-    bucket = bucket_length(max(len(p) for p in prompts), self.min_bucket)
+    hosts_lib.same_on_every_host(len(prompts), "the number of prompts per sampler call")
+    if self.data_parallel_size % jax.process_count():
+      raise ValueError(f"the sampler's data-parallel size {self.data_parallel_size} is not a multiple of "
+                       f"the {jax.process_count()} processes")
+    batch, num_prompts, repeats = self.batch_layout(len(prompts), n,
+                                                    self.data_parallel_size // jax.process_count())
+    bucket = bucket_length(hosts_lib.host_max(max(len(p) for p in prompts)), self.min_bucket)
     if repeats > 1:
       prefill_rows = [list(p) for p in prompts] + [[sampling.pad_id]] * (num_prompts - len(prompts))
     else:
@@ -527,20 +540,14 @@ class Sampler:
                       num_rows, sampling)
 
 
-def _gather(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _to_output(state: SamplingState, prompt_tokens, prompt_mask, num_rows: int, sampling: SamplingParams) -> SampleOutput:
-  """Host post-processing: strip padding rows, split the EOS out of the token buffer."""
+  """Host post-processing of this host's rows: strip padding rows, split the EOS out of the
+  token buffer."""
   max_new = sampling.max_new_tokens
-  buf = _gather(state.tokens)[:num_rows, :max_new]
-  lps = _gather(state.logprobs)[:num_rows, :max_new]
-  finished = _gather(state.finished)[:num_rows].astype(bool)
-  self_reward = _gather(state.self_reward)[:num_rows].astype(np.float32)
+  buf = hosts_lib.local_rows(state.tokens)[:num_rows, :max_new]
+  lps = hosts_lib.local_rows(state.logprobs)[:num_rows, :max_new]
+  finished = hosts_lib.local_rows(state.finished)[:num_rows].astype(bool)
+  self_reward = hosts_lib.local_rows(state.self_reward)[:num_rows].astype(np.float32)
   is_eos = np.isin(buf, np.asarray(sampling.eos_ids, np.int32)) if sampling.eos_ids else np.zeros(buf.shape, bool)
   lengths = np.where(finished, np.argmax(is_eos, axis=1), max_new).astype(np.int32)
   rows = np.arange(num_rows)

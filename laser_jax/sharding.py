@@ -24,8 +24,12 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all). One size may be -1 = the rest."""
-  devices = list(jax.devices() if devices is None else devices)
+  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all, ordered by process, then id,
+  so that each host's devices hold one block of the batch rows: see laser_jax.hosts). One size
+  may be -1 = the rest."""
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = list(devices)
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
     raise ValueError(f"make_mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")

@@ -64,7 +64,7 @@ class Task:
     hosts = jax.process_count()
     if c.batch_size % hosts:
       raise ConfigError(f"config.batch_size: {c.batch_size} prompts cannot be split over {hosts} hosts")
-    # Each host reads batch_size / hosts prompts of its own shard; `global_batch` joins them.
+    # Each host reads its block of batch_size / hosts prompts of every global batch (hosts.py).
     return data_lib.PromptIterator(self.train_prompts, c.batch_size // hosts, seed=c.seed, num_epochs=None,
                                    process_index=jax.process_index(), process_count=hosts)
 
@@ -121,10 +121,14 @@ def _random_init(model_cfg, seed):
   return init
 
 
-def model_settings(m: ml_collections.ConfigDict) -> dict:
-  """The `ModelConfig` fields `config.model` sets on top of any shape (numerics, memory)."""
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-              attention="chunked" if m.attention == "auto" else m.attention,
+def model_settings(m: ml_collections.ConfigDict, platform: str | None = None) -> dict:
+  """The `ModelConfig` fields `config.model` sets on top of any shape (numerics, memory), with
+  model.attention resolved for `platform` (default: this process's JAX backend)."""
+  try:
+    attention = model_lib.resolve_attention(m.attention, platform or jax.default_backend(), m.dtype)
+  except ValueError as e:
+    raise ConfigError(f"config.model.attention: {e}") from None
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=attention,
               attention_block=m.attention_block, scan_layers=m.scan_layers)
 
 
@@ -202,29 +206,3 @@ def _eval_records(c) -> list[dict]:
   if os.path.isfile(name):
     return data_lib.read_records(name)
   return data_lib.load_eval_set(name)
-
-
-def global_batch(prompts: list[Prompt]) -> list[Prompt]:
-  """Every host's prompt shard, joined into the global batch, on every host.
-
-  Each host reads only its shard of the data (`PromptIterator` with its process index: host p
-  of P holds positions p, p+P, ... of the epoch's permutation); the sampler and the update then
-  build global arrays from the same full batch on every host. The shards are interleaved back
-  (item k of host p at position k * P + p), so the global batch is exactly the batch a
-  single-process run of the same config draws: a run on P hosts repeats the one-host run.
-  Single-process runs return `prompts` unchanged.
-  """
-  if jax.process_count() == 1:
-    return prompts
-  from jax.experimental import multihost_utils
-  payload = np.frombuffer(json.dumps([dataclasses.asdict(p) for p in prompts]).encode(), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64))).reshape(-1)
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:payload.size] = payload
-  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-  shards = [[Prompt(**d) for d in json.loads(row[:int(size)].tobytes().decode())]
-            for row, size in zip(gathered, sizes)]
-  counts = [len(shard) for shard in shards]
-  if len(set(counts)) != 1:  # PromptIterator gives every host the same count; anything else is a bug.
-    raise RuntimeError(f"global_batch: hosts hold different numbers of prompts: {counts}")
-  return [shard[k] for k in range(counts[0]) for shard in shards]

@@ -24,6 +24,7 @@ from etils import epath
 from laser_jax import checkpoint as ckpt_lib
 from laser_jax import config_check
 from laser_jax import dapo
+from laser_jax import hosts
 from laser_jax import metrics_writer
 from laser_jax import model as model_lib
 from laser_jax import objective
@@ -50,10 +51,10 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, devices=None):
     """`devices` defaults to all devices (tests pass a subset to compare meshes)."""
-    devices = jax.devices() if devices is None else list(devices)
-    config_check.validate(config, num_devices=len(devices))
+    num_devices = len(jax.devices() if devices is None else devices)
+    config_check.validate(config, num_devices=num_devices)
     self.config = config
-    data, fsdp, tensor = config_check.mesh_shape(config, len(devices))
+    data, fsdp, tensor = config_check.mesh_shape(config, num_devices)
     self.mesh = sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=devices)
     self.task = tasks.build_task(config)
     self.model_cfg = self.task.model_cfg
@@ -63,6 +64,7 @@ class Trainer:
     self.zc_id = self.task.self_reward_token_id
     self.num_prompts_per_update = config.mini_batch_size or config.batch_size
     self.updates_per_step = config.batch_size // self.num_prompts_per_update
+    _check_host_split(config, self.updates_per_step)
     total_updates = config.total_steps * self.updates_per_step
     self.optimizer = optim_lib.make_optimizer(config.optim, total_updates)
     self.schedule = optim_lib.make_schedule(config.optim, total_updates)
@@ -146,10 +148,11 @@ class Trainer:
     return jax.random.fold_in(jax.random.fold_in(base, int(state.step)), salt)
 
   def sample(self, params, prompts: list[tasks.Prompt], sampling, rng, *, fold_single_call: bool = True):
-    """Samples `prompts` in calls of at most `rollout.prompts_per_chunk` prompts (bounding the
-    KV cache), call i with key fold_in(rng, i) (a single call uses `rng` itself unless
-    `fold_single_call`), on the rollout layout; the outputs are joined as one."""
-    chunk = self.config.rollout.prompts_per_chunk or len(prompts)
+    """Samples this host's `prompts` in calls of at most `rollout.prompts_per_chunk` prompts of
+    the global batch (bounding the KV cache; each host gives its share of them), call i with key
+    fold_in(rng, i) (a single call uses `rng` itself unless `fold_single_call`), on the rollout
+    layout; the outputs (this host's rows) are joined as one."""
+    chunk = self.config.rollout.prompts_per_chunk // jax.process_count() or len(prompts)
     starts = range(0, len(prompts), chunk)
     mesh = self.programs.rollout_mesh
     with jax.set_mesh(mesh):
@@ -166,9 +169,9 @@ class Trainer:
     out = self.sample(params, prompts, self.sampling, rng)
     texts = self.task.decode(out.tokens, out.lengths)
     answers = [prompts[g].answer for g in out.group_ids]
-    result = self.task.verifier(texts, answers)
+    result = self.task.verifier(texts, answers)  # this host's rows only
     return {"sample": out, "texts": texts, "rewards": np.asarray(result.rewards, np.float32),
-            "verifier_timeouts": int(result.num_timeouts)}
+            "num_prompts": len(prompts), "verifier_timeouts": int(hosts.total(result.num_timeouts))}
 
   # ---- update ---------------------------------------------------------------------------
   def update(self, state: TrainState, batch: dict, normalisers: dict, sr_loss_on: bool):
@@ -178,19 +181,25 @@ class Trainer:
 
   # ---- log-probs without gradient (old / reference) -------------------------------------
   def logprobs(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Token log-probs (rollout temperature) and z_c log-probs, micro-batch by micro-batch."""
+    """Token log-probs (rollout temperature) and z_c log-probs of this host's rows, micro-batch
+    by micro-batch (each host gives its share of a micro-batch)."""
     n = batch["tokens"].shape[0]
-    mb = self.config.micro_batch_size
+    mb = self.config.micro_batch_size // jax.process_count()
     outs = []
     for start in range(0, n, mb):
       piece = self.programs.place_logprob_batch(
           {k: batch[k][start:start + mb] for k in programs_lib.LOGPROB_KEYS})
-      outs.append(jax.device_get(self.programs.logprobs(params, piece)))
+      outs.append([hosts.local_rows(x) for x in self.programs.logprobs(params, piece)])
     return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
 
   # ---- one RL step ----------------------------------------------------------------------
-  def prepare_update_batch(self, roll: dict, params, ref_params, step: int) -> tuple[dict, dict, dict]:
-    """Host-side: training arrays, old/ref log-probs, advantages and class weights for a rollout."""
+  def prepare_update_batch(self, roll: dict, params, ref_params, step: int) -> tuple[dict, dict, dict, dict]:
+    """Host-side: training arrays (this host's rows), old/ref log-probs, advantages; returns
+    (batch, advantage metrics, rollout statistics, per-row vectors of the whole batch).
+
+    Advantages and statistics span the global batch, so they are computed from every host's
+    per-row vectors (`hosts.gather_rows`: rewards, lengths, z_c log-probs, ...), identically on
+    every host, and each host keeps its own rows' advantages."""
     c = self.config
     out = roll["sample"]
     rewards = roll["rewards"]
@@ -211,19 +220,30 @@ class Trainer:
       rewards = rewards + np.asarray(dapo.overlong_reward_penalty(
           out.response_lengths, c.rollout.max_new_tokens, c.loss.overlong_buffer_len,
           c.loss.overlong_penalty))
+    # Per-row vectors of the whole batch (hosts' rows in process order; group ids made global).
+    first_row = jax.process_index() * len(finished)
+    everyone = {
+        "verifier_rewards": hosts.gather_rows(roll["rewards"]), "rewards": hosts.gather_rows(rewards),
+        "finished": hosts.gather_rows(finished),
+        "group_ids": hosts.gather_rows(out.group_ids + jax.process_index() * roll["num_prompts"]),
+        "response_lengths": hosts.gather_rows(batch["response_mask"].sum(axis=1)),
+        "z_logprob": hosts.gather_rows(out.self_reward_logprob),
+    }
+    if "ref_sr_logp" in batch:
+      everyone["ref_z_logprob"] = hosts.gather_rows(batch["ref_sr_logp"])
     rollout_stats = jax.device_get(rl_metrics.rollout_metrics(
-        roll["rewards"], batch["response_mask"], finished, out.group_ids))
+        everyone["verifier_rewards"], everyone["response_lengths"], everyone["finished"], everyone["group_ids"]))
     if c.loss.mask_truncated:
       batch["response_mask"] = np.asarray(dapo.mask_truncated(batch["response_mask"], finished))
-    sr_on, _ = warmup_flags(step, c.laser)
     advantages, adv_metrics = objective.rollout_advantages(
-        self.loss_cfg, step, rewards=rewards, group_ids=out.group_ids, finished=finished,
-        z_logprob=out.self_reward_logprob if c.laser.use_self_reward_loss else None,
-        ref_z_logprob=batch.get("ref_sr_logp"))
-    batch["advantages"] = np.asarray(advantages, np.float32)
+        self.loss_cfg, step, rewards=everyone["rewards"], group_ids=everyone["group_ids"],
+        finished=everyone["finished"],
+        z_logprob=everyone["z_logprob"] if c.laser.use_self_reward_loss else None,
+        ref_z_logprob=everyone.get("ref_z_logprob"))
+    batch["advantages"] = np.asarray(advantages, np.float32)[first_row:first_row + len(finished)]
     batch["rewards"] = np.asarray(roll["rewards"], np.float32)  # L_sr targets the verifier reward.
     batch["finished"] = finished
-    return batch, adv_metrics, rollout_stats
+    return batch, adv_metrics, rollout_stats, everyone
 
   def train_step(self, state: TrainState, prompts: list, ref_params=None) -> tuple[TrainState, dict]:
     """One RL step on `prompts`; returns the new state and this step's metrics (host floats)."""
@@ -238,23 +258,27 @@ class Trainer:
     t0 = time.perf_counter()
     roll = self.rollout(state.params, prompts, self.step_key(state, salt=0))
     t_rollout = time.perf_counter() - t0
-    batch, adv_metrics, ro = self.prepare_update_batch(roll, state.params, ref_params, step)
+    batch, adv_metrics, ro, everyone = self.prepare_update_batch(roll, state.params, ref_params, step)
     sr_on, _ = warmup_flags(step, c.laser)
-    out = roll["sample"]
 
-    # One optimizer update per mini-batch; micro-batches inside are accumulated exactly.
+    # One optimizer update per mini-batch: mini-batch u holds the prompts whose index is u modulo
+    # the number of updates (on every host alike: its prompts are a block of the batch whose
+    # size is a multiple of it); micro-batches inside are accumulated exactly.
     rows_per_update = self.num_prompts_per_update * c.rollout.n
     num_micro = rows_per_update // c.micro_batch_size
     t1 = time.perf_counter()
     pieces, losses, grad_norms = [], [], []
     for u in range(self.updates_per_step):
-      sl = slice(u * rows_per_update, (u + 1) * rows_per_update)
-      mini = {k: v[sl] for k, v in batch.items()}
-      # Class weights and normalisers over exactly the rows of this optimizer update.
-      mini["sr_weights"] = np.asarray(objective.self_reward_class_weights(
-          mini["rewards"], mini["finished"], c.laser.balanced), np.float32)
-      normalisers = objective.loss_normalisers(self.loss_cfg, mini["response_mask"])
-      mini = {k: v.reshape(num_micro, c.micro_batch_size, *v.shape[1:]) for k, v in mini.items()}
+      rows = np.flatnonzero(roll["sample"].group_ids % self.updates_per_step == u)
+      mini = {k: v[rows] for k, v in batch.items()}
+      # Class weights and normalisers over exactly the rows of this optimizer update, all hosts'.
+      weights = objective.self_reward_class_weights(
+          hosts.gather_rows(mini["rewards"]), hosts.gather_rows(mini["finished"]), c.laser.balanced)
+      first = jax.process_index() * len(rows)
+      mini["sr_weights"] = np.asarray(weights, np.float32)[first:first + len(rows)]
+      normalisers = {k: jnp.float32(hosts.total(float(v))) for k, v in
+                     objective.loss_normalisers(self.loss_cfg, mini["response_mask"]).items()}
+      mini = {k: v.reshape(num_micro, -1, *v.shape[1:]) for k, v in mini.items()}
       state, m = self.update(state, mini, normalisers, sr_on)
       pieces.append(m["terms"])
       losses.append(m["loss"])
@@ -263,12 +287,13 @@ class Trainer:
     terms = rl_metrics.finalize_metrics(jax.device_get(rl_metrics.accumulate_metrics(pieces)))
     t_update = time.perf_counter() - t1
 
+    finished = everyone["finished"]
     scores = np.asarray(objective.self_reward_score(
-        out.self_reward_logprob, kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant,
-        ref_z_logprob=batch.get("ref_sr_logp")))
-    sv = jax.device_get(rl_metrics.self_verification_metrics(scores, roll["rewards"], out.finished))
+        everyone["z_logprob"], kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant,
+        ref_z_logprob=everyone.get("ref_z_logprob")))
+    sv = jax.device_get(rl_metrics.self_verification_metrics(scores, everyone["verifier_rewards"], finished))
     step_time = time.perf_counter() - t0
-    num_tokens = float(np.sum(batch["attention_mask"]))
+    num_tokens = hosts.total(float(np.sum(batch["attention_mask"])))
     metrics = {
         "loss": float(np.mean(jax.device_get(losses))),
         "pg_loss": terms.get("pg_loss", 0.0),
@@ -282,7 +307,7 @@ class Trainer:
         "self_reward/f1": float(sv["self_reward_f1"]),
         "self_reward/n_correct": int(sv["self_reward_n_correct"]),
         "self_reward/n_incorrect": int(sv["self_reward_n_incorrect"]),
-        "self_reward/score_mean": float(np.nanmean(scores)) if np.any(out.finished) else float("nan"),
+        "self_reward/score_mean": float(np.nanmean(scores)) if np.any(finished) else float("nan"),
         "self_reward/loss_on": float(sr_on),
         "response_length": float(ro["response_length_mean"]),
         "truncated_frac": float(ro["truncation_rate"]),
@@ -300,13 +325,13 @@ class Trainer:
         metrics[k] = terms[k]
     metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
     if c.mfu_peak_flops > 0:
-      metrics["mfu"] = self.step_flops(batch) / step_time / c.mfu_peak_flops
+      metrics["mfu"] = self.step_flops(num_tokens) / step_time / c.mfu_peak_flops
     return state, metrics
 
-  def step_flops(self, batch: dict) -> float:
-    """Model FLOPs of one step: 2*N*tokens per forward (rollout), 6*N*tokens for the update."""
+  def step_flops(self, tokens: float) -> float:
+    """Model FLOPs of one step over `tokens` (all hosts'): 2*N*tokens per forward (rollout),
+    6*N*tokens for the update."""
     n = self.model_cfg.num_params()
-    tokens = float(np.sum(batch["attention_mask"]))
     forwards = 2 + (2 if self.config.rollout.recompute_old_logprobs else 0) + (2 if self.needs_ref else 0)
     return (forwards + 6) * n * tokens
 
@@ -328,13 +353,16 @@ class Trainer:
       return self._evaluate(params, rng, ref_params)
 
   def _evaluate(self, params, rng, ref_params) -> dict:
-    prompts = self.task.eval_prompts
-    # Chunked like the rollout (a 500-problem eval set in one call would need 500 * n rows of
-    # KV cache); one call keeps its key unfolded.
+    # Each host samples and verifies a block of the eval set (the last blocks padded with copies
+    # of a prompt, dropped from every statistic); chunked like the rollout (a 500-problem eval
+    # set in one call would need 500 * n rows of KV cache); one call keeps its key unfolded.
+    prompts, num_real = hosts.host_block(self.task.eval_prompts)
     out = self.sample(params, prompts, self.eval_sampling, rng, fold_single_call=False)
-    texts = self.task.decode(out.tokens, out.lengths)
-    answers = [prompts[g].answer for g in out.group_ids]
-    rewards = np.asarray(self.task.verifier(texts, answers).rewards, np.float32)
+    real = out.group_ids < num_real
+    texts = self.task.decode(out.tokens[real], out.lengths[real])
+    answers = [prompts[g].answer for g in out.group_ids[real]]
+    rewards = np.zeros(len(real), np.float32)
+    rewards[real] = self.task.verifier(texts, answers).rewards
     c = self.config
     ref_z_logprob = None
     if self.exact_score:
@@ -344,16 +372,33 @@ class Trainer:
     scores = np.asarray(objective.self_reward_score(
         out.self_reward_logprob, kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant,
         ref_z_logprob=ref_z_logprob))
-    sv = jax.device_get(rl_metrics.self_verification_metrics(scores, rewards, out.finished))
+    keep = hosts.gather_rows(real)
+    rewards, scores = hosts.gather_rows(rewards)[keep], hosts.gather_rows(scores)[keep]
+    finished = hosts.gather_rows(out.finished.astype(bool))[keep]
+    sv = jax.device_get(rl_metrics.self_verification_metrics(scores, rewards, finished))
     return {
         "eval/accuracy": float(np.mean(rewards)),
         "eval/self_verification_acc_correct": float(sv["self_reward_acc_correct"]),
         "eval/self_verification_acc_incorrect": float(sv["self_reward_acc_incorrect"]),
         "eval/self_verification_acc": float(sv["self_reward_acc"]),
         "eval/self_verification_f1": float(sv["self_reward_f1"]),
-        "eval/truncated_frac": float(np.mean(~out.finished.astype(bool))),
-        "eval/num_problems": len(prompts),
+        "eval/truncated_frac": float(np.mean(~finished)),
+        "eval/num_problems": len(self.task.eval_prompts),
     }
+
+
+def _check_host_split(c: ml_collections.ConfigDict, updates_per_step: int):
+  """Every host must hold an equal block of each batch, mini-batch and sampler chunk (hosts.py)."""
+  count = jax.process_count()
+  if count == 1:
+    return
+  if c.batch_size % count or (c.batch_size // count) % updates_per_step:
+    raise config_check.ConfigError(
+        f"config.batch_size: {c.batch_size} prompts over {count} hosts must give each host a multiple "
+        f"of the {updates_per_step} optimizer updates per step (config.mini_batch_size)")
+  for key, value in (("micro_batch_size", c.micro_batch_size), ("rollout.prompts_per_chunk", c.rollout.prompts_per_chunk)):
+    if value % count:
+      raise config_check.ConfigError(f"config.{key}: {value} is not a multiple of the {count} hosts")
 
 
 def _host_key(rng: jax.Array) -> jax.Array:
@@ -427,7 +472,7 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
   try:
     for _ in range(start, end):
       try:
-        prompts = tasks.global_batch(next(iterator))
+        prompts = next(iterator)  # this host's block of the global batch
       except StopIteration:
         logging.info("Training data exhausted at step %d", int(state.step))
         break

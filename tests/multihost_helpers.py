@@ -43,7 +43,10 @@ def results(checkpoint, mesh, eos_ids, max_new_tokens):
   logits = np.asarray(multihost_utils.process_allgather(forward(params, tokens, mask), tiled=True))
   sampling = sampler_lib.SamplingParams(greedy=True, max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids),
                                         pad_id=0, self_reward_token_id=cfg.vocab_size - 1)
-  out = sampler_lib.sample(params, cfg, PROMPTS, sampling, jax.random.key(0), mesh=mesh)
+  # Each process samples its own block of PROMPTS and gets its own rows back (laser_jax.hosts).
+  block = len(PROMPTS) // jax.process_count()
+  mine = PROMPTS[jax.process_index() * block:(jax.process_index() + 1) * block]
+  out = sampler_lib.sample(params, cfg, mine, sampling, jax.random.key(0), mesh=mesh)
   return logits, out, params, cfg
 
 
@@ -51,17 +54,20 @@ def main(coordinator, num_processes, process_id, checkpoint, out_dir, eos_ids, m
   jax.distributed.initialize(coordinator, int(num_processes), int(process_id))
   from jax.experimental import multihost_utils
 
-  from laser_jax import hf, sharding as sharding_lib
+  from laser_jax import hf, hosts, sharding as sharding_lib
   assert jax.process_count() == int(num_processes) and len(jax.devices()) == 8, jax.devices()
   mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
   logits, out, params, cfg = results(checkpoint, mesh, [int(e) for e in eos_ids.split(",")],
                                      int(max_new_tokens))
   assert not jax.tree.leaves(params)[0].is_fully_addressable  # Really spread over the processes.
   hf.export_hf(params, cfg, f"{out_dir}/export")  # Collective: every process calls it.
+  assert len(out.tokens) == len(PROMPTS) // 2  # this process's rows only
+  rows = {name: hosts.gather_rows(getattr(out, name))
+          for name in ("tokens", "lengths", "finished", "self_reward_logprob")}
   if jax.process_index() == 0:
     np.save(f"{out_dir}/logits.npy", logits)
-    np.savez(f"{out_dir}/sample.npz", tokens=out.tokens, lengths=out.lengths, finished=out.finished,
-             self_reward=out.self_reward_logprob)
+    np.savez(f"{out_dir}/sample.npz", tokens=rows["tokens"], lengths=rows["lengths"],
+             finished=rows["finished"], self_reward=rows["self_reward_logprob"])
   multihost_utils.sync_global_devices("done")
 
 

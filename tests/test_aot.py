@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from laser_jax import aot
+from laser_jax import model
 from laser_jax import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,16 @@ def test_jaxpr_flops_multiplies_scans_and_while_loops_out():
   assert aot.jaxpr_flops(jaxpr, while_trip_counts=(3,)) == scan + 3 * per_while_step + per_while_step
   # Without a trip count a while loop counts once.
   assert aot.jaxpr_flops(jaxpr) == scan + per_while_step + per_while_step
+
+
+def test_jaxpr_flops_count_a_pallas_kernel_once_per_grid_point():
+  """The splash-attention kernel's matmuls, counted over its whole grid (every [block, block]
+  tile, as if none were skipped): the dense 2 x [T, T] x D products of every head."""
+  b, t, n, kv, d = 2, 256, 4, 2, 16
+  q, k = jnp.ones((b, t, n, d)), jnp.ones((b, t, kv, d))
+  valid = jnp.ones((b, t), bool)
+  jaxpr = jax.make_jaxpr(lambda q, k: model.attend_splash(q, k, k, valid, block=128, interpret=True))(q, k).jaxpr
+  assert aot.jaxpr_flops(jaxpr) == 2 * 2 * b * n * t * t * d
 
 
 _HLO = """HloModule m, entry_computation_layout={(bf16[32,256]{1,0})->bf16[128,256]{1,0}}

@@ -169,12 +169,8 @@ def test_iterator_sharding_two_hosts_is_disjoint_and_covering():
 
 
 def _global_batches(iterators, count):
-  """`count` global batches of host iterators, interleaved as `tasks.global_batch` joins them."""
-  out = []
-  for _ in range(count):
-    shards = [next(it) for it in iterators]
-    out.append([shard[k] for k in range(len(shards[0])) for shard in shards])
-  return out
+  """`count` global batches of host iterators: the hosts' blocks in process order."""
+  return [[x for it in iterators for x in next(it)] for _ in range(count)]
 
 
 def test_iterator_state_saved_on_some_hosts_restores_on_any_host_count():
@@ -203,7 +199,7 @@ def test_iterator_state_saved_on_some_hosts_restores_on_any_host_count():
 
 
 def test_iterator_errors():
-  with pytest.raises(ValueError, match="fewer than batch_size 8"):
+  with pytest.raises(ValueError, match="10 items are fewer than one global batch of 8 x 2 host"):
     data.PromptIterator(list(range(10)), batch_size=8, process_count=2)
   with pytest.raises(ValueError, match="process_index 2 not in"):
     data.PromptIterator(list(range(10)), batch_size=1, process_index=2, process_count=2)

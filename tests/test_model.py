@@ -247,6 +247,53 @@ def test_chunked_attention_equals_full_attention_values_and_gradients(padding):
       np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["splash", "cudnn"])
+@pytest.mark.parametrize("padding", ["left", "right", "both"])
+def test_kernel_attention_paths_equal_the_reference(impl, padding):
+  """The flash-kernel paths against the [T, T] reference (f32, 1e-5), values and gradients, on
+  the valid query rows (a pad row's output is unspecified: nothing valid reads it): splash through
+  the Pallas interpreter, cudnn's wrapper (roll to right padding + causal + key lengths) through
+  jax.nn.dot_product_attention's XLA implementation (cuDNN itself needs a GPU). GQA, a length
+  that is not a multiple of the tile, and a row with no valid token at all."""
+  rng = np.random.default_rng(1)
+  b, t, n, kv, d = 3, 150, 4, 2, 16
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for h in (n, kv, kv))
+  valid = np.ones((b, t), bool)
+  if padding in ("left", "both"):
+    valid[0, :37] = False
+  if padding in ("right", "both"):
+    valid[1, 101:] = False
+  valid[2] = False
+  valid = jnp.asarray(valid)
+  weights = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) * valid[:, :, None, None]
+  run = {"splash": lambda q, k, v: model.attend_splash(q, k, v, valid, block=128, interpret=True),
+         "cudnn": lambda q, k, v: model.attend_cudnn(q, k, v, valid, implementation="xla"),
+         "xla": lambda q, k, v: model.attend_causal(q, k, v, valid, "xla")}
+
+  def loss(impl):
+    return lambda q, k, v: jnp.sum(run[impl](q, k, v) * weights)
+
+  out, reference = jax.jit(run[impl])(q, k, v), run["xla"](q, k, v)
+  assert np.all(np.isfinite(np.asarray(out)))
+  np.testing.assert_allclose(np.where(valid[:, :, None, None], out, 0), np.where(valid[:, :, None, None], reference, 0),
+                             atol=1e-5, rtol=1e-5)
+  grads = jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))(q, k, v)
+  for g, r in zip(grads, jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_resolve_attention_per_platform():
+  assert model.resolve_attention("auto", "tpu", "bfloat16") == "splash"
+  assert model.resolve_attention("auto", "cuda", "bfloat16") == "cudnn"
+  assert model.resolve_attention("auto", "gpu", "float32") == "chunked"  # cuDNN flash is bf16/fp16 only
+  assert model.resolve_attention("auto", "cpu", "bfloat16") == "chunked"
+  assert model.resolve_attention("xla", "tpu", "float32") == "xla"
+  with pytest.raises(ValueError, match="'splash' runs on TPU only .*platform: cpu"):
+    model.resolve_attention("splash", "cpu", "float32")
+  with pytest.raises(ValueError, match="dtype='bfloat16'"):
+    model.ModelConfig("qwen2", 64, 32, 64, 1, 2, 2, 16, attention="cudnn")
+
+
 def test_chunked_attention_never_materialises_the_full_scores():
   """The chunked forward + backward keeps a few blocks of scores alive, not [T, T] ones."""
   b, t, n, d, block = 1, 2048, 2, 16, 64

@@ -21,13 +21,14 @@ from laser_jax import default_config, metrics_writer, trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 6
 
-# A tiny model and batch (4 prompts x 4 responses; 2 prompts per host), checkpoints (async, the
-# default) every 2 steps.
+# A tiny model and batch (4 prompts x 4 responses; 2 prompts per host, two optimizer updates per
+# step, so each update's mini-batch spans both hosts), checkpoints (async, the default) every 2
+# steps; an eval set of 7 problems (4 per host, one padding copy).
 OVERRIDES = {
     "total_steps": TOTAL_STEPS, "checkpoint_every": 2, "eval_every": 3,
-    "batch_size": 4, "micro_batch_size": 8, "rollout.n": 4, "rollout.max_new_tokens": 12,
+    "batch_size": 4, "mini_batch_size": 2, "micro_batch_size": 8, "rollout.n": 4, "rollout.max_new_tokens": 12,
     "eval.max_new_tokens": 12, "data.synthetic_train_size": 64, "data.synthetic_eval_size": 8,
-    "data.eval_size": 8, "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1,
+    "data.eval_size": 7, "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1,
     "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16, "laser.ref_constant": -4.0,
     "laser.self_rewarding_warmup_steps": 1, "sft.steps": 0,
     "reward.fn": "multihost_helpers:parity_reward",  # Non-zero advantages from an untrained model.

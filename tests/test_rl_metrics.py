@@ -60,7 +60,7 @@ def test_rollout_metrics_hand_worked():
   finished = np.array([True, False, True, True])
   rewards = np.array([1, 1, 0, 1.0])
   group_ids = np.array([0, 0, 1, 1])  # Group 0 constant, group 1 not.
-  m = {k: float(v) for k, v in rl_metrics.rollout_metrics(rewards, mask, finished,
+  m = {k: float(v) for k, v in rl_metrics.rollout_metrics(rewards, mask.sum(axis=1), finished,
                                                           group_ids).items()}
   assert m == {"reward_mean": 0.75, "response_length_mean": 2.5, "response_length_max": 4.0,
                "truncation_rate": 0.25, "zero_std_group_frac": 0.5}

@@ -306,34 +306,20 @@ def test_orbax_info_logs_are_hidden_but_warnings_and_our_logs_pass():
     ckpt_lib.hide_orbax_info_logs(False)
 
 
-def test_global_batch_is_identity_on_one_host_and_interleaves_host_shards(monkeypatch):
-  import dataclasses
-  from laser_jax import tasks
-  mine = [tasks.Prompt([1, 2, 3], "7", "What is 3+4?"), tasks.Prompt([4], "\\frac{1}{2}", "é")]
-  assert tasks.global_batch(mine) is mine
-  # Two fake hosts: this one holds `mine`, the other `theirs`; process_allgather stacks the two.
-  theirs = [tasks.Prompt([5, 6], "1", "a longer question than the others"), tasks.Prompt([7], "2", "b")]
-
-  def fake_allgather(x, other):
-    their_bytes = np.frombuffer(json.dumps([dataclasses.asdict(p) for p in other]).encode(), np.uint8)
-    if x.dtype == np.int64:  # The payload sizes.
-      return np.stack([x, np.array([their_bytes.size], np.int64)])
-    padded = np.zeros(max(x.size, their_bytes.size), np.uint8)
-    padded[:their_bytes.size] = their_bytes
-    return np.stack([np.pad(x, (0, padded.size - x.size)), padded])
-
-  from jax.experimental import multihost_utils
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: fake_allgather(x, theirs))
-  # Host p's item k goes to k * 2 + p: the order a one-host PromptIterator yields (see below).
-  assert tasks.global_batch(mine) == [mine[0], theirs[0], mine[1], theirs[1]]
-  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: fake_allgather(x, theirs[:1]))
-  with pytest.raises(RuntimeError, match=r"different numbers of prompts: \[2, 1\]"):
-    tasks.global_batch(mine)
+def test_host_blocks_of_the_eval_set_are_equal_and_padded(monkeypatch):
+  from laser_jax import hosts
+  items = list("abcdefg")
+  assert hosts.host_block(items) == (items, 7)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  blocks = []
+  for p in range(3):
+    monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+    blocks.append(hosts.host_block(items))
+  assert blocks == [(list("abc"), 3), (list("def"), 3), (list("gaa"), 1)]
 
 
-def test_host_shards_interleaved_are_the_one_host_batches():
-  """PromptIterator shards + global_batch's interleave = the single-process batch sequence."""
+def test_host_blocks_in_process_order_are_the_one_host_batches():
+  """PromptIterator host blocks, joined in process order = the single-process batch sequence."""
   from laser_jax import data as data_lib
   from test_data import _global_batches
   items = list(range(203))
@@ -352,7 +338,7 @@ def test_non_finite_gradient_skips_the_update_and_is_counted(tmp_path):
   state = t.init_state(t.initial_params())
   before = jax.device_get(state.params)
   roll = t.rollout(state.params, next(t.task.train_iterator()), jax.random.key(0))
-  batch, _, _ = t.prepare_update_batch(roll, state.params, None, step=1)
+  batch, _, _, _ = t.prepare_update_batch(roll, state.params, None, step=1)
   batch["advantages"] = np.array(batch["advantages"])
   batch["advantages"][0] = np.nan  # A NaN advantage makes the gradient non-finite.
   batch["sr_weights"] = np.ones_like(batch["rewards"])
@@ -411,7 +397,7 @@ def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path
   prompts = t.task.train_prompts[:c.batch_size]
   with jax.set_mesh(t.mesh):
     roll = t.rollout(state.params, prompts, t.step_key(state, salt=0))
-    batch, _, _ = t.prepare_update_batch(roll, state.params, state.params, step=1)
+    batch, _, _, _ = t.prepare_update_batch(roll, state.params, state.params, step=1)
   batch["sr_weights"] = np.ones(batch["rewards"].shape, np.float32)  # as _train_step adds it
   rows, seq_len = batch["tokens"].shape
   num_micro = rows // c.micro_batch_size
