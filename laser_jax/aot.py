@@ -710,7 +710,8 @@ def main(argv=None):
         json.dump(report, f, indent=2)
     sys.exit(0 if report["fits"] else 1)
 
-  app.run(run, argv=argv)
+  from laser_jax import cli
+  cli.run(run, argv=argv)
 
 
 if __name__ == "__main__":

@@ -204,8 +204,8 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
 
 
 if __name__ == "__main__":
-  from absl import app
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config file (configs/eval.py).",
                                             lock_config=True)
-  app.run(lambda argv: evaluate.cli_main(run, _CONFIG.value))
+  from laser_jax import cli
+  cli.run(lambda argv: evaluate.cli_main(run, _CONFIG.value))

@@ -66,7 +66,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _require(c.micro_batch_size % (data * fsdp) == 0, "micro_batch_size",
            f"{c.micro_batch_size} is not a multiple of the data-parallel size data*fsdp = {data * fsdp}")
 
-  _require(c.rollout.temperature > 0, "rollout.temperature", f"expected > 0, got {c.rollout.temperature}")
+  _require(c.rollout.temperature >= 0, "rollout.temperature", f"expected >= 0 (0 = greedy), got {c.rollout.temperature}")
+  _require(c.eval.temperature >= 0, "eval.temperature", f"expected >= 0 (0 = greedy), got {c.eval.temperature}")
   _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"expected in (0, 1], got {c.rollout.top_p}")
   _require(c.rollout.top_k >= 0, "rollout.top_k", f"expected >= 0, got {c.rollout.top_k}")
   _require(c.rollout.decode_segments >= 1, "rollout.decode_segments",

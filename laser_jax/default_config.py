@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.n = 8  # Responses sampled per prompt (the GRPO group size).
-  c.rollout.temperature = 1.0  # Sampling temperature (the self-reward score always uses T = 1).
+  c.rollout.temperature = 1.0  # Sampling temperature, 0 = greedy (the self-reward score always uses T = 1).
   c.rollout.top_p = 1.0  # Nucleus sampling threshold (1.0 = off).
   c.rollout.top_k = 0  # Top-k sampling (0 = off).
   c.rollout.prompts_per_chunk = 0  # Prompts per sampler call (0 = the whole batch): bounds KV-cache memory.
@@ -183,6 +183,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.n = 2  # Samples per problem in the periodic evaluation.
-  c.eval.temperature = 1.0  # Eval sampling temperature (the reference validates at 1.0).
+  c.eval.temperature = 1.0  # Eval sampling temperature, 0 = greedy (the reference validates at 1.0).
   c.eval.max_new_tokens = 32  # Eval response length limit.
   return c

@@ -303,7 +303,7 @@ def load_problems(input_file: str, limit: int = 0) -> list[dict]:
 def sampling_params(config: ml_collections.ConfigDict, model: LoadedModel) -> sampler_lib.SamplingParams:
   e = config.eval
   checks = [("n", e.n >= 1), ("max_new_tokens", e.max_new_tokens >= 1),
-            ("batch_size", e.batch_size >= 1), ("temperature", e.greedy or e.temperature > 0),
+            ("batch_size", e.batch_size >= 1), ("temperature", e.greedy or e.temperature >= 0),
             ("top_p", 0 < e.top_p <= 1), ("top_k", e.top_k >= 0),
             ("decode_segments", e.decode_segments >= 1)]
   for key, ok in checks:
@@ -570,8 +570,8 @@ def cli_main(fn, config) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config file (configs/eval.py).",
                                             lock_config=True)
-  app.run(lambda argv: cli_main(run, _CONFIG.value))
+  from laser_jax import cli
+  cli.run(lambda argv: cli_main(run, _CONFIG.value))

@@ -9,7 +9,6 @@ the self-reward score is then read as the log-prob of z_c after the response's E
 """
 import sys
 
-from absl import app
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval.py", lock_config=True)
@@ -39,4 +38,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from laser_jax import cli
+  cli.run(main)

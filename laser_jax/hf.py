@@ -378,7 +378,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype: str
 
 def main(argv=None) -> int:
   """`python -m laser_jax.hf PATH`: checks that PATH imports (config, every tensor, tokenizer) and
-  prints a summary; any problem is one line on stderr and exit status 1."""
+  prints a summary; any problem is one line on stderr and exit status 2 (laser_jax/cli.py)."""
   import argparse
   import sys
   parser = argparse.ArgumentParser(prog="python -m laser_jax.hf", description=main.__doc__)
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     tokenizer = load_hf_tokenizer(args.path)
   except HFCheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return 2
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
   print(f"{args.path}: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {n:,} parameters, "
         f"vocab {cfg.vocab_size} (tokenizer {len(tokenizer)})")

@@ -29,7 +29,6 @@ from laser_jax.rl_metrics import SumCount
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("kl", "mse", "low_var_kl")
 ADV_ESTIMATORS = ("grpo", "drgrpo")
-SELF_REWARD_TYPES = ("laser", "sft")
 GRPO_EPS = 1e-6
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps rho finite even for wildly stale log-probs.
 K3_CLAMP = 10.0
@@ -150,21 +149,6 @@ def self_reward_loss(z_logprob: jax.Array, rewards: jax.Array, finished: jax.Arr
   score = self_reward_score(lp, kl_coef=kl_coef, ref_constant=ref_constant, ref_z_logprob=ref)
   err = score - jnp.asarray(rewards, jnp.float32)
   per_row = jnp.where(finished, weights * err * err, 0.0)
-  return SumCount(jnp.sum(per_row), jnp.asarray(per_row.shape[0], jnp.float32))
-
-
-def sft_verification_loss(yes_logprob: jax.Array, no_logprob: jax.Array, rewards: jax.Array,
-                          finished: jax.Array, weights: jax.Array) -> SumCount:
-  """The paper's "SFT" ablation: -log p(yes) after EOS on correct rows, -log p(no) on incorrect.
-
-  Same masking, weighting and (sum, count = B) convention as `self_reward_loss`.
-  """
-  finished = jnp.asarray(finished, bool)
-  correct = jnp.asarray(rewards) > 0.5
-  yes = jnp.where(finished, yes_logprob, 0.0)  # Sanitise truncated rows before arithmetic.
-  no = jnp.where(finished, no_logprob, 0.0)
-  target = jnp.where(correct, yes, no)
-  per_row = jnp.where(finished, -weights * target, 0.0)
   return SumCount(jnp.sum(per_row), jnp.asarray(per_row.shape[0], jnp.float32))
 
 
@@ -344,7 +328,6 @@ class LossConfig:
   kl_loss_coef: float = 0.0  # Policy KL-to-reference coefficient (NOT laser.kl_coef).
   kl_type: str = "low_var_kl"
   use_self_reward_loss: bool = True
-  self_reward_type: str = "laser"  # "laser" (MSE on r_s) | "sft" (yes/no token ablation).
   loss_coef: float = 0.1  # alpha.
   kl_coef: float = 0.1  # beta_v of the score r_s.
   ref_constant: float = -23.0  # c_ref.
@@ -361,9 +344,6 @@ class LossConfig:
     _check_agg_mode(self.agg_mode, self.max_response_length)
     if self.kl_type not in KL_TYPES:
       raise ValueError(f"loss.kl_type: expected one of {KL_TYPES}, got {self.kl_type!r}")
-    if self.self_reward_type not in SELF_REWARD_TYPES:
-      raise ValueError(f"laser.self_reward_type: expected one of {SELF_REWARD_TYPES}, "
-                       f"got {self.self_reward_type!r}")
     if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
       raise ValueError(f"loss.clip_ratio_c must be > 1, got {self.clip_ratio_c}")
 
@@ -377,7 +357,7 @@ class LossConfig:
         clip_eps_low=loss.clip_eps_low, clip_eps_high=loss.clip_eps_high,
         clip_ratio_c=loss.clip_ratio_c, kl_loss_coef=loss.kl_loss_coef, kl_type=loss.kl_type,
         use_self_reward_loss=laser.use_self_reward_loss,
-        self_reward_type=laser.get("self_reward_type", "laser"), loss_coef=laser.loss_coef,
+        loss_coef=laser.loss_coef,
         kl_coef=laser.kl_coef, ref_constant=laser.ref_constant, balanced=laser.balanced,
         adv_integration_coef=laser.adv_integration_coef,
         adv_filter_threshold=laser.adv_filter_threshold,
@@ -432,7 +412,7 @@ def total_loss(cfg: LossConfig, *, logp: jax.Array, old_logp: jax.Array, advanta
                ref_logp: jax.Array | None = None, z_logprob: jax.Array | None = None,
                rewards: jax.Array | None = None, finished: jax.Array | None = None,
                self_reward_weights: jax.Array | None = None,
-               ref_z_logprob: jax.Array | None = None, sft_no_logprob: jax.Array | None = None,
+               ref_z_logprob: jax.Array | None = None,
                self_reward_active=True) -> tuple[jax.Array, dict]:
   """L = L_GRPO + kl_loss_coef L_KL + alpha L_sr for one (micro-)batch, and its metrics.
 
@@ -445,8 +425,7 @@ def total_loss(cfg: LossConfig, *, logp: jax.Array, old_logp: jax.Array, advanta
     normalisers: `loss_normalisers(cfg, full_minibatch_mask)`. None = this call is the whole
       batch (local counts). With global normalisers, summing the returned loss over micro-batches
       gives exactly the full-batch loss and gradient.
-    z_logprob: [B] log pi_theta(z_c | x, y) from the training forward (carries gradient); for
-      self_reward_type "sft" this is log p(yes) and `sft_no_logprob` is log p(no).
+    z_logprob: [B] log pi_theta(z_c | x, y) from the training forward (carries gradient).
     rewards, finished: [B] verifier rewards r_v and finished flags.
     self_reward_weights: [B] from `self_reward_class_weights` on the WHOLE batch, sliced.
       None = computed here (only correct when this call sees the whole batch).
@@ -481,13 +460,8 @@ def total_loss(cfg: LossConfig, *, logp: jax.Array, old_logp: jax.Array, advanta
     weights = self_reward_weights
     if weights is None:
       weights = self_reward_class_weights(rewards, finished, cfg.balanced)
-    if cfg.self_reward_type == "sft":
-      if sft_no_logprob is None:
-        raise ValueError("total_loss: self_reward_type 'sft' needs sft_no_logprob")
-      sr = sft_verification_loss(z_logprob, sft_no_logprob, rewards, finished, weights)
-    else:
-      sr = self_reward_loss(z_logprob, rewards, finished, weights, kl_coef=cfg.kl_coef,
-                            ref_constant=cfg.ref_constant, ref_z_logprob=ref_z_logprob)
+    sr = self_reward_loss(z_logprob, rewards, finished, weights, kl_coef=cfg.kl_coef,
+                          ref_constant=cfg.ref_constant, ref_z_logprob=ref_z_logprob)
     active = jnp.asarray(self_reward_active, jnp.float32)
     loss = loss + active * cfg.loss_coef * sr.sum / jnp.maximum(norm["self_reward"], 1.0)
     metrics["self_reward_loss"] = sr

@@ -59,7 +59,7 @@ class StepStatics:
   """The static settings the step programs are compiled for (frozen, hashable)."""
   model_cfg: model_lib.ModelConfig
   loss_cfg: objective.LossConfig
-  temperature: float  # Rollout temperature: token log-probs are log softmax(logits / T).
+  temperature: float  # Token log-probs are log softmax(logits / T): the rollout's (1 when greedy).
   self_reward_token_id: int  # z_c.
   logprob_chunk: int  # Sequence chunk of the vocabulary projection (0 = whole sequence).
 
@@ -67,7 +67,7 @@ class StepStatics:
   def from_config(cls, config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
                   self_reward_token_id: int) -> "StepStatics":
     return cls(model_cfg=model_cfg, loss_cfg=objective.LossConfig.from_config(config),
-               temperature=float(config.rollout.temperature),
+               temperature=float(config.rollout.temperature) or 1.0,  # 0 = greedy: T = 1
                self_reward_token_id=int(self_reward_token_id),
                logprob_chunk=int(config.model.logprob_chunk))
 

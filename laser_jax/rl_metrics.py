@@ -2,7 +2,7 @@
 
 Two kinds of metric live here:
   * Per-token statistics that are accumulated over micro-batches and data-parallel shards
-    (clip fractions, approximate KL, entropy). These are returned as `SumCount` pairs so that
+    (clip fractions, approximate KL). These are returned as `SumCount` pairs so that
     summing the pieces and dividing once gives exactly the full-batch value.
   * Rollout-batch statistics computed once on the whole batch (self-verification accuracy,
     response length, truncation rate, zero-std groups). These return plain scalars.
@@ -93,26 +93,6 @@ def clip_fractions(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array,
 def approx_kl(log_ratio: jax.Array, mask: jax.Array) -> SumCount:
   """Token-mean of old_logp - logp (verl's `ppo_kl`), a k1 estimate of KL(pi_old || pi)."""
   return masked_token_mean(-log_ratio, mask)
-
-
-def entropy_from_logits(logits: jax.Array) -> jax.Array:
-  """Entropy of softmax(logits) over the last axis, computed in float32: [..., V] -> [...]."""
-  logits = jnp.asarray(logits, jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-
-
-def masked_entropy(logits: jax.Array, mask: jax.Array) -> SumCount:
-  """Token-mean policy entropy over response tokens: logits [B, T, V], mask [B, T]."""
-  if logits.shape[:-1] != mask.shape:
-    raise ValueError(f"masked_entropy: logits {logits.shape} do not match mask {mask.shape} "
-                     "on the leading [B, T] axes")
-  return masked_token_mean(entropy_from_logits(logits), mask)
-
-
-# --------------------------------------------------------------------------------------------
-# Rollout-batch statistics (computed once over the whole batch).
-# --------------------------------------------------------------------------------------------
 
 
 def _safe_div(num, den):

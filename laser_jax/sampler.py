@@ -53,7 +53,8 @@ class SamplingParams:
 
   Attributes:
     n: responses per prompt; the n rows of one prompt are contiguous in the output.
-    temperature: softmax temperature (> 0); ignored when `greedy`.
+    temperature: softmax temperature (> 0); 0 means greedy (as vLLM and the official evaluation
+      read it); ignored when `greedy`.
     top_p: nucleus threshold in (0, 1]; 1.0 = off. Keeps the smallest set of most likely
       tokens whose probability (after temperature and top-k) sums to >= top_p.
     top_k: keep the k most likely tokens; 0 = off. Tokens tied with the k-th are kept too.
@@ -87,8 +88,11 @@ class SamplingParams:
       raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
     if self.max_new_tokens < 1:
       raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature == 0 and not self.greedy:
+      object.__setattr__(self, "greedy", True)
+      object.__setattr__(self, "temperature", 1.0)  # one hashable form of greedy sampling
     if not self.greedy and not self.temperature > 0:
-      raise ValueError(f"SamplingParams.temperature must be > 0 (or greedy=True), got {self.temperature}")
+      raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:

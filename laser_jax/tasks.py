@@ -6,6 +6,7 @@ start) or user files with a Hugging Face checkpoint (`data.task = "files"`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -163,7 +164,7 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
     if not tok_path:
       raise ConfigError("config.model.hf_path: data.task='files' needs a Hugging Face model "
                         "directory (or config.model.tokenizer_path)")
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path, "model.tokenizer_path" if c.model.tokenizer_path else "model.hf_path")
     train_records = [r for f in c.data.train_files.split(",")
                      for r in data_lib.read_records(f.strip(), (c.data.problem_key, c.data.answer_key))]
     eval_records = _eval_records(c)
@@ -177,9 +178,14 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
 
   if c.model.hf_path:
     from laser_jax import hf
-    model_cfg = hf.load_hf_config(c.model.hf_path)
+    with _naming_key("model.hf_path"):
+      model_cfg = hf.load_hf_config(c.model.hf_path)
     model_cfg = dataclasses.replace(model_cfg, **model_settings(c.model))
-    init_fn = lambda reference, mesh=None: hf.load_hf_params(c.model.hf_path, model_cfg, mesh=mesh)
+
+    def init_fn(reference, mesh=None):
+      del reference  # An HF run's reference policy is the checkpoint itself.
+      with _naming_key("model.hf_path"):
+        return hf.load_hf_params(c.model.hf_path, model_cfg, mesh=mesh)
   elif c.model.preset:
     from laser_jax import presets
     model_cfg = dataclasses.replace(presets.get_preset(c.model.preset), **model_settings(c.model))
@@ -193,12 +199,24 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
               num_filtered_prompts=num_filtered)
 
 
-def load_tokenizer(path: str):
-  """A tokenizer directory's tokenizer (as `hf.load_hf_tokenizer` loads it)."""
+def load_tokenizer(path: str, key: str = "model.tokenizer_path"):
+  """A tokenizer directory's tokenizer (as `hf.load_hf_tokenizer` loads it); errors name
+  config.<key>, the key the path came from."""
   from laser_jax import hf
   if not os.path.isdir(path):
-    raise ConfigError(f"config.model.tokenizer_path: {path!r} is not a directory")
-  return hf.load_hf_tokenizer(path)
+    raise ConfigError(f"config.{key}: {path!r} is not a directory")
+  with _naming_key(key):
+    return hf.load_hf_tokenizer(path)
+
+
+@contextlib.contextmanager
+def _naming_key(key: str):
+  """Re-raises a broken checkpoint (hf.HFCheckpointError) as a ConfigError naming config.<key>."""
+  from laser_jax import hf
+  try:
+    yield
+  except hf.HFCheckpointError as e:
+    raise ConfigError(f"config.{key}: {e}") from None
 
 
 def _eval_records(c) -> list[dict]:

@@ -1,7 +1,8 @@
 r"""Command-line entry point: `python -m laser_jax.train --config=configs/<name>.py`.
 
 Overrides use ml_collections' syntax, e.g. `--config.total_steps=10 --config.laser.loss_coef=0`.
-Unknown keys fail at flag parsing; inconsistent values fail at start with the key named.
+Unknown keys, missing config files and mistyped values fail at flag parsing, inconsistent values
+at start: one line naming the flag or key, exit status 2 (laser_jax/cli.py).
 
 Multi-host: on a Cloud TPU slice the same command runs on every worker and JAX finds its peers
 itself (launch/tpu.py). Elsewhere (a GPU cluster, or several CPU processes on one machine) give
@@ -11,7 +12,6 @@ other than 0 that cannot reach the coordinator within `--initialization_timeout`
 stops with a one-line error.
 """
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -92,18 +92,15 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny_cpu.py")
-  from laser_jax import config_check, data, hf, programs, trainer
+  from laser_jax import programs, trainer
   programs.apply_libtpu_init_args(config)  # before the TPU backend starts
-  try:
-    _initialize_distributed()
-    logging.info("Devices: %s", jax.devices())
-    trainer.train(config)
-  except (CoordinatorUnreachable, config_check.ConfigError, data.DataError, hf.HFCheckpointError) as e:
-    # Bad input (a config value, a malformed data row, a broken checkpoint, a coordinator that
-    # is not there): one line, exit 2.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  _initialize_distributed()
+  logging.info("Devices: %s", jax.devices())
+  trainer.train(config)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from laser_jax import cli
+  # Bad input (a flag, a config value, a malformed data row, a broken checkpoint, a coordinator
+  # that is not there): one line, exit 2.
+  cli.run(main, extra=(CoordinatorUnreachable,))

@@ -320,9 +320,9 @@ class Trainer:
         "update_time_s": t_update,
         "tokens_per_s": num_tokens / step_time,
     }
-    for k in ("clip_frac_upper", "clip_frac_lower", "clip_frac_dual", "approx_kl", "ppo_kl"):
-      if k in terms:
-        metrics[k] = terms[k]
+    # The update's token statistics under the names rl_metrics gives them (PPO clip fractions,
+    # approx_kl), none renamed here: a renaming table once dropped the clip fractions.
+    metrics.update({k: v for k, v in terms.items() if k not in ("pg_loss", "self_reward_loss", "kl_loss")})
     metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
     if c.mfu_peak_flops > 0:
       metrics["mfu"] = self.step_flops(num_tokens) / step_time / c.mfu_peak_flops

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 RewardFn = Callable[[str, str], float]
+STARTUP_TIMEOUT_S = 300.0  # A worker's import and warm-up, before its answers are timed.
 
 _BOXED_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -71,24 +72,47 @@ def _math_verify_timeout() -> int | None:
   return 5 if threading.current_thread() is threading.main_thread() else None
 
 
+@functools.lru_cache(maxsize=1)
+def _gold_extraction_config():
+  from math_verify import LatexExtractionConfig
+  # LaTeX only: with the plain-expression fallback a gold that is not parseable LaTeX (prose such
+  # as "No solutions exist for x > 0.") parses as the first number inside it, and a wrong answer
+  # such as \boxed{0} would match it.
+  return [LatexExtractionConfig(boxed_match_priority=0)]
+
+
+def clean_reference(reference: str) -> str:
+  """A reference answer without surrounding space and trailing sentence punctuation
+  ("(-\\infty, 0) \\cup\\{1\\}." -> "(-\\infty, 0) \\cup\\{1\\}")."""
+  return str(reference).strip().rstrip(".,;:").rstrip()
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(reference: str):
   from math_verify import parse
   timeout = _math_verify_timeout()
-  gold = parse("\\boxed{" + reference + "}", _extraction_config(), parsing_timeout=timeout)
+  gold = parse("\\boxed{" + reference + "}", _gold_extraction_config(), parsing_timeout=timeout)
   if not gold:
-    gold = parse("$" + reference + "$", _extraction_config(), parsing_timeout=timeout)
+    gold = parse("$" + reference + "$", _gold_extraction_config(), parsing_timeout=timeout)
   return gold
 
 
+def _same_text(a: str, b: str) -> bool:
+  return " ".join(a.split()) == " ".join(b.split())
+
+
 def math_reward(response: str, reference: str) -> float:
-  """1.0 iff the last boxed answer of `response` equals `reference` under math-verify."""
+  """1.0 iff the last boxed answer of `response` equals `reference` under math-verify (the
+  reference parsed as LaTeX only, after `clean_reference`), or is the same text."""
   from math_verify import parse, verify
   predicted = extract_last_boxed(response)
   if predicted is None or not predicted.strip():
     return 0.0
+  reference = clean_reference(reference)
+  if _same_text(clean_reference(predicted), reference):  # also for prose no parser reads
+    return 1.0
   timeout = _math_verify_timeout()
-  gold = _parse_gold(str(reference))
+  gold = _parse_gold(reference)
   pred = parse("\\boxed{" + predicted + "}", _extraction_config(), parsing_timeout=timeout)
   if not gold or not pred:
     return 0.0
@@ -131,8 +155,12 @@ class VerifyResult:
 
 
 def _worker_main(conn, reward_fn_name: str) -> None:
-  """Worker process loop: receives (index, response, reference), answers (index, reward, error)."""
+  """Worker process loop: warms up and says "ready", then receives (index, response,
+  reference) and answers (index, reward, error)."""
   reward_fn = get_reward_fn(reward_fn_name)
+  if reward_fn is math_reward:  # Import math-verify / sympy and build the parsers now, off the clock.
+    math_reward("\\boxed{1}", "1")
+  conn.send("ready")
   while True:
     try:
       task = conn.recv()
@@ -158,6 +186,16 @@ class _Worker:
     self.task: int | None = None  # index of the answer being checked
     self.deadline = 0.0
 
+  def wait_ready(self, timeout_s: float) -> None:
+    """Blocks until the worker has imported and warmed up its reward function, so that the
+    per-answer clock never counts start-up (sympy's import alone took seconds on a busy host)."""
+    if not self.conn.poll(timeout_s):
+      self.kill()
+      raise RuntimeError(f"Verifier: a worker process did not start within {timeout_s:.0f} s")
+    message = self.conn.recv()
+    if message != "ready":
+      raise RuntimeError(f"Verifier: a worker process sent {message!r} instead of 'ready'")
+
   def kill(self) -> None:
     self.process.kill()
     self.process.join()
@@ -176,7 +214,8 @@ class Verifier:
       be importable there: a registry name or "module:function").
     num_workers: worker processes; 0 runs in the calling process with no enforced time limit
       (for fast rewards such as the synthetic task).
-    timeout_s: wall-clock limit per answer, measured from when a worker picks it up.
+    timeout_s: wall-clock limit per answer, measured from when a started, warmed-up worker picks
+      it up (start-up never counts).
     start_method: multiprocessing start method, 'forkserver' (default on Linux) or 'spawn'.
 
   Workers start lazily on the first call and persist; call `close()` (or use `with`).
@@ -233,8 +272,10 @@ class Verifier:
         rewards[i] = self._reward_fn(resp, ref)
       return VerifyResult(rewards, 0, 0, timed_out)
 
-    while len(self._workers) < self.num_workers:
-      self._workers.append(_Worker(self._ctx, self._reward_fn_name))
+    new = [_Worker(self._ctx, self._reward_fn_name) for _ in range(self.num_workers - len(self._workers))]
+    for w in new:
+      w.wait_ready(STARTUP_TIMEOUT_S)
+    self._workers += new
     pending = list(range(n))[::-1]  # popped from the end: index order
     busy: dict[int, _Worker] = {}  # id(conn) -> worker
     num_errors = 0
@@ -268,5 +309,7 @@ class Verifier:
 
   def _replace(self, worker: _Worker) -> None:
     worker.kill()
-    self._workers[self._workers.index(worker)] = _Worker(self._ctx, self._reward_fn_name)
+    fresh = _Worker(self._ctx, self._reward_fn_name)
+    fresh.wait_ready(STARTUP_TIMEOUT_S)
+    self._workers[self._workers.index(worker)] = fresh
     self.num_restarts += 1

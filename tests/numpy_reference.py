@@ -159,10 +159,3 @@ def overlong_penalty(length, max_len, cache, factor=1.0):
   if length <= max_len - cache:
     return 0.0
   return -(length - (max_len - cache)) / cache * factor
-
-
-def entropy(logits):
-  z = np.asarray(logits, np.float64)
-  p = np.exp(z - z.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  return -(p * np.log(p)).sum(-1)

@@ -249,6 +249,6 @@ def test_cli_checks_a_directory(ckpts, broken, capsys):
   assert hf.main([ckpts["llama"]]) == 0
   assert "llama, 2 layers" in capsys.readouterr().out
   os.remove(os.path.join(broken, "model.safetensors"))
-  assert hf.main([broken]) == 1
+  assert hf.main([broken]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: missing file") and err.count("\n") == 1

@@ -156,19 +156,6 @@ def test_self_reward_loss_nan_on_truncated_rows_poisons_neither_value_nor_gradie
   assert float(val) == pytest.approx(want, rel=1e-6)
 
 
-def test_sft_verification_loss_hand_worked():
-  yes = jnp.log(jnp.array([0.8, 0.3, 0.5, 0.9]))
-  no = jnp.log(jnp.array([0.1, 0.6, jnp.nan, 0.05]))
-  rewards = np.array([1, 0, 1, 0.0])
-  finished = np.array([True, True, False, True])
-  w = np.array([1.0, 2.0, 0.0, 1.0])
-  got = obj.sft_verification_loss(yes, no, rewards, finished, w)
-  want = (-math.log(0.8) - 2 * math.log(0.6) - math.log(0.05)) / 4
-  assert float(got.value) == pytest.approx(want, rel=1e-5)
-  g = jax.grad(lambda n: obj.sft_verification_loss(yes, n, rewards, finished, w).sum)(no)
-  assert np.all(np.isfinite(g))
-
-
 def test_self_rewarding_advantages_hand_worked():
   # Group 0: scores clip to (1, 0, 0.5) -> mu .5, sigma .5 > .1 -> A^s = (1, -1, 0).
   # Group 1: (0.3, 0.3) -> sigma 0 -> fall back to A. Group 2 (size 1): (0.4 - 0) / 1.

@@ -69,20 +69,6 @@ def test_rollout_metrics_hand_worked():
                                                   np.array([2, 0, 2, 1]))) == pytest.approx(2 / 3)
 
 
-def test_entropy_matches_reference_and_masks():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(2, 3, 7)).astype(np.float32) * 3
-  np.testing.assert_allclose(rl_metrics.entropy_from_logits(logits), ref.entropy(logits),
-                             rtol=1e-5)
-  assert float(rl_metrics.entropy_from_logits(np.zeros(8))) == pytest.approx(math.log(8))
-  mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
-  e = rl_metrics.masked_entropy(logits, mask)
-  want = ref.entropy(logits)[mask > 0].mean()
-  assert float(e.value) == pytest.approx(want, rel=1e-5) and float(e.count) == 3
-  with pytest.raises(ValueError, match="masked_entropy: logits"):
-    rl_metrics.masked_entropy(logits, mask[:, :2])
-
-
 def test_clip_fractions_and_approx_kl_hand_worked():
   log_ratio = np.log(np.array([[1.5, 0.5, 4.0, 1.0]], np.float32))
   adv = np.array([[1.0, -1.0, -1.0, 1.0]])

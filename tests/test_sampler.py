@@ -223,8 +223,10 @@ def test_bucketing_does_not_recompile():
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="top_p"):
     SamplingParams(top_p=0.0)
-  with pytest.raises(ValueError, match="temperature"):
-    SamplingParams(temperature=0.0)
+  with pytest.raises(ValueError, match=r"temperature must be >= 0 \(0 = greedy\), got -0.5"):
+    SamplingParams(temperature=-0.5)
+  # Temperature 0 is greedy decoding, as vLLM and the official evaluation read it.
+  assert SamplingParams(temperature=0.0) == SamplingParams(greedy=True)
   with pytest.raises(TypeError, match="eos_ids"):
     SamplingParams(eos_ids=[1, 2])
   with pytest.raises(ValueError, match="decode_segments"):

@@ -9,7 +9,7 @@ import pytest
 
 from laser_jax.verifier import Verifier, extract_last_boxed, get_reward_fn, math_reward
 
-MATH500 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
+DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def slow_reward(response, reference):
@@ -34,8 +34,8 @@ def test_extract_last_boxed():
   assert extract_last_boxed("no box here") is None
 
 
-def _answers():
-  return {json.loads(l)["answer"] for l in MATH500.open()}
+def _answers(name="math500"):
+  return {json.loads(l)["answer"] for l in (DATA / name / "test.jsonl").open()}
 
 
 # (reference exactly as in MATH500, equivalent prediction, wrong prediction)
@@ -70,6 +70,20 @@ def test_math_reward_real_math500_answers(reference, good, bad):
   assert reference in _answers(), reference  # the case is a real MATH500 answer
   assert math_reward(f"So the answer is $\\boxed{{{good}}}$.", reference) == 1.0
   assert math_reward(f"So the answer is $\\boxed{{{bad}}}$.", reference) == 0.0
+
+
+def test_math_reward_reads_the_gold_as_latex_only():
+  """Golds that are not clean LaTeX: a trailing period (a real OlympiadBench answer) and prose.
+  With the model answer's settings (bare-number fallback) math-verify read these golds as their
+  first number, 0, and scored \\boxed{0} correct and the right interval wrong."""
+  olympiad = r"(-\infty, 0) \cup\{1\}."
+  assert olympiad in _answers("OlympiadBench")
+  assert math_reward(r"\boxed{(-\infty,0)\cup\{1\}}", olympiad) == 1.0
+  assert math_reward(r"\boxed{0}", olympiad) == 0.0
+  for prose in ("No solutions exist for x > 0.", "Yes, for example n = 0 works."):
+    assert math_reward(r"\boxed{0}", prose) == 0.0
+    assert math_reward(rf"\boxed{{{prose}}}", prose) == 1.0  # the same text
+  assert math_reward(r"\boxed{3}", "3.") == 1.0 and math_reward(r"\boxed{3}", " 3 ; ") == 1.0
 
 
 def test_math_reward_uses_last_box_and_needs_one():
@@ -111,6 +125,15 @@ def test_batch_verifier_math_matches_serial():
   np.testing.assert_array_equal(result.rewards, expected)
   assert result.num_timeouts == 0 and result.num_errors == 0
   assert result.rewards.tolist() == [1.0, 0.0] * 8
+
+
+def test_fresh_workers_are_warmed_up_before_their_answers_are_timed():
+  """A fresh pool with a short limit: importing math-verify / sympy happens before the clock
+  starts (it used to count, and a busy 2-core host rejected 8 of 8 correct answers)."""
+  responses = [rf"\boxed{{{good}}}" for _, good, _ in CASES[:8]]
+  with Verifier("math", num_workers=2, timeout_s=1.5) as v:
+    result = v(responses, [reference for reference, _, _ in CASES[:8]])
+  assert result.num_timeouts == 0 and result.rewards.tolist() == [1.0] * 8
 
 
 def test_batch_verifier_timeout_fires_and_recovers():
