@@ -19,7 +19,7 @@ The summary (`summary_path(output_file)`: `foo.jsonl` -> `foo.summary.json`) hol
 `laser_jax.tts.summarize` (mean@n, verify/*, maj@k, self_weighted_maj@k, best@k), the run's
 statistics and the config; the same numbers are printed as a table.
 
-Voting canonicalises answers with `canonical_answer` (the boxed text with whitespace, \left/\right
+Voting canonicalises answers with `answers.canonical_answer` (the boxed text with whitespace, \left/\right
 and \dfrac/\tfrac spellings removed), not with math-verify: equal canonical strings are always the
 same answer, while e.g. "0.5" and "\frac12" stay separate votes (slightly conservative maj@k).
 """
@@ -30,7 +30,6 @@ import functools
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import Any, Sequence
@@ -40,9 +39,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from laser_jax import answers as answers_lib
 from laser_jax import data as data_lib
 from laser_jax import model as model_lib
+from laser_jax import objective
 from laser_jax import sampler as sampler_lib
+from laser_jax import scoring
 from laser_jax import sharding as sharding_lib
 from laser_jax import tts
 from laser_jax import verifier as verifier_lib
@@ -50,9 +52,6 @@ from laser_jax import default_config
 from laser_jax.config_check import ConfigError
 
 DEFAULT_ZC_TOKEN = "<|vision_start|>"  # Qwen2.5's z_c in the reference setup (id 151652).
-# beta_v and c_ref of an HF model's score unless the eval config sets them (the reference setup).
-DEFAULT_KL_COEF = 0.1
-DEFAULT_REF_CONSTANT = -23.0
 
 
 class EvalError(ValueError):
@@ -232,8 +231,8 @@ def _from_hf(config, mesh) -> LoadedModel:
   eos_ids = tasks.eos_token_ids(tokenizer, path)
   ref_params = _load_reference_hf(laser.ref_hf_path, cfg, mesh) if laser.ref_hf_path else None
   return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh, path,
-                     laser.kl_coef if laser.kl_coef is not None else DEFAULT_KL_COEF,
-                     laser.ref_constant if laser.ref_constant is not None else DEFAULT_REF_CONSTANT,
+                     laser.kl_coef if laser.kl_coef is not None else objective.DEFAULT_KL_COEF,
+                     laser.ref_constant if laser.ref_constant is not None else objective.DEFAULT_REF_CONSTANT,
                      ref_params, laser.ref_hf_path)
 
 
@@ -381,49 +380,29 @@ def prepare_items(config, model: LoadedModel, records) -> data_lib.PreparedPromp
 # ----------------------------------------------------------------------------------------------
 # Answers, rows, metrics.
 
-_SPACES = re.compile(r"\s+")
-
-
-def canonical_answer(boxed: str | None) -> str | None:
-  """The voting key of an extracted answer: spelling variants that never change the value removed."""
-  if boxed is None:
-    return None
-  text = _SPACES.sub("", boxed)
-  text = text.replace("\\left", "").replace("\\right", "")
-  text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-  text = text.rstrip(".")
-  return text or None
-
-
 def _nullable(x: float) -> float | None:
   return None if not math.isfinite(x) else float(x)
 
 
-def build_rows(items, out: sampler_lib.SampleOutput, texts: list[str], rewards: np.ndarray,
-               beta_v: float, c_ref: float, ref_logprobs: np.ndarray | None = None) -> list[dict]:
-  """One output record per problem (the n rows of a problem are contiguous in `out`).
+def build_rows(items, scored: scoring.ScoredSamples) -> list[dict]:
+  """One output record per problem (the n rows of a problem are contiguous in `scored`).
 
-  With `ref_logprobs` ([N] log pi_ref(z_c | x, y, EOS), the exact variant) the scores subtract
-  them instead of c_ref, and the records hold them as `self_rewarding_ref_logprobs`.
+  With the exact variant (`scored.ref_z_logprob`, log pi_ref(z_c | x, y, EOS)) the scores
+  subtract them instead of c_ref, and the records hold them as `self_rewarding_ref_logprobs`.
   """
+  out, texts = scored.sample, scored.texts
   n = len(texts) // len(items)
   rows = []
   for i, item in enumerate(items):
     sl = slice(i * n, (i + 1) * n)
-    logprobs = [_nullable(float(x)) if f else None
-                for x, f in zip(out.self_reward_logprob[sl], out.finished[sl])]
-    if ref_logprobs is None:
-      refs = [None if lp is None else c_ref for lp in logprobs]
-    else:
-      refs = [None if lp is None else _nullable(float(x)) for lp, x in zip(logprobs, ref_logprobs[sl])]
-    scores = [None if lp is None or ref is None else beta_v * (lp - ref) for lp, ref in zip(logprobs, refs)]
+    logprobs = [_nullable(float(x)) for x in scored.z_logprob[sl]]
     rows.append({
         "problem": item["problem"],
         "answer": item["answer"],
         "responses": texts[sl],
-        "pred_answers": [verifier_lib.extract_last_boxed(t) for t in texts[sl]],
-        "acc_list": [float(r) for r in rewards[sl]],
-        "self_rewarding_scores": scores,
+        "pred_answers": [answers_lib.extract_last_boxed(t) for t in texts[sl]],
+        "acc_list": [float(r) for r in scored.rewards[sl]],
+        "self_rewarding_scores": [_nullable(float(x)) for x in scored.scores[sl]],
         "self_rewarding_logprobs": logprobs,
         "prompt": item["prompt"],
         "prompt_token_ids": [int(t) for t in item["prompt_ids"]],
@@ -431,8 +410,8 @@ def build_rows(items, out: sampler_lib.SampleOutput, texts: list[str], rewards: 
         "stop_token_ids": [int(out.eos_token[r]) if out.finished[r] else None
                            for r in range(sl.start, sl.stop)],
     })
-    if ref_logprobs is not None:
-      rows[-1]["self_rewarding_ref_logprobs"] = refs
+    if scored.ref_z_logprob is not None:
+      rows[-1]["self_rewarding_ref_logprobs"] = [_nullable(float(x)) for x in scored.ref_z_logprob[sl]]
   return rows
 
 
@@ -442,7 +421,7 @@ def metrics_from_rows(rows: Sequence[dict], threshold: float = 0.5, num_bootstra
   acc = np.array([r["acc_list"] for r in rows], np.float64)
   scores = np.array([[np.nan if s is None else s for s in r["self_rewarding_scores"]] for r in rows],
                     np.float64)
-  answers = [[canonical_answer(a) for a in r["pred_answers"]] for r in rows]
+  answers = [[answers_lib.canonical_answer(a) for a in r["pred_answers"]] for r in rows]
   out = tts.summarize(answers, acc, scores, threshold=threshold, num_bootstrap=num_bootstrap, seed=seed)
   logprobs = np.array([[np.nan if x is None else x for x in r["self_rewarding_logprobs"]]
                        for r in rows], np.float64)
@@ -523,15 +502,16 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   start, num_tokens, timeouts = time.time(), 0, 0
   rows = []
   with verifier as verify, open(e.output_file + ".tmp", "w") as f:
+    decode = lambda tokens, lengths: [model.tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
+                                      for row, k in zip(tokens, lengths)]
+    ref_fn = (lambda out: reference_logprobs(model, out)) if model.ref_params is not None else None
     for items, out in generate(model, prepared.items, sampling, e.batch_size, e.seed, progress):
-      texts = [model.tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
-               for row, k in zip(out.tokens, out.lengths)]
-      result = verify(texts, [items[g]["answer"] for g in out.group_ids])
-      timeouts += result.num_timeouts
+      scored = scoring.score_samples(out, [item["answer"] for item in items], decode=decode, verifier=verify,
+                                     kl_coef=model.kl_coef, ref_constant=model.ref_constant,
+                                     ref_z_logprob_fn=ref_fn)
+      timeouts += scored.num_timeouts
       num_tokens += int(out.response_lengths.sum())
-      ref_logprobs = reference_logprobs(model, out) if model.ref_params is not None else None
-      for row in build_rows(items, out, texts, result.rewards, model.kl_coef, model.ref_constant,
-                            ref_logprobs):
+      for row in build_rows(items, scored):
         f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         rows.append(row)
   os.replace(e.output_file + ".tmp", e.output_file)

@@ -34,13 +34,13 @@ def smoke_mode() -> bool:
 
 def canonical_answer(text: str) -> str | None:
   """The voting key of a response: its last \\boxed{} content, canonicalised as the evaluator does
-  (`evaluate.canonical_answer`); None if there is none.
+  (`answers.canonical_answer`); None if there is none.
 
   Votes pool responses whose canonical answers are equal strings, so `1 / 2` and `1/2` vote
   together; `0.5` and `\\frac{1}{2}` still vote apart (voting never calls the verifier).
   """
-  from laser_jax import evaluate, verifier
-  return evaluate.canonical_answer(verifier.extract_last_boxed(text))
+  from laser_jax import answers
+  return answers.canonical_answer(answers.extract_last_boxed(text))
 
 
 @dataclasses.dataclass
@@ -77,7 +77,7 @@ def sample_solutions(params, model_cfg, tokenizer, prompts: Sequence[Any], sampl
   come from the sampler itself (read in the decode step after each EOS; no second forward).
   `problems_per_call` > 0 samples that many problems per sampler call (bounds KV-cache memory).
   """
-  from laser_jax import objective, sampler
+  from laser_jax import rollout, sampler, scoring
   if sampling.self_reward_token_id is None:
     raise ValueError("sample_solutions: sampling.self_reward_token_id is None; the self-reward "
                      "score needs z_c (set it to the model's z_c token id)")
@@ -85,29 +85,30 @@ def sample_solutions(params, model_cfg, tokenizer, prompts: Sequence[Any], sampl
     raise ValueError("sample_solutions: prompts is empty")
   chunk = problems_per_call if problems_per_call > 0 else len(prompts)
   keys = jax_split(rng, -(-len(prompts) // chunk))
-  outs = [sampler.sample(params, model_cfg, [p.token_ids for p in prompts[i:i + chunk]], sampling,
-                         key, mesh=mesh)
-          for key, i in zip(keys, range(0, len(prompts), chunk))]
-  cat = lambda name: np.concatenate([getattr(o, name) for o in outs])
-  tokens, lengths = cat("tokens"), cat("lengths")
-  group_ids = np.repeat(np.arange(len(prompts)), sampling.n)
-  texts = [tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
-           for row, k in zip(tokens, lengths)]
-  references = [prompts[g].answer for g in group_ids]
-  rewards = np.asarray(verifier(texts, references).rewards, np.float64)
-  z_logprob = cat("self_reward_logprob").astype(np.float64)
-  scores = np.asarray(objective.self_reward_score(z_logprob, kl_coef=kl_coef,
-                                                  ref_constant=ref_constant), np.float64)
+
+  def sample_in_chunks(prompts):
+    outs = [sampler.sample(params, model_cfg, [p.token_ids for p in prompts[i:i + chunk]], sampling,
+                           key, mesh=mesh)
+            for key, i in zip(keys, range(0, len(prompts), chunk))]
+    return rollout.concat_samples(outs, sampling.pad_id)
+
+  decode = lambda tokens, lengths: [tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
+                                    for row, k in zip(tokens, lengths)]
+  scored = scoring.generate_and_score(sample_in_chunks, prompts, [p.answer for p in prompts], decode=decode,
+                                      verifier=verifier, kl_coef=kl_coef, ref_constant=ref_constant)
+  out, texts = scored.sample, scored.texts
+  tokens, lengths = out.tokens, out.lengths
+  rewards, z_logprob, scores = scored.rewards.astype(np.float64), scored.z_logprob, scored.scores
   num, n = len(prompts), sampling.n
   rows = lambda xs: [list(xs[i * n:(i + 1) * n]) for i in range(num)]
   return Solutions(
       problems=[p.problem for p in prompts], references=[p.answer for p in prompts],
       texts=rows(texts), answers=rows([canonical_answer(t) for t in texts]),
       acc=rewards.reshape(num, n), scores=scores.reshape(num, n),
-      finished=cat("finished").astype(bool).reshape(num, n), z_logprob=z_logprob.reshape(num, n),
+      finished=scored.finished.reshape(num, n), z_logprob=z_logprob.reshape(num, n),
       prompt_ids=[list(p.token_ids) for p in prompts],
       response_ids=rows([row[:k].tolist() for row, k in zip(tokens, lengths)]),
-      eos_token=cat("eos_token").reshape(num, n))
+      eos_token=out.eos_token.reshape(num, n))
 
 
 def jax_split(rng, num: int) -> list:

@@ -30,6 +30,9 @@ AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 KL_TYPES = ("kl", "mse", "low_var_kl")
 ADV_ESTIMATORS = ("grpo", "drgrpo")
 GRPO_EPS = 1e-6
+# c_ref and beta_v of the paper's Qwen2.5 settings (SPEC): the one place their defaults live.
+DEFAULT_REF_CONSTANT = -23.0
+DEFAULT_KL_COEF = 0.1
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps rho finite even for wildly stale log-probs.
 K3_CLAMP = 10.0
 
@@ -102,7 +105,8 @@ def token_advantages(advantages: jax.Array, response_mask: jax.Array) -> jax.Arr
 # --------------------------------------------------------------------------------------------
 
 
-def self_reward_score(z_logprob: jax.Array, *, kl_coef: float = 0.1, ref_constant: float = -23.0,
+def self_reward_score(z_logprob: jax.Array, *, kl_coef: float = DEFAULT_KL_COEF,
+                      ref_constant: float = DEFAULT_REF_CONSTANT,
                       ref_z_logprob: jax.Array | None = None) -> jax.Array:
   """r_s = beta_v * (log pi(z_c | x, y) - c_ref), with c_ref := log pi_ref(z_c | x, y) if given.
 
@@ -135,7 +139,8 @@ def self_reward_class_weights(rewards: jax.Array, finished: jax.Array,
 
 
 def self_reward_loss(z_logprob: jax.Array, rewards: jax.Array, finished: jax.Array,
-                     weights: jax.Array, *, kl_coef: float = 0.1, ref_constant: float = -23.0,
+                     weights: jax.Array, *, kl_coef: float = DEFAULT_KL_COEF,
+                     ref_constant: float = DEFAULT_REF_CONSTANT,
                      ref_z_logprob: jax.Array | None = None) -> SumCount:
   """L_sr = mean over all B rows of m_i w_i (r_s_i - r_v_i)^2, as SumCount(sum, count = B).
 
@@ -330,7 +335,7 @@ class LossConfig:
   use_self_reward_loss: bool = True
   loss_coef: float = 0.1  # alpha.
   kl_coef: float = 0.1  # beta_v of the score r_s.
-  ref_constant: float = -23.0  # c_ref.
+  ref_constant: float = DEFAULT_REF_CONSTANT  # c_ref.
   balanced: bool = True
   adv_integration_coef: float = 0.1  # tau.
   adv_filter_threshold: float = 0.1

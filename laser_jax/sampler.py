@@ -42,8 +42,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from laser_jax import hosts as hosts_lib
+from laser_jax.model import BATCH
 
-BATCH_AXES = ("data", "fsdp")  # Mesh axes the batch dimension is sharded over.
+BATCH_AXES = BATCH  # Mesh axes the batch dimension is sharded over.
 MIN_BUCKET = 16  # Smallest prompt bucket; buckets are powers of two from here.
 
 

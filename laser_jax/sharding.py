@@ -17,10 +17,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from laser_jax import model as model_lib
 from laser_jax.model import KVCache, ModelConfig, cache_shapes
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = model_lib.BATCH  # mesh axes of the batch dimension
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:

@@ -19,11 +19,10 @@ import dataclasses
 import hashlib
 import os
 import re
-from typing import Sequence
 
 import numpy as np
 
-from laser_jax import data, verifier
+from laser_jax import answers
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
@@ -150,43 +149,7 @@ def make_split(split: str, num_examples: int, seed: int = 0,
 
 def synthetic_reward(response: str, reference: str) -> float:
   """1.0 iff the last boxed answer of `response` is the integer `reference` (exact match)."""
-  boxed = verifier.extract_last_boxed(response)
+  boxed = answers.extract_last_boxed(response)
   if boxed is None or not re.fullmatch(r"\s*-?\d+\s*", boxed):
     return 0.0
   return float(int(boxed) == int(reference))
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTCorpus:
-  """Right-padded supervised examples: prompt + solution + EOS."""
-  tokens: np.ndarray  # int32 [N, L]
-  loss_mask: np.ndarray  # float32 [N, L]: 1 on the solution and EOS tokens (the targets)
-  lengths: np.ndarray  # int32 [N]: prompt + solution + EOS tokens
-
-
-def build_sft_corpus(records: Sequence[dict], tokenizer, template: str = "chat",
-                     max_len: int | None = None) -> SFTCorpus:
-  """Token ids of the warm-start corpus, prompts built exactly as the RL prompts are.
-
-  `loss_mask[i, t] = 1` marks the tokens the model should predict (the solution and EOS), i.e.
-  the loss at position t is on predicting tokens[i, t] from tokens[i, :t].
-  """
-  rows, masks = [], []
-  for r in records:
-    prompt_ids = data.encode_prompt(data.build_prompt(r["problem"], tokenizer, template),
-                                    tokenizer, template)
-    solution_ids = tokenizer(r["solution"], add_special_tokens=False)["input_ids"]
-    ids = prompt_ids + solution_ids + [tokenizer.eos_token_id]
-    rows.append(ids)
-    masks.append([0] * len(prompt_ids) + [1] * (len(solution_ids) + 1))
-  length = max(len(ids) for ids in rows)
-  if max_len is not None:
-    if length > max_len:
-      raise ValueError(f"build_sft_corpus: longest example has {length} tokens > max_len {max_len}")
-    length = max_len
-  tokens = np.full((len(rows), length), tokenizer.pad_token_id, np.int32)
-  loss_mask = np.zeros((len(rows), length), np.float32)
-  for i, (ids, mask) in enumerate(zip(rows, masks)):
-    tokens[i, :len(ids)] = ids
-    loss_mask[i, :len(mask)] = mask
-  return SFTCorpus(tokens, loss_mask, np.array([len(ids) for ids in rows], np.int32))

@@ -32,6 +32,7 @@ from laser_jax import optim as optim_lib
 from laser_jax import programs as programs_lib
 from laser_jax import rl_metrics
 from laser_jax import rollout as rollout_lib
+from laser_jax import scoring
 from laser_jax import sharding as sharding_lib
 from laser_jax import tasks
 
@@ -99,8 +100,8 @@ class Trainer:
     shardings = self.state_shardings
     params = jax.device_put(params, shardings.params)
     if c.sft.steps > 0:
-      from laser_jax import sft, synthetic
-      corpus = synthetic.build_sft_corpus(self.task.sft_records, self.tokenizer, c.data.template)
+      from laser_jax import sft
+      corpus = sft.build_sft_corpus(self.task.sft_records, self.tokenizer, c.data.template)
       log = lambda i, loss: logging.info("sft step %d: loss %.4f", i, loss)
       params = sft.warm_start(params, self.model_cfg, corpus, steps=c.sft.steps,
                               batch_size=c.sft.batch_size, lr=c.sft.lr, seed=c.seed,
@@ -164,14 +165,24 @@ class Trainer:
                                     sampling, keys[i]) for i, start in enumerate(starts)]
     return rollout_lib.concat_samples(outs, self.pad_id)
 
-  def rollout(self, params, prompts: list[tasks.Prompt], rng) -> dict:
-    """Samples `rollout.n` responses per prompt and scores them with the verifier."""
-    out = self.sample(params, prompts, self.sampling, rng)
-    texts = self.task.decode(out.tokens, out.lengths)
-    answers = [prompts[g].answer for g in out.group_ids]
-    result = self.task.verifier(texts, answers)  # this host's rows only
-    return {"sample": out, "texts": texts, "rewards": np.asarray(result.rewards, np.float32),
-            "num_prompts": len(prompts), "verifier_timeouts": int(hosts.total(result.num_timeouts))}
+  def rollout(self, params, prompts: list[tasks.Prompt], rng) -> scoring.ScoredSamples:
+    """Samples `rollout.n` responses per prompt (this host's) and verifies and scores them
+    (`scoring.generate_and_score`; scores against c_ref: the exact variant's reference
+    log-probs come with the update batch, `prepare_update_batch`)."""
+    return self._generate_and_score(params, prompts, self.sampling, rng)
+
+  def _generate_and_score(self, params, prompts, sampling, rng, *, fold_single_call=True, ref_params=None):
+    c = self.config
+    ref_fn = None
+    if ref_params is not None:
+      def ref_fn(out):
+        batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
+                                                 out.response_lengths, out.finished, self.pad_id)
+        return self.logprobs(ref_params, batch)[1]
+    return scoring.generate_and_score(
+        lambda p: self.sample(params, p, sampling, rng, fold_single_call=fold_single_call), prompts,
+        [p.answer for p in prompts], decode=self.task.decode, verifier=self.task.verifier,
+        kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant, ref_z_logprob_fn=ref_fn)
 
   # ---- update ---------------------------------------------------------------------------
   def update(self, state: TrainState, batch: dict, normalisers: dict, sr_loss_on: bool):
@@ -193,7 +204,8 @@ class Trainer:
     return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
 
   # ---- one RL step ----------------------------------------------------------------------
-  def prepare_update_batch(self, roll: dict, params, ref_params, step: int) -> tuple[dict, dict, dict, dict]:
+  def prepare_update_batch(self, roll: scoring.ScoredSamples, params, ref_params, step: int
+                           ) -> tuple[dict, dict, dict, dict]:
     """Host-side: training arrays (this host's rows), old/ref log-probs, advantages; returns
     (batch, advantage metrics, rollout statistics, per-row vectors of the whole batch).
 
@@ -201,8 +213,8 @@ class Trainer:
     per-row vectors (`hosts.gather_rows`: rewards, lengths, z_c log-probs, ...), identically on
     every host, and each host keeps its own rows' advantages."""
     c = self.config
-    out = roll["sample"]
-    rewards = roll["rewards"]
+    out = roll.sample
+    rewards = roll.rewards
     batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
                                              out.response_lengths, out.finished, self.pad_id)
     if c.rollout.recompute_old_logprobs:
@@ -222,10 +234,11 @@ class Trainer:
           c.loss.overlong_penalty))
     # Per-row vectors of the whole batch (hosts' rows in process order; group ids made global).
     first_row = jax.process_index() * len(finished)
+    num_prompts = len(finished) // c.rollout.n  # this host's
     everyone = {
-        "verifier_rewards": hosts.gather_rows(roll["rewards"]), "rewards": hosts.gather_rows(rewards),
+        "verifier_rewards": hosts.gather_rows(roll.rewards), "rewards": hosts.gather_rows(rewards),
         "finished": hosts.gather_rows(finished),
-        "group_ids": hosts.gather_rows(out.group_ids + jax.process_index() * roll["num_prompts"]),
+        "group_ids": hosts.gather_rows(out.group_ids + jax.process_index() * num_prompts),
         "response_lengths": hosts.gather_rows(batch["response_mask"].sum(axis=1)),
         "z_logprob": hosts.gather_rows(out.self_reward_logprob),
     }
@@ -241,7 +254,7 @@ class Trainer:
         z_logprob=everyone["z_logprob"] if c.laser.use_self_reward_loss else None,
         ref_z_logprob=everyone.get("ref_z_logprob"))
     batch["advantages"] = np.asarray(advantages, np.float32)[first_row:first_row + len(finished)]
-    batch["rewards"] = np.asarray(roll["rewards"], np.float32)  # L_sr targets the verifier reward.
+    batch["rewards"] = np.asarray(roll.rewards, np.float32)  # L_sr targets the verifier reward.
     batch["finished"] = finished
     return batch, adv_metrics, rollout_stats, everyone
 
@@ -269,7 +282,7 @@ class Trainer:
     t1 = time.perf_counter()
     pieces, losses, grad_norms = [], [], []
     for u in range(self.updates_per_step):
-      rows = np.flatnonzero(roll["sample"].group_ids % self.updates_per_step == u)
+      rows = np.flatnonzero(roll.sample.group_ids % self.updates_per_step == u)
       mini = {k: v[rows] for k, v in batch.items()}
       # Class weights and normalisers over exactly the rows of this optimizer update, all hosts'.
       weights = objective.self_reward_class_weights(
@@ -312,7 +325,7 @@ class Trainer:
         "response_length": float(ro["response_length_mean"]),
         "truncated_frac": float(ro["truncation_rate"]),
         "zero_std_group_frac": float(ro["zero_std_group_frac"]),
-        "verifier_timeouts": roll["verifier_timeouts"],
+        "verifier_timeouts": int(hosts.total(roll.num_timeouts)),
         "skipped_updates": int(state.skipped_updates),
         "lr": float(self.schedule(int(step - 1) * self.updates_per_step)),
         "step_time_s": step_time,
@@ -357,24 +370,11 @@ class Trainer:
     # of a prompt, dropped from every statistic); chunked like the rollout (a 500-problem eval
     # set in one call would need 500 * n rows of KV cache); one call keeps its key unfolded.
     prompts, num_real = hosts.host_block(self.task.eval_prompts)
-    out = self.sample(params, prompts, self.eval_sampling, rng, fold_single_call=False)
-    real = out.group_ids < num_real
-    texts = self.task.decode(out.tokens[real], out.lengths[real])
-    answers = [prompts[g].answer for g in out.group_ids[real]]
-    rewards = np.zeros(len(real), np.float32)
-    rewards[real] = self.task.verifier(texts, answers).rewards
-    c = self.config
-    ref_z_logprob = None
-    if self.exact_score:
-      batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
-                                               out.response_lengths, out.finished, self.pad_id)
-      _, ref_z_logprob = self.logprobs(ref_params, batch)
-    scores = np.asarray(objective.self_reward_score(
-        out.self_reward_logprob, kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant,
-        ref_z_logprob=ref_z_logprob))
-    keep = hosts.gather_rows(real)
-    rewards, scores = hosts.gather_rows(rewards)[keep], hosts.gather_rows(scores)[keep]
-    finished = hosts.gather_rows(out.finished.astype(bool))[keep]
+    scored = self._generate_and_score(params, prompts, self.eval_sampling, rng, fold_single_call=False,
+                                      ref_params=ref_params if self.exact_score else None)
+    keep = hosts.gather_rows(scored.sample.group_ids < num_real)
+    rewards, scores = hosts.gather_rows(scored.rewards)[keep], hosts.gather_rows(scored.scores)[keep]
+    finished = hosts.gather_rows(scored.finished)[keep]
     sv = jax.device_get(rl_metrics.self_verification_metrics(scores, rewards, finished))
     return {
         "eval/accuracy": float(np.mean(rewards)),

@@ -41,25 +41,24 @@ def mean_at_n(acc) -> float:
 
 
 def self_verification(acc, scores, threshold: float = 0.5) -> dict[str, float]:
-  """Self-verification of finished responses: predict correct iff score > threshold.
+  """Self-verification of finished responses (score not NaN): predict correct iff score > threshold.
 
-  Returns acc_on_correct (recall of the correct class), acc_on_incorrect, overall accuracy, their
-  F1 (harmonic mean of the two class accuracies; NaN if a class is empty) and counts.
+  The training metrics' implementation (`rl_metrics.self_verification_metrics`) under this
+  module's names: acc_on_correct (recall of the correct class), acc_on_incorrect, overall
+  accuracy, their F1 (harmonic mean of the two class accuracies: NaN if a class is empty, 0 if
+  both accuracies are 0) and counts.
   """
+  from laser_jax import rl_metrics
   acc = _as_2d(acc, "acc", np.float64).ravel()
   scores = _as_2d(scores, "scores", np.float64).ravel()
   if acc.shape != scores.shape:
     raise ValueError(f"acc has {acc.size} entries but scores has {scores.size}")
   finished = ~np.isnan(scores)
-  truth = acc[finished] > 0.5
-  pred = scores[finished] > threshold
-  on_correct = float(np.mean(pred[truth])) if truth.any() else float("nan")
-  on_incorrect = float(np.mean(~pred[~truth])) if (~truth).any() else float("nan")
-  overall = float(np.mean(pred == truth)) if truth.size else float("nan")
-  denom = on_correct + on_incorrect
-  f1 = 2 * on_correct * on_incorrect / denom if denom > 0 else float("nan")
-  return {"acc_on_correct": on_correct, "acc_on_incorrect": on_incorrect, "overall": overall,
-          "f1": float(f1), "num_correct": int(truth.sum()), "num_incorrect": int((~truth).sum()),
+  m = {k: float(v) for k, v in rl_metrics.self_verification_metrics(
+      np.where(finished, scores, 0.0), acc, finished, threshold).items()}
+  return {"acc_on_correct": m["self_reward_acc_correct"], "acc_on_incorrect": m["self_reward_acc_incorrect"],
+          "overall": m["self_reward_acc"], "f1": m["self_reward_f1"],
+          "num_correct": int(m["self_reward_n_correct"]), "num_incorrect": int(m["self_reward_n_incorrect"]),
           "num_truncated": int((~finished).sum())}
 
 

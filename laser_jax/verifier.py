@@ -23,38 +23,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from laser_jax import answers
+
 RewardFn = Callable[[str, str], float]
 STARTUP_TIMEOUT_S = 300.0  # A worker's import and warm-up, before its answers are timed.
-
-_BOXED_COMMANDS = ("\\boxed", "\\fbox")
-
-
-def extract_last_boxed(text: str) -> str | None:
-  """Returns the content of the last `\\boxed{...}` / `\\fbox{...}` / `\\boxed x` in `text`.
-
-  Nested braces are matched. `\\boxed 5` (no braces) yields the text up to the next `$` or
-  whitespace. Returns None when there is no (complete) boxed answer.
-  """
-  start = max(text.rfind(cmd) for cmd in _BOXED_COMMANDS)
-  if start < 0:
-    return None
-  cmd = next(c for c in _BOXED_COMMANDS if text.startswith(c, start))
-  rest = text[start + len(cmd):]
-  if rest.startswith(" "):  # "\boxed 5": the argument is a single token.
-    token = rest.lstrip(" ").split("$")[0].split()
-    return token[0] if token else None
-  if not rest.startswith("{"):
-    return None
-  depth = 0
-  for i, ch in enumerate(rest):
-    if ch == "{":
-      depth += 1
-    elif ch == "}":
-      depth -= 1
-      if depth == 0:
-        return rest[1:i]
-  return None  # Unbalanced: the response was cut off inside the box.
-
 
 @functools.lru_cache(maxsize=1)
 def _extraction_config():
@@ -105,7 +77,7 @@ def math_reward(response: str, reference: str) -> float:
   """1.0 iff the last boxed answer of `response` equals `reference` under math-verify (the
   reference parsed as LaTeX only, after `clean_reference`), or is the same text."""
   from math_verify import parse, verify
-  predicted = extract_last_boxed(response)
+  predicted = answers.extract_last_boxed(response)
   if predicted is None or not predicted.strip():
     return 0.0
   reference = clean_reference(reference)
@@ -120,7 +92,7 @@ def math_reward(response: str, reference: str) -> float:
 
 
 def _synthetic_reward(response: str, reference: str) -> float:
-  from laser_jax import synthetic  # Lazy: avoids a circular import (synthetic uses this module).
+  from laser_jax import synthetic  # Lazy: the synthetic task's generator is not needed otherwise.
   return synthetic.synthetic_reward(response, reference)
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import hf_fixtures
+from laser_jax import answers
 from laser_jax import data as data_lib
 from laser_jax import default_config
 from laser_jax import evaluate
-from laser_jax import verifier as verifier_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, MAX_NEW, BETA, C_REF = 4, 24, 1.0, -9.5
@@ -91,7 +91,7 @@ def test_output_rows_have_all_fields_and_consistent_values(run_output, ckpt):
     for i in range(N):
       ids, lp, stop = r["response_token_ids"][i], r["self_rewarding_logprobs"][i], r["stop_token_ids"][i]
       assert r["responses"][i] == tok.decode(ids, skip_special_tokens=True)
-      assert r["pred_answers"][i] == verifier_lib.extract_last_boxed(r["responses"][i])
+      assert r["pred_answers"][i] == answers.extract_last_boxed(r["responses"][i])
       assert r["acc_list"][i] == length_parity_reward(r["responses"][i], r["answer"])
       if lp is None:  # truncated: the full budget, no EOS, no score
         assert len(ids) == MAX_NEW and stop is None and r["self_rewarding_scores"][i] is None
@@ -221,7 +221,8 @@ def _assert_metrics_match(summary, ref):
     if want is None or (isinstance(want, float) and np.isnan(want)):
       assert got is None or np.isnan(got), key
     else:
-      assert got == pytest.approx(float(want), abs=1e-9), key
+      # Self-verification comes from the training metrics' implementation, in float32.
+      assert got == pytest.approx(float(want), abs=1e-6 if key.startswith("verify/") else 1e-9), key
 
 
 def test_summary_json_matches_numpy_recomputation(run_output):
@@ -252,8 +253,8 @@ def test_metrics_on_handmade_rows_with_votes():
        "self_rewarding_logprobs": [-22.0, -22.0, -20.0, -21.0, None],
        "response_token_ids": [[1], [2], [3], [4], [5]]},
   ]
-  assert evaluate.canonical_answer("\\left(2\\right)") == evaluate.canonical_answer("(2)")
-  assert evaluate.canonical_answer("x + 1") == "x+1" and evaluate.canonical_answer(None) is None
+  assert answers.canonical_answer("\\left(2\\right)") == answers.canonical_answer("(2)")
+  assert answers.canonical_answer("x + 1") == "x+1" and answers.canonical_answer(None) is None
   summary = evaluate.metrics_from_rows(rows, threshold=0.5, num_bootstrap=200, seed=7)
   _assert_metrics_match(summary, reference_metrics(rows, 0.5, 200, 7))
   assert 0 < summary["maj@4"] < 1 and summary["self_weighted_maj@4"] != summary["maj@4"]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from laser_jax import data, synthetic, verifier
+from laser_jax import data, sft, synthetic, verifier
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_tokenizer_round_trip_and_special_tokens(tokenizer, tmp_path):
 
 def test_sft_corpus(tokenizer):
   records = synthetic.make_split("train", 8, seed=0)
-  corpus = synthetic.build_sft_corpus(records, tokenizer)
+  corpus = sft.build_sft_corpus(records, tokenizer)
   assert corpus.tokens.shape == corpus.loss_mask.shape == (8, corpus.lengths.max())
   for i, r in enumerate(records):
     n = corpus.lengths[i]
@@ -99,7 +99,7 @@ def test_sft_corpus(tokenizer):
     assert corpus.tokens[i, n - 1] == tokenizer.eos_token_id
     assert tokenizer.decode(corpus.tokens[i, len(prompt_ids):n - 1]) == r["solution"]
     assert (corpus.tokens[i, n:] == tokenizer.pad_token_id).all()
-  padded = synthetic.build_sft_corpus(records, tokenizer, max_len=64)
+  padded = sft.build_sft_corpus(records, tokenizer, max_len=64)
   assert padded.tokens.shape == (8, 64)
   with pytest.raises(ValueError, match="max_len 10"):
-    synthetic.build_sft_corpus(records, tokenizer, max_len=10)
+    sft.build_sft_corpus(records, tokenizer, max_len=10)

@@ -452,7 +452,7 @@ def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path
   for k, s in spec.items():
     assert (placed[k].shape, placed[k].dtype, placed[k].sharding) == (s.shape, s.dtype, s.sharding), k
   # A prompt bucket of P tokens gives rows of P + max_new_tokens + 1 (what aot assumes).
-  assert seq_len == roll["sample"].prompt_tokens.shape[1] + c.rollout.max_new_tokens + 1
+  assert seq_len == roll.sample.prompt_tokens.shape[1] + c.rollout.max_new_tokens + 1
   logprob = programs.abstract_logprob_batch(t.mesh, c.micro_batch_size, seq_len)
   piece = t.programs.place_logprob_batch({k: batch[k][:c.micro_batch_size] for k in programs.LOGPROB_KEYS})
   for k, s in logprob.items():
@@ -468,7 +468,7 @@ def test_rollout_layout_samples_the_same_tokens_and_scores(tmp_path):
     t = trainer.Trainer(c)
     state = t.init_state(t.initial_params())
     with jax.set_mesh(t.mesh):
-      results[k] = t.rollout(state.params, t.task.train_prompts[:c.batch_size], jax.random.key(3))["sample"]
+      results[k] = t.rollout(state.params, t.task.train_prompts[:c.batch_size], jax.random.key(3)).sample
     if k:
       assert dict(t.programs.rollout_mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
       copy = t.programs.to_rollout_layout(state.params)

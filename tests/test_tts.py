@@ -30,6 +30,9 @@ def test_self_verification_threshold_is_strict_and_empty_class_is_nan():
   m = tts.self_verification([[1, 1]], [[0.5, 0.51]])
   assert m["acc_on_correct"] == 0.5  # 0.5 is not > 0.5
   assert math.isnan(m["acc_on_incorrect"]) and math.isnan(m["f1"])
+  # Both classes present and both accuracies 0: F1 0 (the training metrics' convention too).
+  m = tts.self_verification([[1, 0]], [[0.2, 0.9]])
+  assert (m["acc_on_correct"], m["acc_on_incorrect"], m["f1"]) == (0.0, 0.0, 0.0)
 
 
 def test_vote_majority_and_weighted():

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from laser_jax.verifier import Verifier, extract_last_boxed, get_reward_fn, math_reward
+from laser_jax.answers import extract_last_boxed
+from laser_jax.verifier import Verifier, get_reward_fn, math_reward
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
