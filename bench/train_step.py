@@ -135,12 +135,12 @@ def run_model(name: str, args) -> dict:
     roll = trainer.rollout(state.params, prompts, trainer.step_key(state, salt=0))
     batch, _, _, _ = trainer.prepare_update_batch(roll, state.params, None, int(state.step) + 1)
     assert trainer.updates_per_step == 1
-    batch["sr_weights"] = np.asarray(objective.self_reward_class_weights(
-        batch["rewards"], batch["finished"], config.laser.balanced), np.float32)
-    normalisers = objective.loss_normalisers(trainer.loss_cfg, batch["response_mask"])
-    rows, seq_len = batch["tokens"].shape
+    batch = batch.replace(self_reward_weights=np.asarray(objective.self_reward_class_weights(
+        batch.rewards, batch.finished, config.laser.balanced), np.float32))
+    normalisers = objective.loss_normalisers(trainer.loss_cfg, batch.response_mask)
+    rows, seq_len = batch.sequences.tokens.shape
     micro = config.micro_batch_size
-    mini = {k: v.reshape(rows // micro, micro, *v.shape[1:]) for k, v in batch.items()}
+    mini = jax.tree.map(lambda v: v.reshape(rows // micro, micro, *v.shape[1:]), batch)
     holder = {"state": state}
 
     def one_update():
@@ -163,7 +163,7 @@ def run_model(name: str, args) -> dict:
 
   peak = max(peak_before["gflop_s"], peak_after["gflop_s"], *adjacent_peaks) * 1e9
   tokens = float(rows * seq_len)  # processed (padded) tokens per update
-  valid_tokens = float(np.sum(batch["attention_mask"]))
+  valid_tokens = float(np.sum(batch.sequences.attention_mask))
   upd_flops = update_flops(cfg, tokens, seq_len)
   fwd_flops = forward_flops(cfg, tokens, seq_len)
   best_update = min(update_times)

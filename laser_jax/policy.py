@@ -48,15 +48,14 @@ def self_reward_logprob(params, cfg, hidden, eos_index, token_id: int):
   return jax.nn.log_softmax(logits, axis=-1)[:, token_id]
 
 
-def sequence_logprobs(params, cfg, batch, *, temperature: float, self_reward_token_id: int,
-                      chunk: int = 0):
-  """Per-token log-probs of `batch["targets"]` and the self-reward log-prob at `batch["eos_index"]`.
+def sequence_logprobs(params, cfg, tokens, positions, attention_mask, targets, eos_index, *,
+                      temperature: float, self_reward_token_id: int, chunk: int = 0):
+  """Per-token log-probs of `targets` and the self-reward log-prob at `eos_index`.
 
-  `batch` holds `tokens`, `positions`, `attention_mask`, `targets` [B, S] and `eos_index` [B].
-  Returns (token_logp [B, S] with temperature applied, self_reward_logp [B] at temperature 1).
+  tokens, positions, attention_mask, targets [B, S]; eos_index [B].
+  Returns (token_logp [B, S] with temperature applied, z_logprob [B] at temperature 1).
   """
-  hidden = model_lib.forward(params, cfg, batch["tokens"], batch["positions"],
-                             batch["attention_mask"], return_hidden=True)
-  logp = token_logprobs(params, cfg, hidden, batch["targets"], temperature, chunk)
-  sr_logp = self_reward_logprob(params, cfg, hidden, batch["eos_index"], self_reward_token_id)
-  return logp, sr_logp
+  hidden = model_lib.forward(params, cfg, tokens, positions, attention_mask, return_hidden=True)
+  logp = token_logprobs(params, cfg, hidden, targets, temperature, chunk)
+  z_logprob = self_reward_logprob(params, cfg, hidden, eos_index, self_reward_token_id)
+  return logp, z_logprob

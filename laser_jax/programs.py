@@ -29,19 +29,47 @@ from laser_jax import policy
 from laser_jax import sampler as sampler_lib
 from laser_jax import sharding as sharding_lib
 
-# What a log-prob forward reads from a training batch.
-LOGPROB_KEYS = ("tokens", "positions", "attention_mask", "targets", "eos_index")
-# Every field of an update batch: (per-row shape after the row axis, dtype); "S" is the sequence
-# length P + R + 1 (`rollout.build_training_batch`). ref_logp / ref_sr_logp are present only when
-# the KL loss / the exact self-reward score needs pi_ref.
-UPDATE_FIELDS = {
-    "tokens": (("S",), np.int32), "positions": (("S",), np.int32),
-    "attention_mask": (("S",), np.bool_), "targets": (("S",), np.int32),
-    "response_mask": (("S",), np.float32), "eos_index": ((), np.int32),
-    "old_logp": (("S",), np.float32), "ref_logp": (("S",), np.float32),
-    "ref_sr_logp": ((), np.float32), "advantages": ((), np.float32), "rewards": ((), np.float32),
-    "finished": ((), np.bool_), "sr_weights": ((), np.float32),
-}
+
+
+@flax.struct.dataclass
+class Sequences:
+  """What a log-prob forward reads: prompt + response + EOS rows (`rollout.build_training_batch`).
+  Leaves are [rows, S] (S = P + R + 1) or [rows]; [num_micro, micro, ...] inside an update."""
+  tokens: Any  # int32 [B, S]
+  positions: Any  # int32 [B, S]
+  attention_mask: Any  # bool [B, S]: real tokens
+  targets: Any  # int32 [B, S]: the token each position predicts
+  eos_index: Any  # int32 [B]: the EOS position, where log pi(z_c | x, y) is read
+
+  @classmethod
+  def of(cls, batch: dict) -> "Sequences":
+    """The fields of a `rollout.build_training_batch` dict."""
+    return cls(**{f.name: batch[f.name] for f in dataclasses.fields(cls)})
+
+
+@flax.struct.dataclass
+class UpdateBatch:
+  """What flows from the rollout to the update, one row per response (Tunix's TrainExample):
+  each quantity under the name `objective.total_loss` gives it."""
+  sequences: Sequences
+  response_mask: Any  # float32 [B, S] over targets: 1 on the response tokens and the EOS
+  old_logp: Any  # float32 [B, S] log pi_old of the targets (the rollout policy's)
+  advantages: Any  # float32 [B]
+  rewards: Any  # float32 [B] verifier reward r_v (the self-reward loss's target)
+  finished: Any  # bool [B] the response ended with an EOS
+  self_reward_weights: Any  # float32 [B] class weights of the self-reward loss (whole update)
+  ref_logp: Any = None  # float32 [B, S] log pi_ref of the targets: with the KL loss only
+  ref_z_logprob: Any = None  # float32 [B] log pi_ref(z_c | x, y): with the exact score only
+
+
+# (per-row shape after the row axis, dtype) of every leaf; "S" is the sequence length.
+SEQUENCE_FIELDS = {"tokens": (("S",), np.int32), "positions": (("S",), np.int32),
+                   "attention_mask": (("S",), np.bool_), "targets": (("S",), np.int32),
+                   "eos_index": ((), np.int32)}
+UPDATE_FIELDS = {"response_mask": (("S",), np.float32), "old_logp": (("S",), np.float32),
+                 "advantages": ((), np.float32), "rewards": ((), np.float32), "finished": ((), np.bool_),
+                 "self_reward_weights": ((), np.float32), "ref_logp": (("S",), np.float32),
+                 "ref_z_logprob": ((), np.float32)}
 
 
 @flax.struct.dataclass
@@ -84,25 +112,27 @@ def apply_libtpu_init_args(config: ml_collections.ConfigDict) -> None:
 
 
 # ---- the pure step functions ----------------------------------------------------------------
-def sequence_logprobs(params, batch: dict, *, statics: StepStatics) -> tuple[jax.Array, jax.Array]:
-  """(token log-probs [B, S] at the rollout temperature, log pi(z_c | x, y) [B]) of a batch."""
+def sequence_logprobs(params, sequences: Sequences, *, statics: StepStatics) -> tuple[jax.Array, jax.Array]:
+  """(token log-probs [B, S] at the rollout temperature, log pi(z_c | x, y) [B]) of `sequences`."""
+  s = sequences
   return policy.sequence_logprobs(
-      params, statics.model_cfg, batch, temperature=statics.temperature,
-      self_reward_token_id=statics.self_reward_token_id, chunk=statics.logprob_chunk)
+      params, statics.model_cfg, s.tokens, s.positions, s.attention_mask, s.targets, s.eos_index,
+      temperature=statics.temperature, self_reward_token_id=statics.self_reward_token_id,
+      chunk=statics.logprob_chunk)
 
 
-def micro_loss(params, micro: dict, normalisers: dict, sr_loss_on, *, statics: StepStatics):
+def micro_loss(params, micro: UpdateBatch, normalisers: dict, sr_loss_on, *, statics: StepStatics):
   """The LaSeR objective's share of one micro-batch: (loss, named terms)."""
-  logp, sr_logp = sequence_logprobs(params, micro, statics=statics)
+  logp, z_logprob = sequence_logprobs(params, micro.sequences, statics=statics)
   return objective.total_loss(
-      statics.loss_cfg, logp=logp, old_logp=micro["old_logp"], advantages=micro["advantages"],
-      response_mask=micro["response_mask"], normalisers=normalisers,
-      ref_logp=micro.get("ref_logp"), z_logprob=sr_logp, rewards=micro["rewards"],
-      finished=micro["finished"], self_reward_weights=micro["sr_weights"],
-      ref_z_logprob=micro.get("ref_sr_logp"), self_reward_active=sr_loss_on)
+      statics.loss_cfg, logp=logp, old_logp=micro.old_logp, advantages=micro.advantages,
+      response_mask=micro.response_mask, normalisers=normalisers, ref_logp=micro.ref_logp,
+      z_logprob=z_logprob, rewards=micro.rewards, finished=micro.finished,
+      self_reward_weights=micro.self_reward_weights, ref_z_logprob=micro.ref_z_logprob,
+      self_reward_active=sr_loss_on)
 
 
-def update_step(state: TrainState, batch: dict, normalisers: dict, sr_loss_on, *,
+def update_step(state: TrainState, batch: UpdateBatch, normalisers: dict, sr_loss_on, *,
                 statics: StepStatics, optimizer: optax.GradientTransformation):
   """One optimizer update from a mini-batch laid out as [num_micro, micro, ...].
 
@@ -165,32 +195,25 @@ def update_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES, *([None] * (ndim - 2))))
 
 
-def update_batch_fields(with_ref_logp: bool, with_ref_score: bool) -> tuple[str, ...]:
-  """Names of the update batch's fields for a run with / without the pi_ref terms."""
-  skip = {"ref_logp"} if not with_ref_logp else set()
-  skip |= {"ref_sr_logp"} if not with_ref_score else set()
-  return tuple(k for k in UPDATE_FIELDS if k not in skip)
-
-
 def abstract_update_batch(mesh: Mesh, num_micro: int, micro: int, seq_len: int, *,
-                          with_ref_logp: bool, with_ref_score: bool) -> dict:
-  """ShapeDtypeStructs (in their shardings) of one optimizer update's [num_micro, micro, ...] batch."""
-  out = {}
-  for name in update_batch_fields(with_ref_logp, with_ref_score):
-    row_shape, dtype = UPDATE_FIELDS[name]
+                          with_ref_logp: bool, with_ref_score: bool) -> UpdateBatch:
+  """ShapeDtypeStructs (in their shardings) of one optimizer update's [num_micro, micro, ...]
+  batch; ref_logp / ref_z_logprob only where the KL loss / the exact score needs pi_ref."""
+  def leaf(row_shape, dtype):
     shape = (num_micro, micro) + tuple(seq_len for _ in row_shape)
-    out[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=update_batch_sharding(mesh, len(shape)))
-  return out
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=update_batch_sharding(mesh, len(shape)))
+  fields = {name: leaf(*spec) for name, spec in UPDATE_FIELDS.items()}
+  fields["ref_logp"] = fields["ref_logp"] if with_ref_logp else None
+  fields["ref_z_logprob"] = fields["ref_z_logprob"] if with_ref_score else None
+  return UpdateBatch(sequences=Sequences(**{n: leaf(*s) for n, s in SEQUENCE_FIELDS.items()}), **fields)
 
 
-def abstract_logprob_batch(mesh: Mesh, rows: int, seq_len: int) -> dict:
+def abstract_logprob_batch(mesh: Mesh, rows: int, seq_len: int) -> Sequences:
   """ShapeDtypeStructs (in their shardings) of one log-prob forward's batch."""
-  out = {}
-  for name in LOGPROB_KEYS:
-    row_shape, dtype = UPDATE_FIELDS[name]
+  def leaf(row_shape, dtype):
     shape = (rows,) + tuple(seq_len for _ in row_shape)
-    out[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(mesh, len(shape)))
-  return out
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(mesh, len(shape)))
+  return Sequences(**{n: leaf(*s) for n, s in SEQUENCE_FIELDS.items()})
 
 
 def sampling_params(config: ml_collections.ConfigDict, *, eos_ids, pad_id: int,
@@ -259,10 +282,10 @@ class StepPrograms:
     return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, dtype, sharding=s),
                         abstract_params, self.rollout_param_shardings)
 
-  def place_update_batch(self, batch: dict) -> dict:
+  def place_update_batch(self, batch: UpdateBatch) -> UpdateBatch:
     """Global [num_micro, micro, ...] arrays from this host's share of every micro-batch."""
-    return {k: hosts.put_rows(v, update_batch_sharding(self.mesh, v.ndim), axis=1) for k, v in batch.items()}
+    return jax.tree.map(lambda v: hosts.put_rows(v, update_batch_sharding(self.mesh, v.ndim), axis=1), batch)
 
-  def place_logprob_batch(self, batch: dict) -> dict:
+  def place_logprob_batch(self, sequences: Sequences) -> Sequences:
     """A global [rows, ...] batch from this host's rows."""
-    return {k: hosts.put_rows(v, sharding_lib.batch_sharding(self.mesh, v.ndim)) for k, v in batch.items()}
+    return jax.tree.map(lambda v: hosts.put_rows(v, sharding_lib.batch_sharding(self.mesh, v.ndim)), sequences)

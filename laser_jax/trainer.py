@@ -176,38 +176,39 @@ class Trainer:
     ref_fn = None
     if ref_params is not None:
       def ref_fn(out):
-        batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
-                                                 out.response_lengths, out.finished, self.pad_id)
-        return self.logprobs(ref_params, batch)[1]
+        rows = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
+                                                out.response_lengths, out.finished, self.pad_id)
+        return self.logprobs(ref_params, programs_lib.Sequences.of(rows))[1]
     return scoring.generate_and_score(
         lambda p: self.sample(params, p, sampling, rng, fold_single_call=fold_single_call), prompts,
         [p.answer for p in prompts], decode=self.task.decode, verifier=self.task.verifier,
         kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant, ref_z_logprob_fn=ref_fn)
 
   # ---- update ---------------------------------------------------------------------------
-  def update(self, state: TrainState, batch: dict, normalisers: dict, sr_loss_on: bool):
-    """One optimizer update (`programs.update_step`) from a [num_micro, micro, ...] batch."""
+  def update(self, state: TrainState, batch: programs_lib.UpdateBatch, normalisers: dict, sr_loss_on: bool):
+    """One optimizer update (`programs.update_step`) from this host's share of a
+    [num_micro, micro, ...] batch."""
     return self.programs.update(state, self.programs.place_update_batch(batch), normalisers,
                                 jnp.bool_(sr_loss_on))
 
   # ---- log-probs without gradient (old / reference) -------------------------------------
-  def logprobs(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+  def logprobs(self, params, sequences: programs_lib.Sequences) -> tuple[np.ndarray, np.ndarray]:
     """Token log-probs (rollout temperature) and z_c log-probs of this host's rows, micro-batch
     by micro-batch (each host gives its share of a micro-batch)."""
-    n = batch["tokens"].shape[0]
+    n = sequences.tokens.shape[0]
     mb = self.config.micro_batch_size // jax.process_count()
     outs = []
     for start in range(0, n, mb):
-      piece = self.programs.place_logprob_batch(
-          {k: batch[k][start:start + mb] for k in programs_lib.LOGPROB_KEYS})
+      piece = self.programs.place_logprob_batch(jax.tree.map(lambda v: v[start:start + mb], sequences))
       outs.append([hosts.local_rows(x) for x in self.programs.logprobs(params, piece)])
     return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
 
   # ---- one RL step ----------------------------------------------------------------------
   def prepare_update_batch(self, roll: scoring.ScoredSamples, params, ref_params, step: int
-                           ) -> tuple[dict, dict, dict, dict]:
-    """Host-side: training arrays (this host's rows), old/ref log-probs, advantages; returns
-    (batch, advantage metrics, rollout statistics, per-row vectors of the whole batch).
+                           ) -> tuple[programs_lib.UpdateBatch, dict, dict, dict]:
+    """Host-side: the update record of this host's rows (sequences, old/ref log-probs,
+    advantages; class weights are set per optimizer update); returns (batch, advantage
+    metrics, rollout statistics, per-row vectors of the whole batch).
 
     Advantages and statistics span the global batch, so they are computed from every host's
     per-row vectors (`hosts.gather_rows`: rewards, lengths, z_c log-probs, ...), identically on
@@ -215,17 +216,18 @@ class Trainer:
     c = self.config
     out = roll.sample
     rewards = roll.rewards
-    batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
-                                             out.response_lengths, out.finished, self.pad_id)
+    rows = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
+                                            out.response_lengths, out.finished, self.pad_id)
+    sequences = programs_lib.Sequences.of(rows)
     if c.rollout.recompute_old_logprobs:
-      batch["old_logp"], _ = self.logprobs(params, batch)
+      old_logp, _ = self.logprobs(params, sequences)
     else:
-      batch["old_logp"] = rollout_lib.old_logprobs_from_sampler(out.response_logprobs,
-                                                                out.prompt_tokens.shape[1])
+      old_logp = rollout_lib.old_logprobs_from_sampler(out.response_logprobs, out.prompt_tokens.shape[1])
+    ref_logp = ref_z_logprob = None
     if self.needs_ref:
-      batch["ref_logp"], ref_sr = self.logprobs(ref_params, batch)
-      if c.laser.use_ref_model_score:
-        batch["ref_sr_logp"] = ref_sr
+      ref_logp, ref_z_logprob = self.logprobs(ref_params, sequences)
+      ref_logp = ref_logp if c.loss.kl_loss_coef > 0 else None
+      ref_z_logprob = ref_z_logprob if c.laser.use_ref_model_score else None
     finished = out.finished.astype(bool)
     if c.loss.overlong_buffer_len > 0:
       # Response length counts the EOS, as the limit max_new_tokens does.
@@ -239,23 +241,26 @@ class Trainer:
         "verifier_rewards": hosts.gather_rows(roll.rewards), "rewards": hosts.gather_rows(rewards),
         "finished": hosts.gather_rows(finished),
         "group_ids": hosts.gather_rows(out.group_ids + jax.process_index() * num_prompts),
-        "response_lengths": hosts.gather_rows(batch["response_mask"].sum(axis=1)),
+        "response_lengths": hosts.gather_rows(rows["response_mask"].sum(axis=1)),
         "z_logprob": hosts.gather_rows(out.self_reward_logprob),
     }
-    if "ref_sr_logp" in batch:
-      everyone["ref_z_logprob"] = hosts.gather_rows(batch["ref_sr_logp"])
+    if ref_z_logprob is not None:
+      everyone["ref_z_logprob"] = hosts.gather_rows(ref_z_logprob)
     rollout_stats = jax.device_get(rl_metrics.rollout_metrics(
         everyone["verifier_rewards"], everyone["response_lengths"], everyone["finished"], everyone["group_ids"]))
+    response_mask = rows["response_mask"]
     if c.loss.mask_truncated:
-      batch["response_mask"] = np.asarray(dapo.mask_truncated(batch["response_mask"], finished))
+      response_mask = np.asarray(dapo.mask_truncated(response_mask, finished))
     advantages, adv_metrics = objective.rollout_advantages(
         self.loss_cfg, step, rewards=everyone["rewards"], group_ids=everyone["group_ids"],
         finished=everyone["finished"],
         z_logprob=everyone["z_logprob"] if c.laser.use_self_reward_loss else None,
         ref_z_logprob=everyone.get("ref_z_logprob"))
-    batch["advantages"] = np.asarray(advantages, np.float32)[first_row:first_row + len(finished)]
-    batch["rewards"] = np.asarray(roll.rewards, np.float32)  # L_sr targets the verifier reward.
-    batch["finished"] = finished
+    batch = programs_lib.UpdateBatch(
+        sequences=sequences, response_mask=response_mask, old_logp=old_logp,
+        advantages=np.asarray(advantages, np.float32)[first_row:first_row + len(finished)],
+        rewards=np.asarray(roll.rewards, np.float32),  # L_sr targets the verifier reward.
+        finished=finished, self_reward_weights=None, ref_logp=ref_logp, ref_z_logprob=ref_z_logprob)
     return batch, adv_metrics, rollout_stats, everyone
 
   def train_step(self, state: TrainState, prompts: list, ref_params=None) -> tuple[TrainState, dict]:
@@ -283,15 +288,15 @@ class Trainer:
     pieces, losses, grad_norms = [], [], []
     for u in range(self.updates_per_step):
       rows = np.flatnonzero(roll.sample.group_ids % self.updates_per_step == u)
-      mini = {k: v[rows] for k, v in batch.items()}
+      mini = jax.tree.map(lambda v: v[rows], batch)
       # Class weights and normalisers over exactly the rows of this optimizer update, all hosts'.
       weights = objective.self_reward_class_weights(
-          hosts.gather_rows(mini["rewards"]), hosts.gather_rows(mini["finished"]), c.laser.balanced)
+          hosts.gather_rows(mini.rewards), hosts.gather_rows(mini.finished), c.laser.balanced)
       first = jax.process_index() * len(rows)
-      mini["sr_weights"] = np.asarray(weights, np.float32)[first:first + len(rows)]
+      mini = mini.replace(self_reward_weights=np.asarray(weights, np.float32)[first:first + len(rows)])
       normalisers = {k: jnp.float32(hosts.total(float(v))) for k, v in
-                     objective.loss_normalisers(self.loss_cfg, mini["response_mask"]).items()}
-      mini = {k: v.reshape(num_micro, -1, *v.shape[1:]) for k, v in mini.items()}
+                     objective.loss_normalisers(self.loss_cfg, mini.response_mask).items()}
+      mini = jax.tree.map(lambda v: v.reshape(num_micro, -1, *v.shape[1:]), mini)
       state, m = self.update(state, mini, normalisers, sr_on)
       pieces.append(m["terms"])
       losses.append(m["loss"])
@@ -306,7 +311,7 @@ class Trainer:
         ref_z_logprob=everyone.get("ref_z_logprob")))
     sv = jax.device_get(rl_metrics.self_verification_metrics(scores, everyone["verifier_rewards"], finished))
     step_time = time.perf_counter() - t0
-    num_tokens = hosts.total(float(np.sum(batch["attention_mask"])))
+    num_tokens = hosts.total(float(np.sum(batch.sequences.attention_mask)))
     metrics = {
         "loss": float(np.mean(jax.device_get(losses))),
         "pg_loss": terms.get("pg_loss", 0.0),

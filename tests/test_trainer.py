@@ -382,11 +382,11 @@ def test_non_finite_gradient_skips_the_update_and_is_counted(tmp_path):
   before = jax.device_get(state.params)
   roll = t.rollout(state.params, next(t.task.train_iterator()), jax.random.key(0))
   batch, _, _, _ = t.prepare_update_batch(roll, state.params, None, step=1)
-  batch["advantages"] = np.array(batch["advantages"])
-  batch["advantages"][0] = np.nan  # A NaN advantage makes the gradient non-finite.
-  batch["sr_weights"] = np.ones_like(batch["rewards"])
-  normalisers = {"policy": np.float32(batch["response_mask"].sum()), "self_reward": np.float32(16)}
-  mini = {k: v.reshape(2, 8, *v.shape[1:]) for k, v in batch.items()}
+  advantages = np.array(batch.advantages)
+  advantages[0] = np.nan  # A NaN advantage makes the gradient non-finite.
+  batch = batch.replace(advantages=advantages, self_reward_weights=np.ones_like(batch.rewards))
+  normalisers = {"policy": np.float32(batch.response_mask.sum()), "self_reward": np.float32(16)}
+  mini = jax.tree.map(lambda v: v.reshape(2, 8, *v.shape[1:]), batch)
   state, m = t.update(state, mini, normalisers, True)
   assert not np.isfinite(float(m["grad_norm"])) and int(state.skipped_updates) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
@@ -441,22 +441,24 @@ def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path
   with jax.set_mesh(t.mesh):
     roll = t.rollout(state.params, prompts, t.step_key(state, salt=0))
     batch, _, _, _ = t.prepare_update_batch(roll, state.params, state.params, step=1)
-  batch["sr_weights"] = np.ones(batch["rewards"].shape, np.float32)  # as _train_step adds it
-  rows, seq_len = batch["tokens"].shape
+  batch = batch.replace(self_reward_weights=np.ones(batch.rewards.shape, np.float32))  # as _train_step sets it
+  rows, seq_len = batch.sequences.tokens.shape
   num_micro = rows // c.micro_batch_size
   spec = programs.abstract_update_batch(t.mesh, num_micro, c.micro_batch_size, seq_len,
                                         with_ref_logp=kl_loss_coef > 0, with_ref_score=exact_score)
-  assert set(spec) == set(batch)
   placed = t.programs.place_update_batch(
-      {k: np.asarray(v).reshape(num_micro, c.micro_batch_size, *np.shape(v)[1:]) for k, v in batch.items()})
-  for k, s in spec.items():
-    assert (placed[k].shape, placed[k].dtype, placed[k].sharding) == (s.shape, s.dtype, s.sharding), k
+      jax.tree.map(lambda v: np.asarray(v).reshape(num_micro, c.micro_batch_size, *np.shape(v)[1:]), batch))
+  # The same record (fields present, pi_ref ones only where needed), shapes, dtypes and shardings.
+  assert jax.tree.structure(placed) == jax.tree.structure(spec)
+  for (path, p), s in zip(jax.tree_util.tree_leaves_with_path(placed), jax.tree.leaves(spec)):
+    assert (p.shape, p.dtype, p.sharding) == (s.shape, s.dtype, s.sharding), path
   # A prompt bucket of P tokens gives rows of P + max_new_tokens + 1 (what aot assumes).
   assert seq_len == roll.sample.prompt_tokens.shape[1] + c.rollout.max_new_tokens + 1
   logprob = programs.abstract_logprob_batch(t.mesh, c.micro_batch_size, seq_len)
-  piece = t.programs.place_logprob_batch({k: batch[k][:c.micro_batch_size] for k in programs.LOGPROB_KEYS})
-  for k, s in logprob.items():
-    assert (piece[k].shape, piece[k].dtype, piece[k].sharding) == (s.shape, s.dtype, s.sharding), k
+  piece = t.programs.place_logprob_batch(jax.tree.map(lambda v: v[:c.micro_batch_size], batch.sequences))
+  assert jax.tree.structure(piece) == jax.tree.structure(logprob)
+  for (path, p), s in zip(jax.tree_util.tree_leaves_with_path(piece), jax.tree.leaves(logprob)):
+    assert (p.shape, p.dtype, p.sharding) == (s.shape, s.dtype, s.sharding), path
 
 
 def test_rollout_layout_samples_the_same_tokens_and_scores(tmp_path):
