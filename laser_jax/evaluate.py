@@ -470,6 +470,8 @@ def format_table(summary: dict) -> str:
            f"  acc on incorrect ({summary['verify/num_incorrect']:5d})       {f('verify/acc_on_incorrect')}",
            f"  overall                          {f('verify/overall')}",
            f"  F1                               {f('verify/f1')}",
+           f"  AUROC of the score               {f('verify/auroc')}",
+           f"  calibration error (ECE, 10 bins) {f('verify/ece')}",
            "   k    maj@k  self_weighted_maj@k  best@k"]
   for k in tts.scaling_ks(summary["n"]):
     lines.append(f"{k:4d}   {f(f'maj@{k}')}               {f(f'self_weighted_maj@{k}')}  "
@@ -525,12 +527,51 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
                   "reference_model": model.ref_source if model.ref_params is not None else None,
                   "output_file": e.output_file,
                   "config": config.to_dict()})
+  summary["verify/reliability"] = reliability(rows)
+  summary["reliability_plot"] = plot_reliability(summary["verify/reliability"], e.output_file)
   summary = json_safe(summary)
   with open(summary_path(e.output_file), "w") as f:
     json.dump(summary, f, indent=2, allow_nan=False)
   if print_table:
     print(format_table(summary), flush=True)
   return summary
+
+
+def reliability(rows: Sequence[dict]) -> list[dict]:
+  """The reliability diagram of the finished responses' scores (r_s read as P(correct), 10 bins):
+  per non-empty bin its range, count, mean score and accuracy (`rl_metrics.calibration`)."""
+  from laser_jax import rl_metrics
+  pairs = [(s, a) for r in rows for s, a in zip(r["self_rewarding_scores"], r["acc_list"]) if s is not None]
+  scores = np.array([s for s, _ in pairs], np.float64)
+  correct = np.array([a for _, a in pairs], np.float64) > 0.5
+  return rl_metrics.calibration(scores, correct)[1]
+
+
+def plot_reliability(bins: list[dict], output_file: str) -> str | None:
+  """Writes the reliability plot next to the summary (`foo.reliability.png`) and returns its
+  path; None when matplotlib is not installed (the bins stay in the summary either way)."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    logging.info("matplotlib is not installed: no reliability plot (the bins are in the summary)")
+    return None
+  path = summary_path(output_file)[:-len(".summary.json")] + ".reliability.png"
+  fig, ax = plt.subplots(figsize=(4, 4))
+  ax.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
+  if bins:
+    ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=0.1, align="edge",
+           alpha=0.6, edgecolor="black", label="accuracy per bin")
+    ax.plot([b["mean_probability"] for b in bins], [b["accuracy"] for b in bins], "o", color="C1",
+            label="mean score")
+  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="self-reward score r_s (clipped to [0, 1])",
+         ylabel="verified accuracy", title="Reliability of r_s")
+  ax.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
 
 
 ERRORS = (ConfigError, EvalError, data_lib.DataError, FileNotFoundError)

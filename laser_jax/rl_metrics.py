@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class SumCount(NamedTuple):
@@ -140,6 +141,53 @@ def self_verification_metrics(scores: jax.Array, rewards: jax.Array, finished: j
       "self_reward_n_incorrect": n_neg,
       "self_reward_n_finished": n_pos + n_neg,
   }
+
+
+def auroc(scores, labels) -> float:
+  """Threshold-free separation of correct from incorrect by the score: the probability that a
+  random correct row scores above a random incorrect one, ties counting 1/2 (the Mann-Whitney U
+  statistic over n_pos * n_neg). NaN when a class is empty. Host NumPy, O(n log n)."""
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels, bool)
+  n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+  average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based, ties share their mean rank
+  rank_sum = float(np.sum(average_rank[inverse][labels]))
+  return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def calibration(probabilities, labels, num_bins: int = 10) -> tuple[float, list[dict]]:
+  """Expected calibration error of `probabilities` (clipped to [0, 1]) as predictions of
+  `labels`, over `num_bins` equal-width bins (the last one closed): sum over bins of
+  (rows in bin / rows) * |accuracy - mean probability|. Returns (ECE, the non-empty bins as
+  {"low", "high", "count", "mean_probability", "accuracy"}); NaN and no bins without rows."""
+  p = np.clip(np.asarray(probabilities, np.float64), 0.0, 1.0)
+  labels = np.asarray(labels, np.float64)
+  if p.size == 0:
+    return float("nan"), []
+  index = np.minimum((p * num_bins).astype(int), num_bins - 1)
+  ece, bins = 0.0, []
+  for b in range(num_bins):
+    inside = index == b
+    if not inside.any():
+      continue
+    mean_p, accuracy = float(p[inside].mean()), float(labels[inside].mean())
+    ece += inside.sum() / p.size * abs(accuracy - mean_p)
+    bins.append({"low": b / num_bins, "high": (b + 1) / num_bins, "count": int(inside.sum()),
+                 "mean_probability": mean_p, "accuracy": accuracy})
+  return float(ece), bins
+
+
+def score_separation(scores, rewards, finished) -> dict:
+  """AUROC and calibration (ECE, 10 bins, r_s read as P(correct)) of the scores of finished rows
+  against the verifier (correct iff r_v > 0.5): {"auroc", "ece", "reliability"}."""
+  finished = np.asarray(finished, bool)
+  scores = np.asarray(scores, np.float64)[finished]
+  correct = np.asarray(rewards, np.float64)[finished] > 0.5
+  ece, bins = calibration(scores, correct)
+  return {"auroc": auroc(scores, correct), "ece": ece, "reliability": bins}
 
 
 def zero_std_group_fraction(rewards: jax.Array, group_ids: jax.Array,

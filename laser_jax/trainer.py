@@ -326,6 +326,7 @@ class Trainer:
         "self_reward/n_correct": int(sv["self_reward_n_correct"]),
         "self_reward/n_incorrect": int(sv["self_reward_n_incorrect"]),
         "self_reward/score_mean": float(np.nanmean(scores)) if np.any(finished) else float("nan"),
+        "self_reward/auroc": rl_metrics.auroc(scores[finished], everyone["verifier_rewards"][finished] > 0.5),
         "self_reward/loss_on": float(sr_on),
         "response_length": float(ro["response_length_mean"]),
         "truncated_frac": float(ro["truncation_rate"]),
@@ -387,6 +388,7 @@ class Trainer:
         "eval/self_verification_acc_incorrect": float(sv["self_reward_acc_incorrect"]),
         "eval/self_verification_acc": float(sv["self_reward_acc"]),
         "eval/self_verification_f1": float(sv["self_reward_f1"]),
+        "eval/self_verification_auroc": rl_metrics.auroc(scores[finished], rewards[finished] > 0.5),
         "eval/truncated_frac": float(np.mean(~finished)),
         "eval/num_problems": len(self.task.eval_prompts),
     }

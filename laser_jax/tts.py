@@ -46,7 +46,8 @@ def self_verification(acc, scores, threshold: float = 0.5) -> dict[str, float]:
   The training metrics' implementation (`rl_metrics.self_verification_metrics`) under this
   module's names: acc_on_correct (recall of the correct class), acc_on_incorrect, overall
   accuracy, their F1 (harmonic mean of the two class accuracies: NaN if a class is empty, 0 if
-  both accuracies are 0) and counts.
+  both accuracies are 0), the score's AUROC (NaN if a class is empty) and expected calibration
+  error (10 bins, r_s clipped to [0, 1] read as P(correct)), and counts.
   """
   from laser_jax import rl_metrics
   acc = _as_2d(acc, "acc", np.float64).ravel()
@@ -56,10 +57,11 @@ def self_verification(acc, scores, threshold: float = 0.5) -> dict[str, float]:
   finished = ~np.isnan(scores)
   m = {k: float(v) for k, v in rl_metrics.self_verification_metrics(
       np.where(finished, scores, 0.0), acc, finished, threshold).items()}
+  separation = rl_metrics.score_separation(scores, acc, finished)
   return {"acc_on_correct": m["self_reward_acc_correct"], "acc_on_incorrect": m["self_reward_acc_incorrect"],
-          "overall": m["self_reward_acc"], "f1": m["self_reward_f1"],
-          "num_correct": int(m["self_reward_n_correct"]), "num_incorrect": int(m["self_reward_n_incorrect"]),
-          "num_truncated": int((~finished).sum())}
+          "overall": m["self_reward_acc"], "f1": m["self_reward_f1"], "auroc": separation["auroc"],
+          "ece": separation["ece"], "num_correct": int(m["self_reward_n_correct"]),
+          "num_incorrect": int(m["self_reward_n_incorrect"]), "num_truncated": int((~finished).sum())}
 
 
 def _group_ids(answers: Sequence[str | None]) -> tuple[np.ndarray, int]:

@@ -275,6 +275,11 @@ def test_cli_prints_table_and_exits_zero(ckpt, tmp_path):
   assert len(rows) == 2 and all(len(r["responses"]) == 2 for r in rows)
   assert all(a == 0.0 for r in rows for a in r["acc_list"])  # math verifier: junk is never right
   assert os.path.isfile(evaluate.summary_path(str(out)))
+  summary = json.loads(open(evaluate.summary_path(str(out))).read())
+  # One class only (nothing is correct): AUROC undefined; the reliability plot sits beside it.
+  assert summary["verify/auroc"] is None and "AUROC of the score" in proc.stdout
+  assert summary["reliability_plot"] == str(tmp_path / "cli.reliability.png")
+  assert os.path.isfile(summary["reliability_plot"])
 
 
 def test_malformed_input_file_is_a_one_line_error(tmp_path):

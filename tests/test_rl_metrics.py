@@ -97,3 +97,39 @@ def test_sum_count_accumulation_is_exact_unlike_mean_of_means():
   with pytest.raises(ValueError, match="empty list"):
     rl_metrics.accumulate_metrics([])
   assert isinstance(jax.tree.leaves(total)[0], jax.Array)
+
+
+def _auroc_by_pairs(scores, labels):
+  """Every (correct, incorrect) pair: 1 if the correct one scores higher, 1/2 on a tie."""
+  pos = [s for s, l in zip(scores, labels) if l]
+  neg = [s for s, l in zip(scores, labels) if not l]
+  return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_auroc_hand_worked_ties_and_empty_class():
+  # Correct .9 .5 .5, incorrect .5 .1: pairs (.9 beats both) 2, (.5 vs .5) 1/2 + (.5 beats .1) 1, twice.
+  assert rl_metrics.auroc([0.9, 0.5, 0.5, 0.5, 0.1], [1, 1, 1, 0, 0]) == pytest.approx((2 + 1.5 + 1.5) / 6)
+  assert rl_metrics.auroc([0.2, 0.8], [1, 0]) == 0.0 and rl_metrics.auroc([0.8, 0.2], [1, 0]) == 1.0
+  assert math.isnan(rl_metrics.auroc([0.3, 0.4], [1, 1]))  # one class empty: undefined
+
+
+@SETTINGS
+@hypothesis.given(st.lists(st.tuples(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, -1.0]), st.booleans()),
+                           min_size=2, max_size=30))
+def test_auroc_equals_the_pairwise_count(rows):
+  scores, labels = [s for s, _ in rows], [l for _, l in rows]
+  hypothesis.assume(any(labels) and not all(labels))
+  assert rl_metrics.auroc(scores, labels) == pytest.approx(_auroc_by_pairs(scores, labels))
+
+
+def test_calibration_hand_worked():
+  # Bin [0, .1): .05 (wrong); bin [.9, 1]: .95, 1.0 and 1.7 (clipped to 1) with 2 of 3 right.
+  ece, bins = rl_metrics.calibration([0.05, 0.95, 1.0, 1.7], [0, 1, 1, 0])
+  assert [(b["low"], b["count"]) for b in bins] == [(0.0, 1), (0.9, 3)]
+  want = 1 / 4 * abs(0 - 0.05) + 3 / 4 * abs(2 / 3 - (0.95 + 1 + 1) / 3)
+  assert ece == pytest.approx(want)
+  assert math.isnan(rl_metrics.calibration([], [])[0])
+  # Truncated rows are left out of the score's separation.
+  sep = rl_metrics.score_separation([0.9, np.nan, 0.1], [1, 1, 0], [True, False, True])
+  assert sep["auroc"] == 1.0 and sum(b["count"] for b in sep["reliability"]) == 2
+

@@ -56,6 +56,7 @@ GOLDEN_STEP_1 = {
     "grad_norm": 1.464823842048645, "kl_loss": 0.0, "loss": 0.00865111593157053, "lr": 0.0003,
     "pg_loss": 0.005263167899101973, "response_length": 11.875, "reward_mean": 0.5,
     "self_reward/acc": 0.0, "self_reward/acc_correct": 0.0, "self_reward/acc_incorrect": None,
+    "self_reward/auroc": None,
     "self_reward/f1": None, "self_reward/loss_on": 1.0, "self_reward/n_correct": 1,
     "self_reward/n_incorrect": 0, "self_reward/score_mean": -0.04122214391827583,
     "self_reward_loss": 0.03387948125600815, "skipped_updates": 0, "step": 1, "truncated_frac": 0.9375,
