@@ -1,16 +1,25 @@
-r"""Learning demonstration: LaSeR vs the GRPO baseline on the embedded default (tiny_cpu).
+r"""Learning demonstration across seeds: LaSeR vs the GRPO baseline on the embedded default.
 
-Runs (or reuses) both trainings with the same seed, then writes
-  bench/results/learning.json   eval records of both runs + the test-time-scaling comparison
-  bench/results/learning.png    reward and self-verification F1 over steps, both runs
-and prints a table: first/last held-out accuracy, final self-verification F1, and on the final
-LaSeR model maj@k vs self-reward-weighted maj@k.
+For each seed s (`--seeds`), trains `configs/tiny_cpu.py` with `--config.seed=s` twice, LaSeR and
+GRPO (`laser.use_self_reward_loss=False`), then samples `--n` solutions for `--problems` held-out
+problems from each final model (`notebook_utils.sample_solutions`: the evaluator's pipeline) for
+the test-time-scaling columns. Writes
+  bench/results/learning.json   every run's config overrides, metrics.jsonl eval records, wall
+                                time and final scaling summary; the per-method mean and std
+  bench/results/learning.png    held-out accuracy and self-verification F1 over steps: mean
+                                curves over the seeds with a +-1 std band
+and prints one table with mean +- std over seeds per column: held-out accuracy at the first and
+last eval, self-verification F1 and AUROC at the last eval (the runs' eval records: the held-out
+set x eval.n samples), and on the final models mean@n, maj@n, score-weighted maj@n and best-of-n
+by score (bootstrapped with a fixed seed). Then it checks the learning issue's bars.
 
-  python bench/learning.py                       # both runs from scratch (~2 x 15 min on 2 cores)
-  python bench/learning.py --laser_workdir=/tmp/laser_jax/tiny_cpu --grpo_workdir=/tmp/laser_jax/tiny_cpu_grpo --reuse
+  python bench/learning.py --seeds=3                      # 3 x 2 runs from scratch (~30 min on 2 cores)
+  python bench/learning.py --seeds=3 --reuse              # reuse finished runs in --workdir
+  python bench/learning.py --seeds=1 --set laser.kl_coef=0.3 --methods=laser   # one sweep point
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -18,113 +27,169 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-def _config(workdir, laser: bool):
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import tiny_cpu
-  c = tiny_cpu.get_config()
-  c.workdir = workdir
+from laser_jax import default_config, metrics_writer, notebook_utils, trainer, tts  # noqa: E402
+
+METHODS = {"laser": True, "grpo": False}  # name -> laser.use_self_reward_loss
+# Columns of the table: (key in a run's summary, header).
+COLUMNS = (("acc_first", "acc start"), ("acc_last", "acc end"), ("f1", "F1"), ("auroc", "AUROC"),
+           ("mean@n", "mean@n"), ("maj@n", "maj@n"), ("self_weighted_maj@n", "wmaj@n"), ("best@n", "best@n"))
+
+
+def run_config(workdir: str, seed: int, laser: bool, overrides: dict, base: str):
+  """`base` (a configs/*.py file) for one run: its seed, method and `--set` overrides."""
+  c = default_config.load_config_file(base)
+  c.workdir, c.seed = workdir, seed
   c.laser.use_self_reward_loss = laser
-  return c
+  return default_config.apply_overrides(c, overrides)
 
 
-def _eval_records(workdir):
-  from laser_jax import metrics_writer
+def eval_records(workdir: str) -> list[dict]:
   return [r for r in metrics_writer.read_metrics(workdir) if "eval/accuracy" in r]
 
 
-def _train_records(workdir):
-  from laser_jax import metrics_writer
-  return [r for r in metrics_writer.read_metrics(workdir) if "reward_mean" in r]
-
-
-def _scaling(config, n: int, num_problems: int):
-  """maj@k vs score-weighted maj@k vs best@k of the final model on held-out problems."""
+def final_scaling(config, n: int, num_problems: int) -> dict:
+  """mean@n, maj@k, score-weighted maj@k and best@k (tts.summarize) of the run's last checkpoint
+  on its first `num_problems` held-out problems, n samples each (eval sampling settings)."""
   import dataclasses
-  import jax
-  import numpy as np
-  from laser_jax import checkpoint, notebook_utils, objective, sampler, trainer, tts
   t = trainer.Trainer(config)
-  ckpt = checkpoint.Checkpointer(config.workdir)
-  state, _ = ckpt.restore(ckpt.latest_step(), t.abstract_state())
-  ckpt.close()
+  params = notebook_utils.restore_params(t, config.workdir)
   prompts = t.task.eval_prompts[:num_problems]
   sampling = dataclasses.replace(t.eval_sampling, n=n)
-  out = sampler.sample(state.params, t.model_cfg, [p.token_ids for p in prompts], sampling,
-                       jax.random.key(123), mesh=t.mesh)
-  texts = t.task.decode(out.tokens, out.lengths)
-  answers = [notebook_utils.canonical_answer(x) for x in texts]
-  acc = np.asarray(t.task.verifier(texts, [prompts[g].answer for g in out.group_ids]).rewards)
-  scores = np.asarray(objective.self_reward_score(out.self_reward_logprob, kl_coef=config.laser.kl_coef,
-                                                  ref_constant=config.laser.ref_constant))
-  shape = (len(prompts), n)
-  answers = np.array(answers, dtype=object).reshape(shape).tolist()
-  return tts.summarize(answers, acc.reshape(shape), scores.reshape(shape))
+  with jax.set_mesh(t.mesh):
+    with t.task.verifier as verifier:
+      solutions = notebook_utils.sample_solutions(
+          params, t.model_cfg, t.tokenizer, prompts, sampling, verifier, jax.random.key(123),
+          kl_coef=config.laser.kl_coef, ref_constant=config.laser.ref_constant, mesh=t.mesh)
+  return tts.summarize(solutions.answers, solutions.acc, solutions.scores)
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--laser_workdir", default="/tmp/laser_jax/learning_laser")
-  p.add_argument("--grpo_workdir", default="/tmp/laser_jax/learning_grpo")
-  p.add_argument("--reuse", action="store_true", help="Reuse finished runs in the workdirs.")
-  p.add_argument("--n", type=int, default=8, help="Samples per problem for the scaling table.")
-  p.add_argument("--problems", type=int, default=128)
-  p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
-  args = p.parse_args()
-  from laser_jax import trainer
-  runs = {"laser": (args.laser_workdir, True), "grpo": (args.grpo_workdir, False)}
-  times = {}
-  for name, (workdir, laser) in runs.items():
-    config = _config(workdir, laser)
-    times[name] = None  # Reused runs: their time is not measured here.
-    if not args.reuse or not _eval_records(workdir):
-      t0 = time.time()
-      trainer.train(config)
-      times[name] = time.time() - t0
-  result = {"runs": {}, "command": " ".join(sys.argv)}
-  for name, (workdir, laser) in runs.items():
-    evals = _eval_records(workdir)
-    result["runs"][name] = {
-        "workdir": workdir, "wall_time_s": times[name], "evals": evals,
-        "train": _train_records(workdir),
-        "scaling": _scaling(_config(workdir, laser), args.n, args.problems)}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "learning.json"), "w") as f:
-    json.dump(result, f, indent=1, default=float)
-  _plot(result, os.path.join(args.out, "learning.png"))
-  _table(result)
+def summarize_run(evals: list[dict], scaling: dict, n: int) -> dict:
+  """One row of the table from a run's eval records and final scaling summary."""
+  nan = lambda v: math.nan if v is None else float(v)
+  return {"acc_first": nan(evals[0]["eval/accuracy"]), "acc_last": nan(evals[-1]["eval/accuracy"]),
+          "f1": nan(evals[-1].get("eval/self_verification/f1")),
+          "auroc": nan(evals[-1].get("eval/self_verification/auroc")),
+          "mean@n": scaling["mean@n"], "maj@n": scaling[f"maj@{n}"],
+          "self_weighted_maj@n": scaling[f"self_weighted_maj@{n}"], "best@n": scaling[f"best@{n}"]}
 
 
-def _table(result):
-  print(f"{'run':6} {'acc first':>9} {'acc last':>9} {'F1 last':>8} " + " ".join(
-      f"{'maj@' + str(k):>7} {'wmaj@' + str(k):>7} {'best@' + str(k):>7}" for k in (2, 4, 8)))
-  for name, run in result["runs"].items():
-    ev = run["evals"]
-    s = run["scaling"]
-    cells = " ".join(" ".join(f"{s.get(f'{m}@{k}', float('nan')):7.3f}"
-                              for m in ("maj", "self_weighted_maj", "best")) for k in (2, 4, 8))
-    f1 = ev[-1].get("eval/self_verification_f1")
-    print(f"{name:6} {ev[0]['eval/accuracy']:9.3f} {ev[-1]['eval/accuracy']:9.3f} "
-          f"{(f1 if f1 is not None else float('nan')):8.3f} {cells}")
+def mean_std(rows: list[dict]) -> dict:
+  """{column: [mean, std (population)]} over the seeds' rows, NaN-aware."""
+  return {key: [float(np.nanmean([r[key] for r in rows])), float(np.nanstd([r[key] for r in rows]))]
+          for key, _ in COLUMNS}
 
 
-def _plot(result, path):
+def bars(stats: dict) -> dict:
+  """The learning issue's bars on the mean over seeds (None when GRPO was not run)."""
+  laser, grpo = stats.get("laser"), stats.get("grpo")
+  if laser is None:
+    return {}
+  m = {k: v[0] for k, v in laser.items()}
+  out = {"f1 >= 0.80": m["f1"] >= 0.80,
+         "score-weighted maj@n >= maj@n + 0.02": m["self_weighted_maj@n"] >= m["maj@n"] + 0.02,
+         "best@n >= mean@n + 0.05": m["best@n"] >= m["mean@n"] + 0.05,
+         "held-out accuracy rises >= 0.10": m["acc_last"] - m["acc_first"] >= 0.10}
+  if grpo is not None:
+    out["LaSeR final accuracy >= GRPO's"] = m["acc_last"] >= grpo["acc_last"][0]
+  return out
+
+
+def format_table(stats: dict, num_seeds: int, n: int) -> str:
+  header = f"{'method':7}" + "".join(f"{title.replace('@n', f'@{n}'):>16}" for _, title in COLUMNS)
+  lines = [f"mean +- std over {num_seeds} seed(s)", header]
+  for method, columns in stats.items():
+    lines.append(f"{method:7}" + "".join(f"{columns[k][0]:9.3f}+-{columns[k][1]:.3f}" for k, _ in COLUMNS))
+  return "\n".join(lines)
+
+
+def plot(result: dict, path: str):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  for name, run in result["runs"].items():
-    steps = [r["step"] for r in run["train"]]
-    axes[0].plot(steps, [r["reward_mean"] for r in run["train"]], label=f"{name} (train reward)", alpha=.8)
-    axes[0].plot([r["step"] for r in run["evals"]], [r["eval/accuracy"] for r in run["evals"]], "o--",
-                 label=f"{name} (held-out acc)")
-    axes[1].plot(steps, [r["self_reward/f1"] if r["self_reward/f1"] is not None else float("nan")
-                         for r in run["train"]], label=name)
-  axes[0].set_xlabel("RL step"); axes[0].set_ylabel("accuracy"); axes[0].legend(fontsize=7)
-  axes[1].set_xlabel("RL step"); axes[1].set_ylabel("self-verification F1 (train rollouts)")
-  axes[1].axhline(0.7, color="gray", lw=.5, ls=":"); axes[1].legend(fontsize=7)
+  for method in result["stats"]:
+    runs = [r for r in result["runs"] if r["method"] == method]
+    steps = [e["step"] for e in runs[0]["evals"]]
+    for ax, key in zip(axes, ("eval/accuracy", "eval/self_verification/f1")):
+      values = np.array([[np.nan if e.get(key) is None else e[key] for e in r["evals"]] for r in runs])
+      mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+      line, = ax.plot(steps, mean, marker="o", label=f"{method} (mean of {len(runs)})")
+      ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+  axes[0].set(xlabel="RL step", ylabel="held-out accuracy")
+  axes[1].set(xlabel="RL step", ylabel="held-out self-verification F1", ylim=(-0.05, 1.05))
+  axes[1].axhline(0.8, color="gray", lw=0.5, ls=":")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+  out = {}
+  for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep:
+      raise SystemExit(f"error: --set {pair}: expected key=value")
+    try:
+      out[key] = json.loads(value)  # numbers, true / false
+    except ValueError:
+      out[key] = value  # a string
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--seeds", type=int, default=3, help="Seeds 0 .. seeds-1, each method on each.")
+  p.add_argument("--methods", default="laser,grpo", help="Comma-separated: laser, grpo.")
+  p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny_cpu.py"))
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="Config override for every run (JSON value), e.g. --set laser.kl_coef=0.3.")
+  p.add_argument("--workdir", default="/tmp/laser_jax/learning", help="Runs go to <workdir>/<method>_seed<s>.")
+  p.add_argument("--reuse", action="store_true", help="Reuse finished runs in the workdirs.")
+  p.add_argument("--n", type=int, default=8, help="Samples per problem for the scaling columns.")
+  p.add_argument("--problems", type=int, default=128, help="Held-out problems for the scaling columns.")
+  p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+  p.add_argument("--name", default="learning", help="Output files <out>/<name>.{json,png}.")
+  args = p.parse_args(argv)
+  overrides = parse_overrides(args.set)
+  methods = [m.strip() for m in args.methods.split(",")]
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise SystemExit(f"error: --methods: unknown {unknown}; expected some of {list(METHODS)}")
+  runs = []
+  for seed in range(args.seeds):
+    for method in methods:
+      workdir = os.path.join(args.workdir, f"{method}_seed{seed}")
+      config = run_config(workdir, seed, METHODS[method], overrides, args.config)
+      wall = None  # A reused run's time is not measured here.
+      finished = eval_records(workdir) and eval_records(workdir)[-1]["step"] == config.total_steps
+      if not (args.reuse and finished):
+        t0 = time.time()
+        trainer.train(config)
+        wall = time.time() - t0
+      evals = eval_records(workdir)
+      scaling = final_scaling(config, args.n, args.problems)
+      runs.append({"method": method, "seed": seed, "workdir": workdir, "wall_time_s": wall,
+                   "evals": evals, "scaling": scaling, "summary": summarize_run(evals, scaling, args.n)})
+      print(f"{method} seed {seed}: " + " ".join(f"{k}={v:.3f}" for k, v in runs[-1]["summary"].items()),
+            flush=True)
+  stats = {m: mean_std([r["summary"] for r in runs if r["method"] == m]) for m in methods}
+  result = {"command": " ".join(["python bench/learning.py"] + (sys.argv[1:] if argv is None else list(argv))),
+            "config": args.config, "overrides": overrides, "seeds": args.seeds, "n": args.n,
+            "problems": args.problems, "stats": stats, "bars": bars(stats), "runs": runs}
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+    json.dump(result, f, indent=1, default=float)
+  plot(result, os.path.join(args.out, f"{args.name}.png"))
+  print(format_table(stats, args.seeds, args.n))
+  for bar, ok in result["bars"].items():
+    print(f"  {'PASS' if ok else 'FAIL'}  {bar}")
+  return result
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ and three things are timed:
   * update: `Trainer.update` alone (forward + backward + AdamW over one mini-batch, all
     micro-batches), on a batch made by a real rollout; best and median of --repeats calls;
   * rollout: the sampler + decode + verifier part of `Trainer.train_step` (its `rollout_time_s`);
-  * full RL step: `Trainer.train_step` end to end (`step_time_s`), after one warm-up step.
+  * full RL step: `Trainer.train_step` end to end (`perf/step_time_s`), after one warm-up step.
 The matmul peak is measured in the same process, before and after the model runs and right before
 each timed update: the best of several jitted f32 [M, M] @ [M, M] products, FLOP = 2 M^3 (the
 best one is the peak: the run least disturbed by other processes on a shared machine).
@@ -127,8 +127,9 @@ def run_model(name: str, args) -> dict:
     # Full RL steps: the first one compiles the sampler and the update.
     trainer, state, prompts, warmup_s, timed_steps = common.rl_steps(config, args.repeats)
     cfg = trainer.model_cfg
-    steps = [{k: m[k] for k in ("rollout_time_s", "update_time_s", "step_time_s", "tokens_per_s",
-                                "response_length")} for m in timed_steps]
+    steps = [{"rollout_time_s": m["perf/rollout_time_s"], "update_time_s": m["perf/update_time_s"],
+              "step_time_s": m["perf/step_time_s"], "tokens_per_s": m["perf/tokens_per_s"],
+              "response_length": m["rollout/response_length_mean"]} for m in timed_steps]
 
     # The update alone, on the batch of a real rollout.
     sr_on, _ = trainer_lib.warmup_flags(int(state.step) + 1, config.laser)

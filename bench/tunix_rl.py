@@ -14,7 +14,7 @@ Timings per RL step (best and median over --repeats steps, after one warm-up ste
            advantages), timed around the call;
   update   laser_jax: `update_time_s` (host batch prep + jitted update, synchronised);
            Tunix: `RLCluster.update_actor` calls of the step, each synchronised on the model state;
-  step     laser_jax: `step_time_s`; Tunix: `RLLearner._run_global_step` (rollout + update).
+  step     laser_jax: `perf/step_time_s`; Tunix: `RLLearner._run_global_step` (rollout + update).
 
 The two halves run in separate processes: laser_jax in this interpreter, Tunix in the
 `.venv-bench` interpreter (`python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[bench]'`),
@@ -99,8 +99,9 @@ def run_laser(args) -> dict:
   spec = SHAPES[args.shape]
   with tempfile.TemporaryDirectory() as workdir:
     trainer, _, prompts, warmup, timed_steps = common.rl_steps(laser_config(spec, workdir), args.repeats)
-    steps = [{"rollout_s": m["rollout_time_s"], "update_s": m["update_time_s"],
-              "step_s": m["step_time_s"], "response_length": m["response_length"]} for m in timed_steps]
+    steps = [{"rollout_s": m["perf/rollout_time_s"], "update_s": m["perf/update_time_s"],
+              "step_s": m["perf/step_time_s"], "response_length": m["rollout/response_length_mean"]}
+             for m in timed_steps]
   return {"framework": "laser_jax", "num_params": trainer.model_cfg.num_params(),
           "prompt_lengths": [len(p.token_ids) for p in prompts], "warmup_step_s": warmup,
           "steps": steps, "peak_rss_mib": common.peak_rss_mib(), "versions": _versions()}

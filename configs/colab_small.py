@@ -43,6 +43,8 @@ def get_config():
   c.reward.num_workers = 2
   c.optim.lr = 1e-6
 
+  c.laser.loss_coef = 0.1  # alpha, the paper's value.
+  c.laser.kl_coef = 0.1  # beta_v, the paper's value (0.1 * 23 = 2.3 >= 1.5: both targets reachable).
   c.laser.ref_constant = -23.0  # Qwen2.5 family; calibrate with `python -m laser_jax.calibrate`.
   c.laser.self_reward_token_id = 151652  # <|vision_start|>
   c.laser.reasoning_warmup_steps = 0  # Short run: self-rewarding loss from the start.

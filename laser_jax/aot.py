@@ -45,6 +45,19 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from laser_jax import cli
+from laser_jax import config_check
+from laser_jax import objective
+from laser_jax import optim as optim_lib
+from laser_jax import presets
+from laser_jax import programs as programs_lib
+from laser_jax import sampler as sampler_lib
+from laser_jax import sharding as sharding_lib
+from laser_jax import synthetic
+from laser_jax import tasks
 
 GiB = 1024 ** 3
 
@@ -453,22 +466,20 @@ class ProgramReport:
 
 
 def model_config(config):
-  """The model shape a config trains, without its weights: the checkpoint's config.json when
-  `model.hf_path` is on this machine, else `model.preset`, else the random-init shape."""
-  import dataclasses as dc
-  from laser_jax import config_check, hf, presets, tasks
+  """The model shape a config trains, without its weights, with its numerics for a TPU
+  (`tasks.model_config`): the checkpoint's config.json when `model.hf_path` is on this machine,
+  else `model.preset`, else the random-init shape."""
   m = config.model
-  numerics = tasks.model_settings(m, platform="tpu")  # compiled for a TPU slice, whatever runs this
-  if m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
-    return dc.replace(hf.load_hf_config(m.hf_path), **numerics)
-  if m.preset:
-    return dc.replace(presets.get_preset(m.preset), **numerics)
-  if config.data.task == "synthetic":
-    from laser_jax import synthetic
-    return tasks.model_cfg_from_shape(config, len(synthetic.build_tokenizer()))
-  raise config_check.ConfigError(
-      f"config.model.hf_path: {m.hf_path!r} is not on this machine; name the model's shape with "
-      f"--config.model.preset (one of {', '.join(sorted(presets.PRESETS))})")
+  if m.hf_path and not os.path.isfile(os.path.join(m.hf_path, "config.json")):
+    if not m.preset:
+      raise config_check.ConfigError(
+          f"config.model.hf_path: {m.hf_path!r} is not on this machine; name the model's shape with "
+          f"--config.model.preset (one of {', '.join(sorted(presets.PRESETS))})")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model.hf_path = ""
+  tokenizer_size = len(synthetic.build_tokenizer()) if config.data.task == "synthetic" else None
+  return tasks.model_config(config, tokenizer_size, platform="tpu")  # for a TPU slice, whatever runs this
 
 
 HLO_DUMP_DIR = ""  # When set (--hlo_dir), each compiled program's HLO text is written there.
@@ -555,8 +566,6 @@ def compile_step(config, tpu: Slice, devices=None, log=print, groups: Sequence[s
   "logprobs" (old / reference log-probs), "update". `devices` defaults to the slice's devices
   from libtpu.
   """
-  from laser_jax import config_check, objective, optim as optim_lib, programs as programs_lib
-  from laser_jax import sampler as sampler_lib, sharding as sharding_lib
   devices = slice_devices(tpu) if devices is None else list(devices)
   config_check.validate(config, num_devices=len(devices))
   c = config
@@ -677,8 +686,6 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None):
-  from absl import app, flags
-  from ml_collections import config_flags
   if "topology" not in flags.FLAGS:  # defined on the first call only
     flags.DEFINE_string("topology", None, f"TPU slice to compile for: {TOPOLOGY_FORMS}")
     flags.DEFINE_string("out", "", "Write the report as JSON here.")
@@ -692,8 +699,7 @@ def main(argv=None):
     if not FLAGS.topology or FLAGS.config is None:
       raise app.UsageError("--config and --topology are required, e.g. "
                            "--config=configs/tpu_v4.py --topology=v4-64")
-    from laser_jax import programs
-    programs.apply_libtpu_init_args(FLAGS.config)  # compile with the run's TPU flags
+    programs_lib.apply_libtpu_init_args(FLAGS.config)  # compile with the run's TPU flags
     try:
       tpu = parse_topology(FLAGS.topology)
       log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -710,7 +716,6 @@ def main(argv=None):
         json.dump(report, f, indent=2)
     sys.exit(0 if report["fits"] else 1)
 
-  from laser_jax import cli
   cli.run(run, argv=argv)
 
 

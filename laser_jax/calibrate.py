@@ -34,6 +34,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ml_collections import config_flags
+
+from laser_jax import cli
+from laser_jax import config_check
 from laser_jax import evaluate
 from laser_jax import model as model_lib
 from laser_jax.config_check import ConfigError
@@ -118,6 +122,22 @@ def token_checks(tokenizer, token_id: int, texts) -> dict[str, Any]:
           "texts_encoding_to_token": texts_with, "occurrences_in_encoded_text": occurrences}
 
 
+# The untrained verifier should call pi_ref's own solutions "incorrect": two standard deviations
+# of the initial scores beta_v * (log pi_ref - c_ref) stay within the 0.5 threshold.
+INITIAL_SCORE_SPREAD = 0.25
+
+
+def kl_coef_range(ref_constant: float, logprob_std: float) -> tuple[float, float]:
+  """The beta_v (config.laser.kl_coef) range that keeps both L_sr targets reachable and apart:
+  at least MIN_SCORE_RANGE / -c_ref, so the correct class's target log p(z_c) = c_ref + 1 / beta_v
+  stays below 0 with margin (config_check warns below it); at most INITIAL_SCORE_SPREAD / std of
+  log pi_ref(z_c), so pi_ref's scores start near 0, the incorrect class's target. The range is
+  empty (low > high) when log pi_ref(z_c) varies too much for a constant c_ref."""
+  low = config_check.MIN_SCORE_RANGE / -ref_constant if ref_constant < 0 else float("inf")
+  high = INITIAL_SCORE_SPREAD / logprob_std if logprob_std > 0 else float("inf")
+  return low, high
+
+
 def warnings_for(report: dict, warn_logprob: float) -> list[str]:
   """The z_c warnings of a report (empty when z_c looks like a dedicated unused token)."""
   z, tok = report["token_id"], report["token"]
@@ -129,6 +149,12 @@ def warnings_for(report: dict, warn_logprob: float) -> list[str]:
   if report["in_tokenizer"] and not report["is_special_or_added"]:
     out.append(f"z_c={z} ({tok!r}) is a regular vocabulary piece, not a special/added token; "
                "ordinary text can produce it")
+  low, high = report["kl_coef_range"]
+  if low > high:
+    out.append(f"no beta_v keeps both targets reachable: log pi_ref(z_c) has std {report['std']:.3g} "
+               f"around c_ref {report['mean']:.3g}, so beta_v >= {low:.3g} (correct target below log p = 0) "
+               f"spreads pi_ref's own scores beyond the threshold (beta_v <= {high:.3g}); consider the exact "
+               "score (config.laser.use_ref_model_score)")
   max_lp = report["max_logprob_in_text"]
   if max_lp is not None and max_lp > warn_logprob:
     out.append(f"z_c={z} ({tok!r}) has log-prob {max_lp:.2f} > {warn_logprob} inside sampled text: "
@@ -144,6 +170,8 @@ def format_table(report: dict) -> str:
            f"min {report['min']:.4f}  max {report['max']:.4f}",
            "  quantiles " + "  ".join(f"p{round(100 * float(k)):02d} {v:.3f}" for k, v in q.items()),
            f"suggested c_ref (config.laser.ref_constant): {report['mean']:.2f}",
+           f"beta_v (config.laser.kl_coef) keeping both targets reachable: "
+           f"[{report['kl_coef_range'][0]:.3g}, {report['kl_coef_range'][1]:.3g}]",
            f"max log pi(z_c) inside sampled text: {report['max_logprob_in_text']:.3f}; "
            f"special/added token: {report['is_special_or_added']}; ordinary texts encoding to it: "
            f"{report['texts_encoding_to_token']}/{report['num_texts_encoded']}"]
@@ -154,15 +182,14 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
         model: evaluate.LoadedModel | None = None) -> dict:
   """Samples, reports log pi(z_c | x, y) statistics and z_c checks; writes and returns the report."""
   e, cal = config.eval, config.calibrate
-  if cal.scan_chunk < 1:
-    raise ConfigError(f"config.calibrate.scan_chunk: expected >= 1, got {cal.scan_chunk}")
+  config_check.validate_eval(config)
   records = evaluate.load_problems(e.input_file, cal.num_problems)
   model = evaluate.load_model(config) if model is None else model
   sampling = evaluate.sampling_params(config, model)
   prepared = evaluate.prepare_items(config, model, records)
   if not prepared.items:
-    raise evaluate.EvalError(f"config.eval.max_prompt_len: all {prepared.num_filtered} prompts are "
-                             f"longer than {e.max_prompt_len} tokens")
+    raise ConfigError(f"config.eval.max_prompt_len: all {prepared.num_filtered} prompts are "
+                      f"longer than {e.max_prompt_len} tokens")
   logprobs, text_max, after_eos, texts = [], [], [], []
   for _, out in evaluate.generate(model, prepared.items, sampling, e.batch_size, e.seed, progress):
     logprobs.append(out.self_reward_logprob)
@@ -174,8 +201,8 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   logprobs, text_max, after_eos = map(np.concatenate, (logprobs, text_max, after_eos))
   finished = ~np.isnan(logprobs)
   if not finished.any():
-    raise evaluate.EvalError(f"no response finished within config.eval.max_new_tokens="
-                             f"{e.max_new_tokens} ({len(logprobs)} sampled): raise it")
+    raise ConfigError(f"config.eval.max_new_tokens: no response finished within "
+                      f"{e.max_new_tokens} tokens ({len(logprobs)} sampled): raise it")
   values = logprobs[finished].astype(np.float64)
   report = {
       "token_id": model.zc_id, "model": model.source, "num_problems": len(prepared.items),
@@ -190,6 +217,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   report.update(token_checks(model.tokenizer, model.zc_id,
                              [it["problem"] for it in prepared.items] + texts))
   report["suggested_ref_constant"] = report["mean"]
+  report["kl_coef_range"] = list(kl_coef_range(report["mean"], report["std"]))
   report["warnings"] = warnings_for(report, cal.warn_logprob)
   path = calibration_path(config)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -204,8 +232,11 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
 
 
 if __name__ == "__main__":
-  from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config file (configs/eval.py).",
                                             lock_config=True)
-  from laser_jax import cli
-  cli.run(lambda argv: evaluate.cli_main(run, _CONFIG.value))
+
+  def main(argv):
+    del argv
+    run(cli.required_config(_CONFIG, "configs/eval.py"))  # absl would exit with a returned value
+
+  cli.run(main)

@@ -16,6 +16,11 @@ from typing import Callable
 
 from absl import app, flags
 
+from laser_jax import checkpoint
+from laser_jax import config_check
+from laser_jax import data
+from laser_jax import hf
+
 
 def fail(message: str) -> None:
   """Prints `error: message` on one line and exits with status 2."""
@@ -25,8 +30,14 @@ def fail(message: str) -> None:
 
 def bad_input_errors() -> tuple[type[Exception], ...]:
   """The exceptions that mean bad input (a config value, a data row, a checkpoint)."""
-  from laser_jax import config_check, data, hf
-  return (config_check.ConfigError, data.DataError, hf.HFCheckpointError)
+  return (config_check.ConfigError, data.DataError, hf.HFCheckpointError, checkpoint.CheckpointError)
+
+
+def required_config(holder: flags.FlagHolder, example: str):
+  """The value of a `--config` flag, or the one-line error when it was not given."""
+  if holder.value is None:
+    fail(f"--config: required, e.g. --config={example}")
+  return holder.value
 
 
 def _config_flag_args(argv) -> list[tuple[str, str]]:
@@ -85,12 +96,14 @@ def parse_flags(argv):
   return rest
 
 
+def exit_on_bad_input(fn: Callable, *args, extra: tuple[type[Exception], ...] = ()):
+  """`fn(*args)`, with bad input (`bad_input_errors()` or `extra`) reported by `fail`."""
+  try:
+    return fn(*args)
+  except (*bad_input_errors(), *extra) as e:
+    fail(str(e))
+
+
 def run(main: Callable, *, extra: tuple[type[Exception], ...] = (), argv=None) -> None:
   """`absl.app.run(main)` with this module's flag parsing and bad-input errors."""
-  def wrapped(args):
-    try:
-      return main(args)
-    except (*bad_input_errors(), *extra) as e:
-      fail(str(e))
-
-  app.run(wrapped, argv=argv, flags_parser=parse_flags)
+  app.run(lambda args: exit_on_bad_input(main, args, extra=extra), argv=argv, flags_parser=parse_flags)

@@ -1,11 +1,20 @@
-"""Start-up validation of a training config: one-line errors that name the offending key.
+"""Start-up validation of training and eval configs: one-line errors that name the offending key.
 
 Unknown keys are already rejected by ml_collections (configs are locked, so a misspelt
 `--config.laser.los_coef=...` fails in flag parsing). This module catches values that are
-individually valid but wrong or inconsistent, before any model is loaded or compiled.
+individually valid but wrong or inconsistent, before any model is loaded or compiled:
+`validate` for a training config, `validate_eval` for `configs/eval.py` (evaluate, calibrate,
+export). `warnings` lists settings that run but are probably not what the user wants; `validate`
+logs each as one line.
 """
-import ml_collections
 import jax
+import ml_collections
+from absl import logging
+
+# The correct class's L_sr target is log pi(z_c) = c_ref + 1 / beta_v; the largest score is
+# beta_v * (0 - c_ref). Below this margin the target sits at (or beyond) log p = 0, which no
+# softmax reaches: L_sr then pushes p(z_c) towards 1 for every correct solution, forever.
+MIN_SCORE_RANGE = 1.5
 
 
 class ConfigError(ValueError):
@@ -43,8 +52,49 @@ def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   return tuple(sizes)
 
 
+def warnings(c: ml_collections.ConfigDict) -> list[str]:
+  """One line per setting of a training config that runs but probably should not."""
+  out = []
+  laser = c.laser
+  if laser.use_self_reward_loss and not laser.use_ref_model_score:
+    score_range = laser.kl_coef * (0.0 - laser.ref_constant)
+    if score_range < MIN_SCORE_RANGE:
+      out.append(
+          f"config.laser.kl_coef * -config.laser.ref_constant = {laser.kl_coef:g} * {-laser.ref_constant:g} "
+          f"= {score_range:.3g} < {MIN_SCORE_RANGE}: the correct class's target log p(z_c) = "
+          f"{laser.ref_constant + 1 / laser.kl_coef:.3g} is too close to 0 (or above it) to be reached; "
+          f"raise kl_coef to >= {MIN_SCORE_RANGE / -laser.ref_constant:.3g} (python -m laser_jax.calibrate "
+          f"prints the range)" if laser.ref_constant < 0 else
+          f"config.laser.ref_constant = {laser.ref_constant:g} >= 0: no score can reach the correct "
+          f"class's target 1; use the c_ref that python -m laser_jax.calibrate measures")
+  return out
+
+
+def validate_eval(c: ml_collections.ConfigDict, *, sampling: bool = True) -> None:
+  """Raises ConfigError for the first invalid value of an eval config (`configs/eval.py`): the
+  model keys always, the sampling and output keys when `sampling` (evaluate, calibrate)."""
+  m, e = c.model, c.eval
+  if bool(m.hf_path) == bool(m.checkpoint_dir):
+    raise ConfigError("config.model.hf_path / config.model.checkpoint_dir: set exactly one "
+                      f"(got hf_path={m.hf_path!r}, checkpoint_dir={m.checkpoint_dir!r})")
+  _one_of(c, "model.dtype", {"float32", "bfloat16"})
+  if not sampling:
+    return
+  _require(bool(e.input_file), "eval.input_file", "empty; give a JSONL/parquet file or an eval-set name")
+  _require(bool(e.output_file), "eval.output_file", "empty; give the output JSONL path")
+  for key, ok in (("n", e.n >= 1), ("max_new_tokens", e.max_new_tokens >= 1),
+                  ("batch_size", e.batch_size >= 1), ("temperature", e.greedy or e.temperature >= 0),
+                  ("top_p", 0 < e.top_p <= 1), ("top_k", e.top_k >= 0),
+                  ("decode_segments", e.decode_segments >= 1), ("max_prompt_len", e.max_prompt_len >= 0),
+                  ("num_workers", e.num_workers >= 0), ("timeout_s", e.timeout_s > 0),
+                  ("num_bootstrap", e.num_bootstrap >= 1)):
+    _require(ok, f"eval.{key}", f"invalid value {e[key]!r}")
+  _one_of(c, "eval.template", {"chat", "base"})
+  _require(c.calibrate.scan_chunk >= 1, "calibrate.scan_chunk", f"expected >= 1, got {c.calibrate.scan_chunk}")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ConfigError for the first invalid or inconsistent value found."""
+  """Raises ConfigError for the first invalid or inconsistent value found; logs `warnings`."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   data, fsdp, _ = mesh_shape(c, num_devices)
   _require(c.total_steps >= 0, "total_steps", f"expected >= 0, got {c.total_steps}")
@@ -109,3 +159,5 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _require(laser.self_rewarding_warmup_steps >= 0, "laser.self_rewarding_warmup_steps", "expected >= 0")
   _require(laser.self_reward_token_id >= 0 or bool(laser.self_reward_token), "laser.self_reward_token_id",
            "set a token id, or -1 with laser.self_reward_token naming the token")
+  for line in warnings(c):
+    logging.warning("%s", line)

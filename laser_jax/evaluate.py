@@ -16,7 +16,7 @@ Output, one JSON line per problem, field names as in the official LaSeR release'
   the records add self_rewarding_ref_logprobs (log pi_ref(z_c | x, y, EOS), one reference-model
   forward per batch). JSON never holds NaN: a missing value is null.
 The summary (`summary_path(output_file)`: `foo.jsonl` -> `foo.summary.json`) holds the metrics of
-`laser_jax.tts.summarize` (mean@n, verify/*, maj@k, self_weighted_maj@k, best@k), the run's
+`laser_jax.tts.summarize` (mean@n, self_verification/*, maj@k, self_weighted_maj@k, best@k), the run's
 statistics and the config; the same numbers are printed as a table.
 
 Voting canonicalises answers with `answers.canonical_answer` (the boxed text with whitespace, \left/\right
@@ -38,24 +38,31 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from ml_collections import config_flags
+from tqdm.auto import tqdm
 
 from laser_jax import answers as answers_lib
+from laser_jax import checkpoint as ckpt_lib
+from laser_jax import cli
+from laser_jax import config_check
 from laser_jax import data as data_lib
+from laser_jax import default_config
+from laser_jax import hf
 from laser_jax import model as model_lib
 from laser_jax import objective
+from laser_jax import policy
+from laser_jax import rl_metrics
+from laser_jax import rollout as rollout_lib
 from laser_jax import sampler as sampler_lib
 from laser_jax import scoring
 from laser_jax import sharding as sharding_lib
+from laser_jax import synthetic
+from laser_jax import tasks
 from laser_jax import tts
 from laser_jax import verifier as verifier_lib
-from laser_jax import default_config
 from laser_jax.config_check import ConfigError
 
 DEFAULT_ZC_TOKEN = "<|vision_start|>"  # Qwen2.5's z_c in the reference setup (id 151652).
-
-
-class EvalError(ValueError):
-  """Bad evaluation input (file, checkpoint, token); the message is one line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,9 +75,7 @@ class LoadedModel:
   cfg: model_lib.ModelConfig
   params: Any
   tokenizer: Any
-  eos_ids: tuple[int, ...]
-  pad_id: int
-  zc_id: int
+  tokens: tasks.SpecialTokens  # EOS, pad and z_c ids
   mesh: Any
   source: str  # where the weights came from (for the summary)
   kl_coef: float  # beta_v of the score r_s = beta_v * (log pi(z_c | x, y) - c_ref).
@@ -80,10 +85,21 @@ class LoadedModel:
   ref_params: Any = None
   ref_source: str = ""  # Where pi_ref came from (for the summary).
 
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    return self.tokens.eos_ids
+
+  @property
+  def pad_id(self) -> int:
+    return self.tokens.pad_id
+
+  @property
+  def zc_id(self) -> int:
+    return self.tokens.self_reward_token_id
+
 
 def make_eval_mesh(config: ml_collections.ConfigDict):
   """The (data, fsdp, tensor) mesh of `config.mesh` over all devices."""
-  from laser_jax import config_check
   data, fsdp, tensor = config_check.mesh_shape(config, jax.device_count())
   return sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
 
@@ -104,104 +120,29 @@ def load_train_config(path: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.model.train_config: {e}") from None
 
 
-def checkpoint_step_dir(checkpoint_dir: str, step: int = -1) -> tuple[str, int]:
-  """(`.../checkpoints/<step>/state`, step) of a training workdir (or its checkpoints/ dir)."""
-  from etils import epath
-  root = epath.Path(checkpoint_dir)
-  if not root.exists():
-    raise EvalError(f"config.model.checkpoint_dir: {checkpoint_dir} does not exist")
-  if (root / "checkpoints").is_dir():
-    root = root / "checkpoints"
-  # Only finished saves: orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames at the end.
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir())
-  if not steps:
-    raise EvalError(f"config.model.checkpoint_dir: no checkpoints (<step>/state) in {root}")
-  if step < 0:
-    step = steps[-1]
-  elif step not in steps:
-    raise EvalError(f"config.model.checkpoint_step: step {step} not in {root} (has {steps})")
-  return str(root / str(step) / "state"), step
-
-
-def restore_params(state_dir: str, cfg: model_lib.ModelConfig, mesh) -> Any:
-  """Restores only the `params` subtree of a trainer checkpoint, placed in its mesh shardings."""
-  import orbax.checkpoint as ocp
-  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-  shardings = sharding_lib.param_shardings(shapes, cfg, mesh)
-  restore_args = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=sh),
-                              shapes, shardings)
-  from absl import logging as absl_logging
-  # The state item sits below the step directory, so orbax warns that the step-level metadata
-  # file is missing from it; that and its INFO chatter are noise here.
-  level = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  checkpointer = ocp.PyTreeCheckpointer()
-  try:
-    _check_saved_shapes(checkpointer, state_dir, shapes)
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={"params": shapes}, restore_args={"params": restore_args}, partial_restore=True))
-  except EvalError:
-    raise
-  except Exception as e:  # orbax raises many types (dtype, missing keys, IO).
-    raise EvalError(f"cannot restore params from {state_dir} with the shapes of "
-                    f"config.model.train_config: {type(e).__name__}: "
-                    f"{' '.join(str(e).split())[:300]}") from e
-  finally:
-    checkpointer.close()
-    absl_logging.set_verbosity(level)
-  return restored["params"]
-
-
-def _check_saved_shapes(checkpointer, state_dir: str, shapes) -> None:
-  """Compares the saved params' shapes with the model config's before reading any array."""
-  try:
-    saved = checkpointer.metadata(state_dir).item_metadata.tree["params"]
-  except Exception as e:  # Not a trainer checkpoint (or unreadable): say so in one line.
-    raise EvalError(f"{state_dir} is not a laser_jax train state with params: "
-                    f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
-  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(shapes)}
-  got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(saved)}
-  for name in sorted(set(want) | set(got)):
-    if want.get(name) != got.get(name):
-      raise EvalError(f"checkpoint {state_dir} does not match config.model.train_config: params"
-                      f"{name} has shape {got.get(name)} in the checkpoint, the config gives "
-                      f"{want.get(name)}")
-
-
 def _from_checkpoint(config, mesh) -> LoadedModel:
-  from laser_jax import synthetic, tasks
   m = config.model
   train_config_path = m.train_config or os.path.join(m.checkpoint_dir, "config.json")
   if not m.train_config and not os.path.isfile(train_config_path):
     raise ConfigError("config.model.train_config: needed with config.model.checkpoint_dir (the "
                       "training config file that produced the checkpoint)")
   tc = load_train_config(train_config_path)
-  # The same model/tokenizer resolution as tasks.build_task, without loading training data.
-  if tc.data.task == "synthetic" and not tc.model.tokenizer_path:
-    tokenizer = synthetic.build_tokenizer()
-  else:
-    tokenizer = tasks.load_tokenizer(tc.model.tokenizer_path or tc.model.hf_path)
-  if tc.model.hf_path:
-    from laser_jax import hf
-    cfg = dataclasses.replace(hf.load_hf_config(tc.model.hf_path), dtype=tc.model.dtype,
-                              param_dtype=tc.model.param_dtype)
-  elif tc.model.preset:
-    from laser_jax import presets
-    cfg = dataclasses.replace(presets.get_preset(tc.model.preset), dtype=tc.model.dtype,
-                              param_dtype=tc.model.param_dtype)
-  else:
-    cfg = tasks.model_cfg_from_shape(tc, len(tokenizer))
-  cfg = dataclasses.replace(cfg, remat=False)
-  state_dir, step = checkpoint_step_dir(m.checkpoint_dir, m.checkpoint_step)
-  params = restore_params(state_dir, cfg, mesh)
+  # The model, tokenizer and special tokens exactly as the trainer resolved them (tasks).
+  tokenizer = tasks.load_task_tokenizer(tc)
+  cfg = dataclasses.replace(tasks.model_config(tc, len(tokenizer)), remat=False)
+  key = "model.checkpoint_step" if m.checkpoint_step >= 0 else "model.checkpoint_dir"
+  try:
+    state_dir, step = ckpt_lib.step_directory(m.checkpoint_dir, m.checkpoint_step)
+    params = ckpt_lib.restore_params(state_dir, sharding_lib.abstract_params(cfg, mesh))
+  except ckpt_lib.CheckpointError as e:
+    raise ConfigError(f"config.{key}: {e} (config.model.train_config: {train_config_path})") from None
   laser = config.laser
   if laser.self_reward_token_id >= 0 or laser.self_reward_token:
-    zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id,
-                                laser.self_reward_token, "")
+    special = tasks.special_tokens(tokenizer, cfg.vocab_size, tc.model.hf_path, laser.self_reward_token_id,
+                                   laser.self_reward_token)
   else:
-    zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, tc.laser.self_reward_token_id,
-                                tc.laser.self_reward_token, " (the training config's z_c)")
-  eos_ids = tasks.eos_token_ids(tokenizer, tc.model.hf_path)
+    special = tasks.special_tokens(tokenizer, cfg.vocab_size, tc.model.hf_path, tc.laser.self_reward_token_id,
+                                   tc.laser.self_reward_token, " (the training config's z_c)")
   # The score the run trained: its beta_v and c_ref unless the eval config sets them.
   kl_coef = laser.kl_coef if laser.kl_coef is not None else tc.laser.kl_coef
   ref_constant = laser.ref_constant if laser.ref_constant is not None else tc.laser.ref_constant
@@ -213,24 +154,23 @@ def _from_checkpoint(config, mesh) -> LoadedModel:
     # state_dir is <workdir>/checkpoints/<step>/state; the run saved its reference in <workdir>.
     run_dir = os.path.dirname(os.path.dirname(os.path.dirname(state_dir)))
     ref_params, ref_source = _run_reference(tc, train_config_path, run_dir, cfg, mesh)
-  return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh,
-                     f"{state_dir} (step {step})", kl_coef, ref_constant, ref_params, ref_source)
+  return LoadedModel(cfg, params, tokenizer, special, mesh, f"{state_dir} (step {step})", kl_coef,
+                     ref_constant, ref_params, ref_source)
 
 
 def _from_hf(config, mesh) -> LoadedModel:
-  from laser_jax import hf, tasks
   path, dtype = config.model.hf_path, config.model.dtype
-  if dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.model.dtype: expected 'float32' or 'bfloat16', got {dtype!r}")
-  cfg = hf.load_hf_config(path, dtype=dtype, param_dtype=dtype)
-  params = hf.load_hf_params(path, cfg, mesh=mesh)
-  tokenizer = hf.load_hf_tokenizer(path)
+  try:
+    cfg = hf.load_hf_config(path, dtype=dtype, param_dtype=dtype)
+    params = hf.load_hf_params(path, cfg, mesh=mesh)
+  except hf.HFCheckpointError as e:
+    raise ConfigError(f"config.model.hf_path: {e}") from None
+  tokenizer = tasks.load_tokenizer(path, "model.hf_path")
   laser = config.laser
   token = laser.self_reward_token or ("" if laser.self_reward_token_id >= 0 else DEFAULT_ZC_TOKEN)
-  zc = tasks.resolve_token_id(tokenizer, cfg.vocab_size, laser.self_reward_token_id, token, "")
-  eos_ids = tasks.eos_token_ids(tokenizer, path)
+  special = tasks.special_tokens(tokenizer, cfg.vocab_size, path, laser.self_reward_token_id, token)
   ref_params = _load_reference_hf(laser.ref_hf_path, cfg, mesh) if laser.ref_hf_path else None
-  return LoadedModel(cfg, params, tokenizer, eos_ids, tasks.pad_token_id(tokenizer, eos_ids), zc, mesh, path,
+  return LoadedModel(cfg, params, tokenizer, special, mesh, path,
                      laser.kl_coef if laser.kl_coef is not None else objective.DEFAULT_KL_COEF,
                      laser.ref_constant if laser.ref_constant is not None else objective.DEFAULT_REF_CONSTANT,
                      ref_params, laser.ref_hf_path)
@@ -238,12 +178,12 @@ def _from_hf(config, mesh) -> LoadedModel:
 
 def _load_reference_hf(path: str, cfg: model_lib.ModelConfig, mesh) -> Any:
   """pi_ref's params from an HF directory, which must have the evaluated model's architecture."""
-  from laser_jax import hf
   try:
     ref_cfg = hf.load_hf_config(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
   except hf.HFCheckpointError as e:
     raise ConfigError(f"config.laser.ref_hf_path: {e}") from None
-  ref_cfg = dataclasses.replace(ref_cfg, remat=cfg.remat)
+  # Numerics (dtype, attention kernel, layer scan, ...) follow the evaluated model's config.
+  ref_cfg = dataclasses.replace(ref_cfg, **{f: getattr(cfg, f) for f in model_lib.NUMERICS_FIELDS})
   for field in dataclasses.fields(cfg):
     want, got = getattr(cfg, field.name), getattr(ref_cfg, field.name)
     if want != got:
@@ -254,26 +194,22 @@ def _load_reference_hf(path: str, cfg: model_lib.ModelConfig, mesh) -> Any:
 
 def _run_reference(tc, train_config_path: str, run_dir: str, cfg: model_lib.ModelConfig, mesh
                    ) -> tuple[Any, str]:
-  """The reference policy of a training run that used the exact score: its HF model, or else its
-  initial policy as the run saved it (`run_dir/reference`), or rebuilt as the trainer builds it
-  (random init + the supervised warm start) for a run that saved none."""
+  """The reference policy of a training run that used the exact score, as the trainer defines it
+  (`tasks.Task.reference_policy`): its HF model, or its initial policy as the run saved it
+  (`run_dir/reference`), or rebuilt (random init + the supervised warm start)."""
   if tc.model.hf_path:
     return _load_reference_hf(tc.model.hf_path, cfg, mesh), tc.model.hf_path
-  from laser_jax import trainer as trainer_lib
   logging.info("The run's reference policy: its initial policy, from %s and %s", train_config_path, run_dir)
-  ref = jax.device_get(trainer_lib.Trainer(tc).reference_params(workdir=run_dir))
-  shardings = sharding_lib.param_shardings(ref, cfg, mesh)
-  return jax.device_put(ref, shardings), f"initial policy of {train_config_path}"
+  task = tasks.build_task(tc)  # its own numerics (remat), as the run computed the warm start
+  shardings = jax.tree.map(lambda s: s.sharding, sharding_lib.abstract_params(cfg, mesh))
+  return task.reference_policy(mesh, shardings, workdir=run_dir), f"initial policy of {train_config_path}"
 
 
 def load_model(config: ml_collections.ConfigDict, mesh=None) -> LoadedModel:
   """Loads the HF model (`model.hf_path`) or trainer checkpoint (`model.checkpoint_dir`)."""
-  m = config.model
-  if bool(m.hf_path) == bool(m.checkpoint_dir):
-    raise ConfigError("config.model.hf_path / config.model.checkpoint_dir: set exactly one "
-                      f"(got hf_path={m.hf_path!r}, checkpoint_dir={m.checkpoint_dir!r})")
+  config_check.validate_eval(config, sampling=False)
   mesh = make_eval_mesh(config) if mesh is None else mesh
-  return _from_hf(config, mesh) if m.hf_path else _from_checkpoint(config, mesh)
+  return _from_hf(config, mesh) if config.model.hf_path else _from_checkpoint(config, mesh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,29 +221,22 @@ def load_problems(input_file: str, limit: int = 0) -> list[dict]:
   if not input_file:
     raise ConfigError("config.eval.input_file: empty; give a JSONL/parquet file or an eval-set name")
   if input_file == "synthetic":
-    from laser_jax import synthetic
     records = synthetic.make_split("heldout", limit or 256)
   elif input_file.lower() in data_lib.EVAL_SETS and not os.path.exists(input_file):
     records = data_lib.load_eval_set(input_file)
   else:
     if not os.path.isfile(input_file):
-      raise EvalError(f"config.eval.input_file: file not found: {input_file} (or an eval set: "
+      raise ConfigError(f"config.eval.input_file: file not found: {input_file} (or an eval set: "
                       f"{', '.join(sorted(data_lib.EVAL_SETS))}, synthetic)")
     records = data_lib.read_records(input_file)
   if not records:
-    raise EvalError(f"config.eval.input_file: {input_file} holds no problems")
+    raise ConfigError(f"config.eval.input_file: {input_file} holds no problems")
   return records[:limit] if limit > 0 else records
 
 
 def sampling_params(config: ml_collections.ConfigDict, model: LoadedModel) -> sampler_lib.SamplingParams:
+  """The sampler's settings from `config.eval` (validated by `config_check.validate_eval`)."""
   e = config.eval
-  checks = [("n", e.n >= 1), ("max_new_tokens", e.max_new_tokens >= 1),
-            ("batch_size", e.batch_size >= 1), ("temperature", e.greedy or e.temperature >= 0),
-            ("top_p", 0 < e.top_p <= 1), ("top_k", e.top_k >= 0),
-            ("decode_segments", e.decode_segments >= 1)]
-  for key, ok in checks:
-    if not ok:
-      raise ConfigError(f"config.eval.{key}: invalid value {e[key]!r}")
   return sampler_lib.SamplingParams(
       n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
       max_new_tokens=e.max_new_tokens, eos_ids=tuple(model.eos_ids), pad_id=model.pad_id,
@@ -321,7 +250,6 @@ def generate(model: LoadedModel, items: Sequence[dict], sampling: sampler_lib.Sa
   The last batch is padded to `batch_size` prompts with copies of its last prompt (their rows are
   dropped) so that all calls share one compiled shape per prompt bucket.
   """
-  from tqdm.auto import tqdm
   key = jax.random.key(seed)
   num_batches = -(-len(items) // batch_size)
   bar = tqdm(total=len(items), desc="sampling", unit="problem", disable=not progress,
@@ -348,7 +276,6 @@ def _take_rows(out: sampler_lib.SampleOutput, num_rows: int) -> sampler_lib.Samp
 def reference_logprobs(model: LoadedModel, out: sampler_lib.SampleOutput) -> np.ndarray:
   """log pi_ref(z_c | x, y, EOS) [N] of every row of `out` (NaN for truncated rows): one forward
   of the reference model over `prompt + response + EOS`, read at the EOS position."""
-  from laser_jax import rollout as rollout_lib
   batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
                                            out.response_lengths, out.finished, model.pad_id)
   fn = _reference_logprob_fn(model.cfg, model.zc_id)
@@ -359,8 +286,6 @@ def reference_logprobs(model: LoadedModel, out: sampler_lib.SampleOutput) -> np.
 
 @functools.lru_cache(maxsize=None)
 def _reference_logprob_fn(cfg: model_lib.ModelConfig, zc_id: int):
-  from laser_jax import policy
-
   def fn(params, tokens, positions, attention_mask, eos_index):
     hidden = model_lib.forward(params, cfg, tokens, positions, attention_mask, return_hidden=True)
     return policy.self_reward_logprob(params, cfg, hidden, eos_index, zc_id)
@@ -369,8 +294,6 @@ def _reference_logprob_fn(cfg: model_lib.ModelConfig, zc_id: int):
 
 def prepare_items(config, model: LoadedModel, records) -> data_lib.PreparedPrompts:
   e = config.eval
-  if e.template not in ("chat", "base"):
-    raise ConfigError(f"config.eval.template: expected 'chat' or 'base', got {e.template!r}")
   try:
     return data_lib.prepare_prompts(records, model.tokenizer, e.template, e.max_prompt_len or None)
   except ValueError as e_:
@@ -431,9 +354,8 @@ def metrics_from_rows(rows: Sequence[dict], threshold: float = 0.5, num_bootstra
       "num_problems": len(rows), "n": int(acc.shape[1]),
       "truncated_frac": float(1 - finished.mean()),
       "response_length/mean": float(lengths.mean()),
-      "self_reward_logprob/mean": float(logprobs[finished].mean()) if finished.any() else math.nan,
-      "self_reward_logprob/std": float(logprobs[finished].std()) if finished.any() else math.nan,
-      "self_reward_score/mean": float(np.nanmean(scores)) if finished.any() else math.nan,
+      "z_logprob/mean": float(logprobs[finished].mean()) if finished.any() else math.nan,
+      "z_logprob/std": float(logprobs[finished].std()) if finished.any() else math.nan,
   })
   return out
 
@@ -466,12 +388,14 @@ def format_table(summary: dict) -> str:
            f"{100 * summary['truncated_frac']:.1f}%  mean length {summary['response_length/mean']:.1f}",
            f"mean@{summary['n']} accuracy                  {f('mean@n')}",
            f"self-verification (score > {summary.get('threshold', 0.5)}):",
-           f"  acc on correct   ({summary['verify/num_correct']:5d})       {f('verify/acc_on_correct')}",
-           f"  acc on incorrect ({summary['verify/num_incorrect']:5d})       {f('verify/acc_on_incorrect')}",
-           f"  overall                          {f('verify/overall')}",
-           f"  F1                               {f('verify/f1')}",
-           f"  AUROC of the score               {f('verify/auroc')}",
-           f"  calibration error (ECE, 10 bins) {f('verify/ece')}",
+           f"  acc on correct   ({summary['self_verification/num_correct']:5d})       "
+           f"{f('self_verification/acc_correct')}",
+           f"  acc on incorrect ({summary['self_verification/num_incorrect']:5d})       "
+           f"{f('self_verification/acc_incorrect')}",
+           f"  overall                          {f('self_verification/acc')}",
+           f"  F1                               {f('self_verification/f1')}",
+           f"  AUROC of the score               {f('self_verification/auroc')}",
+           f"  calibration error (ECE, 10 bins) {f('self_verification/ece')}",
            "   k    maj@k  self_weighted_maj@k  best@k"]
   for k in tts.scaling_ks(summary["n"]):
     lines.append(f"{k:4d}   {f(f'maj@{k}')}               {f(f'self_weighted_maj@{k}')}  "
@@ -487,14 +411,13 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
         model: LoadedModel | None = None) -> dict:
   """Evaluates as configured; writes the JSONL and the summary JSON; returns the summary dict."""
   e = config.eval
-  if not e.output_file:
-    raise ConfigError("config.eval.output_file: empty; give the output JSONL path")
+  config_check.validate_eval(config)
   records = load_problems(e.input_file, e.limit)  # Fail on bad input before loading a model.
   model = load_model(config) if model is None else model
   sampling = sampling_params(config, model)
   prepared = prepare_items(config, model, records)
   if not prepared.items:
-    raise EvalError(f"config.eval.max_prompt_len: all {prepared.num_filtered} prompts are longer "
+    raise ConfigError(f"config.eval.max_prompt_len: all {prepared.num_filtered} prompts are longer "
                     f"than {e.max_prompt_len} tokens")
   try:
     verifier = verifier_lib.Verifier(e.reward_fn, num_workers=e.num_workers, timeout_s=e.timeout_s)
@@ -527,8 +450,8 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
                   "reference_model": model.ref_source if model.ref_params is not None else None,
                   "output_file": e.output_file,
                   "config": config.to_dict()})
-  summary["verify/reliability"] = reliability(rows)
-  summary["reliability_plot"] = plot_reliability(summary["verify/reliability"], e.output_file)
+  summary["self_verification/reliability"] = reliability(rows)
+  summary["reliability_plot"] = plot_reliability(summary["self_verification/reliability"], e.output_file)
   summary = json_safe(summary)
   with open(summary_path(e.output_file), "w") as f:
     json.dump(summary, f, indent=2, allow_nan=False)
@@ -540,7 +463,6 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
 def reliability(rows: Sequence[dict]) -> list[dict]:
   """The reliability diagram of the finished responses' scores (r_s read as P(correct), 10 bins):
   per non-empty bin its range, count, mean score and accuracy (`rl_metrics.calibration`)."""
-  from laser_jax import rl_metrics
   pairs = [(s, a) for r in rows for s, a in zip(r["self_rewarding_scores"], r["acc_list"]) if s is not None]
   scores = np.array([s for s, _ in pairs], np.float64)
   correct = np.array([a for _, a in pairs], np.float64) > 0.5
@@ -574,25 +496,13 @@ def plot_reliability(bins: list[dict], output_file: str) -> str | None:
   return path
 
 
-ERRORS = (ConfigError, EvalError, data_lib.DataError, FileNotFoundError)
-
-
-def cli_main(fn, config) -> None:
-  """Runs `fn(config)`, turning bad input into a one-line `error: ...` and exit status 2."""
-  from laser_jax import hf
-  if config is None:
-    print("error: --config is required, e.g. --config=configs/eval.py", file=sys.stderr)
-    sys.exit(2)
-  try:
-    fn(config)
-  except (*ERRORS, hf.HFCheckpointError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  from ml_collections import config_flags
+  # Defined here, not at import: calibrate and export import this module and define their own.
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config file (configs/eval.py).",
                                             lock_config=True)
-  from laser_jax import cli
-  cli.run(lambda argv: cli_main(run, _CONFIG.value))
+
+  def main(argv):
+    del argv
+    run(cli.required_config(_CONFIG, "configs/eval.py"))  # absl would exit with a returned value
+
+  cli.run(main)

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from laser_jax import model as model_lib
+from laser_jax import sharding as sharding_lib
 from laser_jax.model import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -202,7 +203,6 @@ def load_hf_params(path: str, cfg: ModelConfig, mesh=None, dtype: str | None = N
   each device reads only its own slice. `dtype` ("float32" | "bfloat16") defaults to cfg.param_dtype.
   """
   from safetensors import safe_open
-  from laser_jax import sharding as sharding_lib
 
   np_dtype = _NP_DTYPES[dtype or cfg.param_dtype]
   table = hf_tensor_map(cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 
 
@@ -50,12 +51,10 @@ def local_rows(x: jax.Array, axis: int = 0) -> np.ndarray:
   if jax.process_count() == 1 or x.is_fully_addressable:
     return np.asarray(jax.device_get(x))
   start, stop = row_block(x.sharding, x.shape, axis)
-  out = None
+  shape = list(x.shape)
+  shape[axis] = stop - start
+  out = np.empty(shape, x.dtype)
   for shard in x.addressable_shards:
-    if out is None:
-      shape = list(x.shape)
-      shape[axis] = stop - start
-      out = np.empty(shape, x.dtype)
     index = list(shard.index)
     rows = index[axis]
     index[axis] = slice((rows.start or 0) - start, (x.shape[axis] if rows.stop is None else rows.stop) - start)
@@ -69,7 +68,6 @@ def gather_rows(local: np.ndarray) -> np.ndarray:
   local = np.asarray(local)
   if jax.process_count() == 1:
     return local
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
@@ -91,15 +89,14 @@ def host_max(value: int) -> int:
   return int(np.max(gather_rows(np.asarray([value], np.int64))))
 
 
-def host_block(items: list, pad_with=None) -> tuple[list, int]:
+def host_block(items: list) -> tuple[list, int]:
   """This process's block of a list every host holds whole (the eval set): ceil(N / P) items per
-  host, the last blocks padded with `pad_with` (default: the first item) so that every host has
-  as many. Returns (block, number of real items in it)."""
+  host, the last blocks padded with copies of the first item so that every host has as many.
+  Returns (block, number of real items in it)."""
   p, count = jax.process_index(), jax.process_count()
   if count == 1:
     return list(items), len(items)
   per_host = -(-len(items) // count)
   block = list(items[p * per_host:(p + 1) * per_host])
   real = len(block)
-  filler = items[0] if pad_with is None else pad_with
-  return block + [filler] * (per_host - real), real
+  return block + [items[0]] * (per_host - real), real

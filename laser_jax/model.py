@@ -34,6 +34,12 @@ ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# The ModelConfig fields that set numerics and memory, not the architecture (and not the
+# parameters' values): `config.model` sets them on top of any shape (tasks.model_settings).
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block", "interpret_kernels",
+                   "scan_layers")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture + numerics of a decoder. Frozen and hashable so it can be a static jit argument."""

@@ -16,7 +16,16 @@ import os
 import re
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from laser_jax import answers
+from laser_jax import checkpoint
+from laser_jax import model as model_lib
+from laser_jax import rollout
+from laser_jax import sampler
+from laser_jax import scoring
 
 SMOKE_ENV = "LASER_JAX_SMOKE"
 SCALING_METHODS = ("maj", "self_weighted_maj", "best")
@@ -39,7 +48,6 @@ def canonical_answer(text: str) -> str | None:
   Votes pool responses whose canonical answers are equal strings, so `1 / 2` and `1/2` vote
   together; `0.5` and `\\frac{1}{2}` still vote apart (voting never calls the verifier).
   """
-  from laser_jax import answers
   return answers.canonical_answer(answers.extract_last_boxed(text))
 
 
@@ -77,7 +85,6 @@ def sample_solutions(params, model_cfg, tokenizer, prompts: Sequence[Any], sampl
   come from the sampler itself (read in the decode step after each EOS; no second forward).
   `problems_per_call` > 0 samples that many problems per sampler call (bounds KV-cache memory).
   """
-  from laser_jax import rollout, sampler, scoring
   if sampling.self_reward_token_id is None:
     raise ValueError("sample_solutions: sampling.self_reward_token_id is None; the self-reward "
                      "score needs z_c (set it to the model's z_c token id)")
@@ -113,7 +120,6 @@ def sample_solutions(params, model_cfg, tokenizer, prompts: Sequence[Any], sampl
 
 def jax_split(rng, num: int) -> list:
   """`num` independent keys from `rng` (one per sampler call)."""
-  import jax
   return list(jax.random.split(rng, num)) if num > 1 else [rng]
 
 
@@ -123,9 +129,6 @@ def full_forward_z_logprob(params, model_cfg, prompt_ids: Sequence[int],
 
   The sampler reads the same quantity during generation; this is the independent check.
   """
-  import jax
-  import jax.numpy as jnp
-  from laser_jax import model as model_lib
   ids = list(prompt_ids) + list(response_ids) + [int(eos_id)]
   tokens = jnp.asarray([ids], jnp.int32)
   positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
@@ -137,18 +140,10 @@ def restore_params(trainer, workdir: str, step: int | None = None):
   """Parameters of the checkpoint at `step` (default: the latest) of the run in `workdir`.
 
   `trainer` is a `laser_jax.trainer.Trainer` built from the run's config; the parameters come
-  back placed in its shardings.
+  back placed in its shardings (`checkpoint.restore_params`: the optimizer state is not read).
   """
-  from laser_jax import checkpoint
-  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"restore_params: no checkpoint in {workdir}/checkpoints")
-    state, _ = ckpt.restore(step, trainer.abstract_state())
-  finally:
-    ckpt.close()
-  return state.params
+  state_dir, _ = checkpoint.step_directory(workdir, -1 if step is None else step)
+  return checkpoint.restore_params(state_dir, trainer.abstract_state().params)
 
 
 # ---- training curves -----------------------------------------------------------------------------
@@ -168,8 +163,8 @@ def metric_series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.nda
 
 
 def plot_training(records: Sequence[dict],
-                  keys: Sequence[str] = ("reward_mean", "self_reward/f1", "self_reward/acc"),
-                  eval_keys: Sequence[str] = ("eval/accuracy", "eval/self_verification_f1")):
+                  keys: Sequence[str] = ("rollout/reward_mean", "self_verification/f1", "self_verification/acc"),
+                  eval_keys: Sequence[str] = ("eval/accuracy", "eval/self_verification/f1")):
   """One panel per metric over RL steps (training rollouts, then periodic evaluations)."""
   import matplotlib.pyplot as plt
   keys = [k for k in list(keys) + list(eval_keys) if any(k in r for r in records)]

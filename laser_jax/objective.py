@@ -276,7 +276,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
                 max_response_length: int | None = None) -> tuple[SumCount, dict]:
   """Aggregated clipped-surrogate loss and its token metrics (clip fractions, approx KL).
 
-  Returns (SumCount, {"clipfrac_upper", "clipfrac_lower", "clipfrac_dual", "approx_kl"}: SumCount).
+  Returns (SumCount, {"actor/clipfrac_upper", "actor/clipfrac_lower", "actor/clipfrac_dual",
+  "actor/approx_kl"}: SumCount).
   """
   mask = jnp.asarray(response_mask, jnp.float32)
   token_loss = policy_token_losses(logp, old_logp, advantages, mask, clip_eps_low=clip_eps_low,
@@ -286,7 +287,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
   metrics = rl_metrics.clip_fractions(log_ratio, token_advantages(advantages, mask), mask,
                                       clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
                                       clip_ratio_c=clip_ratio_c)
-  metrics["approx_kl"] = rl_metrics.approx_kl(log_ratio, mask)
+  metrics["actor/approx_kl"] = rl_metrics.approx_kl(log_ratio, mask)
   return loss, metrics
 
 
@@ -371,33 +372,31 @@ class LossConfig:
 
 
 def rollout_advantages(cfg: LossConfig, step, *, rewards: jax.Array, group_ids: jax.Array,
-                       finished: jax.Array, z_logprob: jax.Array | None = None,
-                       ref_z_logprob: jax.Array | None = None,
+                       finished: jax.Array, scores: jax.Array | None = None,
                        num_groups: int | None = None) -> tuple[jax.Array, dict]:
   """Per-row advantages [B] for a whole rollout batch, with LaSeR integration when it is on.
 
-  z_logprob: the rollout policy's log pi(z_c | x, y) from the sampler (NaN on truncated rows).
-  Integration is applied when cfg.use_self_reward_loss, z_logprob is given and the warm-up
+  scores: the rollout's self-reward scores r_s (`self_reward_score`, against c_ref or pi_ref;
+  NaN allowed on truncated rows, which score 0 here).
+  Integration is applied when cfg.use_self_reward_loss, scores are given and the warm-up
   schedule says so at `step` (Python int or traced scalar).
-  Returns (A' [B], metrics of scalars: "adv_verifier_abs_mean", and with LaSeR on
-  "adv_self_differs_frac" (rows where A^s != A) and "adv_integration_on").
+  Returns (A' [B], metrics of scalars: "advantage/verifier_abs_mean", and with LaSeR on
+  "advantage/self_differs_frac" (rows where A^s != A) and "advantage/integration_on").
   """
   adv = grpo_advantages(rewards, group_ids, num_groups=num_groups,
                         norm_by_std=cfg.adv_estimator == "grpo")
-  metrics = {"adv_verifier_abs_mean": jnp.mean(jnp.abs(adv))}
-  if not cfg.use_self_reward_loss or z_logprob is None:
+  metrics = {"advantage/verifier_abs_mean": jnp.mean(jnp.abs(adv))}
+  if not cfg.use_self_reward_loss or scores is None:
     return adv, metrics
   _, integration_on = warmup_flags(step, cfg.reasoning_warmup_steps,
                                    cfg.self_rewarding_warmup_steps)
   finished = jnp.asarray(finished, bool)
-  scores = self_reward_score(jnp.where(finished, z_logprob, cfg.ref_constant), kl_coef=cfg.kl_coef,
-                             ref_constant=cfg.ref_constant, ref_z_logprob=None if ref_z_logprob
-                             is None else jnp.where(finished, ref_z_logprob, cfg.ref_constant))
+  scores = jnp.where(finished, jnp.asarray(scores, jnp.float32), 0.0)
   adv_s = self_rewarding_advantages(scores, finished, group_ids, adv,
                                     threshold=cfg.adv_filter_threshold, num_groups=num_groups)
   mixed = integrate_advantages(adv, adv_s, cfg.adv_integration_coef)
-  metrics["adv_self_differs_frac"] = jnp.mean((adv_s != adv).astype(jnp.float32))
-  metrics["adv_integration_on"] = jnp.asarray(integration_on, jnp.float32)
+  metrics["advantage/self_differs_frac"] = jnp.mean((adv_s != adv).astype(jnp.float32))
+  metrics["advantage/integration_on"] = jnp.asarray(integration_on, jnp.float32)
   return jnp.where(integration_on, mixed, adv), metrics
 
 
@@ -449,14 +448,14 @@ def total_loss(cfg: LossConfig, *, logp: jax.Array, old_logp: jax.Array, advanta
   pg, metrics = policy_loss(logp, old_logp, advantages, mask, clip_eps_low=cfg.clip_eps_low,
                             clip_eps_high=cfg.clip_eps_high, clip_ratio_c=cfg.clip_ratio_c, **kw)
   loss = pg.sum / jnp.maximum(norm["policy"], 1.0)
-  metrics["pg_loss"] = SumCount(pg.sum, pg.count)
+  metrics["actor/pg_loss"] = SumCount(pg.sum, pg.count)
 
   if cfg.kl_loss_coef:
     if ref_logp is None:
       raise ValueError("total_loss: kl_loss_coef > 0 needs ref_logp")
     kl = kl_loss(logp, ref_logp, mask, kl_type=cfg.kl_type, **kw)
     loss = loss + cfg.kl_loss_coef * kl.sum / jnp.maximum(norm["policy"], 1.0)
-    metrics["kl_loss"] = kl
+    metrics["actor/kl_loss"] = kl
 
   if cfg.use_self_reward_loss:
     for name, x in (("z_logprob", z_logprob), ("rewards", rewards), ("finished", finished)):
@@ -469,5 +468,5 @@ def total_loss(cfg: LossConfig, *, logp: jax.Array, old_logp: jax.Array, advanta
                           ref_constant=cfg.ref_constant, ref_z_logprob=ref_z_logprob)
     active = jnp.asarray(self_reward_active, jnp.float32)
     loss = loss + active * cfg.loss_coef * sr.sum / jnp.maximum(norm["self_reward"], 1.0)
-    metrics["self_reward_loss"] = sr
+    metrics["actor/self_reward_loss"] = sr
   return loss, metrics

@@ -258,8 +258,8 @@ class StepPrograms:
     cfg = statics.model_cfg
     if rollout_tensor_parallel:
       self.rollout_mesh = rollout_mesh(mesh, rollout_tensor_parallel)
-      shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-      self.rollout_param_shardings = sharding_lib.param_shardings(shapes, cfg, self.rollout_mesh)
+      self.rollout_param_shardings = jax.tree.map(
+          lambda s: s.sharding, sharding_lib.abstract_params(cfg, self.rollout_mesh))
       # The cast runs where the weights are (training layout); the copy then moves once.
       self._cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.compute_dtype), p))
     else:

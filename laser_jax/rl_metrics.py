@@ -12,7 +12,13 @@ model predicts "correct" iff its score r_s > 0.5; we report the accuracy on veri
 responses, on verified-incorrect responses, overall, and F1 = the harmonic mean of the two class
 accuracies. An undefined accuracy (empty class) is NaN, and then F1 is NaN too: an honest "no data"
 rather than a misleading 0.
+
+Each metric is named where it is computed, verl-style: `actor/...` for the update's statistics
+(here and in `objective`), `rollout/...` for the sampled batch, `self_verification/...` for the
+score's verdicts, `advantage/...` in `objective.rollout_advantages`. The trainer, the evaluator and
+the notebooks log these names unchanged; the trainer's periodic evaluation prefixes `eval/`.
 """
+import math
 from typing import NamedTuple
 
 import jax
@@ -85,9 +91,9 @@ def clip_fractions(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array,
   else:
     dual = (adv < 0) & (ratio > clip_ratio_c)
   return {
-      "clipfrac_upper": masked_token_mean(upper.astype(jnp.float32), mask),
-      "clipfrac_lower": masked_token_mean(lower.astype(jnp.float32), mask),
-      "clipfrac_dual": masked_token_mean(dual.astype(jnp.float32), mask),
+      "actor/clipfrac_upper": masked_token_mean(upper.astype(jnp.float32), mask),
+      "actor/clipfrac_lower": masked_token_mean(lower.astype(jnp.float32), mask),
+      "actor/clipfrac_dual": masked_token_mean(dual.astype(jnp.float32), mask),
   }
 
 
@@ -96,50 +102,45 @@ def approx_kl(log_ratio: jax.Array, mask: jax.Array) -> SumCount:
   return masked_token_mean(-log_ratio, mask)
 
 
-def _safe_div(num, den):
-  num = jnp.asarray(num, jnp.float32)
-  den = jnp.asarray(den, jnp.float32)
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
-
-
-def self_verification_metrics(scores: jax.Array, rewards: jax.Array, finished: jax.Array,
-                              threshold: float = 0.5) -> dict:
-  """Self-verification accuracy of the last-token score, as the official evaluation reports it.
+def self_verification(scores, rewards, finished, threshold: float = 0.5) -> dict[str, float]:
+  """Self-verification of the last-token score, as the official evaluation reports it (host NumPy).
 
   Args:
     scores: [B] self-reward scores r_s (NaN allowed on truncated rows).
     rewards: [B] verifier rewards r_v; a row is verified-correct iff r_v > 0.5.
-    finished: [B] bool; truncated rows are excluded from every count.
+    finished: [B] bool; truncated rows are excluded from every statistic.
     threshold: predict "correct" iff r_s > threshold (0.5 in the paper).
 
-  Returns:
-    {self_reward_acc_correct, self_reward_acc_incorrect, self_reward_acc, self_reward_f1,
-     self_reward_n_correct, self_reward_n_incorrect, self_reward_n_finished}; accuracies on an
-    empty set are NaN.
+  Returns, under `self_verification/`: acc_correct (accuracy on verified-correct rows),
+  acc_incorrect, acc (both classes), f1 (harmonic mean of the two class accuracies: NaN when a
+  class is empty, 0 when both accuracies are 0), auroc and ece (`score_separation`), score_mean,
+  num_correct, num_incorrect and num_truncated. An accuracy over an empty set is NaN.
   """
-  finished = jnp.asarray(finished, bool)
-  scores = jnp.where(finished, scores, 0.0)
-  correct = jnp.asarray(rewards) > 0.5
-  pred = scores > threshold
-  pos = finished & correct
-  neg = finished & ~correct
-  n_pos = jnp.sum(pos)
-  n_neg = jnp.sum(neg)
-  acc_pos = _safe_div(jnp.sum(pos & pred), n_pos)
-  acc_neg = _safe_div(jnp.sum(neg & ~pred), n_neg)
-  acc = _safe_div(jnp.sum(pos & pred) + jnp.sum(neg & ~pred), n_pos + n_neg)
-  # Harmonic mean of the two class accuracies; 0 when both are 0, NaN when either is undefined.
-  f1 = jnp.where(acc_pos + acc_neg > 0, 2 * acc_pos * acc_neg / jnp.where(
-      acc_pos + acc_neg > 0, acc_pos + acc_neg, 1.0), 0.0)
-  f1 = jnp.where(jnp.isnan(acc_pos) | jnp.isnan(acc_neg), jnp.nan, f1)
+  finished = np.asarray(finished, bool)
+  scores = np.asarray(scores, np.float64)
+  correct = np.asarray(rewards, np.float64) > 0.5
+  predicted = np.where(finished, scores, -np.inf) > threshold
+  pos, neg = finished & correct, finished & ~correct
+  n_pos, n_neg = int(pos.sum()), int(neg.sum())
+  mean = lambda hits, n: float(hits) / n if n else float("nan")
+  acc_pos = mean(np.sum(pos & predicted), n_pos)
+  acc_neg = mean(np.sum(neg & ~predicted), n_neg)
+  if math.isnan(acc_pos) or math.isnan(acc_neg):
+    f1 = float("nan")
+  else:
+    f1 = 2 * acc_pos * acc_neg / (acc_pos + acc_neg) if acc_pos + acc_neg > 0 else 0.0
+  separation = score_separation(scores, rewards, finished)
   return {
-      "self_reward_acc_correct": acc_pos,
-      "self_reward_acc_incorrect": acc_neg,
-      "self_reward_acc": acc,
-      "self_reward_f1": f1,
-      "self_reward_n_correct": n_pos,
-      "self_reward_n_incorrect": n_neg,
-      "self_reward_n_finished": n_pos + n_neg,
+      "self_verification/acc_correct": acc_pos,
+      "self_verification/acc_incorrect": acc_neg,
+      "self_verification/acc": mean(np.sum(pos & predicted) + np.sum(neg & ~predicted), n_pos + n_neg),
+      "self_verification/f1": f1,
+      "self_verification/auroc": separation["auroc"],
+      "self_verification/ece": separation["ece"],
+      "self_verification/score_mean": float(scores[finished].mean()) if finished.any() else float("nan"),
+      "self_verification/num_correct": n_pos,
+      "self_verification/num_incorrect": n_neg,
+      "self_verification/num_truncated": int((~finished).sum()),
   }
 
 
@@ -215,9 +216,9 @@ def rollout_metrics(rewards: jax.Array, response_lengths: jax.Array, finished: j
   lengths = jnp.asarray(response_lengths, jnp.float32)
   finished = jnp.asarray(finished, bool)
   return {
-      "reward_mean": jnp.mean(jnp.asarray(rewards, jnp.float32)),
-      "response_length_mean": jnp.mean(lengths),
-      "response_length_max": jnp.max(lengths),
-      "truncation_rate": 1.0 - jnp.mean(finished.astype(jnp.float32)),
-      "zero_std_group_frac": zero_std_group_fraction(rewards, group_ids, num_groups),
+      "rollout/reward_mean": jnp.mean(jnp.asarray(rewards, jnp.float32)),
+      "rollout/response_length_mean": jnp.mean(lengths),
+      "rollout/response_length_max": jnp.max(lengths),
+      "rollout/truncated_frac": 1.0 - jnp.mean(finished.astype(jnp.float32)),
+      "rollout/zero_std_group_frac": zero_std_group_fraction(rewards, group_ids, num_groups),
   }

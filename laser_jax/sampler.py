@@ -42,6 +42,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from laser_jax import hosts as hosts_lib
+from laser_jax import model as model_lib
+from laser_jax import sharding as sharding_lib
 from laser_jax.model import BATCH
 
 BATCH_AXES = BATCH  # Mesh axes the batch dimension is sharded over.
@@ -578,11 +580,8 @@ def model_sampler(cfg, mesh: Mesh | None = None) -> Sampler:
   """The (cached) Sampler for `laser_jax.model` with config `cfg` on `mesh`."""
   key = (cfg, mesh)
   if key not in _SAMPLERS:
-    from laser_jax import model as model_lib
     cache_sharding_fn = None
     if mesh is not None:
-      from laser_jax import sharding as sharding_lib
-
       def cache_sharding_fn(cache):
         batch, max_len = cache.mask.shape
         return sharding_lib.cache_shardings(cfg, mesh, batch, max_len, cache.chunk_lengths)

@@ -104,6 +104,14 @@ def param_shardings(params, cfg: ModelConfig, mesh: Mesh):
   return jax.tree_util.tree_map(lambda x, s: NamedSharding(mesh, fit_spec(s, x.shape, mesh)), params, specs)
 
 
+def abstract_params(cfg: ModelConfig, mesh: Mesh):
+  """ShapeDtypeStructs of the model's parameters with their shardings on `mesh` (a restore
+  target); allocates nothing."""
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes, param_shardings(shapes, cfg, mesh))
+
+
 def cache_partition_spec(cfg: ModelConfig, num_chunks: int = 1) -> KVCache:
   """KV cache specs: batch over BATCH_AXES, kv heads over "tensor" (per layer and chunk,
   [B, K, D, S_c] keys and [B, K, S_c, D] values, see `model.KVCache`)."""

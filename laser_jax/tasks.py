@@ -3,6 +3,12 @@
 `build_task(config)` returns a `Task` for either the built-in synthetic arithmetic task (the
 embedded default: a tiny random-init model with the task's own tokenizer and a supervised warm
 start) or user files with a Hugging Face checkpoint (`data.task = "files"`).
+
+The pieces are resolved here once, for the trainer, the evaluator (which rebuilds a run's model from
+its training config) and the AOT report: `load_task_tokenizer`, `model_config` (an HF config.json,
+a preset or the random-init shape, with `config.model`'s numerics) and `special_tokens` (EOS, pad
+and z_c ids). The policy RL starts from (`Task.initial_policy`: init + supervised warm start) and
+the frozen reference pi_ref (`Task.reference_policy`) are defined here too.
 """
 from __future__ import annotations
 
@@ -13,11 +19,19 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
+from laser_jax import checkpoint as ckpt_lib
 from laser_jax import data as data_lib
+from laser_jax import hf
 from laser_jax import model as model_lib
+from laser_jax import presets
+from laser_jax import sft
+from laser_jax import sharding as sharding_lib
+from laser_jax import synthetic
 from laser_jax import verifier as verifier_lib
 from laser_jax.config_check import ConfigError
 
@@ -43,22 +57,69 @@ class Task:
   num_filtered_prompts: int = 0
 
   @property
+  def special_tokens(self) -> "SpecialTokens":
+    laser = self.config.laser
+    return special_tokens(self.tokenizer, self.model_cfg.vocab_size, self.config.model.hf_path,
+                          laser.self_reward_token_id, laser.self_reward_token)
+
+  @property
   def pad_id(self) -> int:
-    return pad_token_id(self.tokenizer, self.eos_ids)
+    return self.special_tokens.pad_id
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
-    return eos_token_ids(self.tokenizer, self.config.model.hf_path)
+    return self.special_tokens.eos_ids
 
   @property
   def self_reward_token_id(self) -> int:
-    laser = self.config.laser
-    return resolve_token_id(self.tokenizer, self.model_cfg.vocab_size, laser.self_reward_token_id,
-                            laser.self_reward_token, "")
+    return self.special_tokens.self_reward_token_id
 
   def init_params(self, reference: bool = False, mesh=None):
     """Initial (or reference-policy) parameters; HF weights go straight to their shardings on `mesh`."""
     return self.init_params_fn(reference, mesh)
+
+  def initial_policy(self, mesh, param_shardings):
+    """The policy RL starts from, placed in `param_shardings`: the initial parameters, after the
+    supervised warm start when `sft.steps > 0`."""
+    c = self.config
+    params = jax.device_put(self.init_params(mesh=mesh), param_shardings)
+    if c.sft.steps > 0:
+      corpus = sft.build_sft_corpus(self.sft_records, self.tokenizer, c.data.template)
+      log = lambda i, loss: logging.info("sft step %d: loss %.4f", i, loss)
+      params = sft.warm_start(params, self.model_cfg, corpus, steps=c.sft.steps,
+                              batch_size=c.sft.batch_size, lr=c.sft.lr, seed=c.seed,
+                              mesh=mesh, param_shardings=param_shardings, log_fn=log)
+    return params
+
+  def reference_policy(self, mesh, param_shardings, initial=None, workdir: str | None = None):
+    """pi_ref, the frozen initial policy of the RL run (KL loss, exact self-reward variant).
+
+    That is the policy *after* the supervised warm start when `sft.steps > 0`, the policy RL
+    starts from (not the random init). `initial` (what `initial_policy` just returned for a fresh
+    run) is copied, since the train state's buffers are donated. With a warm start and a
+    `workdir`, a fresh run saves that copy there (`checkpoint.save_reference`) and a resumed run
+    or the evaluator (no `initial`) restores it; without a saved copy (a workdir from before it
+    was saved) the warm start is recomputed (deterministic for a given seed and mesh). The other
+    references (an HF checkpoint, the random init) are loaded again.
+    """
+    warm_started = self.config.sft.steps > 0
+    if initial is not None:
+      ref = jax.tree.map(jnp.copy, initial)
+      if warm_started and workdir:
+        ckpt_lib.save_reference(workdir, ref)
+      return ref
+    if warm_started:
+      abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                              sharding_lib.abstract_params(self.model_cfg, mesh), param_shardings)
+      saved = ckpt_lib.restore_reference(workdir, abstract) if workdir else None
+      if saved is not None:
+        logging.info("Restored the reference policy (after the warm start) from %s",
+                     ckpt_lib.reference_directory(workdir))
+        return saved
+      logging.info("Recomputing the supervised warm start (%d steps) for the reference policy",
+                   self.config.sft.steps)
+      return self.initial_policy(mesh, param_shardings)
+    return jax.device_put(self.init_params(reference=True, mesh=mesh), param_shardings)
 
   def train_iterator(self) -> data_lib.PromptIterator:
     c = self.config
@@ -72,6 +133,23 @@ class Task:
   def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
     return [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
             for row, n in zip(tokens, lengths)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+  """The token ids sampling and scoring need."""
+  eos_ids: tuple[int, ...]  # every id that ends a response
+  pad_id: int
+  self_reward_token_id: int  # z_c
+
+
+def special_tokens(tokenizer, vocab_size: int, hf_path: str, token_id: int, token: str,
+                   key: str = "") -> SpecialTokens:
+  """EOS ids (the tokenizer's plus the checkpoint's generation_config.json), pad id and z_c
+  (`token_id` >= 0, else the token string `token`; `key` as in `resolve_token_id`)."""
+  eos_ids = eos_token_ids(tokenizer, hf_path)
+  return SpecialTokens(eos_ids, pad_token_id(tokenizer, eos_ids),
+                       resolve_token_id(tokenizer, vocab_size, token_id, token, key))
 
 
 def resolve_token_id(tokenizer, vocab_size: int, token_id: int, token: str, key: str) -> int:
@@ -133,7 +211,7 @@ def model_settings(m: ml_collections.ConfigDict, platform: str | None = None) ->
               attention_block=m.attention_block, scan_layers=m.scan_layers)
 
 
-def model_cfg_from_shape(c, vocab_size: int) -> model_lib.ModelConfig:
+def model_cfg_from_shape(c, vocab_size: int, platform: str | None = None) -> model_lib.ModelConfig:
   """The random-init model of `config.model` for a tokenizer of `vocab_size` tokens."""
   m = c.model
   if m.get("vocab_size", 0):
@@ -146,25 +224,49 @@ def model_cfg_from_shape(c, vocab_size: int) -> model_lib.ModelConfig:
       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
       tie_word_embeddings=m.tie_word_embeddings, qkv_bias=m.family == "qwen2",
-      qk_norm=m.family == "qwen3", **model_settings(m))
+      qk_norm=m.family == "qwen3", **model_settings(m, platform))
+
+
+def model_config(c: ml_collections.ConfigDict, tokenizer_size: int | None,
+                 platform: str | None = None) -> model_lib.ModelConfig:
+  """The ModelConfig a training config trains, with `config.model`'s numerics for `platform`:
+  `model.hf_path`'s config.json, else `model.preset`, else the random-init shape for a tokenizer
+  of `tokenizer_size` tokens."""
+  m = c.model
+  settings = model_settings(m, platform)
+  if m.hf_path:
+    with _naming_key("model.hf_path"):
+      return dataclasses.replace(hf.load_hf_config(m.hf_path), **settings)
+  if m.preset:
+    return dataclasses.replace(presets.get_preset(m.preset), **settings)
+  if tokenizer_size is None:
+    raise ConfigError("config.model.hf_path: the model's shape needs its tokenizer; set "
+                      "config.model.hf_path or config.model.preset")
+  return model_cfg_from_shape(c, tokenizer_size, platform)
+
+
+def load_task_tokenizer(c: ml_collections.ConfigDict):
+  """The tokenizer of a training config: the synthetic task's own unless model.tokenizer_path is
+  set, else model.tokenizer_path or model.hf_path."""
+  if c.data.task == "synthetic" and not c.model.tokenizer_path:
+    return synthetic.build_tokenizer()
+  if not (c.model.tokenizer_path or c.model.hf_path):
+    raise ConfigError("config.model.hf_path: data.task='files' needs a Hugging Face model "
+                      "directory (or config.model.tokenizer_path)")
+  if c.model.tokenizer_path:
+    return load_tokenizer(c.model.tokenizer_path, "model.tokenizer_path")
+  return load_tokenizer(c.model.hf_path, "model.hf_path")
 
 
 def build_task(c: ml_collections.ConfigDict) -> Task:
   """Resolves model, tokenizer, prompts and verifier from the config."""
-  from laser_jax import synthetic
   verifier = verifier_lib.Verifier(c.reward.fn, num_workers=c.reward.num_workers,
                                    timeout_s=c.reward.timeout_s)
+  tokenizer = load_task_tokenizer(c)
   if c.data.task == "synthetic":
-    tokenizer = (synthetic.build_tokenizer() if not c.model.tokenizer_path
-                 else load_tokenizer(c.model.tokenizer_path))
     train_records = synthetic.make_split("train", c.data.synthetic_train_size, seed=c.seed)
     eval_records = synthetic.make_split("heldout", c.data.synthetic_eval_size, seed=c.seed)
   else:
-    tok_path = c.model.tokenizer_path or c.model.hf_path
-    if not tok_path:
-      raise ConfigError("config.model.hf_path: data.task='files' needs a Hugging Face model "
-                        "directory (or config.model.tokenizer_path)")
-    tokenizer = load_tokenizer(tok_path, "model.tokenizer_path" if c.model.tokenizer_path else "model.hf_path")
     train_records = [r for f in c.data.train_files.split(",")
                      for r in data_lib.read_records(f.strip(), (c.data.problem_key, c.data.answer_key))]
     eval_records = _eval_records(c)
@@ -176,22 +278,13 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
     raise ConfigError(f"config.data.max_prompt_len: all {num_filtered} training prompts are longer "
                       f"than {c.data.max_prompt_len} tokens")
 
+  model_cfg = model_config(c, len(tokenizer))
   if c.model.hf_path:
-    from laser_jax import hf
-    with _naming_key("model.hf_path"):
-      model_cfg = hf.load_hf_config(c.model.hf_path)
-    model_cfg = dataclasses.replace(model_cfg, **model_settings(c.model))
-
     def init_fn(reference, mesh=None):
       del reference  # An HF run's reference policy is the checkpoint itself.
       with _naming_key("model.hf_path"):
         return hf.load_hf_params(c.model.hf_path, model_cfg, mesh=mesh)
-  elif c.model.preset:
-    from laser_jax import presets
-    model_cfg = dataclasses.replace(presets.get_preset(c.model.preset), **model_settings(c.model))
-    init_fn = _random_init(model_cfg, c.seed)
   else:
-    model_cfg = model_cfg_from_shape(c, len(tokenizer))
     init_fn = _random_init(model_cfg, c.seed)
   return Task(config=c, model_cfg=model_cfg, tokenizer=tokenizer, train_prompts=train_prompts,
               eval_prompts=eval_prompts, verifier=verifier, init_params_fn=init_fn,
@@ -202,7 +295,6 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
 def load_tokenizer(path: str, key: str = "model.tokenizer_path"):
   """A tokenizer directory's tokenizer (as `hf.load_hf_tokenizer` loads it); errors name
   config.<key>, the key the path came from."""
-  from laser_jax import hf
   if not os.path.isdir(path):
     raise ConfigError(f"config.{key}: {path!r} is not a directory")
   with _naming_key(key):
@@ -212,7 +304,6 @@ def load_tokenizer(path: str, key: str = "model.tokenizer_path"):
 @contextlib.contextmanager
 def _naming_key(key: str):
   """Re-raises a broken checkpoint (hf.HFCheckpointError) as a ConfigError naming config.<key>."""
-  from laser_jax import hf
   try:
     yield
   except hf.HFCheckpointError as e:

@@ -12,9 +12,16 @@ other than 0 that cannot reach the coordinator within `--initialization_timeout`
 stops with a one-line error.
 """
 import os
+import socket
+import time
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from laser_jax import cli
+from laser_jax import programs
+from laser_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                           lock_config=True)
@@ -44,8 +51,6 @@ def _wait_for_coordinator(address: str, timeout_s: int):
 
   jax.distributed.initialize would abort the process from C++ with a stack trace instead.
   """
-  import socket
-  import time
   deadline = time.monotonic() + timeout_s
   while True:
     try:
@@ -61,7 +66,6 @@ def _wait_for_coordinator(address: str, timeout_s: int):
 
 def _initialize_distributed():
   """Joins the other processes of a multi-host run (no-op for a single process)."""
-  import jax
   explicit = {"--coordinator_address": _COORDINATOR.value, "--num_processes": _NUM_PROCESSES.value,
               "--process_id": _PROCESS_ID.value}
   if any(v is not None for v in explicit.values()):
@@ -88,11 +92,7 @@ def _initialize_distributed():
 
 def main(argv):
   del argv
-  import jax
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/tiny_cpu.py")
-  from laser_jax import programs, trainer
+  config = cli.required_config(_CONFIG, "configs/tiny_cpu.py")
   programs.apply_libtpu_init_args(config)  # before the TPU backend starts
   _initialize_distributed()
   logging.info("Devices: %s", jax.devices())
@@ -100,7 +100,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from laser_jax import cli
   # Bad input (a flag, a config value, a malformed data row, a broken checkpoint, a coordinator
   # that is not there): one line, exit 2.
   cli.run(main, extra=(CoordinatorUnreachable,))

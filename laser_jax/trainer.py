@@ -11,6 +11,7 @@ One RL step:
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from tqdm.auto import tqdm
 
 from laser_jax import checkpoint as ckpt_lib
 from laser_jax import config_check
@@ -94,49 +96,12 @@ class Trainer:
                       skipped_updates=jax.device_put(jnp.int32(0), shardings.step))
 
   def initial_params(self):
-    """Initial parameters, after the supervised warm start when `sft.steps > 0`."""
-    c = self.config
-    params = self.task.init_params(mesh=self.mesh)
-    shardings = self.state_shardings
-    params = jax.device_put(params, shardings.params)
-    if c.sft.steps > 0:
-      from laser_jax import sft
-      corpus = sft.build_sft_corpus(self.task.sft_records, self.tokenizer, c.data.template)
-      log = lambda i, loss: logging.info("sft step %d: loss %.4f", i, loss)
-      params = sft.warm_start(params, self.model_cfg, corpus, steps=c.sft.steps,
-                              batch_size=c.sft.batch_size, lr=c.sft.lr, seed=c.seed,
-                              mesh=self.mesh, param_shardings=shardings.params, log_fn=log)
-    return params
+    """The policy RL starts from (`tasks.Task.initial_policy`), in the state's shardings."""
+    return self.task.initial_policy(self.mesh, self.param_shardings)
 
   def reference_params(self, initial_params=None, workdir: str | None = None):
-    """pi_ref, the frozen initial policy of the RL run (KL loss, exact self-reward variant).
-
-    That is the initial parameters *after* the supervised warm start when `sft.steps > 0`, the
-    policy RL starts from (not the random init). `initial_params` (what `initial_params()` just
-    returned for a fresh run) is copied, since the train state's buffers are donated. With a
-    warm start and a `workdir`, a fresh run saves that copy there (`checkpoint.save_reference`)
-    and a resumed run or the evaluator (no `initial_params`) restores it; without a saved copy
-    (a workdir from before it was saved) the warm start is recomputed (deterministic for a
-    given seed and mesh).
-    The other references (an HF checkpoint, the random init) are loaded again.
-    """
-    warm_started = self.config.sft.steps > 0
-    if initial_params is not None:
-      ref = jax.tree.map(jnp.copy, initial_params)
-      if warm_started and workdir:
-        ckpt_lib.save_reference(workdir, ref)
-      return ref
-    if warm_started:
-      saved = ckpt_lib.restore_reference(workdir, self.abstract_state().params) if workdir else None
-      if saved is not None:
-        logging.info("Restored the reference policy (after the warm start) from %s",
-                     ckpt_lib.reference_directory(workdir))
-        return saved
-      logging.info("Recomputing the supervised warm start (%d steps) for the reference policy",
-                   self.config.sft.steps)
-      return self.initial_params()
-    params = self.task.init_params(reference=True, mesh=self.mesh)
-    return jax.device_put(params, self.param_shardings)
+    """pi_ref, the frozen initial policy (`tasks.Task.reference_policy`)."""
+    return self.task.reference_policy(self.mesh, self.param_shardings, initial_params, workdir)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without allocating it (restore target)."""
@@ -165,11 +130,12 @@ class Trainer:
                                     sampling, keys[i]) for i, start in enumerate(starts)]
     return rollout_lib.concat_samples(outs, self.pad_id)
 
-  def rollout(self, params, prompts: list[tasks.Prompt], rng) -> scoring.ScoredSamples:
-    """Samples `rollout.n` responses per prompt (this host's) and verifies and scores them
-    (`scoring.generate_and_score`; scores against c_ref: the exact variant's reference
-    log-probs come with the update batch, `prepare_update_batch`)."""
-    return self._generate_and_score(params, prompts, self.sampling, rng)
+  def rollout(self, params, prompts: list[tasks.Prompt], rng) -> scoring.VerifiedSamples:
+    """Samples `rollout.n` responses per prompt (this host's) and verifies them
+    (`scoring.verify_samples`); `prepare_update_batch` scores them, once, for the whole batch."""
+    out = self.sample(params, prompts, self.sampling, rng)
+    return scoring.verify_samples(out, [p.answer for p in prompts], decode=self.task.decode,
+                                  verifier=self.task.verifier)
 
   def _generate_and_score(self, params, prompts, sampling, rng, *, fold_single_call=True, ref_params=None):
     c = self.config
@@ -204,15 +170,17 @@ class Trainer:
     return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
 
   # ---- one RL step ----------------------------------------------------------------------
-  def prepare_update_batch(self, roll: scoring.ScoredSamples, params, ref_params, step: int
+  def prepare_update_batch(self, roll: scoring.VerifiedSamples, params, ref_params, step: int
                            ) -> tuple[programs_lib.UpdateBatch, dict, dict, dict]:
     """Host-side: the update record of this host's rows (sequences, old/ref log-probs,
     advantages; class weights are set per optimizer update); returns (batch, advantage
     metrics, rollout statistics, per-row vectors of the whole batch).
 
-    Advantages and statistics span the global batch, so they are computed from every host's
-    per-row vectors (`hosts.gather_rows`: rewards, lengths, z_c log-probs, ...), identically on
-    every host, and each host keeps its own rows' advantages."""
+    Scores, advantages and statistics span the global batch, so they are computed from every
+    host's per-row vectors (`hosts.gather_rows`: rewards, lengths, z_c log-probs, ...),
+    identically on every host, and each host keeps its own rows' advantages. The self-reward
+    scores r_s (against c_ref, or pi_ref for the exact variant) are computed here once, for
+    the advantages and the metrics alike."""
     c = self.config
     out = roll.sample
     rewards = roll.rewards
@@ -246,6 +214,9 @@ class Trainer:
     }
     if ref_z_logprob is not None:
       everyone["ref_z_logprob"] = hosts.gather_rows(ref_z_logprob)
+    everyone["scores"] = np.asarray(objective.self_reward_score(
+        np.where(everyone["finished"], everyone["z_logprob"], np.nan), kl_coef=c.laser.kl_coef,
+        ref_constant=c.laser.ref_constant, ref_z_logprob=everyone.get("ref_z_logprob")), np.float64)
     rollout_stats = jax.device_get(rl_metrics.rollout_metrics(
         everyone["verifier_rewards"], everyone["response_lengths"], everyone["finished"], everyone["group_ids"]))
     response_mask = rows["response_mask"]
@@ -253,9 +224,7 @@ class Trainer:
       response_mask = np.asarray(dapo.mask_truncated(response_mask, finished))
     advantages, adv_metrics = objective.rollout_advantages(
         self.loss_cfg, step, rewards=everyone["rewards"], group_ids=everyone["group_ids"],
-        finished=everyone["finished"],
-        z_logprob=everyone["z_logprob"] if c.laser.use_self_reward_loss else None,
-        ref_z_logprob=everyone.get("ref_z_logprob"))
+        finished=everyone["finished"], scores=everyone["scores"] if c.laser.use_self_reward_loss else None)
     batch = programs_lib.UpdateBatch(
         sequences=sequences, response_mask=response_mask, old_logp=old_logp,
         advantages=np.asarray(advantages, np.float32)[first_row:first_row + len(finished)],
@@ -305,46 +274,30 @@ class Trainer:
     terms = rl_metrics.finalize_metrics(jax.device_get(rl_metrics.accumulate_metrics(pieces)))
     t_update = time.perf_counter() - t1
 
-    finished = everyone["finished"]
-    scores = np.asarray(objective.self_reward_score(
-        everyone["z_logprob"], kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant,
-        ref_z_logprob=everyone.get("ref_z_logprob")))
-    sv = jax.device_get(rl_metrics.self_verification_metrics(scores, everyone["verifier_rewards"], finished))
-    step_time = time.perf_counter() - t0
     num_tokens = hosts.total(float(np.sum(batch.sequences.attention_mask)))
+    step_time = time.perf_counter() - t0
     metrics = {
-        "loss": float(np.mean(jax.device_get(losses))),
-        "pg_loss": terms.get("pg_loss", 0.0),
-        "self_reward_loss": terms.get("self_reward_loss", 0.0),
-        "kl_loss": terms.get("kl_loss", 0.0),
-        "grad_norm": float(np.mean(jax.device_get(grad_norms))),
-        "reward_mean": float(ro["reward_mean"]),
-        "self_reward/acc_correct": float(sv["self_reward_acc_correct"]),
-        "self_reward/acc_incorrect": float(sv["self_reward_acc_incorrect"]),
-        "self_reward/acc": float(sv["self_reward_acc"]),
-        "self_reward/f1": float(sv["self_reward_f1"]),
-        "self_reward/n_correct": int(sv["self_reward_n_correct"]),
-        "self_reward/n_incorrect": int(sv["self_reward_n_incorrect"]),
-        "self_reward/score_mean": float(np.nanmean(scores)) if np.any(finished) else float("nan"),
-        "self_reward/auroc": rl_metrics.auroc(scores[finished], everyone["verifier_rewards"][finished] > 0.5),
-        "self_reward/loss_on": float(sr_on),
-        "response_length": float(ro["response_length_mean"]),
-        "truncated_frac": float(ro["truncation_rate"]),
-        "zero_std_group_frac": float(ro["zero_std_group_frac"]),
-        "verifier_timeouts": int(hosts.total(roll.num_timeouts)),
-        "skipped_updates": int(state.skipped_updates),
-        "lr": float(self.schedule(int(step - 1) * self.updates_per_step)),
-        "step_time_s": step_time,
-        "rollout_time_s": t_rollout,
-        "update_time_s": t_update,
-        "tokens_per_s": num_tokens / step_time,
+        "actor/loss": float(np.mean(jax.device_get(losses))),
+        "actor/grad_norm": float(np.mean(jax.device_get(grad_norms))),
+        "actor/lr": float(self.schedule(int(step - 1) * self.updates_per_step)),
+        "actor/skipped_updates": int(state.skipped_updates),
+        "actor/self_reward_loss_on": float(sr_on),
+        # The update's terms under the names objective / rl_metrics give them, none renamed here:
+        # a renaming table once dropped the PPO clip fractions.
+        **terms,
+        **{k: float(v) for k, v in ro.items()},
+        "rollout/verifier_timeouts": int(hosts.total(roll.num_timeouts)),
+        **rl_metrics.self_verification(everyone["scores"], everyone["verifier_rewards"], everyone["finished"]),
+        **{k: float(v) for k, v in jax.device_get(adv_metrics).items()},
+        "perf/step_time_s": step_time,
+        "perf/rollout_time_s": t_rollout,
+        "perf/update_time_s": t_update,
+        "perf/tokens_per_s": num_tokens / step_time,
     }
-    # The update's token statistics under the names rl_metrics gives them (PPO clip fractions,
-    # approx_kl), none renamed here: a renaming table once dropped the clip fractions.
-    metrics.update({k: v for k, v in terms.items() if k not in ("pg_loss", "self_reward_loss", "kl_loss")})
-    metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
+    for key in ("actor/pg_loss", "actor/kl_loss", "actor/self_reward_loss"):
+      metrics.setdefault(key, 0.0)  # the same keys whichever terms are on
     if c.mfu_peak_flops > 0:
-      metrics["mfu"] = self.step_flops(num_tokens) / step_time / c.mfu_peak_flops
+      metrics["perf/mfu"] = self.step_flops(num_tokens) / step_time / c.mfu_peak_flops
     return state, metrics
 
   def step_flops(self, tokens: float) -> float:
@@ -381,14 +334,10 @@ class Trainer:
     keep = hosts.gather_rows(scored.sample.group_ids < num_real)
     rewards, scores = hosts.gather_rows(scored.rewards)[keep], hosts.gather_rows(scored.scores)[keep]
     finished = hosts.gather_rows(scored.finished)[keep]
-    sv = jax.device_get(rl_metrics.self_verification_metrics(scores, rewards, finished))
+    verification = rl_metrics.self_verification(scores, rewards, finished)
     return {
         "eval/accuracy": float(np.mean(rewards)),
-        "eval/self_verification_acc_correct": float(sv["self_reward_acc_correct"]),
-        "eval/self_verification_acc_incorrect": float(sv["self_reward_acc_incorrect"]),
-        "eval/self_verification_acc": float(sv["self_reward_acc"]),
-        "eval/self_verification_f1": float(sv["self_reward_f1"]),
-        "eval/self_verification_auroc": rl_metrics.auroc(scores[finished], rewards[finished] > 0.5),
+        **{f"eval/{k}": v for k, v in verification.items()},
         "eval/truncated_frac": float(np.mean(~finished)),
         "eval/num_problems": len(self.task.eval_prompts),
     }
@@ -418,11 +367,9 @@ def _host_key(rng: jax.Array) -> jax.Array:
 
 def _truncate_metrics_file(workdir: str, last_step: int):
   """On resume, drops records of steps after the restored checkpoint (they will be redone)."""
-  from etils import epath
   path = epath.Path(workdir) / "metrics.jsonl"
   if jax.process_index() != 0 or not path.exists():
     return
-  import json
   lines = [l for l in path.read_text().splitlines() if l.strip()]
   kept = [l for l in lines if json.loads(l)["step"] <= last_step]
   if len(kept) != len(lines):
@@ -438,7 +385,6 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
   `max_steps` stops after that many RL steps of this call without a final save beyond the usual
   schedule (used by tests to simulate an interruption).
   """
-  from tqdm.auto import tqdm
   trainer = Trainer(config)
   c = config
   ckpt_lib.hide_orbax_info_logs(not c.library_info_logs)
@@ -489,8 +435,8 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
         metrics.update(trainer.evaluate(state.params, eval_key, ref_params))
       records.append(writer.write(step, metrics))
       bar.update(1)
-      bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", f1=f"{metrics['self_reward/f1']:.2f}",
-                      loss=f"{metrics['loss']:.4f}")
+      bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
+                      f1=f"{metrics['self_verification/f1']:.2f}", loss=f"{metrics['actor/loss']:.4f}")
       if step % c.log_every == 0:
         line = f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         if bar.disable:
@@ -507,5 +453,6 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
     bar.close()
     ckpt.close()
     writer.close()
+    trainer.task.verifier.close()  # its worker processes
     preempt.restore_handlers()
   return records

@@ -27,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
+from laser_jax import rl_metrics
+
 
 def _as_2d(x, name: str, dtype) -> np.ndarray:
   arr = np.asarray(x, dtype)
@@ -41,27 +43,13 @@ def mean_at_n(acc) -> float:
 
 
 def self_verification(acc, scores, threshold: float = 0.5) -> dict[str, float]:
-  """Self-verification of finished responses (score not NaN): predict correct iff score > threshold.
-
-  The training metrics' implementation (`rl_metrics.self_verification_metrics`) under this
-  module's names: acc_on_correct (recall of the correct class), acc_on_incorrect, overall
-  accuracy, their F1 (harmonic mean of the two class accuracies: NaN if a class is empty, 0 if
-  both accuracies are 0), the score's AUROC (NaN if a class is empty) and expected calibration
-  error (10 bins, r_s clipped to [0, 1] read as P(correct)), and counts.
-  """
-  from laser_jax import rl_metrics
+  """`rl_metrics.self_verification` (the training metrics' implementation and names) on [P, n]
+  arrays: a response is finished iff its score is not NaN; predict correct iff score > threshold."""
   acc = _as_2d(acc, "acc", np.float64).ravel()
   scores = _as_2d(scores, "scores", np.float64).ravel()
   if acc.shape != scores.shape:
     raise ValueError(f"acc has {acc.size} entries but scores has {scores.size}")
-  finished = ~np.isnan(scores)
-  m = {k: float(v) for k, v in rl_metrics.self_verification_metrics(
-      np.where(finished, scores, 0.0), acc, finished, threshold).items()}
-  separation = rl_metrics.score_separation(scores, acc, finished)
-  return {"acc_on_correct": m["self_reward_acc_correct"], "acc_on_incorrect": m["self_reward_acc_incorrect"],
-          "overall": m["self_reward_acc"], "f1": m["self_reward_f1"], "auroc": separation["auroc"],
-          "ece": separation["ece"], "num_correct": int(m["self_reward_n_correct"]),
-          "num_incorrect": int(m["self_reward_n_incorrect"]), "num_truncated": int((~finished).sum())}
+  return rl_metrics.self_verification(scores, acc, ~np.isnan(scores), threshold)
 
 
 def _group_ids(answers: Sequence[str | None]) -> tuple[np.ndarray, int]:
@@ -140,8 +128,8 @@ def scaling_metrics(answers: Sequence[Sequence[str | None]], acc, scores,
 
 def summarize(answers: Sequence[Sequence[str | None]], acc, scores, threshold: float = 0.5,
               num_bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
-  """All evaluation metrics: mean@n, self-verification (prefixed `verify/`) and scaling@k."""
+  """All evaluation metrics: mean@n, self-verification (`self_verification/...`) and scaling@k."""
   out = {"mean@n": mean_at_n(acc)}
-  out.update({f"verify/{k}": v for k, v in self_verification(acc, scores, threshold).items()})
+  out.update(self_verification(acc, scores, threshold))
   out.update(scaling_metrics(answers, acc, scores, num_bootstrap=num_bootstrap, seed=seed))
   return out

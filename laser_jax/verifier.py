@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from laser_jax import answers
+from laser_jax import synthetic
 
 RewardFn = Callable[[str, str], float]
 STARTUP_TIMEOUT_S = 300.0  # A worker's import and warm-up, before its answers are timed.
@@ -92,7 +93,6 @@ def math_reward(response: str, reference: str) -> float:
 
 
 def _synthetic_reward(response: str, reference: str) -> float:
-  from laser_jax import synthetic  # Lazy: the synthetic task's generator is not needed otherwise.
   return synthetic.synthetic_reward(response, reference)
 
 

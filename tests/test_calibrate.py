@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import hf_fixtures
-from laser_jax import calibrate, evaluate, hf
+from laser_jax import calibrate, cli, config_check, evaluate, hf
 from laser_jax import model as model_lib
 from test_evaluate import eval_config, make_checkpoint, write_problems
 
@@ -67,22 +67,44 @@ def test_token_that_text_encodes_to_warns(setup, capsys):
   assert any("not a special/added token" in w for w in report["warnings"])
   assert report["texts_encoding_to_token"] > 0 and not report["is_special_or_added"]
   assert "WARNING: z_c=" in captured.err and "suggested c_ref" in captured.out
+  low, high = report["kl_coef_range"]
+  assert low == pytest.approx(1.5 / -report["mean"]) and high == pytest.approx(0.25 / report["std"])
+  assert f"keeping both targets reachable: [{low:.3g}, {high:.3g}]" in captured.out
 
 
 def test_high_logprob_inside_text_warns():
   report = {"token_id": 3, "token": "<|x|>", "texts_encoding_to_token": 0, "num_texts_encoded": 5,
             "occurrences_in_encoded_text": 0, "in_tokenizer": True, "is_special_or_added": True,
-            "max_logprob_in_text": -1.0}
+            "max_logprob_in_text": -1.0, "kl_coef_range": [0.1, 0.5]}
   (warning,) = calibrate.warnings_for(report, warn_logprob=-4.6)
   assert "log-prob -1.00" in warning
   assert calibrate.warnings_for({**report, "max_logprob_in_text": -9.0}, -4.6) == []
+
+
+def test_kl_coef_range_keeps_both_targets_reachable():
+  # c_ref -15, std 0.5: beta_v >= 1.5 / 15 = 0.1 puts the correct target at log p <= -15 + 10 = -5;
+  # beta_v <= 0.25 / 0.5 = 0.5 keeps two std of pi_ref's scores (2 * 0.5 * 0.5) within the 0.5 threshold.
+  low, high = calibrate.kl_coef_range(-15.0, 0.5)
+  assert (low, high) == pytest.approx((0.1, 0.5))
+  assert low * 15.0 == pytest.approx(config_check.MIN_SCORE_RANGE)
+  # The paper's Qwen2.5 setting (c_ref -23, beta_v 0.1) lies inside the range it gives for std 1.
+  low, high = calibrate.kl_coef_range(-23.0, 1.0)
+  assert low < 0.1 < high
+  # A log-prob spread too wide for a constant c_ref: the range is empty and the report says so.
+  low, high = calibrate.kl_coef_range(-3.0, 2.0)
+  assert low > high
+  report = {"token_id": 3, "token": "<|x|>", "texts_encoding_to_token": 0, "num_texts_encoded": 5,
+            "occurrences_in_encoded_text": 0, "in_tokenizer": True, "is_special_or_added": True,
+            "max_logprob_in_text": -9.0, "kl_coef_range": [low, high], "mean": -3.0, "std": 2.0}
+  (warning,) = calibrate.warnings_for(report, warn_logprob=-4.6)
+  assert "no beta_v keeps both targets reachable" in warning
 
 
 def test_token_outside_vocab_is_a_one_line_error(setup, capsys):
   _, config = setup
   config = eval_config(**{**_flat(config), "laser.self_reward_token_id": 5000})
   with pytest.raises(SystemExit) as exc:
-    evaluate.cli_main(calibrate.run, config)
+    cli.exit_on_bad_input(calibrate.run, config)
   err = capsys.readouterr().err.strip()
   assert exc.value.code == 2 and "config.laser.self_reward_token_id: 5000 is outside" in err
   assert "\n" not in err

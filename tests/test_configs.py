@@ -36,3 +36,26 @@ def test_reference_settings_follow_the_spec():
   assert (c.eval_every, c.eval.n, c.data.eval_set) == (20, 2, "math500")
   o = default_config.load_config_file(os.path.join(REPO, "configs", "octothinker_3b.py"))
   assert (o.laser.self_reward_token_id, o.laser.ref_constant) == (128002, -25.0)
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING))
+def test_shipped_configs_keep_both_self_reward_targets_reachable(name):
+  config = default_config.load_config_file(os.path.join(REPO, "configs", name))
+  assert config_check.warnings(config) == []
+
+
+def test_unreachable_correct_target_warns_naming_the_keys(caplog):
+  c = default_config.get_config()
+  c.laser.kl_coef, c.laser.ref_constant = 0.1, -9.0  # largest score 0.9 < 1: target log p = +1
+  (warning,) = config_check.warnings(c)
+  assert "config.laser.kl_coef" in warning and "config.laser.ref_constant" in warning
+  assert "0.9 < 1.5" in warning and "raise kl_coef to >= 0.167" in warning and "\n" not in warning
+  config_check.validate(c, num_devices=1)
+  assert warning in caplog.text  # validate logs it (one line) and goes on
+  c.laser.kl_coef = 0.2  # 1.8 >= 1.5
+  assert config_check.warnings(c) == []
+  c.laser.kl_coef, c.laser.use_ref_model_score = 0.1, True  # the exact score has no c_ref
+  assert config_check.warnings(c) == []
+  c.laser.use_ref_model_score, c.laser.ref_constant = False, 0.0
+  (warning,) = config_check.warnings(c)
+  assert "config.laser.ref_constant = 0 >= 0" in warning

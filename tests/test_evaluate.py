@@ -13,6 +13,8 @@ import pytest
 
 import hf_fixtures
 from laser_jax import answers
+from laser_jax import cli
+from laser_jax import config_check
 from laser_jax import data as data_lib
 from laser_jax import default_config
 from laser_jax import evaluate
@@ -178,14 +180,15 @@ def reference_metrics(rows, threshold, num_bootstrap, seed):
   truth, pred = acc[fin] > 0.5, scores[fin] > threshold
   c_acc = pred[truth].mean() if truth.any() else np.nan
   i_acc = (~pred[~truth]).mean() if (~truth).any() else np.nan
-  out.update({"verify/acc_on_correct": c_acc, "verify/acc_on_incorrect": i_acc,
-              "verify/overall": (pred == truth).mean() if truth.size else np.nan,
-              "verify/f1": 2 * c_acc * i_acc / (c_acc + i_acc) if c_acc + i_acc > 0 else np.nan,
-              "verify/num_correct": truth.sum(), "verify/num_incorrect": (~truth).sum(),
-              "verify/num_truncated": (~fin).sum(), "truncated_frac": 1 - fin.mean()})
+  out.update({"self_verification/acc_correct": c_acc, "self_verification/acc_incorrect": i_acc,
+              "self_verification/acc": (pred == truth).mean() if truth.size else np.nan,
+              "self_verification/f1": 2 * c_acc * i_acc / (c_acc + i_acc) if c_acc + i_acc > 0 else np.nan,
+              "self_verification/num_correct": truth.sum(), "self_verification/num_incorrect": (~truth).sum(),
+              "self_verification/num_truncated": (~fin).sum(), "truncated_frac": 1 - fin.mean(),
+              "self_verification/score_mean": scores[fin].mean() if fin.any() else np.nan})
   lps = np.array([[np.nan if s is None else s for s in r["self_rewarding_logprobs"]] for r in rows])
-  out["self_reward_logprob/mean"] = np.nanmean(lps)
-  out["self_reward_logprob/std"] = np.nanstd(lps)
+  out["z_logprob/mean"] = np.nanmean(lps)
+  out["z_logprob/std"] = np.nanstd(lps)
   ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
   rng = np.random.default_rng(seed)
   sums = defaultdict(float)
@@ -222,7 +225,7 @@ def _assert_metrics_match(summary, ref):
       assert got is None or np.isnan(got), key
     else:
       # Self-verification comes from the training metrics' implementation, in float32.
-      assert got == pytest.approx(float(want), abs=1e-6 if key.startswith("verify/") else 1e-9), key
+      assert got == pytest.approx(float(want), abs=1e-6 if key.startswith("self_verification/") else 1e-9), key
 
 
 def test_summary_json_matches_numpy_recomputation(run_output):
@@ -277,7 +280,7 @@ def test_cli_prints_table_and_exits_zero(ckpt, tmp_path):
   assert os.path.isfile(evaluate.summary_path(str(out)))
   summary = json.loads(open(evaluate.summary_path(str(out))).read())
   # One class only (nothing is correct): AUROC undefined; the reliability plot sits beside it.
-  assert summary["verify/auroc"] is None and "AUROC of the score" in proc.stdout
+  assert summary["self_verification/auroc"] is None and "AUROC of the score" in proc.stdout
   assert summary["reliability_plot"] == str(tmp_path / "cli.reliability.png")
   assert os.path.isfile(summary["reliability_plot"])
 
@@ -312,7 +315,7 @@ def test_bad_input_one_line_errors(ckpt, tmp_path, capsys, overrides, message):
   config = eval_config(**{"model.hf_path": ckpt, "eval.output_file": str(tmp_path / "o.jsonl"),
                           "eval.input_file": write_problems(tmp_path / "p.jsonl"), **overrides})
   with pytest.raises(SystemExit) as exc:
-    evaluate.cli_main(evaluate.run, config)
+    cli.exit_on_bad_input(evaluate.run, config)
   assert exc.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and message in err and "\n" not in err
@@ -355,7 +358,7 @@ def test_evaluate_trainer_checkpoint(tmp_path):
   assert checked > 0
   # The wrong training config (the default, larger model) is a one-line error naming the tensor.
   config.model.train_config = os.path.join(REPO, "configs", "tiny_cpu.py")
-  with pytest.raises(evaluate.EvalError, match=r"params\['embed'\]\['embedding'\] has shape"):
+  with pytest.raises(config_check.ConfigError, match=r"params\['embed'\]\['embedding'\] has shape"):
     evaluate.run(config, progress=False, print_table=False)
 
 

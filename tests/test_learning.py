@@ -26,4 +26,4 @@ def test_default_run_learns_to_solve_and_to_verify(tmp_path):
   assert evals[0]["step"] == 0 and evals[-1]["step"] == max(r["step"] for r in records)
   gain = evals[-1]["eval/accuracy"] - evals[0]["eval/accuracy"]
   assert gain >= 0.10, [(r["step"], r["eval/accuracy"]) for r in evals]
-  assert evals[-1]["eval/self_verification_f1"] >= 0.70, evals[-1]
+  assert evals[-1]["eval/self_verification/f1"] >= 0.70, evals[-1]

@@ -96,17 +96,17 @@ def test_notebook_runs_in_smoke_mode(path, kernel_env, monkeypatch):
 
 
 def test_metric_series_skips_missing_and_maps_null_to_nan():
-  records = [{"step": 0, "eval/accuracy": 0.5}, {"step": 1, "reward_mean": 0.25, "self_reward/f1": None},
-             {"step": 2, "reward_mean": 0.75, "self_reward/f1": 0.4}]
-  steps, values = notebook_utils.metric_series(records, "reward_mean")
+  records = [{"step": 0, "eval/accuracy": 0.5}, {"step": 1, "rollout/reward_mean": 0.25, "self_verification/f1": None},
+             {"step": 2, "rollout/reward_mean": 0.75, "self_verification/f1": 0.4}]
+  steps, values = notebook_utils.metric_series(records, "rollout/reward_mean")
   assert steps.tolist() == [1, 2] and values.tolist() == [0.25, 0.75]
-  steps, values = notebook_utils.metric_series(records, "self_reward/f1")
+  steps, values = notebook_utils.metric_series(records, "self_verification/f1")
   assert steps.tolist() == [1, 2] and np.isnan(values[0]) and values[1] == 0.4
 
 
 def test_scaling_curves_orders_k_and_rejects_gaps():
   metrics = {"mean@n": 0.3, "maj@2": 0.5, "maj@1": 0.3, "best@1": 0.3, "best@2": 0.6,
-             "self_weighted_maj@2": 0.55, "self_weighted_maj@1": 0.3, "verify/f1": 0.7}
+             "self_weighted_maj@2": 0.55, "self_weighted_maj@1": 0.3, "self_verification/f1": 0.7}
   ks, curves = notebook_utils.scaling_curves(metrics)
   assert ks == [1, 2]
   assert curves == {"maj": [0.3, 0.5], "self_weighted_maj": [0.3, 0.55], "best": [0.3, 0.6]}
@@ -124,9 +124,9 @@ def test_plots_build_with_agg(monkeypatch):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig = notebook_utils.plot_training([{"step": 1, "reward_mean": 0.5, "self_reward/f1": None},
-                                      {"step": 2, "reward_mean": 0.7, "self_reward/f1": 0.6}])
-  assert [ax.get_title() for ax in fig.axes] == ["reward_mean", "self_reward/f1"]
+  fig = notebook_utils.plot_training([{"step": 1, "rollout/reward_mean": 0.5, "self_verification/f1": None},
+                                      {"step": 2, "rollout/reward_mean": 0.7, "self_verification/f1": 0.6}])
+  assert [ax.get_title() for ax in fig.axes] == ["rollout/reward_mean", "self_verification/f1"]
   line = fig.axes[0].get_lines()[0]
   assert line.get_xdata().tolist() == [1, 2] and line.get_ydata().tolist() == [0.5, 0.7]
   plt.close(fig)

@@ -206,7 +206,7 @@ def test_warmup_flags_python_and_jnp():
   assert obj.warmup_flags(1, 0, 0) == (True, True)
 
 
-def test_rollout_advantages_follow_warmup_and_reference():
+def test_rollout_advantages_follow_warmup():
   cfg = obj.LossConfig(reasoning_warmup_steps=2, self_rewarding_warmup_steps=3,
                        adv_integration_coef=0.25)
   rng = np.random.default_rng(3)
@@ -218,17 +218,17 @@ def test_rollout_advantages_follow_warmup_and_reference():
   a = ref.grpo_advantages(rewards, group_ids)
   for step in (0, 2, 5):
     got, _ = obj.rollout_advantages(cfg, step, rewards=rewards, group_ids=group_ids,
-                                    finished=finished, z_logprob=lp)
+                                    finished=finished, scores=ref.score(lp))
     np.testing.assert_allclose(got, a, rtol=1e-5, atol=1e-5)
   got, metrics = obj.rollout_advantages(cfg, 6, rewards=rewards, group_ids=group_ids,
-                                        finished=finished, z_logprob=lp)
+                                        finished=finished, scores=ref.score(lp))
   a_s = ref.self_rewarding_advantages(ref.score(lp), finished, group_ids, a)
   np.testing.assert_allclose(got, 0.75 * a + 0.25 * a_s, rtol=1e-5, atol=1e-5)
-  assert float(metrics["adv_integration_on"]) == 1.0
+  assert float(metrics["advantage/integration_on"]) == 1.0
   # Dr. GRPO estimator, LaSeR off.
   cfg_dr = obj.LossConfig(adv_estimator="drgrpo", use_self_reward_loss=False)
   got, _ = obj.rollout_advantages(cfg_dr, 10, rewards=rewards, group_ids=group_ids,
-                                  finished=finished, z_logprob=lp)
+                                  finished=finished, scores=ref.score(lp))
   np.testing.assert_allclose(got, ref.grpo_advantages(rewards, group_ids, False), atol=1e-6)
 
 
@@ -249,10 +249,10 @@ def test_policy_token_loss_hand_worked():
   no_dual = obj.policy_token_losses(logp, old, adv, mask, clip_ratio_c=None)
   assert float(no_dual[1, 0]) == pytest.approx(5.0, rel=1e-6)
   _, metrics = obj.policy_loss(logp, old, adv, mask)
-  assert float(metrics["clipfrac_upper"].value) == 0.25
-  assert float(metrics["clipfrac_lower"].value) == 0.25
-  assert float(metrics["clipfrac_dual"].value) == 0.25
-  assert float(metrics["approx_kl"].value) == pytest.approx(-np.log([1.5, 5, .5, 1]).mean(), 1e-5)
+  assert float(metrics["actor/clipfrac_upper"].value) == 0.25
+  assert float(metrics["actor/clipfrac_lower"].value) == 0.25
+  assert float(metrics["actor/clipfrac_dual"].value) == 0.25
+  assert float(metrics["actor/approx_kl"].value) == pytest.approx(-np.log([1.5, 5, .5, 1]).mean(), 1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -455,7 +455,7 @@ def test_micro_batch_metrics_accumulate_exactly():
   acc = rl_metrics.finalize_metrics(rl_metrics.accumulate_metrics(
       [metrics(slice(0, 3)), metrics(slice(3, 10))]))
   # Every token-level metric matches exactly; L_sr differs only through its local weights here.
-  for k in ("pg_loss", "kl_loss", "clipfrac_upper", "clipfrac_lower", "clipfrac_dual", "approx_kl"):
+  for k in ("actor/pg_loss", "actor/kl_loss", "actor/clipfrac_upper", "actor/clipfrac_lower", "actor/clipfrac_dual", "actor/approx_kl"):
     assert acc[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7), k
 
 
@@ -480,7 +480,7 @@ def test_total_loss_combines_terms_and_respects_warmup_flag():
                             ref.class_weights(d["rewards"], d["finished"]))
   loss, metrics = obj.total_loss(cfg, **kw)
   assert float(loss) == pytest.approx(pg + 0.2 * kl + 0.3 * sr, rel=1e-5)
-  assert float(metrics["self_reward_loss"].value) == pytest.approx(sr, rel=1e-5)
+  assert float(metrics["actor/self_reward_loss"].value) == pytest.approx(sr, rel=1e-5)
   step_fn = jax.jit(lambda s: obj.total_loss(cfg, **kw, self_reward_active=obj.warmup_flags(
       s, 5, 5)[0])[0])
   assert float(step_fn(jnp.int32(3))) == pytest.approx(pg + 0.2 * kl, rel=1e-5)
@@ -489,7 +489,7 @@ def test_total_loss_combines_terms_and_respects_warmup_flag():
   plain = obj.LossConfig(use_self_reward_loss=False, clip_eps_high=0.28)
   loss, metrics = obj.total_loss(plain, logp=logp, old_logp=d["old_logp"], advantages=d["adv"],
                                  response_mask=d["mask"])
-  assert float(loss) == pytest.approx(pg, rel=1e-5) and "self_reward_loss" not in metrics
+  assert float(loss) == pytest.approx(pg, rel=1e-5) and "actor/self_reward_loss" not in metrics
   with pytest.raises(ValueError, match="needs z_logprob"):
     obj.total_loss(cfg, **{**kw, "z_logprob": None})
 

@@ -20,24 +20,27 @@ def test_self_verification_hand_worked():
   scores = np.array([0.9, 0.2, 0.7, 0.1, 0.6, np.nan, 0.5], np.float32)
   rewards = np.array([1, 1, 1, 0, 0, 1, 0.0])
   finished = np.array([1, 1, 1, 1, 1, 0, 1], bool)
-  m = {k: float(v) for k, v in rl_metrics.self_verification_metrics(scores, rewards,
-                                                                     finished).items()}
+  m = rl_metrics.self_verification(scores, rewards, finished)
   a, b = 2 / 3, 2 / 3  # Incorrect: 0.1 and 0.5 predicted incorrect, 0.6 not -> 2/3.
-  assert m["self_reward_acc_correct"] == pytest.approx(a)
-  assert m["self_reward_acc_incorrect"] == pytest.approx(b)
-  assert m["self_reward_acc"] == pytest.approx(4 / 6)
-  assert m["self_reward_f1"] == pytest.approx(2 * a * b / (a + b))
-  assert (m["self_reward_n_correct"], m["self_reward_n_incorrect"],
-          m["self_reward_n_finished"]) == (3, 3, 6)
+  assert m["self_verification/acc_correct"] == pytest.approx(a)
+  assert m["self_verification/acc_incorrect"] == pytest.approx(b)
+  assert m["self_verification/acc"] == pytest.approx(4 / 6)
+  assert m["self_verification/f1"] == pytest.approx(2 * a * b / (a + b))
+  assert (m["self_verification/num_correct"], m["self_verification/num_incorrect"],
+          m["self_verification/num_truncated"]) == (3, 3, 1)
+  # AUROC by hand: of the 9 (correct, incorrect) pairs of finished rows, the correct one scores
+  # higher in 7 (0.9 and 0.7 beat 0.1, 0.6 and 0.5; 0.2 beats 0.1).
+  assert m["self_verification/auroc"] == pytest.approx(7 / 9)
+  assert m["self_verification/score_mean"] == pytest.approx(np.mean([0.9, 0.2, 0.7, 0.1, 0.6, 0.5]), rel=1e-6)
 
 
 def test_self_verification_empty_class_is_nan():
-  m = rl_metrics.self_verification_metrics(np.array([0.9, 0.1]), np.ones(2), np.ones(2, bool))
-  assert float(m["self_reward_acc_correct"]) == 0.5
-  assert math.isnan(float(m["self_reward_acc_incorrect"])) and math.isnan(float(m["self_reward_f1"]))
-  m = rl_metrics.self_verification_metrics(np.array([0.2, 0.9]), np.array([1, 0.0]),
-                                           np.ones(2, bool))
-  assert float(m["self_reward_f1"]) == 0.0  # Both class accuracies 0: F1 is 0, not NaN.
+  m = rl_metrics.self_verification(np.array([0.9, 0.1]), np.ones(2), np.ones(2, bool))
+  assert m["self_verification/acc_correct"] == 0.5
+  assert math.isnan(m["self_verification/acc_incorrect"]) and math.isnan(m["self_verification/f1"])
+  assert math.isnan(m["self_verification/auroc"])
+  m = rl_metrics.self_verification(np.array([0.2, 0.9]), np.array([1, 0.0]), np.ones(2, bool))
+  assert m["self_verification/f1"] == 0.0  # Both class accuracies 0: F1 is 0, not NaN.
 
 
 @SETTINGS
@@ -47,11 +50,10 @@ def test_self_verification_matches_reference(rows):
   scores = np.array([s for s, _, _ in rows], np.float32)
   rewards = np.array([float(c) for _, c, _ in rows])
   finished = np.array([f for _, _, f in rows])
-  m = rl_metrics.self_verification_metrics(scores, rewards, finished)
+  m = rl_metrics.self_verification(scores, rewards, finished)
   want = ref.self_verification(scores, rewards, finished)
-  got = [float(m[k]) for k in ("self_reward_acc_correct", "self_reward_acc_incorrect",
-                               "self_reward_acc", "self_reward_f1", "self_reward_n_correct",
-                               "self_reward_n_incorrect")]
+  got = [float(m["self_verification/" + k]) for k in ("acc_correct", "acc_incorrect", "acc", "f1",
+                                                      "num_correct", "num_incorrect")]
   np.testing.assert_allclose(got, want, rtol=1e-5, equal_nan=True)
 
 
@@ -62,8 +64,9 @@ def test_rollout_metrics_hand_worked():
   group_ids = np.array([0, 0, 1, 1])  # Group 0 constant, group 1 not.
   m = {k: float(v) for k, v in rl_metrics.rollout_metrics(rewards, mask.sum(axis=1), finished,
                                                           group_ids).items()}
-  assert m == {"reward_mean": 0.75, "response_length_mean": 2.5, "response_length_max": 4.0,
-               "truncation_rate": 0.25, "zero_std_group_frac": 0.5}
+  assert m == {"rollout/reward_mean": 0.75, "rollout/response_length_mean": 2.5,
+               "rollout/response_length_max": 4.0, "rollout/truncated_frac": 0.25,
+               "rollout/zero_std_group_frac": 0.5}
   # Non-contiguous groups, one of size 1 (constant by definition): 2 of 3 groups constant.
   assert float(rl_metrics.zero_std_group_fraction(np.array([1, 0, 0, 1.0]),
                                                   np.array([2, 0, 2, 1]))) == pytest.approx(2 / 3)
@@ -75,11 +78,11 @@ def test_clip_fractions_and_approx_kl_hand_worked():
   mask = np.ones((1, 4))
   m = rl_metrics.clip_fractions(log_ratio, adv, mask, clip_eps_low=0.2, clip_eps_high=0.2,
                                 clip_ratio_c=3.0)
-  assert [float(m[k].value) for k in ("clipfrac_upper", "clipfrac_lower", "clipfrac_dual")] == \
+  assert [float(m[k].value) for k in ("actor/clipfrac_upper", "actor/clipfrac_lower", "actor/clipfrac_dual")] == \
       [0.25, 0.25, 0.25]
   off = rl_metrics.clip_fractions(log_ratio, adv, mask, clip_eps_low=0.2, clip_eps_high=0.2,
                                   clip_ratio_c=None)
-  assert float(off["clipfrac_dual"].value) == 0.0
+  assert float(off["actor/clipfrac_dual"].value) == 0.0
   assert float(rl_metrics.approx_kl(log_ratio, mask).value) == pytest.approx(
       -np.log([1.5, 0.5, 4.0, 1.0]).mean(), rel=1e-5)
 

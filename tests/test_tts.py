@@ -19,20 +19,21 @@ def test_self_verification_hand_counts():
   acc = [[1, 1, 0, 0], [1, 0, 0, 0]]
   scores = [[0.9, 0.2, 0.1, NAN], [0.7, 0.6, NAN, NAN]]
   m = tts.self_verification(acc, scores)
-  assert m["acc_on_correct"] == pytest.approx(2 / 3)
-  assert m["acc_on_incorrect"] == pytest.approx(1 / 2)
-  assert m["overall"] == pytest.approx(3 / 5)
+  m = {k[len("self_verification/"):]: v for k, v in m.items()}
+  assert m["acc_correct"] == pytest.approx(2 / 3)
+  assert m["acc_incorrect"] == pytest.approx(1 / 2)
+  assert m["acc"] == pytest.approx(3 / 5)
   assert m["f1"] == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
   assert (m["num_correct"], m["num_incorrect"], m["num_truncated"]) == (3, 2, 3)
 
 
 def test_self_verification_threshold_is_strict_and_empty_class_is_nan():
   m = tts.self_verification([[1, 1]], [[0.5, 0.51]])
-  assert m["acc_on_correct"] == 0.5  # 0.5 is not > 0.5
-  assert math.isnan(m["acc_on_incorrect"]) and math.isnan(m["f1"])
+  assert m["self_verification/acc_correct"] == 0.5  # 0.5 is not > 0.5
+  assert math.isnan(m["self_verification/acc_incorrect"]) and math.isnan(m["self_verification/f1"])
   # Both classes present and both accuracies 0: F1 0 (the training metrics' convention too).
   m = tts.self_verification([[1, 0]], [[0.2, 0.9]])
-  assert (m["acc_on_correct"], m["acc_on_incorrect"], m["f1"]) == (0.0, 0.0, 0.0)
+  assert [m["self_verification/" + k] for k in ("acc_correct", "acc_incorrect", "f1")] == [0.0, 0.0, 0.0]
 
 
 def test_vote_majority_and_weighted():
@@ -96,4 +97,4 @@ def test_scaling_metrics_deterministic_and_shapes():
 
 def test_summarize_keys():
   out = tts.summarize([["1", "2"]], [[1, 0]], [[0.9, 0.1]], num_bootstrap=10)
-  assert out["mean@n"] == 0.5 and out["verify/f1"] == 1.0 and "best@2" in out
+  assert out["mean@n"] == 0.5 and out["self_verification/f1"] == 1.0 and "best@2" in out
