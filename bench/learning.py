@@ -13,7 +13,7 @@ last eval, self-verification F1 and AUROC at the last eval (the runs' eval recor
 set x eval.n samples), and on the final models mean@n, maj@n, score-weighted maj@n and best-of-n
 by score (bootstrapped with a fixed seed). Then it checks the learning issue's bars.
 
-  python bench/learning.py --seeds=3                      # 3 x 2 runs from scratch (~30 min on 2 cores)
+  python bench/learning.py --seeds=3                      # 3 x 2 runs from scratch (~50 min on 2 cores)
   python bench/learning.py --seeds=3 --reuse              # reuse finished runs in --workdir
   python bench/learning.py --seeds=1 --set laser.kl_coef=0.3 --methods=laser   # one sweep point
 """
