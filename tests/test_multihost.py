@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from laser_jax import default_config, metrics_writer, trainer
 
@@ -106,6 +107,10 @@ def _assert_metrics_match(records, reference):
         np.testing.assert_allclose(ours[key], want, rtol=1e-4, atol=1e-6, err_msg=f"step {ours['step']} {key}")
 
 
+# 2 min on 2 cores (a one-process reference run, two processes, a preemption and a resume): slow,
+# to keep the default suite under 15 min; the default suite keeps a two-process run
+# (test_hf_checkpoint_loaded_sampled_and_exported_across_two_processes).
+@pytest.mark.slow
 def test_two_hosts_preempted_on_one_host_then_resumed_repeat_the_one_host_run(tmp_path):
   # The reference: one process, 8 devices (tests/conftest.py), the same config.
   config = default_config.apply_overrides(default_config.get_config(), OVERRIDES)
