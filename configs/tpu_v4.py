@@ -43,7 +43,7 @@ def get_config():
   c.data.answer_key = "final_answer"  # DeepMath-103K's answer field.
   c.data.template = "chat"  # Qwen chat template + the boxed-answer instruction (SPEC).
   c.data.max_prompt_len = 2048  # Reference max prompt length.
-  c.data.eval_set = "math500"  # ../shared/data/math500 (or LASER_JAX_DATA_DIR).
+  c.data.eval_set = "math500"  # From data.eval_data_dir / $LASER_JAX_DATA_DIR / ~/.cache/laser_jax/eval_sets.
   c.data.eval_size = 0  # All 500 problems.
 
   c.rollout.n = 8  # Reference group size.

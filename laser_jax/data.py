@@ -3,7 +3,9 @@
 Records are plain dicts {"problem": str, "answer": str}. Sources:
 - `read_records(path)`: JSONL or parquet with configurable field names (DeepMath-103K's parquet
   uses `question` / `final_answer`: `fields="deepmath"`).
-- `load_eval_set(name)`: MATH500, AIME24, AIME25, AMC23, OlympiadBench from the shared data dir.
+- `load_eval_set(name)`: MATH500, AIME24, AIME25, AMC23, OlympiadBench from the eval data dir
+  (`data_dir`); `python -m laser_jax.data fetch --out=DIR` writes them there from the hub
+  (`EVAL_SET_SOURCES`, `laser_jax.eval_fetch`).
 - `build_tfds(path_or_name)`: the same records materialised with tensorflow-datasets as an
   array_record dataset and read back through `tfds` data sources (random access, no TensorFlow).
 
@@ -22,6 +24,9 @@ import re
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from laser_jax import sources
+from laser_jax.config_check import ConfigError
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -43,8 +48,32 @@ EVAL_SETS = {
 DATA_DIR_ENV = "LASER_JAX_DATA_DIR"
 
 
+# Where `python -m laser_jax.data fetch` (laser_jax.eval_fetch) takes the eval sets from, the same
+# problems and answers as the release's files: set -> (hub dataset id@revision, the file(s) of its
+# test split (fnmatch on the path in the repository), problem field, answer field, id field).
+# Revisions are pinned where the file layout was checked. A list answer (OlympiadBench's
+# final_answer) gives its first element without the surrounding $...$.
+EVAL_SET_SOURCES = {
+    "math500": ("HuggingFaceH4/MATH-500@main", "test.jsonl", "problem", "answer", "unique_id"),
+    "aime24": ("HuggingFaceH4/aime_2024@main", "data/train-*.parquet", "problem", "answer", "id"),
+    "aime25": ("math-ai/aime25@563bb8404243c5f09de6ec262f2db674fe5bce9b", "test.jsonl", "problem",
+               "answer", "id"),
+    "amc23": ("math-ai/amc23@80815d37005feb82cd7f8fbc6901d5d3eff43057", "test-*.parquet", "question",
+              "answer", "id"),
+    "olympiadbench": ("math-ai/olympiadbench@main", "test.jsonl", "question", "final_answer", "id"),
+}
+
+
 class DataError(ValueError):
   """A malformed data file; the message is `path:line: what is wrong`."""
+
+
+class MissingFieldError(DataError):
+  """A row or file without the problem or answer field."""
+
+
+class EvalSetNotFoundError(ConfigError, FileNotFoundError):
+  """A named eval set is not in the eval data dir; the message says which command fetches it."""
 
 
 def _fields(fields: str | tuple[str, str]) -> tuple[str, str]:
@@ -62,7 +91,7 @@ def _record(row: Any, where: str, problem_key: str, answer_key: str) -> dict[str
     raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
   for key in (problem_key, answer_key):
     if key not in row:
-      raise DataError(f"{where}: missing field {key!r} (has {sorted(row)})")
+      raise MissingFieldError(f"{where}: missing field {key!r} (has {sorted(row)})")
   problem, answer = row[problem_key], row[answer_key]
   if not isinstance(problem, str) or not problem.strip():
     raise DataError(f"{where}: field {problem_key!r} must be a non-empty string, "
@@ -99,7 +128,7 @@ def read_parquet(path: str | os.PathLike, fields: str | tuple[str, str] = "defau
   schema = pq.read_schema(path)
   missing = [k for k in (problem_key, answer_key) if k not in schema.names]
   if missing:
-    raise DataError(f"{path}: missing column(s) {missing} (has {schema.names})")
+    raise MissingFieldError(f"{path}: missing column(s) {missing} (has {schema.names})")
   table = pq.read_table(path, columns=[problem_key, answer_key])
   return [_record(row, f"{path}:{i}", problem_key, answer_key)
           for i, row in enumerate(table.to_pylist(), start=1)]
@@ -117,28 +146,48 @@ def read_records(path: str | os.PathLike, fields: str | tuple[str, str] = "defau
   raise DataError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .json or .parquet)")
 
 
-def data_dir() -> pathlib.Path:
-  """The eval data dir: $LASER_JAX_DATA_DIR, else `../shared/data` next to the repository."""
-  if os.environ.get(DATA_DIR_ENV):
-    return pathlib.Path(os.environ[DATA_DIR_ENV])
-  return pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+def default_data_dir() -> str:
+  """The per-user eval data dir: $XDG_CACHE_HOME/laser_jax/eval_sets (~/.cache/laser_jax/...)."""
+  return os.path.join(sources.cache_root(), "eval_sets")
 
 
-def eval_set_path(name: str, directory: str | os.PathLike | None = None) -> pathlib.Path:
-  """Path of the named eval set's test.jsonl (name is case-insensitive)."""
+def data_dir(configured: str = "") -> str:
+  """Where named eval sets are found (a local dir or gs://...; set `name` is the file
+  `<dir>/<EVAL_SETS[name]>/test.jsonl`): `configured` (config.data.eval_data_dir or
+  config.eval.data_dir) if set, else $LASER_JAX_DATA_DIR, else `default_data_dir()`."""
+  return configured or os.environ.get(DATA_DIR_ENV) or default_data_dir()
+
+
+def eval_set_path(name: str, directory: str = "",
+                  keys: tuple[str, str] = ("data.eval_set", "data.eval_data_dir")) -> pathlib.Path:
+  """The local path of eval set `name`'s test.jsonl (case-insensitive; from a gs:// dir, a local
+  copy). `keys`: the config keys of the name and of the directory, named in errors."""
   key = name.lower()
   if key not in EVAL_SETS:
     raise ValueError(f"unknown eval set {name!r}: expected one of {sorted(EVAL_SETS)}")
-  path = pathlib.Path(directory or data_dir()) / EVAL_SETS[key] / "test.jsonl"
-  if not path.is_file():
-    raise FileNotFoundError(f"eval set {name!r}: {path} not found "
-                            f"(set ${DATA_DIR_ENV} or pass the data dir)")
-  return path
+  root = data_dir(directory)
+  path = f"{root.rstrip('/')}/{EVAL_SETS[key]}/test.jsonl"
+  local = sources.fetch_file(path, f"config.{keys[1]}") if sources.is_gs(path) else path
+  if local is None or not os.path.isfile(local):
+    raise EvalSetNotFoundError(
+        f"config.{keys[0]}: eval set {name!r} not found at {path} (looked up in config.{keys[1]}, "
+        f"else ${DATA_DIR_ENV}, else {default_data_dir()}); fetch it with: "
+        f"python -m laser_jax.data fetch --out={root} --sets={key}")
+  return pathlib.Path(local)
 
 
-def load_eval_set(name: str, directory: str | os.PathLike | None = None) -> list[dict]:
-  """Records of a named eval set: math500, aime24, aime25, amc23, olympiadbench."""
-  return read_jsonl(eval_set_path(name, directory))
+def load_eval_set(name: str, directory: str = "",
+                  keys: tuple[str, str] = ("data.eval_set", "data.eval_data_dir")) -> list[dict]:
+  """Records of a named eval set: math500, aime24, aime25, amc23, olympiadbench (`eval_set_path`)."""
+  return read_jsonl(eval_set_path(name, directory, keys))
+
+
+def load_eval_records(value: str, directory: str, keys: tuple[str, str]) -> list[dict]:
+  """Records of an eval-set name (unless a local file has that name) or of the files that `value`
+  names (local path or glob, gs://, hf://datasets/...: `sources.data_files`). `keys` as above."""
+  if value.lower() in EVAL_SETS and not os.path.exists(value):
+    return load_eval_set(value, directory, keys)
+  return [r for path in sources.data_files(value, f"config.{keys[0]}") for r in read_records(path)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,3 +425,8 @@ class PromptIterator:
       raise ValueError(f"PromptIterator.set_state: batch {state['batch']} not in "
                        f"[0, {self.batches_per_epoch}]")
     self._epoch, self._batch, self._order = int(state["epoch"]), int(state["batch"]), None
+
+
+if __name__ == "__main__":
+  from laser_jax import eval_fetch  # `python -m laser_jax.data fetch --out=DIR [--sets=...]`
+  eval_fetch.run_cli()

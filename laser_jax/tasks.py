@@ -31,6 +31,7 @@ from laser_jax import model as model_lib
 from laser_jax import presets
 from laser_jax import sft
 from laser_jax import sharding as sharding_lib
+from laser_jax import sources
 from laser_jax import synthetic
 from laser_jax import verifier as verifier_lib
 from laser_jax.config_check import ConfigError
@@ -177,6 +178,7 @@ def pad_token_id(tokenizer, eos_ids) -> int:
 def eos_token_ids(tokenizer, hf_path: str = "") -> tuple[int, ...]:
   """The tokenizer's EOS plus any extra ones in the checkpoint's generation_config.json."""
   ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+  hf_path = sources.model_dir(hf_path, "config.model.hf_path", sources.CONFIG_FILES)
   gen = os.path.join(hf_path, "generation_config.json") if hf_path else ""
   if gen and os.path.exists(gen):
     with open(gen) as f:
@@ -200,14 +202,17 @@ def _random_init(model_cfg, seed):
   return init
 
 
-def model_settings(m: ml_collections.ConfigDict, platform: str | None = None) -> dict:
+def model_settings(m: ml_collections.ConfigDict, platform=None) -> dict:
   """The `ModelConfig` fields `config.model` sets on top of any shape (numerics, memory), with
-  model.attention resolved for `platform` (default: this process's JAX backend)."""
+  model.dtype and model.attention "auto" resolved for `platform` (a platform name such as "tpu",
+  or a jax Device; default: this process's first device, e.g. a T4 gets float32 + chunked)."""
+  device = platform or jax.devices()[0]
+  dtype = model_lib.resolve_dtype(m.dtype, device)
   try:
-    attention = model_lib.resolve_attention(m.attention, platform or jax.default_backend(), m.dtype)
+    attention = model_lib.resolve_attention(m.attention, device, dtype)
   except ValueError as e:
     raise ConfigError(f"config.model.attention: {e}") from None
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=attention,
+  return dict(dtype=dtype, param_dtype=m.param_dtype, remat=m.remat, attention=attention,
               attention_block=m.attention_block, scan_layers=m.scan_layers)
 
 
@@ -235,8 +240,9 @@ def model_config(c: ml_collections.ConfigDict, tokenizer_size: int | None,
   m = c.model
   settings = model_settings(m, platform)
   if m.hf_path:
+    path = sources.model_dir(m.hf_path, "config.model.hf_path", sources.CONFIG_FILES)
     with _naming_key("model.hf_path"):
-      return dataclasses.replace(hf.load_hf_config(m.hf_path), **settings)
+      return dataclasses.replace(hf.load_hf_config(path), **settings)
   if m.preset:
     return dataclasses.replace(presets.get_preset(m.preset), **settings)
   if tokenizer_size is None:
@@ -267,8 +273,7 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
     train_records = synthetic.make_split("train", c.data.synthetic_train_size, seed=c.seed)
     eval_records = synthetic.make_split("heldout", c.data.synthetic_eval_size, seed=c.seed)
   else:
-    train_records = [r for f in c.data.train_files.split(",")
-                     for r in data_lib.read_records(f.strip(), (c.data.problem_key, c.data.answer_key))]
+    train_records = _train_records(c)
     eval_records = _eval_records(c)
   if c.data.eval_size > 0:
     eval_records = eval_records[:c.data.eval_size]
@@ -282,8 +287,9 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
   if c.model.hf_path:
     def init_fn(reference, mesh=None):
       del reference  # An HF run's reference policy is the checkpoint itself.
+      path = sources.model_dir(c.model.hf_path, "config.model.hf_path")
       with _naming_key("model.hf_path"):
-        return hf.load_hf_params(c.model.hf_path, model_cfg, mesh=mesh)
+        return hf.load_hf_params(path, model_cfg, mesh=mesh)
   else:
     init_fn = _random_init(model_cfg, c.seed)
   return Task(config=c, model_cfg=model_cfg, tokenizer=tokenizer, train_prompts=train_prompts,
@@ -293,10 +299,11 @@ def build_task(c: ml_collections.ConfigDict) -> Task:
 
 
 def load_tokenizer(path: str, key: str = "model.tokenizer_path"):
-  """A tokenizer directory's tokenizer (as `hf.load_hf_tokenizer` loads it); errors name
-  config.<key>, the key the path came from."""
-  if not os.path.isdir(path):
-    raise ConfigError(f"config.{key}: {path!r} is not a directory")
+  """The tokenizer at an address (local dir, gs://, hub id: `sources.model_dir`), as
+  `hf.load_hf_tokenizer` loads it; errors name config.<key>, the key the address came from."""
+  if not path:
+    raise ConfigError(f"config.{key}: empty; give a tokenizer directory, gs:// path or hub id")
+  path = sources.model_dir(path, f"config.{key}", sources.TOKENIZER_FILES)
   with _naming_key(key):
     return hf.load_hf_tokenizer(path)
 
@@ -310,8 +317,20 @@ def _naming_key(key: str):
     raise ConfigError(f"config.{key}: {e}") from None
 
 
+def _train_records(c) -> list[dict]:
+  """The records of data.train_files (`sources.data_files`), read with data.problem_key /
+  data.answer_key whatever the file type."""
+  fields = (c.data.problem_key, c.data.answer_key)
+  records = []
+  for path in sources.data_files(c.data.train_files, "config.data.train_files"):
+    try:
+      records += data_lib.read_records(path, fields)
+    except data_lib.MissingFieldError as e:
+      raise data_lib.DataError(f"config.data.problem_key / config.data.answer_key = {fields}: {e}") from None
+  return records
+
+
 def _eval_records(c) -> list[dict]:
-  name = c.data.eval_set
-  if os.path.isfile(name):
-    return data_lib.read_records(name)
-  return data_lib.load_eval_set(name)
+  # .get: training configs saved before data.eval_data_dir existed (evaluate rebuilds their task).
+  return data_lib.load_eval_records(c.data.eval_set, c.data.get("eval_data_dir", ""),
+                                    ("data.eval_set", "data.eval_data_dir"))

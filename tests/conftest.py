@@ -12,3 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The eval sets' reference files (laser_jax.data looks up named sets there; the product's own
+# default is the per-user cache that `python -m laser_jax.data fetch` fills).
+os.environ.setdefault("LASER_JAX_DATA_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "shared", "data"))

@@ -1,11 +1,22 @@
-"""Data: readers and their errors, eval sets, tfds backend, prompts, the resumable iterator."""
+"""Data: readers and their errors, eval sets (where they are found, the fetch command), tfds
+backend, prompts, the resumable iterator."""
 import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laser_jax import data, synthetic
+from laser_jax import data, default_config, synthetic
+from laser_jax.config_check import ConfigError
+from test_sources import gcs, hub_cache, jsonl_bytes, parquet_bytes, put_in_hub_cache  # noqa: F401 (fixtures)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"  # the release's eval set files (reference only)
 
 
 def _write_jsonl(path, lines):
@@ -68,13 +79,109 @@ def test_eval_sets_row_counts():
 
 def test_eval_set_dir_errors(tmp_path, monkeypatch):
   monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="eval set 'aime24'.*LASER_JAX_DATA_DIR"):
+  with pytest.raises(FileNotFoundError, match="eval set 'aime24'.*LASER_JAX_DATA_DIR") as e:
     data.load_eval_set("aime24")
+  assert isinstance(e.value, ConfigError)  # exit 2 on the command line; notebooks catch FileNotFoundError
   (tmp_path / "aime24").mkdir()
   _write_jsonl(tmp_path / "aime24" / "test.jsonl", [json.dumps({"problem": "p", "answer": 1})])
   assert data.load_eval_set("aime24") == [{"problem": "p", "answer": "1"}]
   with pytest.raises(ValueError, match="unknown eval set 'gsm8k'"):
     data.load_eval_set("gsm8k")
+
+
+def _eval_set(root, name, records):
+  (root / data.EVAL_SETS[name]).mkdir(parents=True, exist_ok=True)
+  _write_jsonl(root / data.EVAL_SETS[name] / "test.jsonl", [json.dumps(r) for r in records])
+
+
+def test_eval_sets_are_found_by_key_else_env_else_user_cache(tmp_path, monkeypatch):
+  """One resolution for the trainer (data.eval_set / data.eval_data_dir) and the evaluator
+  (eval.input_file / eval.data_dir): the key, else $LASER_JAX_DATA_DIR, else the user cache."""
+  from laser_jax import evaluate, tasks
+  keyed, env, xdg = tmp_path / "keyed", tmp_path / "env", tmp_path / "xdg"
+  for root, answer in ((keyed, "1"), (env, "2"), (xdg / "laser_jax" / "eval_sets", "3")):
+    _eval_set(root, "amc23", [{"id": 0, "problem": "p", "answer": answer}])
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(env))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+  c = default_config.get_config()
+  c.data.eval_set = "AMC23"
+  assert tasks._eval_records(c) == evaluate.load_problems("amc23") == [{"problem": "p", "answer": "2"}]
+  c.data.eval_data_dir = str(keyed)
+  assert tasks._eval_records(c) == evaluate.load_problems("amc23", data_dir=str(keyed)) == \
+      [{"problem": "p", "answer": "1"}]
+  monkeypatch.delenv(data.DATA_DIR_ENV)
+  assert evaluate.load_problems("amc23") == [{"problem": "p", "answer": "3"}]
+  # A missing set: one line naming the key, the path looked at and the command that fetches it.
+  with pytest.raises(ConfigError) as e:
+    evaluate.load_problems("olympiadbench", data_dir=str(keyed))
+  assert str(e.value) == (
+      f"config.eval.input_file: eval set 'olympiadbench' not found at {keyed}/OlympiadBench/test.jsonl "
+      f"(looked up in config.eval.data_dir, else $LASER_JAX_DATA_DIR, else {xdg}/laser_jax/eval_sets); "
+      f"fetch it with: python -m laser_jax.data fetch --out={keyed} --sets=olympiadbench")
+  c.data.eval_set = "aime25"
+  with pytest.raises(ConfigError, match=r"^config\.data\.eval_set: eval set 'aime25' not found .*"
+                     r"config\.data\.eval_data_dir.*fetch --out="):
+    tasks._eval_records(c)
+
+
+# The hub datasets `python -m laser_jax.data fetch` reads, in their own layouts (EVAL_SET_SOURCES),
+# built from the first rows of the reference files: fetched, they must give those rows back.
+def _as_hub_dataset(name, rows):
+  if name == "math500":
+    return {"test.jsonl": jsonl_bytes(rows)}
+  if name == "aime24":  # parquet, int ids, string answers, with solution / url / year
+    return {"data/train-00000-of-00001.parquet": parquet_bytes(
+        [{**r, "solution": "...", "url": "https://aops", "year": "2024"} for r in rows])}
+  if name == "aime25":  # JSON lines, int answers, string ids
+    return {"test.jsonl": jsonl_bytes(rows)}
+  if name == "amc23":  # parquet, `question`, float answers
+    return {"test-00000-of-00001.parquet": parquet_bytes(
+        [{"id": r["id"], "question": r["problem"], "answer": float(r["answer"]), "url": "u"} for r in rows])}
+  return {"test.jsonl": jsonl_bytes(  # OlympiadBench: `question`, final_answer a list of "$...$"
+      [{"id": r["id"], "question": r["problem"], "solution": ["..."], "final_answer": [f"${r['answer']}$"],
+        "is_multiple_answer": False} for r in rows])}
+
+
+@pytest.fixture
+def hub_eval_sets(hub_cache):
+  expected = {}
+  for name, (address, *_) in data.EVAL_SET_SOURCES.items():
+    rows = [json.loads(line) for line in open(SHARED / data.EVAL_SETS[name] / "test.jsonl")][:3]
+    repo_id, _, revision = address.partition("@")
+    put_in_hub_cache(hub_cache, "dataset", repo_id, _as_hub_dataset(name, rows), revision)
+    expected[name] = rows
+  return expected
+
+
+def test_fetch_command_writes_the_eval_sets_from_the_hub_offline(hub_eval_sets, tmp_path):
+  out = tmp_path / "eval_sets"
+  proc = subprocess.run([sys.executable, "-m", "laser_jax.data", "fetch", f"--out={out}"], cwd=REPO,
+                        env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for name, rows in hub_eval_sets.items():
+    assert data.load_eval_set(name, str(out)) == data.read_jsonl(_write_jsonl(
+        tmp_path / f"{name}.jsonl", [json.dumps(r) for r in rows])), name
+    written = [json.loads(line) for line in open(out / data.EVAL_SETS[name] / "test.jsonl")]
+    id_key = "unique_id" if name == "math500" else "id"
+    assert [r["id"] for r in written] == [r[id_key] for r in rows]
+    assert set(written[0]) == {"id", "problem", "answer"}
+  assert "olympiadbench: 3 problems from math-ai/olympiadbench@main" in proc.stdout
+
+
+def test_fetch_subsets_to_gs_and_bad_input(hub_eval_sets, gcs, tmp_path, hub_cache):
+  from laser_jax import eval_fetch, tasks
+  written = eval_fetch.fetch("gs://bucket/eval", eval_fetch.parse_sets("AIME25, math500"))
+  assert sorted(written) == sorted(os.listdir(gcs / "bucket" / "eval")) == ["aime25", "math500"]
+  c = default_config.get_config()
+  c.data.eval_set, c.data.eval_data_dir = "aime25", "gs://bucket/eval"  # read back through gs://
+  assert tasks._eval_records(c) == [{"problem": r["problem"], "answer": str(r["answer"])}
+                                    for r in hub_eval_sets["aime25"]]
+  with pytest.raises(ConfigError, match=r"^--sets=math500,gsm8k: unknown eval set\(s\) \['gsm8k'\]"):
+    eval_fetch.parse_sets("math500,gsm8k")
+  shutil.rmtree(hub_cache / "datasets--math-ai--amc23")  # not cached, offline: nothing is written
+  with pytest.raises(ConfigError, match=r"^--sets=amc23: 'math-ai/amc23@80815d.*' is not in the Hugging Face cache"):
+    eval_fetch.fetch(str(tmp_path / "out"), ["math500", "amc23"])
+  assert not (tmp_path / "out").exists()
 
 
 def test_tfds_backend_matches_reader(tmp_path):
