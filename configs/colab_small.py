@@ -1,9 +1,13 @@
 r"""LaSeR on a small instruct model on one accelerator (Colab T4/L4/A100 or a single TPU host).
 
-Launch:
+Launch (the model is the hub id Qwen/Qwen2.5-0.5B-Instruct, fetched once with huggingface_hub;
+the training problems are your JSONL/parquet file):
   python -m laser_jax.train --config=configs/colab_small.py \
-      --config.model.hf_path=/content/Qwen2.5-0.5B-Instruct --config.workdir=/content/laser_run
-Use Qwen2.5-1.5B-Instruct on a 40 GB+ card by pointing hf_path at it.
+      --config.data.train_files=/content/train.jsonl --config.workdir=/content/laser_run
+Use --config.model.hf_path=Qwen/Qwen2.5-1.5B-Instruct on a 40 GB+ card.
+Compute dtype and attention follow the device (model.dtype/attention "auto"): bfloat16 with
+cuDNN flash attention on A100 / L4 / H100, the splash kernel on TPU, float32 with the chunked
+attention on a T4 (compute capability 7.5: no bf16, no cuDNN flash attention).
 """
 from laser_jax import default_config
 
@@ -16,13 +20,16 @@ def get_config():
   c.checkpoint_every = 20
   c.eval_every = 20
   c.batch_size = 8  # Prompts per step.
-  c.micro_batch_size = 8  # Responses per forward/backward (fits 16 GB at 1k tokens in bf16).
+  # Responses per forward/backward (fits 16 GB at 1k tokens in bf16; on a T4, float32 activations
+  # take twice the memory: halve it if the update runs out).
+  c.micro_batch_size = 8
   c.mesh.data = 1
   c.mesh.fsdp = -1  # All local devices (1 GPU, or the 4-8 cores of a TPU host).
   c.mesh.tensor = 1
 
-  c.model.hf_path = "/content/Qwen2.5-0.5B-Instruct"  # Downloaded with huggingface_hub when online.
-  c.model.dtype = "bfloat16"
+  c.model.hf_path = "Qwen/Qwen2.5-0.5B-Instruct"  # A hub id (fetched once), or a local directory.
+  c.model.dtype = "auto"  # bfloat16 where native (A100 / L4 / H100, TPU), else float32 (T4).
+  c.model.attention = "auto"  # cuDNN flash (GPU, bf16), splash (TPU), else chunked (T4).
   c.model.param_dtype = "float32"
   c.model.remat = True
   c.model.logprob_chunk = 256

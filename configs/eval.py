@@ -1,21 +1,27 @@
-r"""Evaluation and c_ref calibration: sample n solutions per problem, verify, score, report.
+r"""Evaluation, c_ref calibration and export: sample n solutions per problem, verify, score, report.
 
-Evaluate a Hugging Face model on MATH500 (2 samples per problem, as in the paper):
+Evaluate an export of a training run (laser_jax.export: its laser_jax.json holds z_c, beta_v, c_ref
+and the prompt format; MATH500, 2 samples per problem, as in the paper):
   python -m laser_jax.evaluate --config=configs/eval.py \
       --config.model.hf_path=/path/to/Qwen2.5-7B-LaSeR --config.eval.input_file=math500 \
-      --config.eval.output_file=/tmp/laser_jax/eval/math500.jsonl --config.eval.n=2 \
-      --config.laser.self_reward_token_id=151652 --config.laser.ref_constant=-23.0
-Evaluate a training run (latest checkpoint of its workdir; the run's config file rebuilds the model):
+      --config.eval.output_file=/tmp/laser_jax/eval/math500.jsonl --config.eval.n=2
+Evaluate any other Hugging Face model: its constants must be given (no defaults):
+  python -m laser_jax.evaluate --config=configs/eval.py --config.model.hf_path=/path/to/model \
+      --config.eval.input_file=math500 --config.laser.self_reward_token_id=151652 \
+      --config.laser.kl_coef=0.1 --config.laser.ref_constant=-23.0
+Evaluate a training run (latest checkpoint of its workdir; the run's config file rebuilds the model,
+z_c, beta_v, c_ref and the prompt format):
   python -m laser_jax.evaluate --config=configs/eval.py \
       --config.model.checkpoint_dir=/tmp/laser_jax/tiny_cpu --config.model.train_config=configs/tiny_cpu.py \
-      --config.eval.input_file=synthetic --config.eval.reward_fn=synthetic --config.eval.template=chat
+      --config.eval.input_file=synthetic --config.eval.reward_fn=synthetic
 Score with the exact variant (log pi_ref(z_c | x, y) of a reference model instead of c_ref):
   python -m laser_jax.evaluate --config=configs/eval.py --config.model.hf_path=/path/to/trained \
       --config.laser.ref_hf_path=/path/to/initial_model --config.eval.input_file=math500
-Export a training run as a Hugging Face directory (for vLLM serving or the Hub):
+Export a training run as a Hugging Face directory (for vLLM serving or the Hub; optionally uploaded):
   python -m laser_jax.export --config=configs/eval.py \
-      --config.model.checkpoint_dir=/tmp/laser_jax/tiny_cpu --config.export.output_dir=/tmp/laser_jax/tiny_cpu_hf
-Measure c_ref for a new model and token (run it on the *initial* model, i.e. pi_ref):
+      --config.model.checkpoint_dir=/tmp/laser_jax/tiny_cpu --config.export.output_dir=/tmp/laser_jax/tiny_cpu_hf \
+      --config.export.push_to_hub=your-org/tiny-laser
+Measure c_ref for a new model and token (run it on the *initial* model, i.e. pi_ref; needs z_c only):
   python -m laser_jax.calibrate --config=configs/eval.py --config.model.hf_path=/path/to/model \
       --config.laser.self_reward_token_id=151652
 """
@@ -38,9 +44,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # HF models: compute and parameter dtype, "float32" | "bfloat16".
 
   c.eval = ml_collections.ConfigDict()
-  # JSONL/parquet file with `problem` and `answer`, or a named set: math500, aime24, aime25, amc23,
-  # olympiadbench (from $LASER_JAX_DATA_DIR), or "synthetic" (the built-in task's held-out split).
+  # A named set: math500, aime24, aime25, amc23, olympiadbench (found in eval.data_dir), "synthetic"
+  # (the built-in task's held-out split), or JSONL/parquet files with `problem` and `answer` (a local
+  # path or glob, a gs:// path or glob, or hf://datasets/ORG/NAME[@REV]/GLOB).
   c.eval.input_file = "math500"
+  # Where named sets are (local or gs://; <dir>/<set>/test.jsonl, written by `python -m
+  # laser_jax.data fetch --out=DIR`); "" = $LASER_JAX_DATA_DIR, else ~/.cache/laser_jax/eval_sets.
+  c.eval.data_dir = ""
   c.eval.output_file = "/tmp/laser_jax/eval/output.jsonl"  # One JSON line per problem; summary beside it.
   c.eval.limit = 0  # Evaluate only the first `limit` problems (0 = all).
   c.eval.n = 2  # Samples per problem (paper: 2 for MATH500/OlympiadBench, 32 for AIME/AMC).
@@ -52,7 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   # At most this many decode loops (>= 64 tokens each), each attending only over the KV cache
   # written so far; each loop is compiled separately.
   c.eval.decode_segments = 4
-  c.eval.template = "chat"  # "chat" (tokenizer's chat template) | "base" (plain text prompt).
+  # Prompt format: "chat" (tokenizer's chat template) | "base" (plain text prompt) | "" = the one the
+  # model was trained with (a checkpoint's data.template, an export's laser_jax.json; else "chat").
+  c.eval.template = ""
   c.eval.max_prompt_len = 0  # Drop (and count) prompts longer than this many tokens (0 = keep all).
   c.eval.batch_size = 8  # Prompts per sampler call (x n rows); the last batch is padded to this size.
   c.eval.seed = 0  # Sampling seed: batch b uses fold_in(key(seed), b).
@@ -63,18 +75,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.num_bootstrap = 1000  # Resamples per problem for maj@k / self_weighted_maj@k / best@k.
   c.eval.bootstrap_seed = 0  # Seed of those resamples (fixed: reruns report identical numbers).
 
-  # LaSeR score r_s = kl_coef * (log pi(z_c | x, y, EOS) - ref_constant).
+  # LaSeR score r_s = kl_coef * (log pi(z_c | x, y, EOS) - ref_constant). A checkpoint's constants
+  # come from its training config, a laser_jax.export directory's from its laser_jax.json; a value
+  # set here overrides them (the summary's overridden_constants lists it). Any other HF model needs
+  # z_c, kl_coef and ref_constant set here: there are no defaults (calibrate needs z_c only).
   c.laser = ml_collections.ConfigDict()
-  # z_c: an id (>= 0) wins over a token string; with neither, a checkpoint uses its training config's
-  # z_c and an HF model uses "<|vision_start|>" (Qwen2.5: 151652; OctoThinker/Llama-3: set 128002).
+  # z_c: an id (>= 0) wins over a token string (Qwen2.5: 151652 = "<|vision_start|>";
+  # OctoThinker/Llama-3: 128002).
   c.laser.self_reward_token_id = -1
   c.laser.self_reward_token = ""
-  # beta_v and c_ref; unset = the training run's values for a checkpoint, 0.1 and -23.0 for an HF model.
-  c.laser.kl_coef = config_dict.placeholder(float)  # beta_v.
+  c.laser.kl_coef = config_dict.placeholder(float)  # beta_v (the paper: 0.1).
   c.laser.ref_constant = config_dict.placeholder(float)  # c_ref (Qwen2.5: -23.0, OctoThinker: -25.0; see calibrate).
   # The exact score r_s = kl_coef * (log pi(z_c | x, y, EOS) - log pi_ref(z_c | x, y, EOS)): pi_ref's HF
   # directory (the evaluated model's architecture, usually its initial model). "" = ref_constant,
-  # except for a checkpoint of a run that trained the exact score: its own reference is used.
+  # except for a model trained with the exact score: a checkpoint's own reference, an export's
+  # recorded reference_model (set ref_constant instead to score with a constant).
   c.laser.ref_hf_path = ""
 
   # Device mesh (sizes multiply to the device count; -1 takes the rest). Batches shard over data x fsdp.
@@ -92,8 +107,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.calibrate.warn_logprob = -4.6
   c.calibrate.scan_chunk = 256  # Sequence chunk for the vocabulary projection of the text scan.
 
-  # laser_jax.export: write the model (usually a training checkpoint) as a Hugging Face directory.
+  # laser_jax.export: write the model (usually a training checkpoint) as a Hugging Face directory
+  # with its self-reward constants (laser_jax.json: z_c, beta_v, c_ref, prompt format) and a model
+  # card (README.md) saying how to read the score. An HF model's constants come from the laser.*
+  # keys above and must be set there.
   c.export = ml_collections.ConfigDict()
-  c.export.output_dir = ""  # Target directory (config.json, safetensors, tokenizer).
+  c.export.output_dir = ""  # Target directory (config.json, safetensors, tokenizer, laser_jax.json).
   c.export.dtype = "bfloat16"  # Stored dtype: "bfloat16" (serving) | "float32".
+  # Hub repo id ("org/name") to upload the directory to (huggingface_hub create_repo + upload_folder;
+  # needs a token: `hf auth login` or $HF_TOKEN); "" = no upload.
+  c.export.push_to_hub = ""
+  c.export.hub_private = False  # Create the hub repo as private.
   return c

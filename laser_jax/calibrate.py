@@ -183,8 +183,8 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   """Samples, reports log pi(z_c | x, y) statistics and z_c checks; writes and returns the report."""
   e, cal = config.eval, config.calibrate
   config_check.validate_eval(config)
-  records = evaluate.load_problems(e.input_file, cal.num_problems)
-  model = evaluate.load_model(config) if model is None else model
+  records = evaluate.load_problems(e.input_file, cal.num_problems, e.data_dir)
+  model = evaluate.load_model(config, score=False) if model is None else model  # needs z_c only
   sampling = evaluate.sampling_params(config, model)
   prepared = evaluate.prepare_items(config, model, records)
   if not prepared.items:

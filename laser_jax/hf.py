@@ -324,13 +324,16 @@ def _shard_plan(names_and_bytes: list[tuple[str, int]], max_shard_bytes: int) ->
 
 
 def export_hf(params, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype: str | None = None,
-              max_shard_bytes: int = 5 * 10**9, config_overrides: dict | None = None) -> str:
+              max_shard_bytes: int = 5 * 10**9, config_overrides: dict | None = None,
+              eos_token_ids=None) -> str:
   """Writes an HF directory loadable by `transformers.AutoModelForCausalLM.from_pretrained`.
 
   tokenizer: None, a path to load with AutoTokenizer, or a tokenizer object; its eos/pad/bos ids go
-  into config.json. dtype ("float32" | "bfloat16") defaults to cfg.param_dtype. Tensors are gathered
-  to the host one shard file at a time. In multi-host runs every process must call this (the
-  gathers are collective); only process 0 writes.
+  into config.json. dtype ("float32" | "bfloat16") defaults to cfg.param_dtype. eos_token_ids: every
+  id that ends a response (e.g. Qwen2.5-Instruct's <|im_end|> and <|endoftext|>), written to
+  generation_config.json, where generation and `tasks.eos_token_ids` read them; None = the
+  tokenizer's EOS only. Tensors are gathered to the host one shard file at a time. In multi-host
+  runs every process must call this (the gathers are collective); only process 0 writes.
   """
   import transformers
   from safetensors.numpy import save_file
@@ -353,7 +356,10 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype: str
     os.makedirs(out_dir, exist_ok=True)
     hf_config.save_pretrained(out_dir)
     _add_legacy_config_fields(os.path.join(out_dir, "config.json"), cfg, dtype)
-    transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out_dir)
+    generation_config = transformers.GenerationConfig.from_model_config(hf_config)
+    if eos_token_ids:
+      generation_config.eos_token_id = [int(i) for i in eos_token_ids]
+    generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
       tokenizer.save_pretrained(out_dir)
   weight_map = {}
@@ -374,6 +380,43 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype: str
       json.dump(index, f, indent=2)
   return out_dir
 
+
+# ----------------------------------------------------------------------------------------------
+# The LaSeR constants of an export (written by laser_jax.export, read by laser_jax.evaluate).
+
+LASER_METADATA_FILE = "laser_jax.json"
+# Keys every laser_jax.json holds (laser_jax.export.laser_metadata documents them all).
+_LASER_METADATA_KEYS = ("self_reward_token", "self_reward_token_id", "kl_coef", "ref_constant",
+                        "use_ref_model_score", "reference_model", "eos_token_id", "prompt")
+
+
+def read_laser_metadata(path: str) -> dict | None:
+  """`path/laser_jax.json`, the self-reward constants of a laser_jax export; None without one."""
+  file = os.path.join(path, LASER_METADATA_FILE)
+  if not os.path.isfile(file):
+    return None
+  try:
+    with open(file) as f:
+      metadata = json.load(f)
+  except (OSError, ValueError) as e:
+    raise HFCheckpointError(f"corrupt {file}: {_one_line(e)}") from e
+  missing = [k for k in _LASER_METADATA_KEYS if not isinstance(metadata, dict) or k not in metadata]
+  if missing:
+    raise HFCheckpointError(f"corrupt {file}: no {missing[0]!r} (re-export with python -m laser_jax.export)")
+  template = metadata["prompt"].get("template") if isinstance(metadata["prompt"], dict) else None
+  if template not in ("chat", "base"):
+    raise HFCheckpointError(f"corrupt {file}: prompt.template must be 'chat' or 'base' (got {template!r})")
+  return metadata
+
+
+def write_laser_metadata(out_dir: str, metadata: dict) -> str:
+  """Writes `out_dir/laser_jax.json` (process 0 only, as `export_hf`); returns its path."""
+  file = os.path.join(out_dir, LASER_METADATA_FILE)
+  if jax.process_index() == 0:
+    with open(file, "w") as f:
+      json.dump(metadata, f, indent=2, allow_nan=False)
+      f.write("\n")
+  return file
 
 
 def main(argv=None) -> int:

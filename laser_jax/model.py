@@ -236,17 +236,79 @@ def causal_mask(query_positions: jax.Array, key_valid: jax.Array) -> jax.Array:
   return visible[None] & key_valid[:, None, :]
 
 
-def resolve_attention(name: str, platform: str, dtype: str) -> str:
-  """The attention implementation `name` ("auto" or one of ATTENTION_IMPLS) means on `platform`
-  ("tpu", "gpu"/"cuda", "cpu", ...): "auto" is splash on TPU, cuDNN on GPU with bf16 compute,
-  else chunked. A kernel asked for on a platform that cannot run it is a ValueError."""
-  platform = "gpu" if platform in ("cuda", "rocm") else platform
+# CUDA GPUs from compute capability 8.0 on (Ampere: A100, A10; Ada: L4; Hopper: H100) compute in
+# bfloat16 on their tensor cores and run cuDNN's flash attention; older ones (T4: 7.5, V100: 7.0)
+# have neither, so the "auto" numerics there are float32 with the chunked attention.
+MIN_BF16_COMPUTE_CAPABILITY = (8, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+  """What the "auto" numerics depend on: the platform and, for CUDA GPUs, the compute capability."""
+  platform: str  # "tpu" | "gpu" | "cpu" | ...
+  kind: str = ""  # jax's device_kind, e.g. "Tesla T4", "NVIDIA A100-SXM4-40GB", "TPU v4" (messages)
+  compute_capability: tuple[int, int] | None = None  # CUDA GPUs: (major, minor); None = unknown
+
+  @property
+  def bf16(self) -> bool:
+    """Whether bfloat16 compute is native: TPUs, and GPUs of compute capability >= 8.0 (a GPU
+    without a CUDA capability, e.g. ROCm MI200+, is taken to have it); never the CPU."""
+    if self.platform == "tpu":
+      return True
+    if self.platform == "gpu":
+      return self.compute_capability is None or self.compute_capability >= MIN_BF16_COMPUTE_CAPABILITY
+    return False
+
+
+def device_info(device) -> DeviceInfo:
+  """`DeviceInfo` of a jax Device (or any object with `platform`, `device_kind` and, on CUDA,
+  `compute_capability` such as "7.5"), or of a bare platform name ("tpu", "cuda", "cpu", ...)."""
+  if isinstance(device, DeviceInfo):
+    return device
+  if isinstance(device, str):
+    platform, kind, capability = device, "", None
+  else:
+    platform, kind = device.platform, getattr(device, "device_kind", "")
+    capability = _parse_capability(getattr(device, "compute_capability", None))
+  return DeviceInfo("gpu" if platform in ("cuda", "rocm") else platform, kind, capability)
+
+
+def _parse_capability(value) -> tuple[int, int] | None:
+  try:
+    major, minor = str(value).split(".")[:2]
+    return int(major), int(minor)
+  except ValueError:  # None, or not "major.minor" (ROCm's "gfx90a")
+    return None
+
+
+def resolve_dtype(name: str, device) -> str:
+  """The compute dtype `name` ("auto", "float32" or "bfloat16") means on `device` (see
+  `device_info`): "auto" is bfloat16 where it is native (TPU; GPU of compute capability >= 8.0:
+  A100, L4, H100), float32 elsewhere (T4, V100, CPU)."""
+  if name != "auto":
+    return name
+  return "bfloat16" if device_info(device).bf16 else "float32"
+
+
+def resolve_attention(name: str, device, dtype: str) -> str:
+  """The attention implementation `name` ("auto" or one of ATTENTION_IMPLS) means on `device` (a
+  jax Device, a `DeviceInfo` or a platform name: "tpu", "gpu"/"cuda", "cpu", ...): "auto" is splash
+  on TPU, cuDNN flash attention on a GPU with bf16 compute that runs it (compute capability >=
+  8.0), else chunked. A kernel asked for on a device that cannot run it is a ValueError."""
+  info = device_info(device)
+  flash_gpu = info.platform == "gpu" and info.bf16
   if name == "auto":
-    return {"tpu": "splash", "gpu": "cudnn" if dtype == "bfloat16" else "chunked"}.get(platform, "chunked")
+    if info.platform == "tpu":
+      return "splash"
+    return "cudnn" if flash_gpu and dtype == "bfloat16" else "chunked"
   needs = {"splash": "tpu", "cudnn": "gpu"}.get(name)
-  if needs and platform != needs:
-    raise ValueError(f"attention {name!r} runs on {needs.upper()} only (this run's platform: {platform}); "
-                     f"use 'auto' or 'chunked'")
+  if needs and info.platform != needs:
+    raise ValueError(f"attention {name!r} runs on {needs.upper()} only (this run's platform: "
+                     f"{info.platform}); use 'auto' or 'chunked'")
+  if name == "cudnn" and not flash_gpu:
+    major, minor = info.compute_capability
+    raise ValueError(f"attention 'cudnn' needs a GPU of compute capability >= 8.0 (this device: "
+                     f"{info.kind or 'GPU'}, {major}.{minor}); use 'auto' or 'chunked'")
   return name
 
 

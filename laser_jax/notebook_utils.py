@@ -2,6 +2,7 @@
 
 The notebooks stay readable by keeping the plumbing here:
 - `smoke_mode()`: the tests run every notebook with LASER_JAX_SMOKE=1 (tiny local model, no network).
+- `device_numerics()`: the compute dtype and attention kernel the device supports (Colab T4 vs A100).
 - `sample_solutions(...)`: n responses per problem with their verifier reward, extracted answer and
   last-token self-reward score r_s = beta_v * (log pi(z_c | x, y) - c_ref), as [P, n] arrays that
   `laser_jax.tts` consumes directly.
@@ -36,6 +37,17 @@ METHOD_LABELS = {"maj": "majority vote", "self_weighted_maj": "self-reward-weigh
 def smoke_mode() -> bool:
   """True when the notebook runs as a test ($LASER_JAX_SMOKE=1): tiny local model, no network."""
   return os.environ.get(SMOKE_ENV) == "1"
+
+
+def device_numerics(device=None) -> dict[str, str]:
+  """The compute dtype and attention that "auto" picks on `device` (default: this process's first
+  device; see `model.resolve_dtype`): bfloat16 + cuDNN flash attention on A100 / L4 / H100,
+  bfloat16 + splash on TPU, float32 + chunked on a T4 (no bf16, no cuDNN flash) and on CPU --
+  what configs/colab_small.py (model.dtype = model.attention = "auto") trains with there."""
+  device = device if device is not None else jax.devices()[0]
+  dtype = model_lib.resolve_dtype("auto", device)
+  return {"device": getattr(device, "device_kind", str(device)), "dtype": dtype,
+          "attention": model_lib.resolve_attention("auto", device, dtype)}
 
 
 # ---- sampled solutions ---------------------------------------------------------------------------

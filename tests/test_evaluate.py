@@ -44,6 +44,12 @@ def make_checkpoint(path) -> str:
   assert len(newline) == 1
   with open(os.path.join(path, "generation_config.json"), "w") as f:
     json.dump({"eos_token_id": [hf_fixtures.EOS_ID, newline[0]]}, f)
+  # The self-reward constants a laser_jax export carries (z_c = <|vision_start|>, the paper's beta_v
+  # and c_ref): a plain HF directory would need them as config.laser.* keys (tests/test_export.py).
+  with open(os.path.join(path, "laser_jax.json"), "w") as f:
+    json.dump({"self_reward_token": "<|vision_start|>", "self_reward_token_id": hf_fixtures.ZC_ID,
+               "kl_coef": 0.1, "ref_constant": -23.0, "use_ref_model_score": False, "reference_model": "",
+               "eos_token_id": hf_fixtures.EOS_ID, "prompt": {"template": "chat"}}, f)
   return str(path)
 
 
@@ -308,6 +314,8 @@ def test_wrong_config_key_fails_at_parsing(tmp_path):
     ({"laser.self_reward_token_id": 100000}, "config.laser.self_reward_token_id: 100000 is outside"),
     ({"laser.self_reward_token": "<|nope|>"}, "config.laser.self_reward_token: '<|nope|>'"),
     ({"model.checkpoint_dir": "/tmp/x"}, "set exactly one"),
+    ({"model.hf_path": "", "model.checkpoint_dir": "/nonexistent/run"},
+     "config.model.checkpoint_dir: '/nonexistent/run' does not exist"),
     ({"eval.n": 0}, "config.eval.n"),
     ({"eval.reward_fn": "nope"}, "config.eval.reward_fn"),
 ])
@@ -319,6 +327,7 @@ def test_bad_input_one_line_errors(ckpt, tmp_path, capsys, overrides, message):
   assert exc.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and message in err and "\n" not in err
+  assert not (tmp_path / "o.jsonl").exists()  # nothing written
 
 
 @pytest.mark.slow

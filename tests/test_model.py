@@ -317,3 +317,67 @@ def test_scanned_layers_equal_the_unrolled_forward(checkpoints, remat):
   v2, g2 = grad_fn(params, cfg.replace(remat=remat, scan_layers=True, attention="chunked", attention_block=4))
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g2)
+
+
+# ---- "auto" numerics from the device (Colab T4 / A100 / L4, TPU), on fake device objects ----------
+
+def _device(platform, kind, capability=None):
+  """A stand-in for a jax Device: what `model.device_info` reads."""
+  import types
+  fields = dict(platform=platform, device_kind=kind)
+  if capability is not None:
+    fields["compute_capability"] = capability
+  return types.SimpleNamespace(**fields)
+
+
+T4 = _device("gpu", "Tesla T4", "7.5")
+V100 = _device("gpu", "Tesla V100-SXM2-16GB", "7.0")
+A100 = _device("gpu", "NVIDIA A100-SXM4-40GB", "8.0")
+L4 = _device("gpu", "NVIDIA L4", "8.9")
+H100 = _device("gpu", "NVIDIA H100 80GB HBM3", "9.0")
+TPU = _device("tpu", "TPU v5 lite")
+CPU = _device("cpu", "cpu")
+
+
+@pytest.mark.parametrize("device, dtype, attention", [
+    (T4, "float32", "chunked"), (V100, "float32", "chunked"),  # no bf16, no cuDNN flash attention
+    (A100, "bfloat16", "cudnn"), (L4, "bfloat16", "cudnn"), (H100, "bfloat16", "cudnn"),
+    (TPU, "bfloat16", "splash"), (CPU, "float32", "chunked"),
+], ids=lambda x: getattr(x, "device_kind", x))
+def test_auto_numerics_follow_the_device(device, dtype, attention):
+  assert model.resolve_dtype("auto", device) == dtype
+  assert model.resolve_attention("auto", device, model.resolve_dtype("auto", device)) == attention
+  # Explicit values are kept.
+  assert model.resolve_dtype("float32", device) == "float32" and model.resolve_dtype("bfloat16", device) == "bfloat16"
+
+
+def test_t4_never_gets_cudnn_flash_attention():
+  # Even with bf16 compute asked for explicitly, "auto" attention is chunked on a T4 ...
+  assert model.resolve_attention("auto", T4, "bfloat16") == "chunked"
+  # ... and asking for cuDNN there is an error naming the device and its compute capability.
+  with pytest.raises(ValueError, match=r"'cudnn' needs a GPU of compute capability >= 8.0 \(this device: Tesla T4, 7.5\)"):
+    model.resolve_attention("cudnn", T4, "bfloat16")
+  assert model.resolve_attention("cudnn", A100, "bfloat16") == "cudnn"
+
+
+def test_device_info_reads_jax_devices_and_platform_names():
+  assert model.device_info(T4) == model.DeviceInfo("gpu", "Tesla T4", (7, 5))
+  assert model.device_info("cuda") == model.DeviceInfo("gpu")
+  assert model.device_info(jax.devices()[0]) == model.DeviceInfo("cpu", jax.devices()[0].device_kind, None)
+
+
+def test_colab_config_numerics_per_device():
+  """configs/colab_small.py leaves dtype and attention to the device (tasks.model_settings)."""
+  import os
+  from laser_jax import default_config, tasks
+  m = default_config.load_config_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                                                   "colab_small.py")).model
+  assert (m.dtype, m.attention, m.param_dtype) == ("auto", "auto", "float32")
+  settings = lambda device: (tasks.model_settings(m, device)["dtype"], tasks.model_settings(m, device)["attention"])
+  assert settings(T4) == ("float32", "chunked")
+  assert settings(A100) == settings(L4) == ("bfloat16", "cudnn")
+  assert settings(TPU) == settings("tpu") == ("bfloat16", "splash")
+  assert settings(None) == ("float32", "chunked")  # this process's device: the CPU
+  # A ModelConfig built from those settings is valid on each (cudnn needs bf16 compute).
+  for device in (T4, A100, TPU):
+    model.ModelConfig("qwen2", 64, 32, 64, 1, 2, 2, 16, **tasks.model_settings(m, device))
