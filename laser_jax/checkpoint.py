@@ -151,7 +151,14 @@ class Checkpointer:
                                       data=ocp.args.JsonSave(data_state)), force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores into the shapes, dtypes and shardings of `abstract_state` (jax.ShapeDtypeStruct leaves)."""
+    """Restores into the shapes, dtypes and shardings of `abstract_state` (jax.ShapeDtypeStruct
+    leaves). A checkpoint of another model shape is a CheckpointError naming the first tensor
+    that differs, raised before any array is read."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+      _check_saved_shapes(checkpointer, str(self.directory / str(step) / "state"), abstract_state.params)
+    finally:
+      checkpointer.close()
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       data=ocp.args.JsonRestore()))

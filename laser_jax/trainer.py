@@ -11,7 +11,6 @@ One RL step:
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -20,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 from tqdm.auto import tqdm
 
 from laser_jax import checkpoint as ckpt_lib
@@ -67,7 +65,7 @@ class Trainer:
     self.zc_id = self.task.self_reward_token_id
     self.num_prompts_per_update = config.mini_batch_size or config.batch_size
     self.updates_per_step = config.batch_size // self.num_prompts_per_update
-    _check_host_split(config, self.updates_per_step)
+    check_host_split(config, self.updates_per_step)
     total_updates = config.total_steps * self.updates_per_step
     self.optimizer = optim_lib.make_optimizer(config.optim, total_updates)
     self.schedule = optim_lib.make_schedule(config.optim, total_updates)
@@ -246,6 +244,7 @@ class Trainer:
     roll = self.rollout(state.params, prompts, self.step_key(state, salt=0))
     t_rollout = time.perf_counter() - t0
     batch, adv_metrics, ro, everyone = self.prepare_update_batch(roll, state.params, ref_params, step)
+    self.last_rollout = (prompts, roll, everyone["scores"])  # what `sample_rows` shows
     sr_on, _ = warmup_flags(step, c.laser)
 
     # One optimizer update per mini-batch: mini-batch u holds the prompts whose index is u modulo
@@ -300,6 +299,21 @@ class Trainer:
       metrics["perf/mfu"] = self.step_flops(num_tokens) / step_time / c.mfu_peak_flops
     return state, metrics
 
+  def sample_rows(self, num: int) -> list[dict]:
+    """The first `num` responses of the last step's rollout on this host (its first prompt's
+    group: right and wrong answers to one problem side by side) as rows of the samples table
+    (`metrics_writer.SAMPLE_COLUMNS`): the texts the verifier read (no second decode) and the r_s
+    the step computed."""
+    prompts, roll, scores = self.last_rollout
+    first_row = jax.process_index() * len(roll.texts)  # `scores` spans every host's rows
+    rows = []
+    for r in range(min(num, len(roll.texts))):
+      prompt = prompts[int(roll.sample.group_ids[r])]
+      rows.append({"prompt": prompt.problem, "answer": prompt.answer, "response": roll.texts[r],
+                   "reward": float(roll.rewards[r]), "score": float(scores[first_row + r]),
+                   "finished": bool(roll.finished[r])})
+    return rows
+
   def step_flops(self, tokens: float) -> float:
     """Model FLOPs of one step over `tokens` (all hosts'): 2*N*tokens per forward (rollout),
     6*N*tokens for the update."""
@@ -343,7 +357,7 @@ class Trainer:
     }
 
 
-def _check_host_split(c: ml_collections.ConfigDict, updates_per_step: int):
+def check_host_split(c: ml_collections.ConfigDict, updates_per_step: int):
   """Every host must hold an equal block of each batch, mini-batch and sampler chunk (hosts.py)."""
   count = jax.process_count()
   if count == 1:
@@ -365,19 +379,6 @@ def _host_key(rng: jax.Array) -> jax.Array:
   return jax.random.wrap_key_data(np.asarray(data))
 
 
-def _truncate_metrics_file(workdir: str, last_step: int):
-  """On resume, drops records of steps after the restored checkpoint (they will be redone)."""
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if jax.process_index() != 0 or not path.exists():
-    return
-  lines = [l for l in path.read_text().splitlines() if l.strip()]
-  kept = [l for l in lines if json.loads(l)["step"] <= last_step]
-  if len(kept) != len(lines):
-    tmp = path.parent / "metrics.jsonl.tmp"
-    tmp.write_text("".join(l + "\n" for l in kept))
-    tmp.rename(path)
-
-
 def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
           progress: bool = True) -> list[dict]:
   """Runs (or resumes) training as configured; returns the metric records written this call.
@@ -393,7 +394,13 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
   iterator = trainer.task.train_iterator()
   latest = ckpt.latest_step()
   if latest is not None:
-    state, data_state = ckpt.restore(latest, trainer.abstract_state())
+    try:
+      state, data_state = ckpt.restore(latest, trainer.abstract_state())
+    except ckpt_lib.CheckpointError as e:  # Another model shape: nothing in workdir touched.
+      ckpt.close()
+      raise config_check.ConfigError(
+          f"config.workdir: {c.workdir} holds a run of another model ({e}); resume it with its own "
+          "config or use a new workdir") from None
     try:
       iterator.set_state(data_state)
     except ValueError as e:  # The data, the seed or the global batch size changed since the save.
@@ -401,20 +408,24 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
       raise config_check.ConfigError(
           f"config.workdir: {c.workdir} holds a run saved with other data, seed or batch size "
           f"({e}); resume it unchanged or use a new workdir") from None
-    _truncate_metrics_file(c.workdir, latest)
     logging.info("Resumed from %s/checkpoints at step %d", c.workdir, latest)
     initial = None
   else:
     initial = trainer.initial_params()
     state = trainer.init_state(initial)
-  writer = metrics_writer.MetricsWriter(c.workdir)
+  try:  # Keeps the records of steps up to the restored checkpoint's (the later ones are redone).
+    writer = metrics_writer.MetricsWriter.for_run(c, resume_step=latest)
+  except config_check.ConfigError:  # W&B cannot start: nothing of the run's has been written.
+    ckpt.close()
+    raise
   if jax.process_index() == 0:
     # The resolved config next to the checkpoints: `laser_jax.evaluate` rebuilds the model from it.
-    (epath.Path(c.workdir) / "config.json").write_text(c.to_json_best_effort(indent=2))
+    metrics_writer.write_run_config(c.workdir, c.to_json_best_effort(indent=2), start_step=latest or 0)
   ref_params = trainer.reference_params(initial, c.workdir) if trainer.needs_ref else None
   del initial  # Its buffers are the state's, which the first update donates.
 
   preempt = ckpt_lib.PreemptionFlag()
+  profiler = metrics_writer.StepProfiler(tuple(c.profile.steps), c.workdir)
   start = int(state.step)
   end = c.total_steps if max_steps is None else min(c.total_steps, start + max_steps)
   eval_key = jax.random.key(c.seed + 1)
@@ -429,11 +440,15 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
       except StopIteration:
         logging.info("Training data exhausted at step %d", int(state.step))
         break
+      profiler.before_step(int(state.step) + 1)
       state, metrics = trainer.train_step(state, prompts, ref_params)
       step = int(state.step)
       if c.eval_every > 0 and (step % c.eval_every == 0 or step == c.total_steps):
         metrics.update(trainer.evaluate(state.params, eval_key, ref_params))
       records.append(writer.write(step, metrics))
+      if c.logging.samples_every > 0 and step % c.logging.samples_every == 0:
+        writer.write_samples(step, trainer.sample_rows(c.logging.num_samples))
+      profiler.after_step(step)
       bar.update(1)
       bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
                       f1=f"{metrics['self_verification/f1']:.2f}", loss=f"{metrics['actor/loss']:.4f}")
@@ -446,10 +461,12 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
       stop = preempt.is_set_on_any_host() or ckpt.manager.reached_preemption(step)
       if step % c.checkpoint_every == 0 or step == c.total_steps or stop:
         ckpt.save(step, state, iterator.get_state(), force=stop)
+        writer.flush()  # On gs://: what a resume from this checkpoint keeps is now written.
       if stop:
         logging.warning("Preemption signal: saved step %d, exiting.", step)
         break
   finally:
+    profiler.stop()
     bar.close()
     ckpt.close()
     writer.close()

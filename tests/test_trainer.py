@@ -81,8 +81,12 @@ def test_golden_metrics_of_one_seeded_step(tmp_path):
     np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-def test_two_step_run_writes_metrics_and_checkpoints(tmp_path):
-  records = trainer.train(tiny_config(tmp_path / "run", mfu_peak_flops=1e12), progress=False)
+def test_two_step_run_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
+  # Also a samples table every step, a profile of step 2 and W&B (offline): checked at the end.
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  records = trainer.train(tiny_config(tmp_path / "run", mfu_peak_flops=1e12, **{
+      "logging.samples_every": 1, "logging.num_samples": 3, "profile.steps": (2,),
+      "wandb.project": "laser-test", "wandb.mode": "offline"}), progress=False)
   steps = _steps(records)
   assert all(0 < r["perf/mfu"] < 1 for r in steps)
   assert [r["step"] for r in steps] == [1, 2]
@@ -98,20 +102,53 @@ def test_two_step_run_writes_metrics_and_checkpoints(tmp_path):
   assert [r["step"] for r in on_disk] == [0, 1, 2]
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "run" / "tensorboard"))
+  _check_samples_profile_and_wandb(tmp_path / "run", records)
+
+
+def _check_samples_profile_and_wandb(workdir, records):
+  import glob
+  import re
+  from test_metrics_writer import _events, _scalars, _wandb_history
+  samples = metrics_writer.read_samples(str(workdir))
+  assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2]
+  for step in (1, 2):
+    rows = [r for r in samples if r["step"] == step]
+    assert len({r["prompt"] for r in rows}) == 1  # the first responses: one prompt's group
+    a, op, b = re.fullmatch(r"What is (\d+)([-+*])(\d+)\?", rows[0]["prompt"]).groups()
+    assert rows[0]["answer"] == str({"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op])
+    for r in rows:
+      boxed = [b.strip() for b in re.findall(r"\\boxed\{([^{}]*)\}", r["response"])]
+      right = bool(boxed) and re.fullmatch(r"-?\d+", boxed[-1]) and int(boxed[-1]) == int(r["answer"])
+      assert r["reward"] == float(bool(right)), r
+      assert (r["score"] is None) == (not r["finished"])  # no EOS, no score
+  events = [e for f in (workdir / "tensorboard").iterdir() for e in _events(f.read_bytes())]
+  assert sorted(e.step for e in events for v in e.summary.value if v.tag == "samples/text_summary") == [1, 2]
+  # W&B (an offline run in the workdir): per step, exactly TensorBoard's scalars.
+  history = _wandb_history(workdir, (workdir / "wandb_run_id").read_text())
+  assert sorted(history) == [0, 1, 2] and all("samples" in history[s] for s in (1, 2))
+  tb = _scalars(workdir / "tensorboard")
+  for step, values in history.items():
+    values.pop("samples", None)
+    # (TensorBoard keeps float32, W&B the float.)
+    assert values == pytest.approx({k: v for k, points in tb.items() for s, v in points if s == step}, rel=1e-6), step
+  assert set(history[2]) == {k for k, v in records[-1].items() if k != "step" and v is not None}
+  # The jax.profiler trace of step 2.
+  assert glob.glob(f"{workdir}/profile/plugins/profile/*/*.xplane.pb")
 
 
 def _comparable(records):
   return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in _steps(records)]
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-  full = trainer.train(tiny_config(tmp_path / "full", total_steps=4, eval_every=0), progress=False)
-  cfg = tiny_config(tmp_path / "cut", total_steps=4, eval_every=0)
-  first = trainer.train(cfg, max_steps=2, progress=False)
-  assert [r["step"] for r in _steps(first)] == [1, 2]
-  second = trainer.train(cfg, progress=False)
-  assert [r["step"] for r in _steps(second)] == [3, 4]
-  a, b = _comparable(full), _comparable(first + second)
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+  """The metric records of a 4-step run that nothing interrupted (the resume tests' reference)."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  return trainer.train(tiny_config(workdir, total_steps=4, eval_every=0), progress=False)
+
+
+def _assert_same_steps(a, b):
+  a, b = _comparable(a), _comparable(b)
   assert len(a) == len(b) == 4
   for ra, rb in zip(a, b):
     assert ra.keys() == rb.keys()
@@ -120,6 +157,52 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         assert ra[k] == rb[k], k
       else:
         np.testing.assert_allclose(rb[k], ra[k], rtol=1e-6, atol=1e-6, err_msg=f"step {ra['step']} {k}")
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, uninterrupted_run):
+  cfg = tiny_config(tmp_path / "cut", total_steps=4, eval_every=0)
+  first = trainer.train(cfg, max_steps=2, progress=False)
+  assert [r["step"] for r in _steps(first)] == [1, 2]
+  second = trainer.train(cfg, progress=False)
+  assert [r["step"] for r in _steps(second)] == [3, 4]
+  _assert_same_steps(uninterrupted_run, first + second)
+
+
+def test_run_killed_and_resumed_on_a_store_that_cannot_append_keeps_its_whole_history(
+    tmp_path, monkeypatch, uninterrupted_run):
+  """gs:// is an object store here that refuses append and shows a file only once its writer
+  closes it (test_metrics_writer.object_store). Orbax reaches gs:// through tensorstore's own
+  GCS driver, not fsspec, so the checkpoints go to a local directory instead."""
+  import tempfile
+  from test_metrics_writer import _events, _scalars_of, object_store
+  from laser_jax import checkpoint as ckpt_lib
+  real_checkpointer = ckpt_lib.Checkpointer
+  monkeypatch.setattr(ckpt_lib, "Checkpointer", lambda workdir, **kw: real_checkpointer(str(tmp_path), **kw))
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the local events of the run that "dies"
+  workdir = "gs://bucket/run"
+  overrides = dict(total_steps=4, eval_every=0, checkpoint_every=2, **{"logging.remote_flush_every": 100})
+  with object_store(monkeypatch) as store:
+    with monkeypatch.context() as killed:
+      # The process dies after step 3: the writer never closes, so what it held since the
+      # checkpoint of step 2 (step 3) is lost, as on a preempted VM.
+      killed.setattr(metrics_writer.MetricsWriter, "close", lambda self: None)
+      trainer.train(tiny_config(workdir, **overrides), max_steps=3, progress=False)
+    assert [r["step"] for r in metrics_writer.read_metrics(workdir)] == [1, 2]
+    trainer.train(tiny_config(workdir, log_every=2, **overrides), progress=False)  # resumes at step 3
+    history = metrics_writer.read_metrics(workdir)
+    # Each step exactly once, with the uninterrupted run's values.
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    _assert_same_steps(uninterrupted_run, history)
+    # Both (re)starts' configs are kept; config.json is the latest.
+    config = lambda name: json.loads(store[f"/bucket/run/{name}"].getvalue())
+    assert config("configs/config.step_0.json")["log_every"] == 1
+    assert config("configs/config.step_2.json")["log_every"] == config("config.json")["log_every"] == 2
+    # TensorBoard: the killed run's events up to its checkpoint, the resumed run's from step 3
+    # (its first events file purges the steps it redoes).
+    files = {k: v.getvalue() for k, v in store.items() if k.startswith("/bucket/run/tensorboard/")}
+    points = sorted(s for data in files.values() for s, _ in _scalars_of(data).get("actor/loss", []))
+    assert points == [1, 2, 3, 4]
+    assert sorted(e.step for data in files.values() for e in _events(data) if e.session_log.status == 1) == [0, 3]
 
 
 def _one_step(cfg, devices=None):
@@ -218,6 +301,14 @@ def test_resume_with_another_seed_is_a_one_line_config_error(tmp_path):
                      r"data, seed or batch size \(PromptIterator.set_state: state seed=0 does not match "
                      r"this iterator's seed=1\)"):
     trainer.train(changed, progress=False)
+  # Another model shape (e.g. a config that changed hidden_size): the first differing tensor,
+  # named before any array is read, not orbax's traceback.
+  wider = tiny_config(tmp_path, total_steps=2, eval_every=0, **{"model.hidden_size": 48})
+  with pytest.raises(config_check.ConfigError, match=r"^config.workdir: .* holds a run of another model "
+                     r"\(checkpoint .*/checkpoints/1/state does not match the model config: "
+                     r"params\['embed'\]\['embedding'\] has shape \(\d+, 32\) in the checkpoint, "
+                     r"the config gives \(\d+, 48\)\)"):
+    trainer.train(wider, progress=False)
   # The workdir is untouched: its metrics, its checkpoint and the config it was run with.
   assert [r["step"] for r in metrics_writer.read_metrics(str(tmp_path))] == [1]
   assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
@@ -487,3 +578,4 @@ def test_rollout_layout_samples_the_same_tokens_and_scores(tmp_path):
   np.testing.assert_array_equal(a.finished, b.finished)
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
   np.testing.assert_allclose(a.self_reward_logprob, b.self_reward_logprob, atol=1e-5)
+
