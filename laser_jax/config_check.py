@@ -89,8 +89,28 @@ def validate_eval(c: ml_collections.ConfigDict, *, sampling: bool = True) -> Non
                   ("num_workers", e.num_workers >= 0), ("timeout_s", e.timeout_s > 0),
                   ("num_bootstrap", e.num_bootstrap >= 1)):
     _require(ok, f"eval.{key}", f"invalid value {e[key]!r}")
-  _one_of(c, "eval.template", {"chat", "base"})
+  _one_of(c, "eval.template", {"", "chat", "base"})  # "": the model's own
   _require(c.calibrate.scan_chunk >= 1, "calibrate.scan_chunk", f"expected >= 1, got {c.calibrate.scan_chunk}")
+
+
+def _validate_tracking(c: ml_collections.ConfigDict) -> None:
+  """The logging.*, profile.* and wandb.* keys (laser_jax/metrics_writer.py)."""
+  for key in ("samples_every", "num_samples", "remote_flush_every"):
+    low = 0 if key == "samples_every" else 1
+    _require(c.logging[key] >= low, f"logging.{key}", f"expected >= {low}, got {c.logging[key]}")
+  steps = tuple(c.profile.steps)
+  if steps:  # One trace window: consecutive steps, e.g. --config.profile.steps=5,6.
+    _require(all(type(s) is int for s in steps) and steps[0] >= 1
+             and steps == tuple(range(steps[0], steps[0] + len(steps))), "profile.steps",
+             f"expected consecutive RL steps >= 1 such as 5,6 (got {c.profile.steps!r})")
+    _require(steps[-1] <= c.total_steps, "profile.steps",
+             f"step {steps[-1]} is after config.total_steps={c.total_steps} (got {c.profile.steps!r})")
+  _one_of(c, "wandb.mode", {"online", "offline", "disabled"})
+  if c.wandb.project and c.wandb.mode != "disabled":
+    import importlib.util
+    _require(importlib.util.find_spec("wandb") is not None, "wandb.project",
+             f"{c.wandb.project!r} asks for Weights & Biases, but wandb is not installed "
+             "(pip install 'laser_jax[wandb]')")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -134,7 +154,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _one_of(c, "loss.adv_estimator", {"grpo", "drgrpo"})
   _one_of(c, "loss.agg_mode", {"token-mean", "seq-mean-token-sum", "seq-mean-token-mean"})
   _one_of(c, "loss.kl_type", {"kl", "mse", "low_var_kl"})
-  _one_of(c, "model.dtype", {"float32", "bfloat16"})
+  _one_of(c, "model.dtype", {"float32", "bfloat16", "auto"})
   _one_of(c, "model.param_dtype", {"float32", "bfloat16"})
   _one_of(c, "model.attention", {"auto", "xla", "chunked", "splash", "cudnn"})
   _require(c.model.attention_block >= 1, "model.attention_block", f"expected >= 1, got {c.model.attention_block}")
@@ -159,5 +179,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _require(laser.self_rewarding_warmup_steps >= 0, "laser.self_rewarding_warmup_steps", "expected >= 0")
   _require(laser.self_reward_token_id >= 0 or bool(laser.self_reward_token), "laser.self_reward_token_id",
            "set a token id, or -1 with laser.self_reward_token naming the token")
+  _validate_tracking(c)
   for line in warnings(c):
     logging.warning("%s", line)

@@ -87,13 +87,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_dim = 32
   c.model.rope_theta = 10000.0
   c.model.tie_word_embeddings = True
-  c.model.dtype = "float32"  # Compute dtype: "float32" | "bfloat16".
+  # Compute dtype: "float32" | "bfloat16" | "auto" (bfloat16 on TPU and on GPUs of compute
+  # capability >= 8.0 such as A100 / L4 / H100; float32 on older GPUs such as Colab's T4, and CPU).
+  c.model.dtype = "float32"
   c.model.param_dtype = "float32"  # Parameter (and optimizer state) dtype.
   c.model.remat = False  # Rematerialise each layer in the training forward to save activation memory.
   # Attention of the training / log-prob forward, same values whichever: "xla" (all [T, T] scores
   # at once), "chunked" (attention_block queries at a time, recomputed in the backward: memory
   # ~ block * T), "splash" (Pallas flash kernel, TPU), "cudnn" (cuDNN flash, GPU, bf16), or "auto"
-  # (splash on TPU, cudnn on GPU with bf16 compute, chunked otherwise).
+  # (splash on TPU, cudnn on a GPU with bf16 compute and compute capability >= 8.0, chunked
+  # otherwise: a T4 gets chunked).
   c.model.attention = "auto"
   c.model.attention_block = 512  # Queries per block of chunked attention; tile size of splash.
   c.model.scan_layers = False  # Training forward as a lax.scan over the layers (faster compiles, bounded remat).
@@ -101,12 +104,20 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.task = "synthetic"  # "synthetic" (built-in arithmetic) | "files" (train_files below).
-  c.data.train_files = ""  # Comma-separated JSONL/parquet files with a problem and an answer field.
-  c.data.problem_key = "problem"  # Field holding the problem text (DeepMath-103K: "question").
+  # Comma-separated JSONL/parquet entries, each a local path or glob, a gs:// path or glob, or
+  # hf://datasets/ORG/NAME[@REV]/GLOB (e.g. hf://datasets/zwhe99/DeepMath-103K/data/*.parquet);
+  # each entry's files are read in sorted order (laser_jax.sources).
+  c.data.train_files = ""
+  c.data.problem_key = "problem"  # Field holding the problem text, in JSONL and parquet (DeepMath-103K: "question").
   c.data.answer_key = "answer"  # Field holding the reference answer (DeepMath-103K: "final_answer").
   c.data.template = "chat"  # "chat" (tokenizer's chat template) | "base" (plain text prompt).
   c.data.max_prompt_len = 32  # Prompts longer than this (tokens) are dropped, and counted.
-  c.data.eval_set = "synthetic"  # Held-out eval: "synthetic", a name in ../shared/data, or a file.
+  # Held-out eval: "synthetic", an eval set (math500, aime24, aime25, amc23, olympiadbench: found in
+  # eval_data_dir), or files as in train_files (with "problem" and "answer" fields).
+  c.data.eval_set = "synthetic"
+  # Where named eval sets are (local or gs://; <dir>/<set>/test.jsonl, written by `python -m
+  # laser_jax.data fetch --out=DIR`); "" = $LASER_JAX_DATA_DIR, else ~/.cache/laser_jax/eval_sets.
+  c.data.eval_data_dir = ""
   c.data.eval_size = 256  # Problems used per periodic evaluation (0 = all).
   c.data.synthetic_train_size = 8000  # Synthetic task: number of training problems.
   c.data.synthetic_eval_size = 256  # Synthetic task: held-out problems (disjoint from training).
@@ -190,4 +201,32 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.n = 2  # Samples per problem in the periodic evaluation.
   c.eval.temperature = 1.0  # Eval sampling temperature, 0 = greedy (the reference validates at 1.0).
   c.eval.max_new_tokens = 32  # Eval response length limit.
+
+  # What the run records besides metrics.jsonl and TensorBoard scalars (README "Metrics, samples,
+  # W&B and profiles").
+  c.logging = ml_collections.ConfigDict()
+  # Every this many RL steps, a table of sampled rollouts (problem, response, verifier reward, r_s,
+  # finished) goes to workdir/samples.jsonl, TensorBoard text and W&B (0 = off; costs ~nothing:
+  # the texts are the ones the verifier read).
+  c.logging.samples_every = 25
+  # Rows per table: the batch's first responses, i.e. one prompt's group (right and wrong side by side).
+  c.logging.num_samples = 4
+  # gs:// workdirs: object stores cannot append, so metrics.jsonl and samples.jsonl are rewritten
+  # whole (and TensorBoard events copied) every this many steps, at every checkpoint and at exit;
+  # a preemption loses only records after the last checkpoint, which the resumed run redoes.
+  c.logging.remote_flush_every = 10
+
+  c.profile = ml_collections.ConfigDict()
+  # Consecutive RL steps to trace with jax.profiler into workdir/profile (TensorBoard's profile
+  # tab, or Perfetto with the trace.json.gz), e.g. --config.profile.steps=5,6; () = off.
+  c.profile.steps = ()
+
+  # Weights & Biases, optional (pip install 'laser_jax[wandb]'): the scalars TensorBoard gets,
+  # under the same names, and the samples table. A resumed run continues the same W&B run (its
+  # id is kept in workdir/wandb_run_id).
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ""  # W&B project; non-empty turns the sink on.
+  c.wandb.entity = ""  # W&B user or team ("" = your default entity).
+  c.wandb.name = ""  # Run display name ("" = W&B's generated name).
+  c.wandb.mode = "online"  # "online" | "offline" (upload later with `wandb sync`) | "disabled".
   return c

@@ -10,6 +10,15 @@ every process `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
 processes repeats the single-process run of the same config on as many devices. A process
 other than 0 that cannot reach the coordinator within `--initialization_timeout` seconds
 stops with a one-line error.
+
+`--dry_run` checks a config before a slice is spent on it: it loads the config with its
+overrides, runs the trainer's validation, prints the resolved config, every validation warning,
+the devices and mesh, and whether the workdir holds a checkpoint to resume from, then exits 0.
+It builds no model, loads no data (hub ids and data globs are not resolved) and writes nothing;
+a bad config exits 2 with the one-line error, as a run would. To check a config for a slice from
+a machine without it, fake the slice's devices:
+  XLA_FLAGS=--xla_force_host_platform_device_count=32 JAX_PLATFORMS=cpu \
+      python -m laser_jax.train --config=configs/tpu_v4.py --dry_run
 """
 import os
 import socket
@@ -17,9 +26,12 @@ import time
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
+from laser_jax import checkpoint
 from laser_jax import cli
+from laser_jax import config_check
 from laser_jax import programs
 from laser_jax import trainer
 
@@ -33,6 +45,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this 
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", 300, "Multi-process run: seconds to wait for the coordinator and the "
     "other processes to come up (JAX's default).", lower_bound=1)
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Validate the config, print it resolved with its warnings, the devices and "
+    "whether the workdir holds a checkpoint to resume from, and exit: no model, no data, nothing "
+    "written.")
 
 
 class CoordinatorUnreachable(Exception):
@@ -90,11 +106,59 @@ def _initialize_distributed():
     jax.distributed.initialize(initialization_timeout=_INIT_TIMEOUT.value)
 
 
+def _resume_step(workdir: str) -> int | None:
+  """The checkpoint step a run in `workdir` resumes from, None if it starts fresh (only lists)."""
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    return None
+  try:
+    return checkpoint.step_directory(str(directory))[1]
+  except checkpoint.CheckpointError:  # Only unfinished saves: the trainer starts fresh too.
+    return None
+
+
+def _describe_workdir(workdir: str) -> str:
+  try:
+    step = _resume_step(workdir)
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs missing, no credentials here, ...
+    # Not fatal: the slice's hosts may reach what this machine cannot.
+    return f"workdir: {workdir}: cannot be read from here ({type(e).__name__}: {' '.join(str(e).split())})"
+  if step is None:
+    return f"workdir: {workdir}: no checkpoint, the run starts at step 0"
+  return f"workdir: {workdir}: holds a checkpoint at step {step}, the run resumes from it"
+
+
+def dry_run(config) -> None:
+  """Runs the trainer's start-up validation on `config` and prints what a run would do.
+
+  Nothing is built, loaded or written: no model, tokenizer, data or checkpoint manager.
+  """
+  num_devices = jax.device_count()
+  config_check.validate(config, num_devices=num_devices)
+  data, fsdp, tensor = config_check.mesh_shape(config, num_devices)
+  prompts_per_update = config.mini_batch_size or config.batch_size
+  # The trainer's check that every host holds an equal share of each batch (needs no model).
+  trainer.check_host_split(config, config.batch_size // prompts_per_update)
+  print(config.to_json_best_effort(indent=2, sort_keys=True))
+  for line in config_check.warnings(config):
+    print(f"warning: {line}")
+  kinds = sorted({d.device_kind for d in jax.devices()})
+  print(f"devices: {num_devices} ({', '.join(kinds)}) in {jax.process_count()} process(es); "
+        f"mesh data={data} fsdp={fsdp} tensor={tensor}")
+  print(_describe_workdir(config.workdir))
+  model = config.model.hf_path or config.model.preset or "random init (config.model's shape)"
+  print(f"dry run: config valid; would train {model} on data.task={config.data.task} to step "
+        f"{config.total_steps}; nothing was built, loaded or written")
+
+
 def main(argv):
   del argv
   config = cli.required_config(_CONFIG, "configs/tiny_cpu.py")
   programs.apply_libtpu_init_args(config)  # before the TPU backend starts
   _initialize_distributed()
+  if _DRY_RUN.value:
+    dry_run(config)
+    return
   logging.info("Devices: %s", jax.devices())
   trainer.train(config)
 

@@ -1,9 +1,11 @@
 r"""Launch laser_jax training on a Cloud TPU VM slice (v4, v5e = v5litepod, v5p, v6e) with gcloud.
 
   python launch/tpu.py create --name laser --zone us-central2-b --project my-proj --accelerator v4-64 --spot
-  python launch/tpu.py setup  --name laser --repo-url https://github.com/me/laser_jax.git --branch main
+  python launch/tpu.py setup  --name laser --repo-url https://github.com/me/laser_jax.git --ref main \
+      --config configs/tpu_v4.py          # or --wheel dist/laser_jax-0.1.0-py3-none-any.whl
   python launch/tpu.py train  --name laser --config configs/tpu_v4.py --workdir gs://my-bucket/laser/run1 \
-      -- --config.total_steps=1600 --config.model.hf_path=/mnt/models/Qwen2.5-7B
+      -- --config.total_steps=1600 --config.model.hf_path=Qwen/Qwen2.5-7B
+  python launch/tpu.py run    --name laser [--worker all] -- python -m laser_jax.evaluate --config=...
   python launch/tpu.py logs   --name laser [--worker 3]
   python launch/tpu.py status --name laser
   python launch/tpu.py resume --name laser      # after a spot preemption: recreate, set up, train again
@@ -15,6 +17,12 @@ Every subcommand takes --dry-run: it prints each gcloud command (one line, shlex
 $LASER_JAX_LAUNCH_DIR); later subcommands read zone, project and accelerator from there, and `setup`/`train`
 record what they ran so `resume` can run exactly the same again. The trainer itself resumes from
 config.workdir, which must be on GCS (gs://...) so that it survives the loss of the VMs.
+
+`setup` does not use the image's Python (3.10 on the Ubuntu 22.04 TPU images; jax >= 0.7 needs
+3.11): it installs uv, creates ~/laser_jax_venv with Python 3.11, installs the project with the
+`tpu` extra into it (a git ref, a source tarball or a wheel) and runs
+`python -m laser_jax.train --config=... --dry_run` on every worker; `train`, `resume` and `run`
+then use that venv's python.
 
 Only the standard library and the gcloud CLI are used: no Google Cloud Python packages.
 """
@@ -46,6 +54,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_FILE = "~/laser_jax_train.log"  # On every worker; `logs` tails it.
 PID_FILE = "~/laser_jax_train.pid"
 TARBALL_REMOTE = "laser_jax_src.tar.gz"
+# setup: uv provisions this Python in this venv (relative to the home directory) on every worker;
+# the images' own Python (3.10 on Ubuntu 22.04) is older than jax >= 0.7 supports.
+VENV = "laser_jax_venv"
+PYTHON = "3.11"
+UV_INSTALLER = "https://astral.sh/uv/install.sh"  # uv's standalone installer, if pip cannot.
+CHECK_CONFIG = "configs/tiny_cpu.py"  # setup's `--dry_run` check, unless --config names another.
+CHECK_OUTPUT = "laser_jax_dry_run.txt"  # The check's full report on every worker.
 
 # Queued-resource states (Cloud TPU API QueuedResourceState.State) grouped by what `resume` must do.
 _WAITING = {"CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING"}
@@ -172,32 +187,99 @@ def ssh_command(p, remote_script, worker="all"):
           f"--worker={worker}", f"--command={remote_script}"]
 
 
-def scp_command(p, local_path, remote_path):
-  return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local_path, f"{p['name']}:{remote_path}",
-          *_scope(p), "--worker=all"]
+def scp_command(p, local_paths, remote_path, recurse=False):
+  """Copies local file(s) (directories too with `recurse`) to every worker; `remote_path` is
+  relative to the home directory."""
+  local_paths = [local_paths] if isinstance(local_paths, str) else list(local_paths)
+  return ["gcloud", "compute", "tpus", "tpu-vm", "scp", *(["--recurse"] if recurse else []),
+          *local_paths, f"{p['name']}:{remote_path}", *_scope(p), "--worker=all"]
 
 
-def _install(remote_dir, python):
+def home_path(path):
+  """Shell word for a file on a worker: relative paths are from the home directory (so that they
+  survive a `cd`), absolute ones stay."""
+  return shlex.quote(path) if path.startswith("/") else '"$HOME"/' + shlex.quote(path)
+
+
+def command_word(program):
+  """Shell word for a program: a bare name is looked up on PATH, a path is a `home_path`."""
+  return shlex.quote(program) if "/" not in program else home_path(program)
+
+
+def venv_python(venv=VENV):
+  return f"{venv}/bin/python"
+
+
+def provision_script(venv=VENV, python=PYTHON):
+  """Shell (run from the home directory) that installs uv if it is missing and creates the venv
+  with `python` (a version, which uv downloads when the image lacks it, or an interpreter path)."""
   q = shlex.quote
-  return (f"cd {q(remote_dir)} ; {q(python)} -m pip install --upgrade pip ; "
-          f"{q(python)} -m pip install -e {q('.[tpu]')}")
+  return ("if ! command -v uv >/dev/null 2>&1 ; then "
+          f"python3 -m pip install --user --quiet uv || curl -LsSf {UV_INSTALLER} | sh ; fi ; "
+          f"uv venv --quiet --allow-existing --python {q(python)} {q(venv)}")
 
 
-def setup_git_script(repo_url, branch, remote_dir="laser_jax", python="python3"):
-  """Remote script: clone (or update to) `branch` of `repo_url` in ~/remote_dir, pip install -e '.[tpu]'."""
+def fetch_git_script(repo_url, ref, remote_dir="laser_jax"):
+  """Shell that checks out `ref` (a branch, tag or full commit hash) of `repo_url` in ~/remote_dir,
+  fresh or over an earlier setup's checkout (local changes there are discarded)."""
   q = shlex.quote
-  return (f"set -e ; if [ -d {q(remote_dir + '/.git')} ] ; then "
-          f"git -C {q(remote_dir)} fetch --depth=1 origin {q(branch)} ; "
-          f"git -C {q(remote_dir)} checkout --force FETCH_HEAD ; "
-          f"else git clone --depth=1 --branch {q(branch)} {q(repo_url)} {q(remote_dir)} ; fi ; "
-          + _install(remote_dir, python))
+  d = q(remote_dir)
+  return (f"git init --quiet {d} ; git -C {d} fetch --quiet --depth=1 {q(repo_url)} {q(ref)} ; "
+          f"git -C {d} checkout --quiet --force FETCH_HEAD")
 
 
-def setup_tarball_script(remote_dir="laser_jax", python="python3"):
-  """Remote script: unpack the copied source tarball into ~/remote_dir, pip install -e '.[tpu]'."""
+def install_script(target, venv=VENV, install_args=(), editable=False):
+  """Shell that installs the project with the `tpu` extra into the venv: `target` is its source
+  directory (installed editable) or a wheel file, relative to the home directory."""
   q = shlex.quote
-  return (f"set -e ; mkdir -p {q(remote_dir)} ; tar -xzf {TARBALL_REMOTE} -C {q(remote_dir)} ; "
-          + _install(remote_dir, python))
+  spec = f"{target if target.startswith('/') else './' + target}[tpu]"  # A path, not a project name.
+  return (f"uv pip install --python {q(venv_python(venv))} "
+          + "".join(f"{q(a)} " for a in install_args)
+          + ("-e " if editable else "") + q(spec))
+
+
+def check_script(config=CHECK_CONFIG, remote_dir="laser_jax", venv=VENV, env=()):
+  """Shell that runs the trainer's --dry_run of `config` on the installed package (`-P`: the
+  source tree in the working directory does not stand in for a broken install); its full report
+  stays in ~/CHECK_OUTPUT, the last lines (devices, workdir, verdict) are printed."""
+  prefix = shlex.join(["env", *env]) + " " if env else ""
+  return (f"cd {home_path(remote_dir)} ; {prefix}{command_word(venv_python(venv))} -P -m "
+          f"laser_jax.train {shlex.quote('--config=' + config)} --dry_run > {home_path(CHECK_OUTPUT)} ; "
+          f"tail -n 3 {home_path(CHECK_OUTPUT)}")
+
+
+def _setup_script(steps):
+  # uv's installers put it in ~/.local/bin, which a non-interactive ssh shell has not on PATH.
+  return " ; ".join(["set -e", 'export PATH="$HOME/.local/bin:$PATH"', *steps])
+
+
+def setup_git_script(repo_url, ref, remote_dir="laser_jax", venv=VENV, python=PYTHON,
+                     install_args=(), config=CHECK_CONFIG, env=()):
+  """Remote script: Python `python` in ~/venv (uv), `ref` of `repo_url` in ~/remote_dir installed
+  editable with the tpu extra, then the --dry_run check of `config`."""
+  return _setup_script([provision_script(venv, python), fetch_git_script(repo_url, ref, remote_dir),
+                        install_script(remote_dir, venv, install_args, editable=True),
+                        check_script(config, remote_dir, venv, env)])
+
+
+def setup_tarball_script(remote_dir="laser_jax", venv=VENV, python=PYTHON, install_args=(),
+                         config=CHECK_CONFIG, env=()):
+  """Remote script: as setup_git_script, from the source tarball copied to ~/TARBALL_REMOTE."""
+  q = shlex.quote
+  unpack = f"mkdir -p {q(remote_dir)} ; tar -xzf {TARBALL_REMOTE} -C {q(remote_dir)}"
+  return _setup_script([provision_script(venv, python), unpack,
+                        install_script(remote_dir, venv, install_args, editable=True),
+                        check_script(config, remote_dir, venv, env)])
+
+
+def setup_wheel_scripts(wheel_name, remote_dir="laser_jax", venv=VENV, python=PYTHON,
+                        install_args=(), config=CHECK_CONFIG, env=()):
+  """Remote scripts before and after the wheel and configs/ are copied into ~/remote_dir: the venv
+  and that directory; then the install of the wheel and the --dry_run check of `config`."""
+  prepare = _setup_script([provision_script(venv, python), f"mkdir -p {shlex.quote(remote_dir)}"])
+  install = _setup_script([install_script(f"{remote_dir}/{wheel_name}", venv, install_args),
+                           check_script(config, remote_dir, venv, env)])
+  return prepare, install
 
 
 def _stop_previous(restart):
@@ -211,22 +293,30 @@ def _stop_previous(restart):
           f"(pid $(cat {PID_FILE})); use --restart\" >&2 ; exit 1 ; fi")
 
 
-def train_argv(config, overrides, python="python3"):
-  """The trainer command every worker runs."""
-  return [python, "-m", "laser_jax.train", f"--config={config}", *overrides]
+def train_argv(config, overrides):
+  """The trainer's arguments on every worker (after the interpreter)."""
+  return ["-m", "laser_jax.train", f"--config={config}", *overrides]
 
 
 def train_script(config, overrides, env=(), remote_dir="laser_jax", python="python3",
                  restart=False):
   """Remote script: start the trainer in the background under nohup, appending to LOG_FILE.
 
+  `python` is a program on PATH or a path (relative ones from the home directory: setup's venv).
   `env` is a list of 'KEY=VALUE' set for the trainer. The pid goes to PID_FILE so a second start
   is refused and `stop` can SIGTERM it (the trainer then saves the current step and exits).
   """
   prefix = ["env", *env] if env else []
-  cmd = shlex.join(prefix + ["nohup"] + train_argv(config, overrides, python))
+  cmd = (shlex.join(prefix + ["nohup"]) + f" {command_word(python)} "
+         + shlex.join(train_argv(config, overrides)))
   return (f"cd {shlex.quote(remote_dir)} ; {_stop_previous(restart)} ; "
           f"{cmd} >> {LOG_FILE} 2>&1 < /dev/null & echo $! > {PID_FILE}")
+
+
+def run_script(argv, remote_dir="laser_jax", venv=VENV):
+  """Remote script: `argv` in ~/remote_dir in the foreground, with the venv's `python` first on PATH."""
+  return (f"cd {home_path(remote_dir)} ; export PATH={home_path(venv + '/bin')}:\"$PATH\" ; "
+          f"{shlex.join(argv)}")
 
 
 def stop_script():
@@ -352,14 +442,29 @@ def do_create(gcloud, p, args, path, state):
     wait_until(gcloud, p, "active", args.poll_s, args.wait_timeout_s)
 
 
+def distributed_env(p):
+  """Environment that makes every worker of a multi-host slice join jax.distributed."""
+  return ["LASER_JAX_DISTRIBUTED=1"] if num_workers(p["accelerator"]) > 1 else []
+
+
 def do_setup(gcloud, p, setup):
-  if setup.get("tarball"):
+  """Provisions, installs and checks on every worker (see setup_*_script)."""
+  common = {"remote_dir": setup["remote_dir"], "venv": setup.get("venv", VENV),
+            "python": setup.get("python", PYTHON), "install_args": setup.get("install_args", []),
+            "config": setup.get("config", CHECK_CONFIG), "env": distributed_env(p)}
+  if setup.get("wheel"):
+    prepare, install = setup_wheel_scripts(os.path.basename(setup["wheel"]), **common)
+    gcloud.run(ssh_command(p, prepare))
+    # The wheel holds the package; the configs the trainer is started with come from this checkout.
+    gcloud.run(scp_command(p, [setup["wheel"], os.path.join(REPO_ROOT, "configs")],
+                           setup["remote_dir"] + "/", recurse=True))
+    gcloud.run(ssh_command(p, install))
+  elif setup.get("tarball"):
     gcloud.run(scp_command(p, setup["tarball"], TARBALL_REMOTE))
-    script = setup_tarball_script(setup["remote_dir"], setup["python"])
+    gcloud.run(ssh_command(p, setup_tarball_script(**common)))
   else:
-    script = setup_git_script(setup["repo_url"], setup["branch"], setup["remote_dir"],
-                              setup["python"])
-  gcloud.run(ssh_command(p, script))
+    ref = setup.get("ref") or setup["branch"]  # `branch`: launch states saved before --ref.
+    gcloud.run(ssh_command(p, setup_git_script(setup["repo_url"], ref, **common)))
 
 
 def do_train(gcloud, p, train, restart=False):
@@ -409,9 +514,21 @@ def build_parser():
   source.add_argument("--repo-url", help="git URL every worker clones.")
   source.add_argument("--tarball", help="Local .tar.gz of the source (e.g. from `git archive`), "
                       "copied to every worker.")
-  setup.add_argument("--branch", default="main")
+  source.add_argument("--wheel", help="Local wheel (e.g. dist/laser_jax-0.1.0-py3-none-any.whl "
+                      "from `pip wheel --no-deps -w dist .`), copied to every worker with this "
+                      "checkout's configs/.")
+  setup.add_argument("--ref", "--branch", dest="ref", default="main",
+                     help="With --repo-url: the branch, tag or full commit hash to install.")
   setup.add_argument("--remote-dir", default="laser_jax", help="Relative to the home directory.")
-  setup.add_argument("--python", default="python3", help="Python on the TPU VMs.")
+  setup.add_argument("--venv", default=VENV, help="The virtual environment uv creates, relative "
+                     "to the home directory; train and resume run its python.")
+  setup.add_argument("--python", default=PYTHON, help="Python of the venv: a version (uv "
+                     "downloads it when the image has none; TPU VM images ship 3.10) or a path.")
+  setup.add_argument("--config", default=CHECK_CONFIG, help="Config the install is checked with "
+                     "(`python -m laser_jax.train --config=... --dry_run` on every worker): the "
+                     "one you will train.")
+  setup.add_argument("--install-args", default="", help="Extra `uv pip install` arguments, e.g. "
+                     "--install-args='--index-url=URL' for a mirror.")
   train = sub.add_parser("train", parents=[common], allow_abbrev=False,
                          help="Start the trainer on all workers (overrides after --).")
   train.add_argument("--config", required=True, help="e.g. configs/tpu_v4.py (in the repo).")
@@ -419,6 +536,10 @@ def build_parser():
   train.add_argument("--env", action="append", default=[], help="KEY=VALUE for the trainer.")
   train.add_argument("--restart", action="store_true",
                      help="SIGTERM a running trainer (it checkpoints) before starting.")
+  run = sub.add_parser("run", parents=[common], allow_abbrev=False,
+                       help="Run a command (after --) in the remote directory with the setup's "
+                       "venv first on PATH, in the foreground: evaluate, export, ...")
+  run.add_argument("--worker", default="0", help="A worker number, or all.")
   logs = sub.add_parser("logs", parents=[common], allow_abbrev=False, help="Stream a worker's log.")
   logs.add_argument("--worker", type=int, default=0)
   logs.add_argument("--lines", type=int, default=100)
@@ -465,26 +586,40 @@ def _resolve(args, state):
   return p
 
 
+def _check_config(flag, config):
+  # Workers run the config from their copy of this repository: catch typos here, not on the pod.
+  if os.path.isabs(config) or not os.path.isfile(os.path.join(REPO_ROOT, config)):
+    raise LaunchError(f"{flag} {config}: not a config file relative to the repository "
+                      f"root {REPO_ROOT} (e.g. configs/tpu_v4.py)")
+
+
 def _setup_params(args, state):
   saved = state.get("setup") or {}
-  if args.tarball:
-    if not os.path.isfile(args.tarball):
-      raise LaunchError(f"--tarball {args.tarball}: no such file")
-    return {"tarball": os.path.abspath(args.tarball), "remote_dir": args.remote_dir,
-            "python": args.python}
+  if not (args.tarball or args.repo_url or args.wheel):
+    if saved:
+      return saved
+    raise LaunchError("setup needs --repo-url URL [--ref REF], --wheel PATH.whl or "
+                      "--tarball PATH.tar.gz")
+  _check_config("--config", args.config)
+  try:
+    install_args = shlex.split(args.install_args)
+  except ValueError as e:
+    raise LaunchError(f"--install-args {args.install_args!r}: {e}") from None
+  setup = {"remote_dir": args.remote_dir, "venv": args.venv, "python": args.python,
+           "config": args.config, "install_args": install_args}
   if args.repo_url:
-    return {"repo_url": args.repo_url, "branch": args.branch, "remote_dir": args.remote_dir,
-            "python": args.python}
-  if saved:
-    return saved
-  raise LaunchError("setup needs --repo-url URL [--branch B] or --tarball PATH.tar.gz")
+    return {**setup, "repo_url": args.repo_url, "ref": args.ref}
+  flag, path = ("--tarball", args.tarball) if args.tarball else ("--wheel", args.wheel)
+  if not os.path.isfile(path):
+    raise LaunchError(f"{flag} {path}: no such file")
+  if args.wheel and not re.match(r"^laser_jax-[^-]+-.+\.whl$", os.path.basename(path)):
+    raise LaunchError(f"--wheel {path}: not a laser_jax wheel (laser_jax-VERSION-...whl, as "
+                      f"`pip wheel --no-deps -w dist .` names it)")
+  return {**setup, flag[2:]: os.path.abspath(path)}
 
 
 def _train_params(args, extra, state):
-  # Workers run the config from their copy of this repository: catch typos here, not on the pod.
-  if os.path.isabs(args.config) or not os.path.isfile(os.path.join(REPO_ROOT, args.config)):
-    raise LaunchError(f"--config {args.config}: not a config file relative to the repository "
-                      f"root {REPO_ROOT} (e.g. configs/tpu_v4.py)")
+  _check_config("--config", args.config)
   overrides = split_overrides(extra)
   workdir = workdir_of(overrides, args.workdir)
   if args.workdir:
@@ -494,9 +629,31 @@ def _train_params(args, extra, state):
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", kv):
       raise LaunchError(f"--env {kv!r}: expected KEY=VALUE")
   setup = state.get("setup") or {}
+  # setup's venv (also when setup ran from elsewhere, with the defaults); a setup saved before
+  # the venv existed installed into its `python`.
+  python = (venv_python(setup.get("venv", VENV)) if "venv" in setup or not setup
+            else setup.get("python", "python3"))
   return {"config": args.config, "overrides": overrides, "env": list(args.env),
-          "remote_dir": setup.get("remote_dir", "laser_jax"),
-          "python": setup.get("python", "python3")}
+          "remote_dir": setup.get("remote_dir", "laser_jax"), "python": python}
+
+
+def _run_params(args, extra, state):
+  argv = extra[1:] if extra[:1] == ["--"] else extra
+  if not argv:
+    raise LaunchError("run: give the command after --, e.g. -- python -m laser_jax.evaluate ...")
+  setup = state.get("setup") or {}
+  return run_script(argv, setup.get("remote_dir", "laser_jax"), setup.get("venv", VENV))
+
+
+def _worker(args, p, allow_all=False):
+  """--worker: a worker number of this slice (or 'all')."""
+  n = num_workers(p["accelerator"])
+  if allow_all and args.worker == "all":
+    return "all"
+  if not str(args.worker).isdigit() or not 0 <= int(args.worker) < n:
+    raise LaunchError(f"--worker {args.worker}: {p['accelerator']} has workers 0..{n - 1}"
+                      + (" (or all)" if allow_all else ""))
+  return int(args.worker)
 
 
 def run_command(args, extra):
@@ -504,7 +661,7 @@ def run_command(args, extra):
   state = load_state(path)
   p = _resolve(args, state)
   gcloud = Gcloud(args.dry_run)
-  if extra and args.command != "train":
+  if extra and args.command not in ("train", "run"):
     raise LaunchError(f"unexpected arguments for {args.command}: {' '.join(extra)}")
 
   if args.command == "create":
@@ -516,18 +673,17 @@ def run_command(args, extra):
       save_state(path, {**state, **p, "setup": setup})
   elif args.command == "train":
     train = _train_params(args, extra, state)
-    if num_workers(p["accelerator"]) > 1 and not any(
-        kv.startswith("LASER_JAX_DISTRIBUTED=") for kv in train["env"]):
+    if not any(kv.startswith("LASER_JAX_DISTRIBUTED=") for kv in train["env"]):
       # Multi-host slice: make every worker join jax.distributed (coordinator from GCE metadata).
-      train["env"] = ["LASER_JAX_DISTRIBUTED=1", *train["env"]]
+      train["env"] = [*distributed_env(p), *train["env"]]
     do_train(gcloud, p, train, args.restart)
     if not gcloud.dry_run:
       save_state(path, {**state, **p, "train": train})
+  elif args.command == "run":
+    script = _run_params(args, extra, state)
+    gcloud.run(ssh_command(p, script, worker=_worker(args, p, allow_all=True)))
   elif args.command == "logs":
-    n = num_workers(p["accelerator"])
-    if not 0 <= args.worker < n:
-      raise LaunchError(f"--worker {args.worker}: {p['accelerator']} has workers 0..{n - 1}")
-    gcloud.run(ssh_command(p, logs_script(args.lines, not args.no_follow), worker=args.worker))
+    gcloud.run(ssh_command(p, logs_script(args.lines, not args.no_follow), worker=_worker(args, p)))
   elif args.command == "status":
     st = gcloud.describe_state(p)
     if not gcloud.dry_run:

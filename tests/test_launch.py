@@ -1,14 +1,16 @@
 """launch/tpu.py: the exact gcloud commands of every subcommand (--dry-run), input validation, the
-remote shell scripts run for real under bash with a fake python3, and resume after a preemption
-against a fake `gcloud` on PATH. No network, no gcloud, no TPU."""
+remote shell scripts run for real under bash (the trainer's with a fake python3; setup's whole
+sequence, uv venv + install + the trainer's --dry_run, on this machine as a local worker), and
+resume after a preemption against a fake `gcloud` on PATH. No network, no gcloud, no TPU."""
 import importlib.util
 import json
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
-import tarfile
+import sysconfig
 import textwrap
 import time
 
@@ -165,12 +167,39 @@ FULL = [*BASE, "--accelerator", "v4-64"]
 
 def test_setup_git_dry_run(capsys):
   rc, lines, _ = call_main(capsys, "setup", *FULL, "--repo-url", "https://example.com/l.git",
-                           "--branch", "dev", "--dry-run")
+                           "--branch", "dev", "--dry-run")  # --branch: the old name of --ref.
   assert rc == 0 and len(lines) == 1
   assert lines[0][:-1] == [*SSH, "--worker=all"]
   script = remote_command(lines[0])
-  assert "git clone --depth=1 --branch dev https://example.com/l.git laser_jax" in script
-  assert "python3 -m pip install -e '.[tpu]'" in script
+  # Python 3.11 from uv (the image's is 3.10), the ref, the tpu extra, the check on every worker.
+  assert "uv venv --quiet --allow-existing --python 3.11 laser_jax_venv ;" in script
+  assert "git -C laser_jax fetch --quiet --depth=1 https://example.com/l.git dev ;" in script
+  assert "uv pip install --python laser_jax_venv/bin/python -e './laser_jax[tpu]' ;" in script
+  # A v4-64 has 8 workers: the check joins them as training will.
+  assert ('env LASER_JAX_DISTRIBUTED=1 "$HOME"/laser_jax_venv/bin/python -P -m laser_jax.train '
+          '--config=configs/tiny_cpu.py --dry_run' in script)
+
+
+def test_setup_wheel_dry_run_and_bad_input(capsys, tmp_path):
+  wheel = tmp_path / "laser_jax-0.1.0-py3-none-any.whl"
+  wheel.write_bytes(b"")
+  rc, lines, _ = call_main(capsys, "setup", *FULL, "--wheel", str(wheel), "--config",
+                           "configs/tpu_v4.py", "--install-args=--index-url=https://m/simple",
+                           "--dry-run")
+  assert rc == 0 and [l[:6] for l in lines] == [SSH[:6], ["gcloud", "compute", "tpus", "tpu-vm",
+                                                          "scp", "--recurse"], SSH[:6]]
+  assert "mkdir -p laser_jax" in remote_command(lines[0])  # scp's target directory.
+  assert lines[1][6:] == [str(wheel), str(ROOT / "configs"), "laser:laser_jax/", *SCOPE,
+                          "--worker=all"]
+  assert ("uv pip install --python laser_jax_venv/bin/python --index-url=https://m/simple "
+          "'./laser_jax/laser_jax-0.1.0-py3-none-any.whl[tpu]' ;") in remote_command(lines[2])
+  assert "--config=configs/tpu_v4.py --dry_run" in remote_command(lines[2])
+  for extra, needle in [(["--wheel", str(tmp_path / "x.whl")], "x.whl: no such file"),
+                        (["--wheel", __file__], "not a laser_jax wheel"),
+                        (["--repo-url", "u", "--config", "configs/nope.py"],
+                         "--config configs/nope.py: not a config file")]:
+    rc, lines, err = call_main(capsys, "setup", *FULL, *extra, "--dry-run")
+    assert rc == 2 and lines == [] and needle in err, err
 
 
 def test_setup_tarball_dry_run_subprocess(tmp_path):
@@ -198,7 +227,9 @@ def test_train_dry_run_passes_config_overrides_and_quoting(capsys):
   i = words.index("nohup")
   # A multi-host slice also gets LASER_JAX_DISTRIBUTED=1 so every worker joins jax.distributed.
   assert words[i - 3:i] == ["env", "LASER_JAX_DISTRIBUTED=1", "HF_HOME=/mnt/hf cache"]
-  assert words[i + 1:i + 8] == ["python3", "-m", "laser_jax.train", "--config=configs/tpu_v4.py",
+  # The venv `setup` makes ($HOME-relative: the script runs from ~/laser_jax).
+  assert words[i + 1:i + 8] == ["$HOME/laser_jax_venv/bin/python", "-m", "laser_jax.train",
+                                "--config=configs/tpu_v4.py",
                                 "--config.workdir=gs://bucket/laser/run 1",
                                 "--config.total_steps=10", "--config.data.template=chat and more"]
   assert words[i + 8:i + 10] == [">>", "~/laser_jax_train.log"]
@@ -241,6 +272,19 @@ def test_logs_status_stop_delete_dry_run(capsys):
   _, lines, _ = call_main(capsys, "stop", *FULL, "--dry-run")
   assert lines[0][:-1] == [*SSH, "--worker=all"] and "kill -TERM" in remote_command(lines[0])
   assert call_main(capsys, "delete", *FULL, "--dry-run")[1] == [DELETE]
+
+
+def test_run_dry_run(capsys):
+  rc, lines, _ = call_main(capsys, "run", *FULL, "--worker", "all", "--dry-run", "--", "python",
+                           "-m", "laser_jax.evaluate", "--config.eval.output_file=/tmp/a b.jsonl")
+  assert rc == 0 and lines[0][:-1] == [*SSH, "--worker=all"]
+  assert shlex.split(remote_command(lines[0])) == [
+      "cd", "$HOME/laser_jax", ";", "export", "PATH=$HOME/laser_jax_venv/bin:$PATH", ";",
+      "python", "-m", "laser_jax.evaluate", "--config.eval.output_file=/tmp/a b.jsonl"]
+  for extra, needle in [(["--dry-run"], "give the command after --"),
+                        (["--worker", "8", "--dry-run", "--", "ls"], "v4-64 has workers 0..7 (or all)")]:
+    rc, lines, err = call_main(capsys, "run", *FULL, *extra)
+    assert rc == 2 and lines == [] and needle in err, err
 
 
 # ----------------------------------------------------------------------------- remote scripts, run
@@ -298,22 +342,113 @@ def test_train_and_stop_scripts_run_under_bash(tmp_path):
   assert "training started" in log and "saved step, exiting" in log
 
 
-def test_tarball_setup_script_runs_under_bash(tmp_path):
-  env = _fake_python(tmp_path)
-  src = tmp_path / "src"
-  (src / "laser_jax").mkdir(parents=True)
-  (src / "setup.py").write_text("# setup\n")
-  (src / "laser_jax" / "__init__.py").write_text("")
-  with tarfile.open(tmp_path / tpu.TARBALL_REMOTE, "w:gz") as tar:
-    for p in ("setup.py", "laser_jax"):
-      tar.add(src / p, arcname=p)
-  res = subprocess.run(["bash", "-c", tpu.setup_tarball_script()], cwd=tmp_path, env=env,
-                       timeout=20)
-  assert res.returncode == 0
-  assert (tmp_path / "laser_jax" / "setup.py").read_text() == "# setup\n"
-  assert [c["argv"] for c in _calls(tmp_path)] == [["-m", "pip", "install", "--upgrade", "pip"],
-                                                  ["-m", "pip", "install", "-e", ".[tpu]"]]
-  assert {c["cwd"] for c in _calls(tmp_path)} == {str(tmp_path / "laser_jax")}
+@pytest.fixture(scope="module")
+def source_tree(tmp_path_factory):
+  """This working tree as a user would ship it: a git repository tagged `v-test`, its
+  `git archive` tarball and a wheel built from it (no network: this interpreter's setuptools)."""
+  root = tmp_path_factory.mktemp("source")
+  src = root / "laser_jax_src"
+  files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+  for name in filter(None, files):
+    if (ROOT / name).is_file():  # Deleted but not yet staged files are listed too.
+      (src / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(ROOT / name, src / name)
+  git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(src)]
+  for args in (["init", "--quiet"], ["add", "-A"], ["commit", "--quiet", "-m", "test"],
+               ["tag", "v-test"], ["archive", "--format=tar.gz", "-o", str(root / "src.tar.gz"),
+                                   "HEAD"]):
+    subprocess.run(git + args, check=True, timeout=60)
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index",
+                  "--no-build-isolation", "-w", str(root / "dist"), str(src)], check=True,
+                 timeout=120, capture_output=True)
+  [wheel] = (root / "dist").glob("laser_jax-*.whl")
+  return {"git": f"file://{src}", "tarball": root / "src.tar.gz", "wheel": wheel}
+
+
+def _local_worker(tmp_path):
+  """Environment whose `gcloud` runs `tpu-vm ssh --command=...` under bash in $HOME and
+  `tpu-vm scp` as a copy into $HOME (scp's rules), so this machine plays the one worker of a
+  v4-8. The venv setup creates sees this interpreter's packages through a .pth file (no index
+  here: the install runs --offline --no-deps); setup's own `uv venv` keeps that file."""
+  home, bindir = tmp_path / "home", tmp_path / "localbin"
+  bindir.mkdir()
+  gcloud = bindir / "gcloud"
+  gcloud.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import os, shutil, subprocess, sys
+      a, home = sys.argv[1:], os.environ["HOME"]
+      if a[:4] == ["compute", "tpus", "tpu-vm", "ssh"]:
+        [script] = [x[len("--command="):] for x in a if x.startswith("--command=")]
+        sys.exit(subprocess.call(["bash", "-c", script], cwd=home))
+      assert a[:4] == ["compute", "tpus", "tpu-vm", "scp"], a
+      *sources, dest = [x for x in a[4:] if not x.startswith("--")]
+      dest = os.path.join(home, dest.split(":", 1)[1])
+      for src in sources:
+        if os.path.isdir(src) and "--recurse" not in a:
+          sys.exit(f"scp: {{src}}: not a regular file")
+        if dest.endswith("/") and not os.path.isdir(dest):
+          sys.exit(f"scp: {{dest}}: No such file or directory")
+        target = os.path.join(dest, os.path.basename(src)) if os.path.isdir(dest) else dest
+        if os.path.isdir(src):
+          shutil.copytree(src, target, dirs_exist_ok=True)
+        else:
+          shutil.copy(src, target)
+      """))
+  gcloud.chmod(0o755)
+  import uv  # pylint: disable=import-outside-toplevel  # the test extra's uv, as on a worker
+  (bindir / "uv").symlink_to(uv.find_uv_bin())
+  version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+  site = home / tpu.VENV / "lib" / version / "site-packages"
+  site.mkdir(parents=True)
+  (site / "installed_here.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+  return {"HOME": str(home), "PATH": f"{bindir}:/usr/bin:/bin", "JAX_PLATFORMS": "cpu",
+          "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
+
+
+@pytest.mark.parametrize("source", ["wheel", "git", "tarball"])
+def test_setup_script_runs_on_a_local_worker(tmp_path, source_tree, source):
+  """setup, run as written against a local 'worker': uv's venv with this interpreter's Python,
+  the install (the wheel; a git tag or the source tarball, editable), the trainer's --dry_run
+  check; then `run` uses the venv's python. A broken install or check line fails here, not on a
+  slice."""
+  env = _local_worker(tmp_path)
+  home = pathlib.Path(env["HOME"])
+  source_args = ({"wheel": ["--wheel", str(source_tree["wheel"])],
+                  "git": ["--repo-url", source_tree["git"], "--ref", "v-test"],
+                  "tarball": ["--tarball", str(source_tree["tarball"])]}[source])
+  res = cli("setup", *FULL[:-1], "v4-8", *source_args, "--python", sys._base_executable,
+            "--install-args=--offline --no-deps --no-build-isolation", env=env)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  # The check's report: the resolved config, the devices, the verdict.
+  report = (home / tpu.CHECK_OUTPUT).read_text()
+  assert json.loads(report[:report.rindex("}") + 1])["workdir"] == "/tmp/laser_jax/tiny_cpu"
+  assert "dry run: config valid" in res.stdout and "(cpu) in 1 process(es)" in res.stdout
+  # The package comes from the install: the venv's site-packages, or the checkout (editable).
+  where = subprocess.run([str(home / tpu.VENV / "bin" / "python"), "-P", "-c",
+                          "import laser_jax, sys; print(laser_jax.__file__, sys.version_info[:2])"],
+                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **env})
+  expected = home / (f"{tpu.VENV}/lib" if source == "wheel" else "laser_jax/laser_jax")
+  assert where.stdout.startswith(str(expected)), where.stdout + where.stderr
+  assert where.stdout.split(" ", 1)[1].strip() == str(tuple(sys.version_info[:2]))
+  if source != "wheel":
+    assert (home / "laser_jax" / ".git").is_dir() == (source == "git")
+  else:  # The wheel carries the package; the configs come from this checkout.
+    assert (home / "laser_jax" / "configs" / "tpu_v4.py").is_file()
+  # `run` (evaluate, export, ...) uses the venv's python in the remote directory.
+  res = cli("run", "--name", "laser", "--", "python", "-c",
+            "import os, sys; print(sys.prefix, os.getcwd())", env=env)
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.split() == [str(home / tpu.VENV), str(home / "laser_jax")]
+
+
+def test_setup_script_failures_stop_the_setup(tmp_path, source_tree):
+  """A config the check rejects fails setup (exit 1 from gcloud), as a missing ref does."""
+  env = _local_worker(tmp_path)
+  res = cli("setup", *FULL[:-1], "v4-8", "--repo-url", source_tree["git"], "--ref", "no-such-tag",
+            "--python", sys._base_executable, env=env)
+  assert res.returncode == 1 and "gcloud exited with status" in res.stderr
+  assert not (pathlib.Path(env["HOME"]) / tpu.CHECK_OUTPUT).exists()
 
 
 # ----------------------------------------------------------------------------- resume, fake gcloud
@@ -432,9 +567,12 @@ def test_readme_commands_run_in_order(tmp_path, fake_gcloud):
   """Every command of launch/README.md, run as written against the fake gcloud."""
   env, qr_state, calls = fake_gcloud
   commands = _readme_commands()
-  assert [c[2] for c in commands] == ["create", "setup", "setup", "train", "logs", "logs", "status",
-                                      "resume", "stop", "delete"]
+  assert [c[2] for c in commands] == ["create", "setup", "setup", "setup", "train", "logs", "logs",
+                                      "status", "resume", "stop", "delete",
+                                      "create", "setup", "run", "run", "run", "delete"]
   (tmp_path / "laser_jax.tar.gz").write_bytes(b"")  # What the README's `git archive` makes.
+  (tmp_path / "dist").mkdir()  # ... and its `pip wheel`.
+  (tmp_path / "dist" / "laser_jax-0.1.0-py3-none-any.whl").write_bytes(b"")
   for argv in commands:
     extra = ["--poll-s", "0"] if argv[2] == "create" else []
     res = subprocess.run([sys.executable, str(SCRIPT), *argv[2:], *extra], capture_output=True,
@@ -443,4 +581,4 @@ def test_readme_commands_run_in_order(tmp_path, fake_gcloud):
     made = calls()
     assert made and all(c[:3] == ["gcloud", "compute", "tpus"] for c in made), (argv, made)
     assert all("--zone=us-central2-b" in c and "--project=my-project" in c for c in made)
-  assert not (tmp_path / "state" / "laser-v4.json").exists()  # Forgotten by delete.
+  assert not list((tmp_path / "state").glob("*.json"))  # Both slices forgotten by delete.

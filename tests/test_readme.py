@@ -5,9 +5,14 @@
   overrides parse (unknown keys fail here); training configs also pass start-up validation, and
   the training command's other flags (--num_processes, ...) parse too.
 * Every `python launch/tpu.py ...` line runs, in order, against the fake gcloud of test_launch.
+* The Cloud TPU section's train command is the one its --dry_run line checks.
+
+A one-line `for V in A B ...; do COMMAND; done` stands for COMMAND with $V = A (the other values
+only change strings).
 """
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -19,9 +24,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
+def _expand_loop(line):
+  loop = re.fullmatch(r"for (\w+) in (\S+)[^;]*; do (.*); done", line)
+  return loop.group(3).replace(f"${loop.group(1)}", loop.group(2)) if loop else line
+
+
 def _shell_lines():
   blocks = README.split("```sh\n")[1:]
-  return [l.strip() for b in blocks for l in b.split("```")[0].splitlines()
+  return [_expand_loop(l.strip()) for b in blocks for l in b.split("```")[0].splitlines()
           if l.strip() and not l.strip().startswith("#")]
 
 
@@ -77,10 +87,27 @@ def test_readme_commands_parse(module):
 def test_readme_launch_commands_run_in_order(tmp_path, fake_gcloud):  # noqa: F811
   env, _, calls = fake_gcloud
   commands = [shlex.split(l) for l in _shell_lines() if l.startswith("python launch/tpu.py ")]
-  assert [c[2] for c in commands] == ["create", "setup", "train", "resume", "delete"]
+  assert [c[2] for c in commands] == ["create", "setup", "train", "logs", "resume", "delete",
+                                      "create", "setup", "run", "run", "run", "run", "delete"]
   for argv in commands:
     extra = ["--poll-s", "0"] if argv[2] == "create" else []
     res = subprocess.run([sys.executable, str(SCRIPT), *argv[2:], *extra], capture_output=True,
                          text=True, env={**os.environ, **env}, cwd=tmp_path, timeout=60)
     assert res.returncode == 0, (argv, res.stderr)
     assert calls(), argv
+
+
+def test_readme_tpu_train_command_is_the_dry_run_checked_one():
+  """The paper run's `launch/tpu.py train` (the same in launch/README.md) is exactly the config,
+  workdir and overrides of the README's `laser_jax.train --dry_run` line, which
+  test_readme_commands_parse validates on the v4-64's 32 devices (tests/test_cli.py runs
+  --dry_run itself)."""
+  [train] = [shlex.split(l) for l in _shell_lines() if l.startswith("python launch/tpu.py train ")]
+  launch_readme = (ROOT / "launch" / "README.md").read_text()
+  assert shlex.join(train) in [shlex.join(shlex.split(l)) for l in launch_readme.splitlines()
+                               if l.startswith("python launch/tpu.py train ")]
+  config, workdir = train[train.index("--config") + 1], train[train.index("--workdir") + 1]
+  overrides = train[train.index("--") + 1:]
+  [dry_run] = [a for a in _module_commands("laser_jax.train") if "--dry_run" in a]
+  assert dry_run == [f"--config={config}", "--dry_run", f"--config.workdir={workdir}", *overrides]
+  assert workdir.startswith("gs://") and "--config.model.hf_path=Qwen/Qwen2.5-7B" in overrides
