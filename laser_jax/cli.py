@@ -29,8 +29,11 @@ def fail(message: str) -> None:
 
 
 def bad_input_errors() -> tuple[type[Exception], ...]:
-  """The exceptions that mean bad input (a config value, a data row, a checkpoint)."""
-  return (config_check.ConfigError, data.DataError, hf.HFCheckpointError, checkpoint.CheckpointError)
+  """The exceptions that mean bad input (a flag, a config value, a data row, a checkpoint). absl's
+  UsageError (a flag combination `main` rejects) is one of them: absl itself would print the
+  whole usage text and exit 1."""
+  return (config_check.ConfigError, data.DataError, hf.HFCheckpointError, checkpoint.CheckpointError,
+          app.UsageError)
 
 
 def required_config(holder: flags.FlagHolder, example: str):

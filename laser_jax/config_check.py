@@ -11,6 +11,8 @@ import jax
 import ml_collections
 from absl import logging
 
+from laser_jax import objective
+
 # The correct class's L_sr target is log pi(z_c) = c_ref + 1 / beta_v; the largest score is
 # beta_v * (0 - c_ref). Below this margin the target sits at (or beyond) log p = 0, which no
 # softmax reaches: L_sr then pushes p(z_c) towards 1 for every correct solution, forever.
@@ -151,9 +153,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
 
   _one_of(c, "optim.schedule", {"constant", "warmup_cosine"})
   _require(c.optim.lr > 0, "optim.lr", f"expected > 0, got {c.optim.lr}")
-  _one_of(c, "loss.adv_estimator", {"grpo", "drgrpo"})
-  _one_of(c, "loss.agg_mode", {"token-mean", "seq-mean-token-sum", "seq-mean-token-mean"})
-  _one_of(c, "loss.kl_type", {"kl", "mse", "low_var_kl"})
+  # The objective's own lists: every mode it implements is reachable from a config.
+  _one_of(c, "loss.adv_estimator", set(objective.ADV_ESTIMATORS))
+  _one_of(c, "loss.agg_mode", set(objective.AGG_MODES))
+  _one_of(c, "loss.kl_type", set(objective.KL_TYPES))
   _one_of(c, "model.dtype", {"float32", "bfloat16", "auto"})
   _one_of(c, "model.param_dtype", {"float32", "bfloat16"})
   _one_of(c, "model.attention", {"auto", "xla", "chunked", "splash", "cudnn"})

@@ -159,7 +159,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.adv_estimator = "grpo"  # "grpo" (divide by group std) | "drgrpo" (no std division).
-  c.loss.agg_mode = "token-mean"  # "token-mean" | "seq-mean-token-sum" | "seq-mean-token-mean".
+  # "token-mean" | "seq-mean-token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum-norm" (Dr.
+  # GRPO: token sums over #sequences * rollout.max_new_tokens).
+  c.loss.agg_mode = "token-mean"
   c.loss.clip_eps_low = 0.2  # PPO clip: ratio >= 1 - clip_eps_low.
   c.loss.clip_eps_high = 0.2  # PPO clip-higher: ratio <= 1 + clip_eps_high.
   c.loss.clip_ratio_c = 3.0  # Dual-clip bound for negative advantages.

@@ -419,26 +419,24 @@ def write_laser_metadata(out_dir: str, metadata: dict) -> str:
   return file
 
 
-def main(argv=None) -> int:
+def main(argv) -> None:
   """`python -m laser_jax.hf PATH`: checks that PATH imports (config, every tensor, tokenizer) and
   prints a summary; any problem is one line on stderr and exit status 2 (laser_jax/cli.py)."""
-  import argparse
-  import sys
-  parser = argparse.ArgumentParser(prog="python -m laser_jax.hf", description=main.__doc__)
-  parser.add_argument("path", help="Hugging Face model directory")
-  args = parser.parse_args(argv)
-  try:
-    cfg = load_hf_config(args.path)
-    params = load_hf_params(args.path, cfg)
-    tokenizer = load_hf_tokenizer(args.path)
-  except HFCheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  from absl import app
+  if len(argv) != 2:
+    raise app.UsageError(f"expected one model directory, e.g. python -m laser_jax.hf PATH (got {argv[1:]})")
+  path = argv[1]
+  cfg = load_hf_config(path)
+  params = load_hf_params(path, cfg)
+  tokenizer = load_hf_tokenizer(path)
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  print(f"{args.path}: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {n:,} parameters, "
+  print(f"{path}: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {n:,} parameters, "
         f"vocab {cfg.vocab_size} (tokenizer {len(tokenizer)})")
-  return 0
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  # The imported module's main, so that its HFCheckpointError is the class cli catches (this
+  # file runs as __main__, a second copy of the module).
+  from laser_jax import cli
+  from laser_jax import hf as hf_module
+  cli.run(hf_module.main)
