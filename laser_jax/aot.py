@@ -54,6 +54,7 @@ from laser_jax import objective
 from laser_jax import optim as optim_lib
 from laser_jax import presets
 from laser_jax import programs as programs_lib
+from laser_jax import rl_metrics
 from laser_jax import sampler as sampler_lib
 from laser_jax import sharding as sharding_lib
 from laser_jax import synthetic
@@ -636,9 +637,8 @@ def _summary(c, tpu: Slice, model_cfg, reports: list[ProgramReport], rows_per_st
   decode_vs_floor = decode[0].roofline_s / decode[0].ideal_hbm_s if decode else float("nan")
   update_s = total({"update"})
   step_s = rollout_s + update_s
-  # Model FLOPs (PaLM's 2N per token forward, 6N with the backward) over every token of the
-  # step's rows, padding included: 2N for sampling, 2N per log-prob forward, 6N for the update.
-  model_flops = (2 * (1 + logprob_forwards) + 6) * model_cfg.num_params() * rows_per_step * seq_len
+  # Model FLOPs over every token of the step's rows, padding included.
+  model_flops = rl_metrics.step_model_flops(model_cfg.num_params(), rows_per_step * seq_len, logprob_forwards)
   mfu = model_flops / (step_s * tpu.chip.peak_flops * tpu.num_chips) if step_s > 0 else 0.0
   return {
       "topology": tpu.name, "libtpu_topology": tpu.topology_name, "num_chips": tpu.num_chips,

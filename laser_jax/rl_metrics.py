@@ -191,6 +191,13 @@ def score_separation(scores, rewards, finished) -> dict:
   return {"auroc": auroc(scores, correct), "ece": ece, "reliability": bins}
 
 
+def step_model_flops(num_params: int, tokens: float, logprob_forwards: int) -> float:
+  """Model FLOPs of one RL step over `tokens` (PaLM's convention: 2N per token for a forward, 6N
+  with the backward): the sampler's forward, `logprob_forwards` log-prob passes (recomputed old
+  log-probs, pi_ref) and the update. The one formula of `perf/mfu` and laser_jax.aot's MFU."""
+  return (2 * (1 + logprob_forwards) + 6) * num_params * tokens
+
+
 def zero_std_group_fraction(rewards: jax.Array, group_ids: jax.Array,
                             num_groups: int | None = None) -> jax.Array:
   """Fraction of (non-empty) groups whose rewards are all equal (zero std: no GRPO signal).

@@ -317,9 +317,8 @@ class Trainer:
   def step_flops(self, tokens: float) -> float:
     """Model FLOPs of one step over `tokens` (all hosts'): 2*N*tokens per forward (rollout),
     6*N*tokens for the update."""
-    n = self.model_cfg.num_params()
-    forwards = 2 + (2 if self.config.rollout.recompute_old_logprobs else 0) + (2 if self.needs_ref else 0)
-    return (forwards + 6) * n * tokens
+    logprob_forwards = int(self.config.rollout.recompute_old_logprobs) + int(self.needs_ref)
+    return rl_metrics.step_model_flops(self.model_cfg.num_params(), tokens, logprob_forwards)
 
   # ---- evaluation -----------------------------------------------------------------------
   @property

@@ -136,3 +136,10 @@ def test_calibration_hand_worked():
   sep = rl_metrics.score_separation([0.9, np.nan, 0.1], [1, 1, 0], [True, False, True])
   assert sep["auroc"] == 1.0 and sum(b["count"] for b in sep["reliability"]) == 2
 
+
+
+def test_step_model_flops_by_hand():
+  # 1M parameters, 1000 tokens: the sampler's forward 2N, the update 6N per token = 8e9 FLOPs;
+  # each log-prob pass (recomputed old log-probs, pi_ref) adds another 2N per token.
+  assert rl_metrics.step_model_flops(1_000_000, 1000, 0) == 8e9
+  assert rl_metrics.step_model_flops(1_000_000, 1000, 2) == 12e9
