@@ -82,9 +82,12 @@ def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, *, num_groups: int
                     norm_by_std: bool = True, eps: float = GRPO_EPS) -> jax.Array:
   """GRPO advantages [B]: (r - mean_g) / (std_g + eps), unbiased std; Dr. GRPO: r - mean_g.
 
-  A group of size 1 gets advantage 0 (r - mean = 0 exactly; its std is taken as 0).
+  A group of size 1 takes mean 0 and std 1, as verl's GRPO does (the official LaSeR release's
+  base), so its advantage is r / (1 + eps) (Dr. GRPO: r), the same convention as the self-reward
+  advantages' (SPEC). Training always has groups of rollout.n >= 2; this matters for n = 1.
   """
-  mean, std, _ = group_mean_std(rewards, group_ids, num_groups)
+  mean, std, size = group_mean_std(rewards, group_ids, num_groups)
+  mean, std = jnp.where(size > 1, mean, 0.0), jnp.where(size > 1, std, 1.0)
   centred = jnp.asarray(rewards, jnp.float32) - mean
   return centred / (std + eps) if norm_by_std else centred
 

@@ -25,14 +25,15 @@ def unbiased_std(xs):
 
 
 def grpo_advantages(rewards, group_ids, norm_by_std=True, eps=1e-6):
-  """A_i = (r_i - mean_g) / (std_g + 1e-6), unbiased std; Dr. GRPO: r_i - mean_g."""
+  """A_i = (r_i - mean_g) / (std_g + 1e-6), unbiased std; Dr. GRPO: r_i - mean_g. A group of one
+  response: mean 0, std 1 (verl's compute_grpo_outcome_advantage)."""
   rewards = np.asarray(rewards, np.float64)
   adv = np.zeros(len(rewards))
   for rows in groups(group_ids).values():
     r = rewards[rows]
-    m = r.mean()
+    m, s = (r.mean(), unbiased_std(r)) if len(rows) > 1 else (0.0, 1.0)
     for i in rows:
-      adv[i] = (rewards[i] - m) / (unbiased_std(r) + eps) if norm_by_std else rewards[i] - m
+      adv[i] = (rewards[i] - m) / (s + eps) if norm_by_std else rewards[i] - m
   return adv
 
 

@@ -30,13 +30,14 @@ def _random_batch(rng, B=12, T=7, num_groups=4):
 
 
 def test_grpo_advantages_hand_worked():
-  rewards = np.array([1, 1, 0, 1, 0.0])
-  group_ids = np.array([1, 0, 1, 0, 2])
+  rewards = np.array([1, 1, 0, 1, 0.0, 1.0])
+  group_ids = np.array([1, 0, 1, 0, 2, 3])
   adv = np.asarray(obj.grpo_advantages(rewards, group_ids))
   half_over_std = 0.5 / (math.sqrt(0.5) + 1e-6)  # group 1: rewards (1, 0), unbiased std sqrt(.5).
-  np.testing.assert_allclose(adv, [half_over_std, 0, -half_over_std, 0, 0], atol=1e-6)
+  # Groups 2 and 3 have one response each: mean 0, std 1 (verl), so A = r / (1 + 1e-6).
+  np.testing.assert_allclose(adv, [half_over_std, 0, -half_over_std, 0, 0, 1 / (1 + 1e-6)], atol=1e-6)
   dr = np.asarray(obj.grpo_advantages(rewards, group_ids, norm_by_std=False))
-  np.testing.assert_allclose(dr, [0.5, 0, -0.5, 0, 0], atol=1e-7)
+  np.testing.assert_allclose(dr, [0.5, 0, -0.5, 0, 0, 1.0], atol=1e-7)
 
 
 @pytest.mark.parametrize("norm_by_std", [True, False])
@@ -60,10 +61,11 @@ def test_advantages_sum_to_zero_per_group(rows, norm_by_std):
   adv = np.asarray(obj.grpo_advantages(rewards, group_ids, num_groups=4, norm_by_std=norm_by_std))
   for g in set(group_ids.tolist()):
     r = rewards[group_ids == g]
-    if not norm_by_std or ref.unbiased_std(r) > 0 or len(r) == 1:
+    if len(r) == 1:  # verl's convention for a group of one: mean 0, std 1.
+      want = r[0] / (1 + 1e-6) if norm_by_std else r[0]
+      assert adv[group_ids == g][0] == pytest.approx(want, abs=1e-6)
+    elif not norm_by_std or ref.unbiased_std(r) > 0:
       assert abs(adv[group_ids == g].sum()) < 1e-4
-    if len(r) == 1:
-      assert adv[group_ids == g][0] == 0.0  # Our documented choice for a size-1 group.
 
 
 def test_group_ids_out_of_range_is_a_clear_error():
