@@ -116,6 +116,16 @@ def test_two_step_run_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "run" / "tensorboard"))
   _check_samples_profile_and_wandb(tmp_path / "run", records)
+  # The README's table of metric names is every name the run recorded, and no other.
+  assert readme_metric_names() == {k for r in records for k in r} - {"step"}
+
+
+def readme_metric_names() -> set[str]:
+  """The metric names in the README's table (between its metric-names markers)."""
+  import re
+  text = open(os.path.join(REPO, "README.md")).read()
+  table = text[text.index("<!-- metric-names:start -->"):text.index("<!-- metric-names:end -->")]
+  return {name for row in table.splitlines()[3:] for name in re.findall(r"`([^`]+)`", row.split(" | ")[0])}
 
 
 def _check_samples_profile_and_wandb(workdir, records):
