@@ -196,15 +196,17 @@ def _note_override(overrides: list[str], key: str, eval_value, model_value) -> N
 
 
 def _from_hf(config, mesh, score: bool = True, reference: bool = True) -> LoadedModel:
-  # A local dir, gs:// (copied to the cache) or a hub id (downloaded): the local directory.
-  path = sources.model_dir(config.model.hf_path, "config.model.hf_path")
+  # A local dir, gs:// (copied to the cache) or a hub id (downloaded): the local directory. Its
+  # config files first: every constant is resolved (or reported missing) before any weight is
+  # downloaded or read.
+  path = sources.model_dir(config.model.hf_path, "config.model.hf_path", sources.CONFIG_FILES)
   dtype = config.model.dtype
   try:
     metadata = hf.read_laser_metadata(path)
   except hf.HFCheckpointError as e:
     raise ConfigError(f"config.model.hf_path: {e}") from None
-  # Every constant is resolved (or reported missing) before any weight is read.
   constants = _hf_constants(config, path, metadata, score)
+  path = sources.model_dir(config.model.hf_path, "config.model.hf_path")  # + weights, tokenizer
   try:
     cfg = hf.load_hf_config(path, dtype=dtype, param_dtype=dtype)
     params = hf.load_hf_params(path, cfg, mesh=mesh)

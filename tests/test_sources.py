@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as FSSPEC_REGISTRY  # what register_implementation writes
 
 import hf_fixtures
-from laser_jax import data, default_config, hf, sources, tasks
+from laser_jax import data, default_config, evaluate, hf, sources, tasks
 from laser_jax import model as model_lib
 from laser_jax import trainer as trainer_lib
 from laser_jax.config_check import ConfigError
@@ -341,6 +341,21 @@ def test_evaluate_cli_exits_2_on_an_uncached_hub_id(tmp_path, hub_cache):
   assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
   assert errors[0].startswith("error: config.model.hf_path: 'nobody/no-model' is not in the Hugging Face cache")
   assert "Traceback" not in proc.stderr and not out.parent.exists()
+
+
+def test_a_missing_score_constant_stops_the_evaluator_before_any_weight_is_fetched(hub_cache, tiny_model):
+  """A hub model whose weights are not in the cache (offline): the missing beta_v is reported, not
+  the missing weights, since its config files are fetched and checked first."""
+  files = {k: v for k, v in model_files(tiny_model).items() if not k.endswith(".safetensors")}
+  put_in_hub_cache(hub_cache, "model", "org/plain-model", files)
+  config = default_config.load_config_file(os.path.join(REPO, "configs", "eval.py"))
+  config.model.hf_path = "org/plain-model"
+  config.laser.self_reward_token, config.laser.ref_constant = "<|vision_start|>", -23.0
+  with pytest.raises(ConfigError, match=r"^config.laser.kl_coef: "):
+    evaluate.load_model(config)
+  config.laser.kl_coef = 0.1  # With every constant set, the weights are what is missing.
+  with pytest.raises(ConfigError, match=r"^config.model.hf_path: missing file: neither .*/model.safetensors "):
+    evaluate.load_model(config)
 
 
 # ----------------------------------------------------------------------------------------------
