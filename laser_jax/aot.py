@@ -527,16 +527,16 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
                       prefix: str, calls: float, chip, num_chips, log) -> list[ProgramReport]:
   sampler = programs.sampler
   args = sampler.abstract_prefill_args(abstract_params, num_prompts, prompt_len, sampling)
-  prefill = sampler._prefill.trace(*args, sampling=sampling)
+  prefill = sampler.prefill.trace(*args, sampling=sampling)
   log(f"compiling {prefix} prefill ({num_prompts} prompts x n={sampling.n}, {prompt_len} prompt tokens)")
   report, compiled = _report(f"{prefix} prefill", prefill, calls, chip, num_chips)
-  state_shapes = sampler._prefill.eval_shape(*args, sampling=sampling)
+  state_shapes = sampler.prefill.eval_shape(*args, sampling=sampling)
   if compiled is None:
     raise RuntimeError(f"{prefix} prefill does not fit: {report.error}")
   state_shardings = compiled.output_shardings
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        state_shapes, state_shardings)
-  decode = sampler._decode.trace(abstract_params, state, sampling=sampling, prompt_len=prompt_len)
+  decode = sampler.decode.trace(abstract_params, state, sampling=sampling, prompt_len=prompt_len)
   log(f"compiling {prefix} decode ({sampling.max_new_tokens} tokens in "
       f"{len(sampling.decode_chunk_lengths)} loops)")
   decode_report = _report(f"{prefix} decode", decode, calls, chip, num_chips,

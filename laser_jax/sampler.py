@@ -176,7 +176,7 @@ class SampleOutput:
 
 
 class SamplingState(NamedTuple):
-  """The while_loop carry. B rows, R = max_new_tokens (+1 spare column, see `_decode`)."""
+  """The while_loop carry. B rows, R = max_new_tokens (+1 spare column, see `decode`)."""
   tokens: jax.Array       # [B, R+1] int32 generated ids including EOS, pad elsewhere.
   logprobs: jax.Array     # [B, R+1] float32 log-probs of `tokens`.
   last_token: jax.Array   # [B] int32 the token the next decode step consumes.
@@ -348,8 +348,10 @@ class Sampler:
     self.cache_sharding_fn = cache_sharding_fn
     self.min_bucket = min_bucket
     self.num_traces = 0
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("sampling",))
-    self._decode = jax.jit(self._decode_impl, static_argnames=("sampling", "prompt_len"), donate_argnames=("state",))
+    # The two compiled programs of a call; public so that laser_jax.aot compiles exactly these
+    # (`.trace(...)` on the abstract inputs of `abstract_prefill_args`).
+    self.prefill = jax.jit(self._prefill_impl, static_argnames=("sampling",))
+    self.decode = jax.jit(self._decode_impl, static_argnames=("sampling", "prompt_len"), donate_argnames=("state",))
 
   # ---- sharding helpers -------------------------------------------------------------------
   @property
@@ -498,8 +500,8 @@ class Sampler:
     return rows, rows, 1
 
   def abstract_prefill_args(self, params, num_prompts: int, prompt_len: int, sampling: SamplingParams):
-    """Abstract arguments of `_prefill` for `num_prompts` prompts in a `prompt_len` bucket, laid
-    out (and sharded) as `__call__` lays them out: `self._prefill.lower(*args, sampling=...)`."""
+    """Abstract arguments of `prefill` for `num_prompts` prompts in a `prompt_len` bucket, laid
+    out (and sharded) as `__call__` lays them out: `self.prefill.lower(*args, sampling=...)`."""
     rows, prefill_rows, _ = self.batch_layout(num_prompts, sampling.n)
     def batch(shape, dtype):
       sharding = None if self.mesh is None else NamedSharding(self.mesh, self._batch_spec(len(shape)))
@@ -540,9 +542,9 @@ class Sampler:
     prompt_tokens, prompt_mask = left_pad(prefill_rows, bucket, sampling.pad_id)
     row_valid = np.arange(batch) < num_rows
 
-    state = self._prefill(params, self._put_batch(prompt_tokens), self._put_batch(prompt_mask),
+    state = self.prefill(params, self._put_batch(prompt_tokens), self._put_batch(prompt_mask),
                           self._put_batch(row_valid), rng, sampling=sampling)
-    state = self._decode(params, state, sampling=sampling, prompt_len=bucket)
+    state = self.decode(params, state, sampling=sampling, prompt_len=bucket)
     return _to_output(state, np.repeat(prompt_tokens, repeats, axis=0), np.repeat(prompt_mask, repeats, axis=0),
                       num_rows, sampling)
 
