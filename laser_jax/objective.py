@@ -279,8 +279,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
                 max_response_length: int | None = None) -> tuple[SumCount, dict]:
   """Aggregated clipped-surrogate loss and its token metrics (clip fractions, approx KL).
 
-  Returns (SumCount, {"actor/clipfrac_upper", "actor/clipfrac_lower", "actor/clipfrac_dual",
-  "actor/approx_kl"}: SumCount).
+  Returns (SumCount, {"actor/pg_clipfrac", "actor/pg_clipfrac_eps_high", "actor/pg_clipfrac_eps_low",
+  "actor/pg_clipfrac_lower", "actor/approx_kl"}: SumCount; `rl_metrics.clip_fractions`).
   """
   mask = jnp.asarray(response_mask, jnp.float32)
   token_loss = policy_token_losses(logp, old_logp, advantages, mask, clip_eps_low=clip_eps_low,

@@ -75,12 +75,14 @@ def masked_token_mean(values: jax.Array, mask: jax.Array) -> SumCount:
 def clip_fractions(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array, *,
                    clip_eps_low: float, clip_eps_high: float,
                    clip_ratio_c: float | None) -> dict:
-  """Fractions of response tokens where each PPO clip is active (SumCounts over tokens).
+  """Fractions of response tokens where each PPO clip is active (SumCounts over tokens), under
+  verl's names where verl has one (`compute_policy_loss`):
 
-  upper: A > 0 and rho > 1 + eps_high (the gradient is cut by the upper clip);
-  lower: A < 0 and rho < 1 - eps_low (cut by the lower clip);
-  dual:  A < 0 and rho > clip_ratio_c (cut by the dual clip; 0 when dual clip is off).
-  `upper + lower` equals verl's `pg_clipfrac`; `dual` equals its `pg_clipfrac_lower`.
+  pg_clipfrac:          clipped by either PPO bound (the sum of the next two), as in verl;
+  pg_clipfrac_eps_high: A > 0 and rho > 1 + eps_high (cut by the upper bound);
+  pg_clipfrac_eps_low:  A < 0 and rho < 1 - eps_low (cut by the lower bound);
+  pg_clipfrac_lower:    A < 0 and rho > clip_ratio_c (cut by the dual clip; 0 when it is off),
+                        as in verl (the dual clip bounds the loss from below).
   """
   ratio = jnp.exp(log_ratio)
   adv = jnp.broadcast_to(advantages, ratio.shape)
@@ -91,9 +93,10 @@ def clip_fractions(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array,
   else:
     dual = (adv < 0) & (ratio > clip_ratio_c)
   return {
-      "actor/clipfrac_upper": masked_token_mean(upper.astype(jnp.float32), mask),
-      "actor/clipfrac_lower": masked_token_mean(lower.astype(jnp.float32), mask),
-      "actor/clipfrac_dual": masked_token_mean(dual.astype(jnp.float32), mask),
+      "actor/pg_clipfrac": masked_token_mean((upper | lower).astype(jnp.float32), mask),
+      "actor/pg_clipfrac_eps_high": masked_token_mean(upper.astype(jnp.float32), mask),
+      "actor/pg_clipfrac_eps_low": masked_token_mean(lower.astype(jnp.float32), mask),
+      "actor/pg_clipfrac_lower": masked_token_mean(dual.astype(jnp.float32), mask),
   }
 
 

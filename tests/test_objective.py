@@ -251,9 +251,10 @@ def test_policy_token_loss_hand_worked():
   no_dual = obj.policy_token_losses(logp, old, adv, mask, clip_ratio_c=None)
   assert float(no_dual[1, 0]) == pytest.approx(5.0, rel=1e-6)
   _, metrics = obj.policy_loss(logp, old, adv, mask)
-  assert float(metrics["actor/clipfrac_upper"].value) == 0.25
-  assert float(metrics["actor/clipfrac_lower"].value) == 0.25
-  assert float(metrics["actor/clipfrac_dual"].value) == 0.25
+  assert float(metrics["actor/pg_clipfrac"].value) == 0.5  # rows 0 (eps_high) and 2 (eps_low)
+  assert float(metrics["actor/pg_clipfrac_eps_high"].value) == 0.25
+  assert float(metrics["actor/pg_clipfrac_eps_low"].value) == 0.25
+  assert float(metrics["actor/pg_clipfrac_lower"].value) == 0.25  # row 1: the dual clip
   assert float(metrics["actor/approx_kl"].value) == pytest.approx(-np.log([1.5, 5, .5, 1]).mean(), 1e-5)
 
 
@@ -457,7 +458,8 @@ def test_micro_batch_metrics_accumulate_exactly():
   acc = rl_metrics.finalize_metrics(rl_metrics.accumulate_metrics(
       [metrics(slice(0, 3)), metrics(slice(3, 10))]))
   # Every token-level metric matches exactly; L_sr differs only through its local weights here.
-  for k in ("actor/pg_loss", "actor/kl_loss", "actor/clipfrac_upper", "actor/clipfrac_lower", "actor/clipfrac_dual", "actor/approx_kl"):
+  for k in ("actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_eps_high",
+            "actor/pg_clipfrac_eps_low", "actor/pg_clipfrac_lower", "actor/approx_kl"):
     assert acc[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7), k
 
 

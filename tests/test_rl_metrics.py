@@ -78,11 +78,13 @@ def test_clip_fractions_and_approx_kl_hand_worked():
   mask = np.ones((1, 4))
   m = rl_metrics.clip_fractions(log_ratio, adv, mask, clip_eps_low=0.2, clip_eps_high=0.2,
                                 clip_ratio_c=3.0)
-  assert [float(m[k].value) for k in ("actor/clipfrac_upper", "actor/clipfrac_lower", "actor/clipfrac_dual")] == \
-      [0.25, 0.25, 0.25]
+  # Token 0: A > 0, rho 1.5 > 1.2 (eps_high); token 1: A < 0, rho 0.5 < 0.8 (eps_low); token 2:
+  # A < 0, rho 4 > 3 (dual clip); token 3: inside every bound.
+  keys = ("actor/pg_clipfrac", "actor/pg_clipfrac_eps_high", "actor/pg_clipfrac_eps_low", "actor/pg_clipfrac_lower")
+  assert [float(m[k].value) for k in keys] == [0.5, 0.25, 0.25, 0.25]
   off = rl_metrics.clip_fractions(log_ratio, adv, mask, clip_eps_low=0.2, clip_eps_high=0.2,
                                   clip_ratio_c=None)
-  assert float(off["actor/clipfrac_dual"].value) == 0.0
+  assert float(off["actor/pg_clipfrac_lower"].value) == 0.0
   assert float(rl_metrics.approx_kl(log_ratio, mask).value) == pytest.approx(
       -np.log([1.5, 0.5, 4.0, 1.0]).mean(), rel=1e-5)
 

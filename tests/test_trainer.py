@@ -53,8 +53,9 @@ def _steps(records):
 # most responses finish, both classes are present, the update is partly off-policy.
 # Re-pin only for an intended change of the step, and say so in the commit.
 GOLDEN_STEP_1 = {
-    "actor/approx_kl": 0.03738059103488922, "actor/clipfrac_dual": 0.0,
-    "actor/clipfrac_lower": 0.07326007634401321, "actor/clipfrac_upper": 0.05860805884003639,
+    "actor/approx_kl": 0.03738059103488922, "actor/pg_clipfrac": 0.1318681389093399,
+    "actor/pg_clipfrac_eps_high": 0.05860805884003639, "actor/pg_clipfrac_eps_low": 0.07326007634401321,
+    "actor/pg_clipfrac_lower": 0.0,
     "actor/grad_norm": 1.2451751232147217, "actor/kl_loss": 0.03343551233410835,
     "actor/loss": 0.015406552702188492, "actor/lr": 0.003, "actor/pg_loss": -0.016524095088243484,
     "actor/self_reward_loss": 0.2568589746952057, "actor/self_reward_loss_on": 1.0,
