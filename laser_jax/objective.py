@@ -383,13 +383,16 @@ def rollout_advantages(cfg: LossConfig, step, *, rewards: jax.Array, group_ids: 
   NaN allowed on truncated rows, which score 0 here).
   Integration is applied when cfg.use_self_reward_loss, scores are given and the warm-up
   schedule says so at `step` (Python int or traced scalar).
-  Returns (A' [B], metrics of scalars: "advantage/verifier_abs_mean", and with LaSeR on
-  "advantage/self_differs_frac" (rows where A^s != A) and "advantage/integration_on").
+  Returns (A' [B], metrics of scalars: "advantage/verifier_abs_mean" (|A|, from the verifier
+  rewards), "advantage/abs_mean" (|A'|, what the update uses: after the integration when it is
+  on), and with LaSeR on "advantage/self_differs_frac" (rows where A^s != A) and
+  "advantage/integration_on").
   """
   adv = grpo_advantages(rewards, group_ids, num_groups=num_groups,
                         norm_by_std=cfg.adv_estimator == "grpo")
   metrics = {"advantage/verifier_abs_mean": jnp.mean(jnp.abs(adv))}
   if not cfg.use_self_reward_loss or scores is None:
+    metrics["advantage/abs_mean"] = metrics["advantage/verifier_abs_mean"]
     return adv, metrics
   _, integration_on = warmup_flags(step, cfg.reasoning_warmup_steps,
                                    cfg.self_rewarding_warmup_steps)
@@ -400,7 +403,9 @@ def rollout_advantages(cfg: LossConfig, step, *, rewards: jax.Array, group_ids: 
   mixed = integrate_advantages(adv, adv_s, cfg.adv_integration_coef)
   metrics["advantage/self_differs_frac"] = jnp.mean((adv_s != adv).astype(jnp.float32))
   metrics["advantage/integration_on"] = jnp.asarray(integration_on, jnp.float32)
-  return jnp.where(integration_on, mixed, adv), metrics
+  used = jnp.where(integration_on, mixed, adv)
+  metrics["advantage/abs_mean"] = jnp.mean(jnp.abs(used))
+  return used, metrics
 
 
 def loss_normalisers(cfg: LossConfig, response_mask: jax.Array) -> dict:

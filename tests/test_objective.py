@@ -227,11 +227,15 @@ def test_rollout_advantages_follow_warmup():
   a_s = ref.self_rewarding_advantages(ref.score(lp), finished, group_ids, a)
   np.testing.assert_allclose(got, 0.75 * a + 0.25 * a_s, rtol=1e-5, atol=1e-5)
   assert float(metrics["advantage/integration_on"]) == 1.0
+  # The logged advantages: |A| of the verifier's, |A'| of the integrated ones the update uses.
+  assert float(metrics["advantage/verifier_abs_mean"]) == pytest.approx(np.abs(a).mean(), rel=1e-5)
+  assert float(metrics["advantage/abs_mean"]) == pytest.approx(np.abs(0.75 * a + 0.25 * a_s).mean(), rel=1e-5)
   # Dr. GRPO estimator, LaSeR off.
   cfg_dr = obj.LossConfig(adv_estimator="drgrpo", use_self_reward_loss=False)
-  got, _ = obj.rollout_advantages(cfg_dr, 10, rewards=rewards, group_ids=group_ids,
-                                  finished=finished, scores=ref.score(lp))
+  got, metrics = obj.rollout_advantages(cfg_dr, 10, rewards=rewards, group_ids=group_ids,
+                                        finished=finished, scores=ref.score(lp))
   np.testing.assert_allclose(got, ref.grpo_advantages(rewards, group_ids, False), atol=1e-6)
+  assert float(metrics["advantage/abs_mean"]) == pytest.approx(np.abs(got).mean(), rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
