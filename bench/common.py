@@ -118,8 +118,8 @@ def rl_steps(config, repeats: int):
   (trainer, state, prompts, warmup_s, [metrics of each timed step]).
   """
   import jax
-  from laser_jax import model as model_lib
-  from laser_jax import trainer as trainer_lib
+  from laser_jax.models import model as model_lib
+  from laser_jax.training import trainer as trainer_lib
   trainer = trainer_lib.Trainer(config, devices=jax.devices()[:1])
   state = trainer.init_state(model_lib.init_params(trainer.model_cfg, jax.random.key(0)))
   prompts = next(trainer.task.train_iterator())

@@ -45,9 +45,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from laser_jax import hf, model as model_lib  # noqa: E402
-from laser_jax import sampler as sampler_lib  # noqa: E402
-from laser_jax.sampler import SamplingParams  # noqa: E402
+from laser_jax.models import hf, model as model_lib  # noqa: E402
+from laser_jax.generate import sampler as sampler_lib  # noqa: E402
+from laser_jax.generate.sampler import SamplingParams  # noqa: E402
 
 
 def parse_args(argv=None):

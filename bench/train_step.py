@@ -117,8 +117,8 @@ def run_model(name: str, args) -> dict:
   """Runs one model's measurements in this process; returns its result dict."""
   import jax
   import numpy as np
-  from laser_jax import objective
-  from laser_jax import trainer as trainer_lib
+  from laser_jax.rl import objective
+  from laser_jax.training import trainer as trainer_lib
 
   spec = (QUICK if args.quick else MODELS)[name]
   peak_before = common.matmul_peak(args.peak_size, args.peak_repeats)

@@ -88,7 +88,7 @@ def laser_config(spec: dict, workdir: str):
 
 def shared_prompts(spec: dict):
   """(task, prompts): the first training batch of the synthetic task, as laser_jax builds it."""
-  from laser_jax import tasks
+  from laser_jax.training import tasks
   with tempfile.TemporaryDirectory() as workdir:
     config = laser_config(spec, workdir)
   task = tasks.build_task(config)
@@ -130,7 +130,7 @@ def run_tunix(args) -> dict:
   from tunix.rl import rl_cluster as rl_cluster_lib
   from tunix.rl.grpo import grpo_learner
   from tunix.rl.rollout import base_rollout
-  from laser_jax import verifier as verifier_lib
+  from laser_jax.data import verifier as verifier_lib
 
   spec = SHAPES[args.shape]
   task, prompts = shared_prompts(spec)

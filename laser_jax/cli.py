@@ -16,10 +16,10 @@ from typing import Callable
 
 from absl import app, flags
 
-from laser_jax import checkpoint
+from laser_jax.training import checkpoint
 from laser_jax import config_check
-from laser_jax import data
-from laser_jax import hf
+from laser_jax.data import records as data
+from laser_jax.models import hf
 
 
 def fail(message: str) -> None:

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from laser_jax import objective
+from laser_jax.rl import objective
 
 # The correct class's L_sr target is log pi(z_c) = c_ref + 1 / beta_v; the largest score is
 # beta_v * (0 - c_ref). Below this margin the target sits at (or beyond) log p = 0, which no

@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from laser_jax import answers
-from laser_jax import checkpoint
-from laser_jax import model as model_lib
-from laser_jax import rollout
-from laser_jax import sampler
-from laser_jax import scoring
+from laser_jax.data import answers
+from laser_jax.training import checkpoint
+from laser_jax.models import model as model_lib
+from laser_jax.rl import rollout
+from laser_jax.generate import sampler
+from laser_jax.rl import scoring
 
 SMOKE_ENV = "LASER_JAX_SMOKE"
 SCALING_METHODS = ("maj", "self_weighted_maj", "best")

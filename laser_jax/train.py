@@ -29,11 +29,11 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from laser_jax import checkpoint
+from laser_jax.training import checkpoint
 from laser_jax import cli
 from laser_jax import config_check
-from laser_jax import programs
-from laser_jax import trainer
+from laser_jax.training import programs
+from laser_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                           lock_config=True)

@@ -33,7 +33,9 @@ def results(checkpoint, mesh, eos_ids, max_new_tokens):
   """(logits of TOKENS, greedy SampleOutput for PROMPTS, params, cfg): every process calls this."""
   from jax.experimental import multihost_utils
 
-  from laser_jax import hf, model as model_lib, sampler as sampler_lib, sharding as sharding_lib
+  from laser_jax.models import hf, model as model_lib
+  from laser_jax.generate import sampler as sampler_lib
+  from laser_jax.models import sharding as sharding_lib
   cfg = hf.load_hf_config(checkpoint)
   params = hf.load_hf_params(checkpoint, cfg, mesh=mesh)
   batch = sharding_lib.batch_sharding(mesh, TOKENS.ndim)
@@ -54,7 +56,7 @@ def main(coordinator, num_processes, process_id, checkpoint, out_dir, eos_ids, m
   jax.distributed.initialize(coordinator, int(num_processes), int(process_id))
   from jax.experimental import multihost_utils
 
-  from laser_jax import hf, hosts, sharding as sharding_lib
+  from laser_jax.models import hf, hosts, sharding as sharding_lib
   assert jax.process_count() == int(num_processes) and len(jax.devices()) == 8, jax.devices()
   mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
   logits, out, params, cfg = results(checkpoint, mesh, [int(e) for e in eos_ids.split(",")],

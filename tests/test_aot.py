@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from laser_jax import aot
-from laser_jax import model
+from laser_jax.aot import report as aot
+from laser_jax.models import model
 from laser_jax import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,7 +170,7 @@ def _libtpu_or_skip():
 def test_small_model_compiles_for_a_v4_8_and_its_counts_match_the_model(monkeypatch):
   _libtpu_or_skip()
   import dataclasses
-  from laser_jax import presets
+  from laser_jax.models import presets
   two_layers = dataclasses.replace(presets.PRESETS["qwen2.5-0.5b"], num_layers=2)
   monkeypatch.setitem(presets.PRESETS, "qwen2.5-0.5b", two_layers)
   c = _small_config()
@@ -217,7 +217,7 @@ def test_rollout_layout_takes_the_weight_gathers_out_of_the_decode_loop(monkeypa
   instead of all-gathering the f32 fsdp shards at every token."""
   _libtpu_or_skip()
   import dataclasses
-  from laser_jax import presets
+  from laser_jax.models import presets
   monkeypatch.setitem(presets.PRESETS, "qwen2.5-0.5b",
                       dataclasses.replace(presets.PRESETS["qwen2.5-0.5b"], num_layers=2))
   decode = {}
@@ -270,7 +270,7 @@ def test_hlo_costs_count_only_the_rows_a_slice_reads():
 
 
 def test_libtpu_init_args_from_the_config_join_the_environment_which_wins(monkeypatch):
-  from laser_jax import programs
+  from laser_jax.training import programs
   c = default_config.get_config()
   c.libtpu_init_args = "--xla_a=false --xla_b=1"
   monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_b=2")

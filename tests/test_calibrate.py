@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 import hf_fixtures
-from laser_jax import calibrate, cli, config_check, evaluate, hf
-from laser_jax import model as model_lib
+from laser_jax.evaluation import calibrate
+from laser_jax import cli, config_check
+from laser_jax.evaluation import evaluator as evaluate
+from laser_jax.models import hf
+from laser_jax.models import model as model_lib
 from test_evaluate import eval_config, make_checkpoint, write_problems
 
 PROBLEMS = [(f"Compute {a} * {b}.", str(a * b)) for a, b in [(2, 3), (4, 5), (6, 7), (8, 9)]]

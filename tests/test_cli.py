@@ -49,7 +49,7 @@ def test_train_dry_run_reports_and_builds_loads_writes_nothing(tmp_path):
   checkpoint a run would resume from, and exits 0 without touching the model or the data (a hub
   id and a hub data glob that do not resolve offline) or writing anything."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from laser_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from laser_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
   workdir, hf_home = tmp_path / "run", tmp_path / "hf"
   saver = checkpoint.Checkpointer(str(workdir), async_save=False)
   for step in (2, 5):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from laser_jax import dapo
-from laser_jax import objective as obj
+from laser_jax.rl import dapo
+from laser_jax.rl import objective as obj
 
 
 def test_overlong_penalty_hand_worked_and_reference():

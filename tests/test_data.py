@@ -11,7 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laser_jax import data, default_config, synthetic
+from laser_jax.data import records as data
+from laser_jax import default_config
+from laser_jax.data import synthetic
 from laser_jax.config_check import ConfigError
 from test_sources import gcs, hub_cache, jsonl_bytes, parquet_bytes, put_in_hub_cache  # noqa: F401 (fixtures)
 
@@ -97,7 +99,8 @@ def _eval_set(root, name, records):
 def test_eval_sets_are_found_by_key_else_env_else_user_cache(tmp_path, monkeypatch):
   """One resolution for the trainer (data.eval_set / data.eval_data_dir) and the evaluator
   (eval.input_file / eval.data_dir): the key, else $LASER_JAX_DATA_DIR, else the user cache."""
-  from laser_jax import evaluate, tasks
+  from laser_jax.evaluation import evaluator as evaluate
+  from laser_jax.training import tasks
   keyed, env, xdg = tmp_path / "keyed", tmp_path / "env", tmp_path / "xdg"
   for root, answer in ((keyed, "1"), (env, "2"), (xdg / "laser_jax" / "eval_sets", "3")):
     _eval_set(root, "amc23", [{"id": 0, "problem": "p", "answer": answer}])
@@ -169,7 +172,8 @@ def test_fetch_command_writes_the_eval_sets_from_the_hub_offline(hub_eval_sets, 
 
 
 def test_fetch_subsets_to_gs_and_bad_input(hub_eval_sets, gcs, tmp_path, hub_cache):
-  from laser_jax import eval_fetch, tasks
+  from laser_jax.data import eval_fetch
+  from laser_jax.training import tasks
   written = eval_fetch.fetch("gs://bucket/eval", eval_fetch.parse_sets("AIME25, math500"))
   assert sorted(written) == sorted(os.listdir(gcs / "bucket" / "eval")) == ["aime25", "math500"]
   c = default_config.get_config()

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import hf_fixtures
-from laser_jax import answers
+from laser_jax.data import answers
 from laser_jax import cli
 from laser_jax import config_check
-from laser_jax import data as data_lib
+from laser_jax.data import records as data_lib
 from laser_jax import default_config
-from laser_jax import evaluate
+from laser_jax.evaluation import evaluator as evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, MAX_NEW, BETA, C_REF = 4, 24, 1.0, -9.5
@@ -334,9 +334,9 @@ def test_bad_input_one_line_errors(ckpt, tmp_path, capsys, overrides, message):
 def test_evaluate_trainer_checkpoint(tmp_path):
   """Train one step, evaluate its checkpoint; scores equal a forward with the trainer's own restore."""
   import jax
-  from laser_jax import checkpoint as ckpt_lib
-  from laser_jax import model as model_lib
-  from laser_jax import trainer
+  from laser_jax.training import checkpoint as ckpt_lib
+  from laser_jax.models import model as model_lib
+  from laser_jax.training import trainer
   from test_trainer import tiny_config
   train_cfg = tiny_config(tmp_path / "run", total_steps=1, eval_every=0)
   trainer.train(train_cfg, progress=False)
@@ -377,8 +377,8 @@ def test_checkpoint_of_an_exact_score_run_is_evaluated_against_its_reference(tmp
   it: pi_ref is the run's initial policy, read from the copy the run saved (the warm start does
   not run again), whose log-probs the records hold."""
   import jax
-  from laser_jax import model as model_lib
-  from laser_jax import sft, trainer
+  from laser_jax.models import model as model_lib
+  from laser_jax.training import sft, trainer
   from test_trainer import tiny_config
   train_cfg = tiny_config(tmp_path / "run", total_steps=1, eval_every=0,
                           **{"laser.use_ref_model_score": True, "sft.steps": 3, "sft.batch_size": 8})

@@ -14,7 +14,13 @@ import torch
 import transformers
 
 import hf_fixtures
-from laser_jax import checkpoint, cli, data, default_config, evaluate, export, hf, model as model_lib, trainer
+from laser_jax.training import checkpoint
+from laser_jax import cli
+from laser_jax.data import records as data
+from laser_jax import default_config
+from laser_jax.evaluation import evaluator as evaluate, export
+from laser_jax.models import hf, model as model_lib
+from laser_jax.training import trainer
 from laser_jax.config_check import ConfigError
 from tests.test_trainer import tiny_config
 

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 import hf_fixtures
-from laser_jax import hf, model, sharding
+from laser_jax.models import hf, model, sharding
 
 forward = jax.jit(model.forward, static_argnums=1)
 

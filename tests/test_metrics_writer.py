@@ -15,7 +15,8 @@ from etils import epath
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from tensorboardX.proto import event_pb2
 
-from laser_jax import config_check, default_config, metrics_writer
+from laser_jax import config_check, default_config
+from laser_jax.training import metrics_writer
 
 
 def _scalars(logdir):

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import hf_fixtures
-from laser_jax import hf, model
+from laser_jax.models import hf, model
 
 # Jitted entry points (eager op-by-op dispatch is much slower on CPU).
 forward = jax.jit(model.forward, static_argnums=1, static_argnames="return_hidden")
@@ -369,7 +369,8 @@ def test_device_info_reads_jax_devices_and_platform_names():
 def test_colab_config_numerics_per_device():
   """configs/colab_small.py leaves dtype and attention to the device (tasks.model_settings)."""
   import os
-  from laser_jax import default_config, tasks
+  from laser_jax import default_config
+  from laser_jax.training import tasks
   m = default_config.load_config_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
                                                    "colab_small.py")).model
   assert (m.dtype, m.attention, m.param_dtype) == ("auto", "auto", "float32")

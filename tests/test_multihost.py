@@ -17,7 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from laser_jax import default_config, metrics_writer, trainer
+from laser_jax import default_config
+from laser_jax.training import metrics_writer, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 6
@@ -184,7 +185,7 @@ def test_hf_checkpoint_loaded_sampled_and_exported_across_two_processes(tmp_path
 
   import multihost_helpers as worker
   from hf_fixtures import make_tiny_hf_checkpoint
-  from laser_jax import sharding as sharding_lib
+  from laser_jax.models import sharding as sharding_lib
   from test_sampler import choose_eos_set
 
   checkpoint = make_tiny_hf_checkpoint(str(tmp_path / "hf"))

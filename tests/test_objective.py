@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from laser_jax import objective as obj
-from laser_jax import rl_metrics
+from laser_jax.rl import objective as obj
+from laser_jax.rl import rl_metrics
 
 SETTINGS = hypothesis.settings(max_examples=50, deadline=None,
                                suppress_health_check=[hypothesis.HealthCheck.too_slow])

@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from laser_jax import hf, presets
+from laser_jax.models import hf, presets
 
 PUBLISHED = {  # from the model cards / safetensors metadata, written out here independently
     "qwen2.5-0.5b": 494_032_768,

@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from laser_jax import model as model_lib
-from laser_jax import objective
-from laser_jax import programs
+from laser_jax.models import model as model_lib
+from laser_jax.rl import objective
+from laser_jax.training import programs
 
 CFG = model_lib.ModelConfig(family="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64,
                             num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,

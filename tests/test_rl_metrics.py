@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from laser_jax import rl_metrics
-from laser_jax.rl_metrics import SumCount
+from laser_jax.rl import rl_metrics
+from laser_jax.rl.rl_metrics import SumCount
 
 SETTINGS = hypothesis.settings(max_examples=50, deadline=None)
 

@@ -3,8 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from laser_jax import model as model_lib
-from laser_jax import policy, rollout, sampler
+from laser_jax.models import model as model_lib
+from laser_jax.rl import policy, rollout
+from laser_jax.generate import sampler
 
 PAD, EOS = 0, 9
 

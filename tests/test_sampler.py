@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from laser_jax import model as model_lib
-from laser_jax import sampler as sampler_lib
-from laser_jax import sharding as sharding_lib
-from laser_jax.sampler import Sampler, SamplingParams
+from laser_jax.models import model as model_lib
+from laser_jax.generate import sampler as sampler_lib
+from laser_jax.models import sharding as sharding_lib
+from laser_jax.generate.sampler import Sampler, SamplingParams
 
 # ------------------------------------------------------------------------------------------------
 # Toy step function: logits depend only on the token being consumed (a fixed [V, V] table).
@@ -423,7 +423,7 @@ def test_sharded_matches_single_device():
 def test_greedy_matches_transformers_generate(family, tmp_path):
   torch = pytest.importorskip("torch")
   import transformers
-  from laser_jax import hf
+  from laser_jax.models import hf
   from hf_fixtures import make_tiny_hf_checkpoint
 
   path = make_tiny_hf_checkpoint(str(tmp_path / family), family=family)

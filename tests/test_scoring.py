@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from laser_jax import sampler as sampler_lib
-from laser_jax import scoring
-from laser_jax import verifier as verifier_lib
+from laser_jax.generate import sampler as sampler_lib
+from laser_jax.rl import scoring
+from laser_jax.data import verifier as verifier_lib
 
 # Three prompts, two rows each; token t decodes to the character chr(ord("0") + t).
 TOKENS = np.array([[5, 0, 0], [4, 2, 0], [9, 0, 0], [9, 9, 9], [1, 0, 0], [7, 0, 0]], np.int32)

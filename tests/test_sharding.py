@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from laser_jax import model, sharding
+from laser_jax.models import model, sharding
 
 TINY = {
     "qwen2": model.ModelConfig("qwen2", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,

@@ -18,9 +18,14 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as FSSPEC_REGISTRY  # what register_implementation writes
 
 import hf_fixtures
-from laser_jax import data, default_config, evaluate, hf, sources, tasks
-from laser_jax import model as model_lib
-from laser_jax import trainer as trainer_lib
+from laser_jax.data import records as data
+from laser_jax import default_config
+from laser_jax.evaluation import evaluator as evaluate
+from laser_jax.models import hf
+from laser_jax.data import sources
+from laser_jax.training import tasks
+from laser_jax.models import model as model_lib
+from laser_jax.training import trainer as trainer_lib
 from laser_jax.config_check import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -367,7 +372,7 @@ import jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 import test_sources
 from fsspec.registry import _registry
-from laser_jax import sources
+from laser_jax.data import sources
 test_sources.LocalDirAsGCS.root = sys.argv[3]
 _registry["gs"] = test_sources.LocalDirAsGCS
 local = sources.model_dir("gs://bucket/models/tiny", "config.model.hf_path")

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from laser_jax import data, sft, synthetic, verifier
+from laser_jax.data import records as data
+from laser_jax.training import sft
+from laser_jax.data import synthetic, verifier
 
 
 @pytest.fixture(scope="module")

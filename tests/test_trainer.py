@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from laser_jax import config_check, default_config, metrics_writer, objective, trainer
+from laser_jax import config_check, default_config
+from laser_jax.rl import objective
+from laser_jax.training import metrics_writer, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"perf/step_time_s", "perf/rollout_time_s", "perf/update_time_s", "perf/tokens_per_s", "perf/mfu"}
@@ -199,7 +201,7 @@ def test_run_killed_and_resumed_on_a_store_that_cannot_append_keeps_its_whole_hi
   GCS driver, not fsspec, so the checkpoints go to a local directory instead."""
   import tempfile
   from test_metrics_writer import _events, _scalars_of, object_store
-  from laser_jax import checkpoint as ckpt_lib
+  from laser_jax.training import checkpoint as ckpt_lib
   real_checkpointer = ckpt_lib.Checkpointer
   monkeypatch.setattr(ckpt_lib, "Checkpointer", lambda workdir, **kw: real_checkpointer(str(tmp_path), **kw))
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the local events of the run that "dies"
@@ -280,7 +282,7 @@ def test_bad_config_values_name_the_key(tmp_path, key, value, message):
 
 
 def test_temperature_zero_is_greedy_in_rollout_and_eval(tmp_path):
-  from laser_jax import programs
+  from laser_jax.training import programs
   cfg = tiny_config(tmp_path, **{"rollout.temperature": 0.0, "eval.temperature": 0.0})
   config_check.validate(cfg, num_devices=8)
   rollout, evaluation = programs.sampling_params(cfg, eos_ids=(1,), pad_id=0, self_reward_token_id=2)
@@ -448,8 +450,8 @@ def test_reference_policy_is_the_post_warm_start_initial_policy_and_resumes_rest
   not the random init. The run saves it in workdir/reference; a resumed run restores it instead
   of running the warm start again, and then repeats the uninterrupted run."""
   import shutil
-  from laser_jax import checkpoint as ckpt_lib
-  from laser_jax import sft
+  from laser_jax.training import checkpoint as ckpt_lib
+  from laser_jax.training import sft
   overrides = {"sft.steps": 3, "sft.batch_size": 8, "loss.kl_loss_coef": 0.05, "total_steps": 2,
                "eval_every": 0}
   cfg = tiny_config(tmp_path / "run", **overrides)
@@ -482,7 +484,7 @@ def test_reference_policy_is_the_post_warm_start_initial_policy_and_resumes_rest
 
 def test_orbax_info_logs_are_hidden_but_warnings_and_our_logs_pass():
   import logging
-  from laser_jax import checkpoint as ckpt_lib
+  from laser_jax.training import checkpoint as ckpt_lib
   from absl import logging as absl_logging
   handler = absl_logging.get_absl_handler()
   record = lambda level, path: logging.LogRecord("absl", level, path, 1, "m", None, None)
@@ -500,7 +502,7 @@ def test_orbax_info_logs_are_hidden_but_warnings_and_our_logs_pass():
 
 
 def test_host_blocks_of_the_eval_set_are_equal_and_padded(monkeypatch):
-  from laser_jax import hosts
+  from laser_jax.models import hosts
   items = list("abcdefg")
   assert hosts.host_block(items) == (items, 7)
   monkeypatch.setattr(jax, "process_count", lambda: 3)
@@ -513,7 +515,7 @@ def test_host_blocks_of_the_eval_set_are_equal_and_padded(monkeypatch):
 
 def test_host_blocks_in_process_order_are_the_one_host_batches():
   """PromptIterator host blocks, joined in process order = the single-process batch sequence."""
-  from laser_jax import data as data_lib
+  from laser_jax.data import records as data_lib
   from test_data import _global_batches
   items = list(range(203))
   one = data_lib.PromptIterator(items, 12, seed=3, num_epochs=2)
@@ -543,7 +545,7 @@ def test_non_finite_gradient_skips_the_update_and_is_counted(tmp_path):
 
 
 def test_model_vocab_size_override(tmp_path):
-  from laser_jax import tasks
+  from laser_jax.training import tasks
   assert tasks.model_cfg_from_shape(tiny_config(tmp_path), 42).vocab_size == 42
   assert tasks.model_cfg_from_shape(tiny_config(tmp_path, **{"model.vocab_size": 1024}), 42).vocab_size == 1024
   with pytest.raises(config_check.ConfigError, match=r"config\.model\.vocab_size: 16 is smaller"):
@@ -552,7 +554,8 @@ def test_model_vocab_size_override(tmp_path):
 
 def test_pad_falls_back_to_eos_and_zc_is_checked_against_the_vocab():
   import types
-  from laser_jax import synthetic, tasks
+  from laser_jax.data import synthetic
+  from laser_jax.training import tasks
   llama_like = types.SimpleNamespace(pad_token_id=None)  # Llama-3 tokenizers define no pad token.
   assert tasks.pad_token_id(llama_like, (128001, 128009)) == 128001
   tok = synthetic.build_tokenizer()
@@ -582,7 +585,8 @@ def test_cli_malformed_training_file_is_one_line_with_file_and_line(tmp_path):
 def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path, kl_loss_coef, exact_score):
   """laser_jax.aot compiles the update and log-prob programs from `programs.abstract_*_batch`:
   they must be the trainer's real batches (fields, shapes, dtypes, shardings)."""
-  from laser_jax import programs, rollout as rollout_lib
+  from laser_jax.training import programs
+  from laser_jax.rl import rollout as rollout_lib
   c = tiny_config(tmp_path / "run", **{"loss.kl_loss_coef": kl_loss_coef,
                                        "laser.use_ref_model_score": exact_score})
   t = trainer.Trainer(c)

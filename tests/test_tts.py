@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from laser_jax import tts
+from laser_jax.evaluation import tts
 
 NAN = float("nan")
 

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from laser_jax.answers import extract_last_boxed
-from laser_jax.verifier import Verifier, get_reward_fn, math_reward
+from laser_jax.data.answers import extract_last_boxed
+from laser_jax.data.verifier import Verifier, get_reward_fn, math_reward
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -112,7 +112,7 @@ def test_get_reward_fn():
   with pytest.raises(ValueError, match="cannot import module"):
     get_reward_fn("no_such_module_xyz:f")
   with pytest.raises(ValueError, match="no callable 'nope'"):
-    get_reward_fn("laser_jax.verifier:nope")
+    get_reward_fn("laser_jax.data.verifier:nope")
 
 
 def test_batch_verifier_math_matches_serial():

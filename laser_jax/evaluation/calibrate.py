@@ -38,8 +38,8 @@ from ml_collections import config_flags
 
 from laser_jax import cli
 from laser_jax import config_check
-from laser_jax import evaluate
-from laser_jax import model as model_lib
+from laser_jax.evaluation import evaluator as evaluate
+from laser_jax.models import model as model_lib
 from laser_jax.config_check import ConfigError
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)

@@ -13,9 +13,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from laser_jax import data
-from laser_jax import model as model_lib
-from laser_jax import sharding as sharding_lib
+from laser_jax.data import records as data
+from laser_jax.models import model as model_lib
+from laser_jax.models import sharding as sharding_lib
 
 
 def sft_loss(params, cfg, tokens, loss_mask, lengths):

@@ -41,10 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from laser_jax import hosts as hosts_lib
-from laser_jax import model as model_lib
-from laser_jax import sharding as sharding_lib
-from laser_jax.model import BATCH
+from laser_jax.models import hosts as hosts_lib
+from laser_jax.models import model as model_lib
+from laser_jax.models import sharding as sharding_lib
+from laser_jax.models.model import BATCH
 
 BATCH_AXES = BATCH  # Mesh axes the batch dimension is sharded over.
 MIN_BUCKET = 16  # Smallest prompt bucket; buckets are powers of two from here.

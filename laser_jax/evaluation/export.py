@@ -25,9 +25,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from laser_jax import cli
-from laser_jax import data as data_lib
-from laser_jax import evaluate
-from laser_jax import hf
+from laser_jax.data import records as data_lib
+from laser_jax.evaluation import evaluator as evaluate
+from laser_jax.models import hf
 from laser_jax.config_check import ConfigError
 
 METADATA_FORMAT = 1  # laser_jax.json's layout version

@@ -50,15 +50,15 @@ from ml_collections import config_flags
 
 from laser_jax import cli
 from laser_jax import config_check
-from laser_jax import objective
-from laser_jax import optim as optim_lib
-from laser_jax import presets
-from laser_jax import programs as programs_lib
-from laser_jax import rl_metrics
-from laser_jax import sampler as sampler_lib
-from laser_jax import sharding as sharding_lib
-from laser_jax import synthetic
-from laser_jax import tasks
+from laser_jax.rl import objective
+from laser_jax.training import optim as optim_lib
+from laser_jax.models import presets
+from laser_jax.training import programs as programs_lib
+from laser_jax.rl import rl_metrics
+from laser_jax.generate import sampler as sampler_lib
+from laser_jax.models import sharding as sharding_lib
+from laser_jax.data import synthetic
+from laser_jax.training import tasks
 
 GiB = 1024 ** 3
 

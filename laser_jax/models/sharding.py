@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from laser_jax import model as model_lib
-from laser_jax.model import KVCache, ModelConfig, cache_shapes
+from laser_jax.models import model as model_lib
+from laser_jax.models.model import KVCache, ModelConfig, cache_shapes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = model_lib.BATCH  # mesh axes of the batch dimension

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from laser_jax import model as model_lib
-from laser_jax import sharding as sharding_lib
-from laser_jax.model import ModelConfig
+from laser_jax.models import model as model_lib
+from laser_jax.models import sharding as sharding_lib
+from laser_jax.models.model import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -438,5 +438,5 @@ if __name__ == "__main__":
   # The imported module's main, so that its HFCheckpointError is the class cli catches (this
   # file runs as __main__, a second copy of the module).
   from laser_jax import cli
-  from laser_jax import hf as hf_module
+  from laser_jax.models import hf as hf_module
   cli.run(hf_module.main)

@@ -22,12 +22,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from laser_jax import hosts
-from laser_jax import model as model_lib
-from laser_jax import objective
-from laser_jax import policy
-from laser_jax import sampler as sampler_lib
-from laser_jax import sharding as sharding_lib
+from laser_jax.models import hosts
+from laser_jax.models import model as model_lib
+from laser_jax.rl import objective
+from laser_jax.rl import policy
+from laser_jax.generate import sampler as sampler_lib
+from laser_jax.models import sharding as sharding_lib
 
 
 

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from laser_jax import sources
+from laser_jax.data import sources
 from laser_jax.config_check import ConfigError
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -428,5 +428,5 @@ class PromptIterator:
 
 
 if __name__ == "__main__":
-  from laser_jax import eval_fetch  # `python -m laser_jax.data fetch --out=DIR [--sets=...]`
+  from laser_jax.data import eval_fetch  # `python -m laser_jax.data fetch --out=DIR [--sets=...]`
   eval_fetch.run_cli()

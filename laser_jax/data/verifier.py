@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from laser_jax import answers
-from laser_jax import synthetic
+from laser_jax.data import answers
+from laser_jax.data import synthetic
 
 RewardFn = Callable[[str, str], float]
 STARTUP_TIMEOUT_S = 300.0  # A worker's import and warm-up, before its answers are timed.

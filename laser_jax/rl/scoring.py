@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from laser_jax import objective
-from laser_jax import sampler as sampler_lib
+from laser_jax.rl import objective
+from laser_jax.generate import sampler as sampler_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from laser_jax import dapo
-from laser_jax import rl_metrics
-from laser_jax.rl_metrics import SumCount
+from laser_jax.rl import dapo
+from laser_jax.rl import rl_metrics
+from laser_jax.rl.rl_metrics import SumCount
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("kl", "mse", "low_var_kl")

@@ -21,20 +21,20 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from laser_jax import checkpoint as ckpt_lib
+from laser_jax.training import checkpoint as ckpt_lib
 from laser_jax import config_check
-from laser_jax import dapo
-from laser_jax import hosts
-from laser_jax import metrics_writer
-from laser_jax import model as model_lib
-from laser_jax import objective
-from laser_jax import optim as optim_lib
-from laser_jax import programs as programs_lib
-from laser_jax import rl_metrics
-from laser_jax import rollout as rollout_lib
-from laser_jax import scoring
-from laser_jax import sharding as sharding_lib
-from laser_jax import tasks
+from laser_jax.rl import dapo
+from laser_jax.models import hosts
+from laser_jax.training import metrics_writer
+from laser_jax.models import model as model_lib
+from laser_jax.rl import objective
+from laser_jax.training import optim as optim_lib
+from laser_jax.training import programs as programs_lib
+from laser_jax.rl import rl_metrics
+from laser_jax.rl import rollout as rollout_lib
+from laser_jax.rl import scoring
+from laser_jax.models import sharding as sharding_lib
+from laser_jax.training import tasks
 
 
 TrainState = programs_lib.TrainState

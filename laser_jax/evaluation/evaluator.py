@@ -43,25 +43,25 @@ from etils import epath
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from laser_jax import answers as answers_lib
-from laser_jax import checkpoint as ckpt_lib
+from laser_jax.data import answers as answers_lib
+from laser_jax.training import checkpoint as ckpt_lib
 from laser_jax import cli
 from laser_jax import config_check
-from laser_jax import data as data_lib
+from laser_jax.data import records as data_lib
 from laser_jax import default_config
-from laser_jax import hf
-from laser_jax import model as model_lib
-from laser_jax import policy
-from laser_jax import rl_metrics
-from laser_jax import rollout as rollout_lib
-from laser_jax import sampler as sampler_lib
-from laser_jax import scoring
-from laser_jax import sharding as sharding_lib
-from laser_jax import sources
-from laser_jax import synthetic
-from laser_jax import tasks
-from laser_jax import tts
-from laser_jax import verifier as verifier_lib
+from laser_jax.models import hf
+from laser_jax.models import model as model_lib
+from laser_jax.rl import policy
+from laser_jax.rl import rl_metrics
+from laser_jax.rl import rollout as rollout_lib
+from laser_jax.generate import sampler as sampler_lib
+from laser_jax.rl import scoring
+from laser_jax.models import sharding as sharding_lib
+from laser_jax.data import sources
+from laser_jax.data import synthetic
+from laser_jax.training import tasks
+from laser_jax.evaluation import tts
+from laser_jax.data import verifier as verifier_lib
 from laser_jax.config_check import ConfigError
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from laser_jax import model as model_lib
+from laser_jax.models import model as model_lib
 
 
 def _target_logprobs(params, cfg, hidden, targets, temperature):

@@ -24,16 +24,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from laser_jax import checkpoint as ckpt_lib
-from laser_jax import data as data_lib
-from laser_jax import hf
-from laser_jax import model as model_lib
-from laser_jax import presets
-from laser_jax import sft
-from laser_jax import sharding as sharding_lib
-from laser_jax import sources
-from laser_jax import synthetic
-from laser_jax import verifier as verifier_lib
+from laser_jax.training import checkpoint as ckpt_lib
+from laser_jax.data import records as data_lib
+from laser_jax.models import hf
+from laser_jax.models import model as model_lib
+from laser_jax.models import presets
+from laser_jax.training import sft
+from laser_jax.models import sharding as sharding_lib
+from laser_jax.data import sources
+from laser_jax.data import synthetic
+from laser_jax.data import verifier as verifier_lib
 from laser_jax.config_check import ConfigError
 
 

@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from laser_jax import answers
+from laser_jax.data import answers
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from laser_jax import rl_metrics
+from laser_jax.rl import rl_metrics
 
 
 def _as_2d(x, name: str, dtype) -> np.ndarray:

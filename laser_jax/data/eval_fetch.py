@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 
-from laser_jax import data as data_lib
-from laser_jax import sources
+from laser_jax.data import records as data_lib
+from laser_jax.data import sources
 from laser_jax.config_check import ConfigError
 
 
