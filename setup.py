@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1",  # transformers needs it for chat templates (prompt construction).
     "numpy>=1.26",
     "pyarrow>=15",
-    # Inputs by address (laser_jax.sources): hub ids and hf://datasets/... entries; gs:// through
+    # Inputs by address (laser_jax.data.sources): hub ids and hf://datasets/... entries; gs:// through
     # fsspec (gcsfs, in the tpu/gpu extras, provides the gs protocol).
     "huggingface_hub>=0.26",
     "fsspec>=2024.2",

@@ -31,10 +31,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from laser_jax import default_config  # noqa: E402
-from laser_jax.training import metrics_writer  # noqa: E402
 from laser_jax import notebook_utils  # noqa: E402
-from laser_jax.training import trainer  # noqa: E402
 from laser_jax.evaluation import tts  # noqa: E402
+from laser_jax.training import metrics_writer  # noqa: E402
+from laser_jax.training import trainer  # noqa: E402
 
 METHODS = {"laser": True, "grpo": False}  # name -> laser.use_self_reward_loss
 # Columns of the table: (key in a run's summary, header).

@@ -1,4 +1,4 @@
-"""Sampler benchmark: laser_jax.sampler vs transformers `generate`, and the cost of the score.
+"""Sampler benchmark: laser_jax.generate.sampler vs transformers `generate`, and the cost of the score.
 
 One random Qwen2-shaped model is saved as a Hugging Face checkpoint in a temp dir and loaded by
 both sides (same weights). Five measurements, side by side in one run:
@@ -45,9 +45,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from laser_jax.models import hf, model as model_lib  # noqa: E402
 from laser_jax.generate import sampler as sampler_lib  # noqa: E402
-from laser_jax.generate.sampler import SamplingParams  # noqa: E402
+from laser_jax.generate.sampling import SamplingParams  # noqa: E402
+from laser_jax.models import hf, model as model_lib  # noqa: E402
 
 
 def parse_args(argv=None):

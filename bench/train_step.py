@@ -1,6 +1,6 @@
 r"""Train-step throughput on this machine: tokens/s and achieved FLOP/s vs the measured matmul peak.
 
-For each model (a tiny one and a >= 50M-parameter one) the `laser_jax.trainer.Trainer` runs real
+For each model (a tiny one and a >= 50M-parameter one) the `laser_jax.training.trainer.Trainer` runs real
 RL steps on the synthetic task (rollout with the in-XLA sampler, verifier, advantages, update),
 and three things are timed:
   * update: `Trainer.update` alone (forward + backward + AdamW over one mini-batch, all

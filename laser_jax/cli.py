@@ -15,11 +15,12 @@ import sys
 from typing import Callable
 
 from absl import app, flags
+from ml_collections import config_flags
 
-from laser_jax.training import checkpoint
 from laser_jax import config_check
-from laser_jax.data import records as data
+from laser_jax.data import records
 from laser_jax.models import hf
+from laser_jax.training import checkpoint
 
 
 def fail(message: str) -> None:
@@ -32,7 +33,7 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
   """The exceptions that mean bad input (a flag, a config value, a data row, a checkpoint). absl's
   UsageError (a flag combination `main` rejects) is one of them: absl itself would print the
   whole usage text and exit 1."""
-  return (config_check.ConfigError, data.DataError, hf.HFCheckpointError, checkpoint.CheckpointError,
+  return (config_check.ConfigError, records.DataError, hf.HFCheckpointError, checkpoint.CheckpointError,
           app.UsageError)
 
 
@@ -110,3 +111,16 @@ def exit_on_bad_input(fn: Callable, *args, extra: tuple[type[Exception], ...] = 
 def run(main: Callable, *, extra: tuple[type[Exception], ...] = (), argv=None) -> None:
   """`absl.app.run(main)` with this module's flag parsing and bad-input errors."""
   app.run(lambda args: exit_on_bad_input(main, args, extra=extra), argv=argv, flags_parser=parse_flags)
+
+
+def run_config_command(fn: Callable, example: str = "configs/eval.py",
+                       help_text: str = "Eval config file (configs/eval.py).") -> None:
+  """`run` for a command whose one flag is --config (evaluate, calibrate, export): calls
+  `fn(config)` with the loaded config; a missing --config is the one-line error naming `example`."""
+  config = config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+
+  def main(argv):
+    del argv
+    fn(required_config(config, example))  # absl would exit with a returned value
+
+  run(main)

@@ -96,7 +96,7 @@ def validate_eval(c: ml_collections.ConfigDict, *, sampling: bool = True) -> Non
 
 
 def _validate_tracking(c: ml_collections.ConfigDict) -> None:
-  """The logging.*, profile.* and wandb.* keys (laser_jax/metrics_writer.py)."""
+  """The logging.*, profile.* and wandb.* keys (laser_jax/training/metrics_writer.py)."""
   for key in ("samples_every", "num_samples", "remote_flush_every"):
     low = 0 if key == "samples_every" else 1
     _require(c.logging[key] >= low, f"logging.{key}", f"expected >= {low}, got {c.logging[key]}")

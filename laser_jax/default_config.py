@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.hf_path = ""  # Hugging Face directory (config.json + safetensors + tokenizer) to start from.
-  # Or a named shape from laser_jax.presets with random init (benchmarks). With hf_path set too,
+  # Or a named shape from laser_jax.models.presets with random init (benchmarks). With hf_path set too,
   # the checkpoint is trained and the preset is the shape `laser_jax.aot` compiles for where the
   # checkpoint is not on the machine.
   c.model.preset = ""
@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.task = "synthetic"  # "synthetic" (built-in arithmetic) | "files" (train_files below).
   # Comma-separated JSONL/parquet entries, each a local path or glob, a gs:// path or glob, or
   # hf://datasets/ORG/NAME[@REV]/GLOB (e.g. hf://datasets/zwhe99/DeepMath-103K/data/*.parquet);
-  # each entry's files are read in sorted order (laser_jax.sources).
+  # each entry's files are read in sorted order (laser_jax.data.sources).
   c.data.train_files = ""
   c.data.problem_key = "problem"  # Field holding the problem text, in JSONL and parquet (DeepMath-103K: "question").
   c.data.answer_key = "answer"  # Field holding the reference answer (DeepMath-103K: "final_answer").

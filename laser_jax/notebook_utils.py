@@ -5,7 +5,7 @@ The notebooks stay readable by keeping the plumbing here:
 - `device_numerics()`: the compute dtype and attention kernel the device supports (Colab T4 vs A100).
 - `sample_solutions(...)`: n responses per problem with their verifier reward, extracted answer and
   last-token self-reward score r_s = beta_v * (log pi(z_c | x, y) - c_ref), as [P, n] arrays that
-  `laser_jax.tts` consumes directly.
+  `laser_jax.evaluation.tts` consumes directly.
 - `restore_params(trainer, workdir)`: the parameters of a finished `trainer.train` run.
 - `metric_series` / `plot_training`: reward and self-verification F1 over RL steps.
 - `scaling_curves` / `plot_scaling`: maj@k, self-reward-weighted maj@k and best@k against k.
@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from laser_jax.data import answers
-from laser_jax.training import checkpoint
-from laser_jax.models import model as model_lib
-from laser_jax.rl import rollout
 from laser_jax.generate import sampler
+from laser_jax.models import model as model_lib
+from laser_jax.models.config import resolve_attention, resolve_dtype
+from laser_jax.rl import rollout
 from laser_jax.rl import scoring
+from laser_jax.training import checkpoint
 
 SMOKE_ENV = "LASER_JAX_SMOKE"
 SCALING_METHODS = ("maj", "self_weighted_maj", "best")
@@ -41,13 +42,13 @@ def smoke_mode() -> bool:
 
 def device_numerics(device=None) -> dict[str, str]:
   """The compute dtype and attention that "auto" picks on `device` (default: this process's first
-  device; see `model.resolve_dtype`): bfloat16 + cuDNN flash attention on A100 / L4 / H100,
-  bfloat16 + splash on TPU, float32 + chunked on a T4 (no bf16, no cuDNN flash) and on CPU --
+  device; see `laser_jax.models.config.resolve_dtype`): bfloat16 + cuDNN flash attention on A100 /
+  L4 / H100, bfloat16 + splash on TPU, float32 + chunked on a T4 (no bf16, no cuDNN flash) and on CPU --
   what configs/colab_small.py (model.dtype = model.attention = "auto") trains with there."""
   device = device if device is not None else jax.devices()[0]
-  dtype = model_lib.resolve_dtype("auto", device)
+  dtype = resolve_dtype("auto", device)
   return {"device": getattr(device, "device_kind", str(device)), "dtype": dtype,
-          "attention": model_lib.resolve_attention("auto", device, dtype)}
+          "attention": resolve_attention("auto", device, dtype)}
 
 
 # ---- sampled solutions ---------------------------------------------------------------------------
@@ -92,8 +93,8 @@ def sample_solutions(params, model_cfg, tokenizer, prompts: Sequence[Any], sampl
                      problems_per_call: int = 0) -> Solutions:
   """Samples `sampling.n` responses per prompt, verifies them and reads their self-reward scores.
 
-  `prompts` are `laser_jax.tasks.Prompt`s (token_ids, answer, problem); `verifier` is a
-  `laser_jax.verifier.Verifier`; `kl_coef` is beta_v and `ref_constant` is c_ref. The scores
+  `prompts` are `laser_jax.training.tasks.Prompt`s (token_ids, answer, problem); `verifier` is a
+  `laser_jax.data.verifier.Verifier`; `kl_coef` is beta_v and `ref_constant` is c_ref. The scores
   come from the sampler itself (read in the decode step after each EOS; no second forward).
   `problems_per_call` > 0 samples that many problems per sampler call (bounds KV-cache memory).
   """
@@ -151,7 +152,7 @@ def full_forward_z_logprob(params, model_cfg, prompt_ids: Sequence[int],
 def restore_params(trainer, workdir: str, step: int | None = None):
   """Parameters of the checkpoint at `step` (default: the latest) of the run in `workdir`.
 
-  `trainer` is a `laser_jax.trainer.Trainer` built from the run's config; the parameters come
+  `trainer` is a `laser_jax.training.trainer.Trainer` built from the run's config; the parameters come
   back placed in its shardings (`checkpoint.restore_params`: the optimizer state is not read).
   """
   state_dir, _ = checkpoint.step_directory(workdir, -1 if step is None else step)

@@ -26,12 +26,10 @@ import time
 
 import jax
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
 
-from laser_jax.training import checkpoint
 from laser_jax import cli
-from laser_jax import config_check
+from laser_jax.training import dry_run
 from laser_jax.training import programs
 from laser_jax.training import trainer
 
@@ -106,58 +104,13 @@ def _initialize_distributed():
     jax.distributed.initialize(initialization_timeout=_INIT_TIMEOUT.value)
 
 
-def _resume_step(workdir: str) -> int | None:
-  """The checkpoint step a run in `workdir` resumes from, None if it starts fresh (only lists)."""
-  directory = epath.Path(workdir) / "checkpoints"
-  if not directory.is_dir():
-    return None
-  try:
-    return checkpoint.step_directory(str(directory))[1]
-  except checkpoint.CheckpointError:  # Only unfinished saves: the trainer starts fresh too.
-    return None
-
-
-def _describe_workdir(workdir: str) -> str:
-  try:
-    step = _resume_step(workdir)
-  except Exception as e:  # pylint: disable=broad-except  # gcsfs missing, no credentials here, ...
-    # Not fatal: the slice's hosts may reach what this machine cannot.
-    return f"workdir: {workdir}: cannot be read from here ({type(e).__name__}: {' '.join(str(e).split())})"
-  if step is None:
-    return f"workdir: {workdir}: no checkpoint, the run starts at step 0"
-  return f"workdir: {workdir}: holds a checkpoint at step {step}, the run resumes from it"
-
-
-def dry_run(config) -> None:
-  """Runs the trainer's start-up validation on `config` and prints what a run would do.
-
-  Nothing is built, loaded or written: no model, tokenizer, data or checkpoint manager.
-  """
-  num_devices = jax.device_count()
-  config_check.validate(config, num_devices=num_devices)
-  data, fsdp, tensor = config_check.mesh_shape(config, num_devices)
-  prompts_per_update = config.mini_batch_size or config.batch_size
-  # The trainer's check that every host holds an equal share of each batch (needs no model).
-  trainer.check_host_split(config, config.batch_size // prompts_per_update)
-  print(config.to_json_best_effort(indent=2, sort_keys=True))
-  for line in config_check.warnings(config):
-    print(f"warning: {line}")
-  kinds = sorted({d.device_kind for d in jax.devices()})
-  print(f"devices: {num_devices} ({', '.join(kinds)}) in {jax.process_count()} process(es); "
-        f"mesh data={data} fsdp={fsdp} tensor={tensor}")
-  print(_describe_workdir(config.workdir))
-  model = config.model.hf_path or config.model.preset or "random init (config.model's shape)"
-  print(f"dry run: config valid; would train {model} on data.task={config.data.task} to step "
-        f"{config.total_steps}; nothing was built, loaded or written")
-
-
 def main(argv):
   del argv
   config = cli.required_config(_CONFIG, "configs/tiny_cpu.py")
   programs.apply_libtpu_init_args(config)  # before the TPU backend starts
   _initialize_distributed()
   if _DRY_RUN.value:
-    dry_run(config)
+    dry_run.dry_run(config)
     return
   logging.info("Devices: %s", jax.devices())
   trainer.train(config)

@@ -33,8 +33,9 @@ def results(checkpoint, mesh, eos_ids, max_new_tokens):
   """(logits of TOKENS, greedy SampleOutput for PROMPTS, params, cfg): every process calls this."""
   from jax.experimental import multihost_utils
 
-  from laser_jax.models import hf, model as model_lib
   from laser_jax.generate import sampler as sampler_lib
+  from laser_jax.generate import sampling as sampling_lib
+  from laser_jax.models import hf, model as model_lib
   from laser_jax.models import sharding as sharding_lib
   cfg = hf.load_hf_config(checkpoint)
   params = hf.load_hf_params(checkpoint, cfg, mesh=mesh)
@@ -43,9 +44,9 @@ def results(checkpoint, mesh, eos_ids, max_new_tokens):
   mask = jax.make_array_from_callback(TOKENS.shape, batch, lambda idx: np.ones_like(TOKENS[idx], bool))
   forward = jax.jit(lambda p, t, m: model_lib.forward(p, cfg, t, model_lib.default_positions(m), m))
   logits = np.asarray(multihost_utils.process_allgather(forward(params, tokens, mask), tiled=True))
-  sampling = sampler_lib.SamplingParams(greedy=True, max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids),
+  sampling = sampling_lib.SamplingParams(greedy=True, max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids),
                                         pad_id=0, self_reward_token_id=cfg.vocab_size - 1)
-  # Each process samples its own block of PROMPTS and gets its own rows back (laser_jax.hosts).
+  # Each process samples its own block of PROMPTS and gets its own rows back (laser_jax.models.hosts).
   block = len(PROMPTS) // jax.process_count()
   mine = PROMPTS[jax.process_index() * block:(jax.process_index() + 1) * block]
   out = sampler_lib.sample(params, cfg, mine, sampling, jax.random.key(0), mesh=mesh)

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from laser_jax.aot import report as aot
-from laser_jax.models import model
 from laser_jax import default_config
+from laser_jax.aot import cost_model
+from laser_jax.aot import report as report_lib
+from laser_jax.aot import topology as topology_lib
+from laser_jax.models import attention as attention_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,14 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("v6e-8", 8, "v6e:2x4", (False, False, False)),
 ])
 def test_slice_names_give_libtpu_topologies(name, chips, topology, wrap):
-  tpu = aot.parse_topology(name)
+  tpu = topology_lib.parse_topology(name)
   assert (tpu.num_chips, tpu.topology_name, tpu.wrap) == (chips, topology, wrap)
 
 
 @pytest.mark.parametrize("name", ["v4-7", "v4-6", "v3-8", "v5e-3", "tpu", ""])
 def test_unknown_slice_is_a_one_line_error_listing_the_forms(name):
   with pytest.raises(ValueError, match=r"--topology=.*v4-8 \.\.\. v4-1024") as e:
-    aot.parse_topology(name)
+    topology_lib.parse_topology(name)
   assert "\n" not in str(e.value)
 
 
@@ -53,9 +55,9 @@ def test_jaxpr_flops_multiplies_scans_and_while_loops_out():
   jaxpr = jax.make_jaxpr(f)(jnp.ones((5, 8, 16)), jnp.ones((4, 16))).jaxpr
   per_while_step = 2 * 4 * 16 * 16
   scan = 5 * 2 * 8 * 32 * 16
-  assert aot.jaxpr_flops(jaxpr, while_trip_counts=(3,)) == scan + 3 * per_while_step + per_while_step
+  assert cost_model.jaxpr_flops(jaxpr, while_trip_counts=(3,)) == scan + 3 * per_while_step + per_while_step
   # Without a trip count a while loop counts once.
-  assert aot.jaxpr_flops(jaxpr) == scan + per_while_step + per_while_step
+  assert cost_model.jaxpr_flops(jaxpr) == scan + per_while_step + per_while_step
 
 
 def test_jaxpr_flops_count_a_pallas_kernel_once_per_grid_point():
@@ -64,8 +66,9 @@ def test_jaxpr_flops_count_a_pallas_kernel_once_per_grid_point():
   b, t, n, kv, d = 2, 256, 4, 2, 16
   q, k = jnp.ones((b, t, n, d)), jnp.ones((b, t, kv, d))
   valid = jnp.ones((b, t), bool)
-  jaxpr = jax.make_jaxpr(lambda q, k: model.attend_splash(q, k, k, valid, block=128, interpret=True))(q, k).jaxpr
-  assert aot.jaxpr_flops(jaxpr) == 2 * 2 * b * n * t * t * d
+  splash = lambda q, k: attention_lib.attend_splash(q, k, k, valid, block=128, interpret=True)
+  jaxpr = jax.make_jaxpr(splash)(q, k).jaxpr
+  assert cost_model.jaxpr_flops(jaxpr) == 2 * 2 * b * n * t * t * d
 
 
 _HLO = """HloModule m, entry_computation_layout={(bf16[32,256]{1,0})->bf16[128,256]{1,0}}
@@ -99,7 +102,7 @@ ENTRY %main (w.1: bf16[32,256]) -> bf16[128,256] {
 
 
 def test_hlo_costs_read_the_trip_count_from_the_loop_condition():
-  costs = aot.hlo_costs(_HLO)
+  costs = cost_model.hlo_costs(_HLO)
   gathered = 128 * 256 * 2
   assert costs.collective_bytes == costs.collective_bytes_in_loops == 5 * gathered
   assert costs.loops_without_trip_count == 0
@@ -112,9 +115,9 @@ def test_hlo_costs_read_the_trip_count_from_the_loop_condition():
 def test_hlo_costs_take_given_trip_counts_for_data_dependent_loops():
   hlo = _HLO.replace("ROOT %lt = pred[] compare(%i, %limit), direction=LT",
                      "%lt = pred[] compare(%i, %limit), direction=LT\n  ROOT %and = pred[] and(%lt, %lt)")
-  assert aot.hlo_costs(hlo).loops_without_trip_count == 1
-  assert aot.hlo_costs(hlo).collective_bytes == 128 * 256 * 2
-  assert aot.hlo_costs(hlo, while_trip_counts=(9,)).collective_bytes == 9 * 128 * 256 * 2
+  assert cost_model.hlo_costs(hlo).loops_without_trip_count == 1
+  assert cost_model.hlo_costs(hlo).collective_bytes == 128 * 256 * 2
+  assert cost_model.hlo_costs(hlo, while_trip_counts=(9,)).collective_bytes == 9 * 128 * 256 * 2
 
 
 def test_compiled_loop_costs_scale_with_the_trip_count_where_xla_counts_the_body_once():
@@ -129,7 +132,7 @@ def test_compiled_loop_costs_scale_with_the_trip_count_where_xla_counts_the_body
   for length in (7, 14):
     traced = jax.jit(f, static_argnums=2).trace(w, xs, length)
     compiled = traced.lower().compile()
-    results[length] = (aot.hlo_costs(compiled.as_text()), aot.jaxpr_flops(traced.jaxpr.jaxpr),
+    results[length] = (cost_model.hlo_costs(compiled.as_text()), cost_model.jaxpr_flops(traced.jaxpr.jaxpr),
                        compiled.cost_analysis()["flops"])
   (c7, f7, xla7), (c14, f14, xla14) = results[7], results[14]
   assert f7 == 7 * 2 * 8 * 256 * 256 and f14 == 2 * f7
@@ -163,7 +166,7 @@ def _small_config():
 
 
 def _libtpu_or_skip():
-  if not aot.libtpu_available():
+  if not topology_lib.libtpu_available():
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): the TPU compile is not checked")
 
 
@@ -174,7 +177,7 @@ def test_small_model_compiles_for_a_v4_8_and_its_counts_match_the_model(monkeypa
   two_layers = dataclasses.replace(presets.PRESETS["qwen2.5-0.5b"], num_layers=2)
   monkeypatch.setitem(presets.PRESETS, "qwen2.5-0.5b", two_layers)
   c = _small_config()
-  report = aot.compile_step(c, aot.parse_topology("v4-8"), log=lambda _: None)
+  report = report_lib.compile_step(c, topology_lib.parse_topology("v4-8"), log=lambda _: None)
   names = [p["name"] for p in report["programs"]]
   assert names == ["rollout prefill", "rollout decode", "eval prefill", "eval decode", "old/ref log-probs",
                    "update"]
@@ -224,9 +227,10 @@ def test_rollout_layout_takes_the_weight_gathers_out_of_the_decode_loop(monkeypa
   for k in (0, 4):
     c = _small_config()
     c.rollout.tensor_parallel = k
-    report = aot.compile_step(c, aot.parse_topology("v4-8"), log=lambda _: None, groups=("rollout",))
+    report = report_lib.compile_step(c, topology_lib.parse_topology("v4-8"), log=lambda _: None,
+                                     groups=("rollout",))
     assert [p["name"] for p in report["programs"]] == ["rollout prefill", "rollout decode"]
-    assert "not compiled" in aot.format_report(report)
+    assert "not compiled" in report_lib.format_report(report)
     decode[k] = next(p for p in report["programs"] if p["name"] == "rollout decode")
   # Training layout: every step gathers 3/4 of the weights (at least in bf16) on every chip.
   cfg = presets.PRESETS["qwen2.5-0.5b"]
@@ -266,7 +270,7 @@ def test_hlo_costs_count_only_the_rows_a_slice_reads():
   fusion = rows + 4 + rows + rows  # the sliced rows, the index, x; writes its result
   slice_ = rows + rows  # reads the rows it returns, writes them
   concatenate = 2 * rows + out
-  assert aot.hlo_costs(_SLICING_HLO).hbm_bytes == fusion + slice_ + concatenate
+  assert cost_model.hlo_costs(_SLICING_HLO).hbm_bytes == fusion + slice_ + concatenate
 
 
 def test_libtpu_init_args_from_the_config_join_the_environment_which_wins(monkeypatch):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import hf_fixtures
-from laser_jax.evaluation import calibrate
 from laser_jax import cli, config_check
-from laser_jax.evaluation import evaluator as evaluate
+from laser_jax.evaluation import calibrate
+from laser_jax.evaluation import evaluator
 from laser_jax.models import hf
 from laser_jax.models import model as model_lib
 from test_evaluate import eval_config, make_checkpoint, write_problems
@@ -32,7 +32,7 @@ def test_statistics_equal_numpy_over_full_forward(setup):
   report = calibrate.run(config, progress=False, print_table=False)
   # The same config and seed make evaluate sample the same responses; recompute their z_c log-probs
   # with a plain full forward over prompt + response + EOS.
-  evaluate.run(config, progress=False, print_table=False)
+  evaluator.run(config, progress=False, print_table=False)
   cfg = hf.load_hf_config(ckpt)
   params = hf.load_hf_params(ckpt, cfg)
   ref = []

@@ -1,4 +1,4 @@
-"""Tests of laser_jax.dapo: overlong shaping, truncation masking, Dr. GRPO norm."""
+"""Tests of laser_jax.rl.dapo: overlong shaping, truncation masking, Dr. GRPO norm."""
 import numpy as np
 import pytest
 

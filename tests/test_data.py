@@ -11,10 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laser_jax.data import records as data
 from laser_jax import default_config
-from laser_jax.data import synthetic
 from laser_jax.config_check import ConfigError
+from laser_jax.data import eval_sets as eval_sets_lib
+from laser_jax.data import iterator as iterator_lib
+from laser_jax.data import prompts as prompts_lib
+from laser_jax.data import records as records_lib
+from laser_jax.data import synthetic
+from laser_jax.data import tfds_records
 from test_sources import gcs, hub_cache, jsonl_bytes, parquet_bytes, put_in_hub_cache  # noqa: F401 (fixtures)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,7 +33,7 @@ def _write_jsonl(path, lines):
 def test_read_jsonl_and_int_answers(tmp_path):
   p = _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"problem": "1+1?", "answer": "2"}), "",
                                           json.dumps({"problem": "AIME", "answer": 70, "id": 3})])
-  assert data.read_records(p) == [{"problem": "1+1?", "answer": "2"},
+  assert records_lib.read_records(p) == [{"problem": "1+1?", "answer": "2"},
                                   {"problem": "AIME", "answer": "70"}]
 
 
@@ -43,8 +47,8 @@ def test_read_jsonl_and_int_answers(tmp_path):
 ])
 def test_read_jsonl_malformed(tmp_path, line, message):
   p = _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"problem": "ok", "answer": "1"}), line])
-  with pytest.raises(data.DataError, match=message) as e:
-    data.read_records(p)
+  with pytest.raises(records_lib.DataError, match=message) as e:
+    records_lib.read_records(p)
   assert "\n" not in str(e.value)
 
 
@@ -52,71 +56,71 @@ def test_read_parquet_deepmath_fields(tmp_path):
   p = tmp_path / "deepmath.parquet"
   pq.write_table(pa.table({"question": ["q1", "q2"], "final_answer": ["1", "\\frac12"],
                            "difficulty": [3.0, 5.5]}), p)
-  assert data.read_records(p, fields="deepmath") == [{"problem": "q1", "answer": "1"},
+  assert records_lib.read_records(p, fields="deepmath") == [{"problem": "q1", "answer": "1"},
                                                      {"problem": "q2", "answer": "\\frac12"}]
-  with pytest.raises(data.DataError, match=r"deepmath\.parquet: missing column\(s\) \['problem'"):
-    data.read_records(p)
+  with pytest.raises(records_lib.DataError, match=r"deepmath\.parquet: missing column\(s\) \['problem'"):
+    records_lib.read_records(p)
   bad = tmp_path / "bad.parquet"
   pq.write_table(pa.table({"problem": ["q1", "q2"], "answer": ["1", None]}), bad)
-  with pytest.raises(data.DataError, match=r"bad\.parquet:2: field 'answer'"):
-    data.read_records(bad)
+  with pytest.raises(records_lib.DataError, match=r"bad\.parquet:2: field 'answer'"):
+    records_lib.read_records(bad)
 
 
 def test_read_records_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="data file not found"):
-    data.read_records(tmp_path / "nope.jsonl")
+    records_lib.read_records(tmp_path / "nope.jsonl")
   (tmp_path / "x.csv").write_text("a,b\n")
-  with pytest.raises(data.DataError, match="unsupported file type '.csv'"):
-    data.read_records(tmp_path / "x.csv")
+  with pytest.raises(records_lib.DataError, match="unsupported file type '.csv'"):
+    records_lib.read_records(tmp_path / "x.csv")
   with pytest.raises(ValueError, match="unknown field preset 'deep'"):
-    data.read_records(_write_jsonl(tmp_path / "y.jsonl", ["{}"]), fields="deep")
+    records_lib.read_records(_write_jsonl(tmp_path / "y.jsonl", ["{}"]), fields="deep")
 
 
 def test_eval_sets_row_counts():
-  counts = {name: len(data.load_eval_set(name)) for name in data.EVAL_SETS}
+  counts = {name: len(eval_sets_lib.load_eval_set(name)) for name in eval_sets_lib.EVAL_SETS}
   # OlympiadBench: counted from the file (675 lines, all valid rows).
   assert counts == {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "olympiadbench": 675}
-  assert data.load_eval_set("MATH500")[0]["answer"] == r"\left( 3, \frac{\pi}{2} \right)"
+  assert eval_sets_lib.load_eval_set("MATH500")[0]["answer"] == r"\left( 3, \frac{\pi}{2} \right)"
 
 
 def test_eval_set_dir_errors(tmp_path, monkeypatch):
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+  monkeypatch.setenv(eval_sets_lib.DATA_DIR_ENV, str(tmp_path))
   with pytest.raises(FileNotFoundError, match="eval set 'aime24'.*LASER_JAX_DATA_DIR") as e:
-    data.load_eval_set("aime24")
+    eval_sets_lib.load_eval_set("aime24")
   assert isinstance(e.value, ConfigError)  # exit 2 on the command line; notebooks catch FileNotFoundError
   (tmp_path / "aime24").mkdir()
   _write_jsonl(tmp_path / "aime24" / "test.jsonl", [json.dumps({"problem": "p", "answer": 1})])
-  assert data.load_eval_set("aime24") == [{"problem": "p", "answer": "1"}]
+  assert eval_sets_lib.load_eval_set("aime24") == [{"problem": "p", "answer": "1"}]
   with pytest.raises(ValueError, match="unknown eval set 'gsm8k'"):
-    data.load_eval_set("gsm8k")
+    eval_sets_lib.load_eval_set("gsm8k")
 
 
 def _eval_set(root, name, records):
-  (root / data.EVAL_SETS[name]).mkdir(parents=True, exist_ok=True)
-  _write_jsonl(root / data.EVAL_SETS[name] / "test.jsonl", [json.dumps(r) for r in records])
+  (root / eval_sets_lib.EVAL_SETS[name]).mkdir(parents=True, exist_ok=True)
+  _write_jsonl(root / eval_sets_lib.EVAL_SETS[name] / "test.jsonl", [json.dumps(r) for r in records])
 
 
 def test_eval_sets_are_found_by_key_else_env_else_user_cache(tmp_path, monkeypatch):
   """One resolution for the trainer (data.eval_set / data.eval_data_dir) and the evaluator
   (eval.input_file / eval.data_dir): the key, else $LASER_JAX_DATA_DIR, else the user cache."""
-  from laser_jax.evaluation import evaluator as evaluate
+  from laser_jax.evaluation import evaluator
   from laser_jax.training import tasks
   keyed, env, xdg = tmp_path / "keyed", tmp_path / "env", tmp_path / "xdg"
   for root, answer in ((keyed, "1"), (env, "2"), (xdg / "laser_jax" / "eval_sets", "3")):
     _eval_set(root, "amc23", [{"id": 0, "problem": "p", "answer": answer}])
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(env))
+  monkeypatch.setenv(eval_sets_lib.DATA_DIR_ENV, str(env))
   monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
   c = default_config.get_config()
   c.data.eval_set = "AMC23"
-  assert tasks._eval_records(c) == evaluate.load_problems("amc23") == [{"problem": "p", "answer": "2"}]
+  assert tasks._eval_records(c) == evaluator.load_problems("amc23") == [{"problem": "p", "answer": "2"}]
   c.data.eval_data_dir = str(keyed)
-  assert tasks._eval_records(c) == evaluate.load_problems("amc23", data_dir=str(keyed)) == \
+  assert tasks._eval_records(c) == evaluator.load_problems("amc23", data_dir=str(keyed)) == \
       [{"problem": "p", "answer": "1"}]
-  monkeypatch.delenv(data.DATA_DIR_ENV)
-  assert evaluate.load_problems("amc23") == [{"problem": "p", "answer": "3"}]
+  monkeypatch.delenv(eval_sets_lib.DATA_DIR_ENV)
+  assert evaluator.load_problems("amc23") == [{"problem": "p", "answer": "3"}]
   # A missing set: one line naming the key, the path looked at and the command that fetches it.
   with pytest.raises(ConfigError) as e:
-    evaluate.load_problems("olympiadbench", data_dir=str(keyed))
+    evaluator.load_problems("olympiadbench", data_dir=str(keyed))
   assert str(e.value) == (
       f"config.eval.input_file: eval set 'olympiadbench' not found at {keyed}/OlympiadBench/test.jsonl "
       f"(looked up in config.eval.data_dir, else $LASER_JAX_DATA_DIR, else {xdg}/laser_jax/eval_sets); "
@@ -148,8 +152,8 @@ def _as_hub_dataset(name, rows):
 @pytest.fixture
 def hub_eval_sets(hub_cache):
   expected = {}
-  for name, (address, *_) in data.EVAL_SET_SOURCES.items():
-    rows = [json.loads(line) for line in open(SHARED / data.EVAL_SETS[name] / "test.jsonl")][:3]
+  for name, (address, *_) in eval_sets_lib.EVAL_SET_SOURCES.items():
+    rows = [json.loads(line) for line in open(SHARED / eval_sets_lib.EVAL_SETS[name] / "test.jsonl")][:3]
     repo_id, _, revision = address.partition("@")
     put_in_hub_cache(hub_cache, "dataset", repo_id, _as_hub_dataset(name, rows), revision)
     expected[name] = rows
@@ -162,9 +166,9 @@ def test_fetch_command_writes_the_eval_sets_from_the_hub_offline(hub_eval_sets, 
                         env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   for name, rows in hub_eval_sets.items():
-    assert data.load_eval_set(name, str(out)) == data.read_jsonl(_write_jsonl(
+    assert eval_sets_lib.load_eval_set(name, str(out)) == records_lib.read_jsonl(_write_jsonl(
         tmp_path / f"{name}.jsonl", [json.dumps(r) for r in rows])), name
-    written = [json.loads(line) for line in open(out / data.EVAL_SETS[name] / "test.jsonl")]
+    written = [json.loads(line) for line in open(out / eval_sets_lib.EVAL_SETS[name] / "test.jsonl")]
     id_key = "unique_id" if name == "math500" else "id"
     assert [r["id"] for r in written] == [r[id_key] for r in rows]
     assert set(written[0]) == {"id", "problem", "answer"}
@@ -189,16 +193,16 @@ def test_fetch_subsets_to_gs_and_bad_input(hub_eval_sets, gcs, tmp_path, hub_cac
 
 
 def test_tfds_backend_matches_reader(tmp_path):
-  records = data.build_tfds("aime25", tmp_path / "tfds")
+  records = tfds_records.build_tfds("aime25", tmp_path / "tfds")
   assert len(records) == 30
-  assert list(records) == data.load_eval_set("aime25")  # same rows, same order
+  assert list(records) == eval_sets_lib.load_eval_set("aime25")  # same rows, same order
   user = _write_jsonl(tmp_path / "u.jsonl", [json.dumps({"question": f"q{i}", "final_answer": i})
                                              for i in range(7)])
-  recs = data.build_tfds(user, tmp_path / "tfds", fields="deepmath")
+  recs = tfds_records.build_tfds(user, tmp_path / "tfds", fields="deepmath")
   assert recs[3] == {"problem": "q3", "answer": "3"} and len(recs) == 7
   # An edited file is rebuilt, not served from the stale cache.
   _write_jsonl(user, [json.dumps({"question": "new", "final_answer": 1})])
-  assert list(data.build_tfds(user, tmp_path / "tfds", fields="deepmath")) == \
+  assert list(tfds_records.build_tfds(user, tmp_path / "tfds", fields="deepmath")) == \
       [{"problem": "new", "answer": "1"}]
 
 
@@ -208,29 +212,30 @@ def tokenizer():
 
 
 def test_build_prompt(tokenizer):
-  chat = data.build_prompt("What is 2+3?", tokenizer, "chat")
+  chat = prompts_lib.build_prompt("What is 2+3?", tokenizer, "chat")
   assert chat == ("<|bos|><|user|>What is 2+3?\nPlease reason step by step, and put your final "
                   "answer within \\boxed{}.<|assistant|>")
-  assert data.build_prompt("What is 2+3?", tokenizer, "base") == \
-      "What is 2+3?\n" + data.INSTRUCTION + "\n"
+  assert prompts_lib.build_prompt("What is 2+3?", tokenizer, "base") == \
+      "What is 2+3?\n" + prompts_lib.INSTRUCTION + "\n"
   with pytest.raises(ValueError, match="unknown prompt template 'qwen'"):
-    data.build_prompt("x", tokenizer, "qwen")
+    prompts_lib.build_prompt("x", tokenizer, "qwen")
   tokenizer_without_template = synthetic.build_tokenizer()
   tokenizer_without_template.chat_template = None
   with pytest.raises(ValueError, match="needs a tokenizer with a chat_template"):
-    data.build_prompt("x", tokenizer_without_template, "chat")
+    prompts_lib.build_prompt("x", tokenizer_without_template, "chat")
 
 
 def test_prepare_prompts_filters_long(tokenizer):
   records = [{"problem": "What is 1+1?", "answer": "2"},
              {"problem": "What is 12345678+1?", "answer": "12345679"}]
-  short_len = len(data.encode_prompt(data.build_prompt(records[0]["problem"], tokenizer), tokenizer))
-  prepared = data.prepare_prompts(records, tokenizer, max_prompt_len=short_len)
+  short_len = len(prompts_lib.encode_prompt(prompts_lib.build_prompt(records[0]["problem"], tokenizer),
+                                            tokenizer))
+  prepared = prompts_lib.prepare_prompts(records, tokenizer, max_prompt_len=short_len)
   assert prepared.num_filtered == 1 and len(prepared.items) == 1
   item = prepared.items[0]
   assert item["index"] == 0 and len(item["prompt_ids"]) == short_len
   assert tokenizer.decode(item["prompt_ids"]) == item["prompt"]
-  assert data.prepare_prompts(records, tokenizer).num_filtered == 0
+  assert prompts_lib.prepare_prompts(records, tokenizer).num_filtered == 0
 
 
 def _drain(it, k=None):
@@ -244,25 +249,25 @@ def _drain(it, k=None):
 
 def test_iterator_restore_is_exact():
   items = list(range(23))
-  full = _drain(data.PromptIterator(items, batch_size=4, seed=7, num_epochs=3))
+  full = _drain(iterator_lib.PromptIterator(items, batch_size=4, seed=7, num_epochs=3))
   assert len(full) == 3 * 5  # 23 // 4 = 5 batches per epoch, remainder dropped
   for k in (0, 3, 5, 7, 14):
-    it = data.PromptIterator(items, batch_size=4, seed=7, num_epochs=3)
+    it = iterator_lib.PromptIterator(items, batch_size=4, seed=7, num_epochs=3)
     head = _drain(it, k) if k else []
     state = json.loads(json.dumps(it.get_state()))  # survives a JSON round trip
-    resumed = data.PromptIterator(items, batch_size=4, seed=7, num_epochs=3)
+    resumed = iterator_lib.PromptIterator(items, batch_size=4, seed=7, num_epochs=3)
     resumed.set_state(state)
     assert head + _drain(resumed) == full, k
 
 
 def test_iterator_shuffles_per_epoch_deterministically():
   items = list(range(16))
-  a = _drain(data.PromptIterator(items, batch_size=16, seed=1, num_epochs=2))
-  b = _drain(data.PromptIterator(items, batch_size=16, seed=1, num_epochs=2))
-  c = _drain(data.PromptIterator(items, batch_size=16, seed=2, num_epochs=1))
+  a = _drain(iterator_lib.PromptIterator(items, batch_size=16, seed=1, num_epochs=2))
+  b = _drain(iterator_lib.PromptIterator(items, batch_size=16, seed=1, num_epochs=2))
+  c = _drain(iterator_lib.PromptIterator(items, batch_size=16, seed=2, num_epochs=1))
   assert a == b and sorted(a[0]) == items and sorted(a[1]) == items
   assert a[0] != a[1] and a[0] != c[0] and a[0] != items
-  assert _drain(data.PromptIterator(items, 16, shuffle=False)) == [items]
+  assert _drain(iterator_lib.PromptIterator(items, 16, shuffle=False)) == [items]
 
 
 def test_iterator_sharding_two_hosts_is_disjoint_and_covering():
@@ -270,7 +275,7 @@ def test_iterator_sharding_two_hosts_is_disjoint_and_covering():
   for epoch in range(2):
     shards = []
     for host in range(2):
-      it = data.PromptIterator(items, batch_size=5, seed=3, num_epochs=2, process_index=host,
+      it = iterator_lib.PromptIterator(items, batch_size=5, seed=3, num_epochs=2, process_index=host,
                                process_count=2)
       batches = _drain(it)
       assert len(batches) == 4
@@ -287,7 +292,7 @@ def _global_batches(iterators, count):
 def test_iterator_state_saved_on_some_hosts_restores_on_any_host_count():
   items = list(range(203))  # 203 // 12 = 16 batches per epoch for 1, 2, 3, 4 or 6 hosts alike.
   def hosts(count):
-    return [data.PromptIterator(items, 12 // count, seed=5, num_epochs=None, process_index=p,
+    return [iterator_lib.PromptIterator(items, 12 // count, seed=5, num_epochs=None, process_index=p,
                                 process_count=count) for p in range(count)]
   full = _global_batches(hosts(1), 40)  # Two and a half epochs.
   for saved_on, resumed_on, k in ((4, 1, 7), (1, 4, 16), (2, 3, 23), (6, 2, 35)):
@@ -301,7 +306,7 @@ def test_iterator_state_saved_on_some_hosts_restores_on_any_host_count():
     assert head + _global_batches(after, 40 - k) == full, (saved_on, resumed_on, k)
   # Another global batch size is another data position: refused, whatever the host count.
   with pytest.raises(ValueError, match="state global_batch_size=12 does not match this iterator's global_batch_size=8"):
-    data.PromptIterator(items, 4, seed=5, process_index=0, process_count=2).set_state(state)
+    iterator_lib.PromptIterator(items, 4, seed=5, process_index=0, process_count=2).set_state(state)
   # A state from before global_batch_size was recorded restores on its own host count only.
   old = {key: value for key, value in state.items() if key != "global_batch_size"}
   hosts(state["process_count"])[0].set_state(old)
@@ -311,10 +316,10 @@ def test_iterator_state_saved_on_some_hosts_restores_on_any_host_count():
 
 def test_iterator_errors():
   with pytest.raises(ValueError, match="10 items are fewer than one global batch of 8 x 2 host"):
-    data.PromptIterator(list(range(10)), batch_size=8, process_count=2)
+    iterator_lib.PromptIterator(list(range(10)), batch_size=8, process_count=2)
   with pytest.raises(ValueError, match="process_index 2 not in"):
-    data.PromptIterator(list(range(10)), batch_size=1, process_index=2, process_count=2)
-  it = data.PromptIterator(list(range(10)), batch_size=2, seed=0)
+    iterator_lib.PromptIterator(list(range(10)), batch_size=1, process_index=2, process_count=2)
+  it = iterator_lib.PromptIterator(list(range(10)), batch_size=2, seed=0)
   with pytest.raises(ValueError, match="state seed=1 does not match this iterator's seed=0"):
     it.set_state({**it.get_state(), "seed": 1})
   with pytest.raises(ValueError, match="num_items=11"):

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import hf_fixtures
-from laser_jax.data import answers
 from laser_jax import cli
 from laser_jax import config_check
-from laser_jax.data import records as data_lib
 from laser_jax import default_config
-from laser_jax.evaluation import evaluator as evaluate
+from laser_jax.data import answers
+from laser_jax.data import prompts as prompts_lib
+from laser_jax.evaluation import evaluator
+from laser_jax.evaluation import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, MAX_NEW, BETA, C_REF = 4, 24, 1.0, -9.5
@@ -74,7 +75,7 @@ def run_output(ckpt, tmp_path_factory):
       "eval.max_new_tokens": MAX_NEW, "eval.batch_size": 2, "eval.num_workers": 0,
       "eval.reward_fn": "test_evaluate:length_parity_reward", "eval.num_bootstrap": 50,
       "eval.bootstrap_seed": 3, "laser.kl_coef": BETA, "laser.ref_constant": C_REF})
-  summary = evaluate.run(config, progress=False, print_table=False)
+  summary = evaluator.run(config, progress=False, print_table=False)
   with open(config.eval.output_file) as f:
     rows = [json.loads(line) for line in f]
   return config, summary, rows
@@ -94,7 +95,7 @@ def test_output_rows_have_all_fields_and_consistent_values(run_output, ckpt):
     for key in ("responses", "pred_answers", "acc_list", "self_rewarding_scores", "self_rewarding_logprobs",
                 "response_token_ids", "stop_token_ids"):
       assert len(r[key]) == N, key
-    assert data_lib.INSTRUCTION in r["prompt"] and r["problem"] in r["prompt"]
+    assert prompts_lib.INSTRUCTION in r["prompt"] and r["problem"] in r["prompt"]
     assert r["prompt_token_ids"] == tok(r["prompt"], add_special_tokens=False)["input_ids"]
     for i in range(N):
       ids, lp, stop = r["response_token_ids"][i], r["self_rewarding_logprobs"][i], r["stop_token_ids"][i]
@@ -142,7 +143,7 @@ def test_exact_score_subtracts_the_reference_models_logprob(ckpt, tmp_path):
       "eval.output_file": str(tmp_path / "out.jsonl"), "eval.n": N, "eval.max_new_tokens": MAX_NEW,
       "eval.batch_size": 2, "eval.num_workers": 0, "eval.reward_fn": "test_evaluate:length_parity_reward",
       "eval.num_bootstrap": 10, "laser.kl_coef": BETA, "laser.ref_constant": C_REF})
-  summary = evaluate.run(config, progress=False, print_table=False)
+  summary = evaluator.run(config, progress=False, print_table=False)
   assert summary["reference_model"] == ref_ckpt and summary["ref_constant"] is None
   rows = [json.loads(line) for line in open(config.eval.output_file)]
   ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_ckpt, dtype=torch.float32).eval()
@@ -164,8 +165,9 @@ def test_exact_score_subtracts_the_reference_models_logprob(ckpt, tmp_path):
   # A reference with another architecture is a one-line error naming the field.
   other = hf_fixtures.make_tiny_hf_checkpoint(str(tmp_path / "other"), "qwen2", vocab_size=512)
   config.laser.ref_hf_path = other
-  with pytest.raises(evaluate.ConfigError, match=r"config\.laser\.ref_hf_path: .* vocab_size is 512 there, 384"):
-    evaluate.run(config, progress=False, print_table=False)
+  with pytest.raises(config_check.ConfigError,
+                     match=r"config\.laser\.ref_hf_path: .* vocab_size is 512 there, 384"):
+    evaluator.run(config, progress=False, print_table=False)
 
 
 def _canon(a):
@@ -236,11 +238,11 @@ def _assert_metrics_match(summary, ref):
 
 def test_summary_json_matches_numpy_recomputation(run_output):
   config, summary, rows = run_output
-  with open(evaluate.summary_path(config.eval.output_file)) as f:
+  with open(report.summary_path(config.eval.output_file)) as f:
     on_disk = json.load(f)
   assert on_disk == summary
   assert config.eval.output_file.endswith("result.jsonl")
-  assert evaluate.summary_path(config.eval.output_file).endswith("result.summary.json")
+  assert report.summary_path(config.eval.output_file).endswith("result.summary.json")
   ref = reference_metrics(rows, 0.5, num_bootstrap=50, seed=3)
   _assert_metrics_match(summary, ref)
   assert summary["num_problems"] == len(PROBLEMS) and summary["n"] == N
@@ -264,7 +266,7 @@ def test_metrics_on_handmade_rows_with_votes():
   ]
   assert answers.canonical_answer("\\left(2\\right)") == answers.canonical_answer("(2)")
   assert answers.canonical_answer("x + 1") == "x+1" and answers.canonical_answer(None) is None
-  summary = evaluate.metrics_from_rows(rows, threshold=0.5, num_bootstrap=200, seed=7)
+  summary = report.metrics_from_rows(rows, threshold=0.5, num_bootstrap=200, seed=7)
   _assert_metrics_match(summary, reference_metrics(rows, 0.5, 200, 7))
   assert 0 < summary["maj@4"] < 1 and summary["self_weighted_maj@4"] != summary["maj@4"]
 
@@ -283,8 +285,8 @@ def test_cli_prints_table_and_exits_zero(ckpt, tmp_path):
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(rows) == 2 and all(len(r["responses"]) == 2 for r in rows)
   assert all(a == 0.0 for r in rows for a in r["acc_list"])  # math verifier: junk is never right
-  assert os.path.isfile(evaluate.summary_path(str(out)))
-  summary = json.loads(open(evaluate.summary_path(str(out))).read())
+  assert os.path.isfile(report.summary_path(str(out)))
+  summary = json.loads(open(report.summary_path(str(out))).read())
   # One class only (nothing is correct): AUROC undefined; the reliability plot sits beside it.
   assert summary["self_verification/auroc"] is None and "AUROC of the score" in proc.stdout
   assert summary["reliability_plot"] == str(tmp_path / "cli.reliability.png")
@@ -323,7 +325,7 @@ def test_bad_input_one_line_errors(ckpt, tmp_path, capsys, overrides, message):
   config = eval_config(**{"model.hf_path": ckpt, "eval.output_file": str(tmp_path / "o.jsonl"),
                           "eval.input_file": write_problems(tmp_path / "p.jsonl"), **overrides})
   with pytest.raises(SystemExit) as exc:
-    cli.exit_on_bad_input(evaluate.run, config)
+    cli.exit_on_bad_input(evaluator.run, config)
   assert exc.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and message in err and "\n" not in err
@@ -334,8 +336,8 @@ def test_bad_input_one_line_errors(ckpt, tmp_path, capsys, overrides, message):
 def test_evaluate_trainer_checkpoint(tmp_path):
   """Train one step, evaluate its checkpoint; scores equal a forward with the trainer's own restore."""
   import jax
-  from laser_jax.training import checkpoint as ckpt_lib
   from laser_jax.models import model as model_lib
+  from laser_jax.training import checkpoint as ckpt_lib
   from laser_jax.training import trainer
   from test_trainer import tiny_config
   train_cfg = tiny_config(tmp_path / "run", total_steps=1, eval_every=0)
@@ -347,7 +349,7 @@ def test_evaluate_trainer_checkpoint(tmp_path):
       "eval.num_workers": 0, "eval.n": 2, "eval.max_new_tokens": 12, "eval.batch_size": 4,
       "eval.output_file": str(tmp_path / "eval.jsonl"), "eval.num_bootstrap": 10,
       "laser.ref_constant": -4.0})
-  summary = evaluate.run(config, progress=False, print_table=False)
+  summary = evaluator.run(config, progress=False, print_table=False)
   assert summary["num_problems"] == 4 and "checkpoints/1/state" in summary["model"]
   rows = [json.loads(line) for line in open(config.eval.output_file)]
   # Reference: the trainer's own full-state restore of the same step.
@@ -368,7 +370,7 @@ def test_evaluate_trainer_checkpoint(tmp_path):
   # The wrong training config (the default, larger model) is a one-line error naming the tensor.
   config.model.train_config = os.path.join(REPO, "configs", "tiny_cpu.py")
   with pytest.raises(config_check.ConfigError, match=r"params\['embed'\]\['embedding'\] has shape"):
-    evaluate.run(config, progress=False, print_table=False)
+    evaluator.run(config, progress=False, print_table=False)
 
 
 @pytest.mark.slow
@@ -393,7 +395,7 @@ def test_checkpoint_of_an_exact_score_run_is_evaluated_against_its_reference(tmp
       "model.checkpoint_dir": str(tmp_path / "run"), "eval.input_file": "synthetic", "eval.limit": 8,
       "eval.reward_fn": "synthetic", "eval.num_workers": 0, "eval.n": 8, "eval.max_new_tokens": 32,
       "eval.batch_size": 8, "eval.output_file": str(tmp_path / "eval.jsonl"), "eval.num_bootstrap": 10})
-  summary = evaluate.run(config, progress=False, print_table=False)
+  summary = evaluator.run(config, progress=False, print_table=False)
   assert summary["reference_model"].startswith("initial policy of")
   checked = 0
   for r in map(json.loads, open(config.eval.output_file)):

@@ -14,14 +14,15 @@ import torch
 import transformers
 
 import hf_fixtures
-from laser_jax.training import checkpoint
 from laser_jax import cli
-from laser_jax.data import records as data
 from laser_jax import default_config
-from laser_jax.evaluation import evaluator as evaluate, export
-from laser_jax.models import hf, model as model_lib
-from laser_jax.training import trainer
 from laser_jax.config_check import ConfigError
+from laser_jax.data import prompts as prompts_lib
+from laser_jax.evaluation import evaluator, export
+from laser_jax.evaluation import loading
+from laser_jax.models import hf, model as model_lib
+from laser_jax.training import checkpoint
+from laser_jax.training import trainer
 from tests.test_trainer import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def run(tmp_path_factory):
 
 def _evaluate(tmp, name, **model_keys):
   config = _eval_config(**EVAL, **model_keys, **{"eval.output_file": str(tmp / f"{name}.jsonl")})
-  summary = evaluate.run(config, progress=False, print_table=False)
+  summary = evaluator.run(config, progress=False, print_table=False)
   return summary, [json.loads(line) for line in open(config.eval.output_file)]
 
 
@@ -89,7 +90,7 @@ def test_export_round_trips_through_transformers(run):
   assert (meta["kl_coef"], meta["ref_constant"]) == (cfg.laser.kl_coef, cfg.laser.ref_constant) == (0.1, -4.0)
   assert meta["use_ref_model_score"] is False and meta["reference_model"] == ""
   assert meta["eos_token_id"] == t.tokenizer.eos_token_id and meta["eos_token_ids"] == list(t.eos_ids)
-  assert meta["prompt"] == {"template": "chat", "instruction": data.INSTRUCTION,
+  assert meta["prompt"] == {"template": "chat", "instruction": prompts_lib.INSTRUCTION,
                             "chat_template": t.tokenizer.chat_template}
   assert meta["constants_source"] == f"training config {tmp / 'run' / 'config.json'}"
   generation = json.loads((tmp / "hf" / "generation_config.json").read_text())
@@ -118,12 +119,12 @@ def test_evaluating_the_export_gives_the_checkpoints_scores(evaluations):
 def test_eval_config_overrides_the_exports_constants_and_says_so(run):
   _, tmp = run
   config = _eval_config(**{"model.hf_path": str(tmp / "hf"), "laser.ref_constant": -23.0})
-  model = evaluate.load_model(config)
+  model = loading.load_model(config)
   assert (model.kl_coef, model.ref_constant, model.template) == (0.1, -23.0, "chat")
   assert model.overrides == ("config.laser.ref_constant=-23.0 (the model's own: -4.0)",)
   # Same for a checkpoint: its training config's values unless the eval config sets them.
   config = _eval_config(**{"model.checkpoint_dir": str(tmp / "run"), "laser.kl_coef": 0.2})
-  model = evaluate.load_model(config)
+  model = loading.load_model(config)
   assert (model.kl_coef, model.ref_constant) == (0.2, -4.0)
   assert model.overrides == ("config.laser.kl_coef=0.2 (the model's own: 0.1)",)
 
@@ -186,7 +187,7 @@ def test_hf_model_without_laser_json_needs_every_constant(tmp_path, capsys, miss
   """No defaults: evaluate and export of a plain HF directory name the unset key, exit 2, write nothing."""
   path = _tiny_hf(tmp_path)
   out = tmp_path / "out"
-  for fn, keys in ((evaluate.run, {"eval.input_file": "synthetic", "eval.output_file": str(out / "e.jsonl")}),
+  for fn, keys in ((evaluator.run, {"eval.input_file": "synthetic", "eval.output_file": str(out / "e.jsonl")}),
                    (export.run, {"export.output_dir": str(out / "hf")})):
     config = _eval_config(**{"model.hf_path": path, **missing, **keys})
     with pytest.raises(SystemExit) as exc:
@@ -199,7 +200,8 @@ def test_hf_model_without_laser_json_needs_every_constant(tmp_path, capsys, miss
 
 def test_calibrate_needs_only_zc(tmp_path):
   path = _tiny_hf(tmp_path)
-  model = evaluate.load_model(_eval_config(**{"model.hf_path": path, "laser.self_reward_token_id": 3}), score=False)
+  model = loading.load_model(_eval_config(**{"model.hf_path": path, "laser.self_reward_token_id": 3}),
+                             score=False)
   assert model.zc_id == 3 and model.kl_coef is None and model.ref_constant is None
 
 
@@ -225,7 +227,7 @@ def test_hf_export_takes_the_eval_configs_constants_and_pushes_to_the_hub(tmp_pa
   meta = json.loads((out / "laser_jax.json").read_text())
   assert (meta["self_reward_token"], meta["self_reward_token_id"]) == ("<|vision_start|>", hf_fixtures.ZC_ID)
   assert (meta["kl_coef"], meta["ref_constant"], meta["constants_source"]) == (0.25, -7.5, "eval config")
-  assert meta["prompt"] == {"template": "base", "instruction": data.INSTRUCTION, "chat_template": None}
+  assert meta["prompt"] == {"template": "base", "instruction": prompts_lib.INSTRUCTION, "chat_template": None}
   assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
   assert calls[0][1] == "my-org/tiny-laser" and calls[0][2]["private"] is True
   assert {"README.md", "laser_jax.json", "config.json", "model.safetensors", "tokenizer.json"} <= set(calls[1][1])
@@ -234,7 +236,7 @@ def test_hf_export_takes_the_eval_configs_constants_and_pushes_to_the_hub(tmp_pa
   assert "# my-org/tiny-laser" in card and export.score_snippet("my-org/tiny-laser") in card
   assert "plain text" in card and "c_ref = -7.5" in card
   # The export evaluates with those constants and no eval-config laser.* keys.
-  model = evaluate.load_model(_eval_config(**{"model.hf_path": str(out)}))
+  model = loading.load_model(_eval_config(**{"model.hf_path": str(out)}))
   assert (model.zc_id, model.kl_coef, model.ref_constant, model.template) == (hf_fixtures.ZC_ID, 0.25, -7.5, "base")
 
 
@@ -281,14 +283,14 @@ def test_export_of_an_exact_score_run_needs_its_reference(tmp_path):
   path = _with_laser_json(_tiny_hf(tmp_path))
   with pytest.raises(ConfigError, match=r"^config\.laser\.ref_hf_path: .*laser_jax\.json says the model was trained "
                                         r"with the exact score"):
-    evaluate.load_model(_eval_config(**{"model.hf_path": path}))
-  model = evaluate.load_model(_eval_config(**{"model.hf_path": path, "laser.ref_constant": -9.0}))
+    loading.load_model(_eval_config(**{"model.hf_path": path}))
+  model = loading.load_model(_eval_config(**{"model.hf_path": path, "laser.ref_constant": -9.0}))
   assert (model.ref_params, model.ref_constant, model.use_ref_model_score) == (None, -9.0, False)
   assert model.overrides == ("config.laser.ref_constant=-9.0 (the model was trained with the exact score, "
                              "against its initial policy)",)
   reference = hf_fixtures.make_tiny_hf_checkpoint(str(tmp_path / "ref"), "qwen2", seed=1)
   _with_laser_json(path, reference_model=reference)
-  model = evaluate.load_model(_eval_config(**{"model.hf_path": path}))
+  model = loading.load_model(_eval_config(**{"model.hf_path": path}))
   assert model.use_ref_model_score and model.ref_source == reference and model.ref_params is not None
   np.testing.assert_array_equal(model.ref_params["final_norm"]["scale"],
                                 hf.load_hf_params(reference, model.cfg)["final_norm"]["scale"])
@@ -299,7 +301,7 @@ def test_laser_json_naming_another_token_than_the_tokenizers_is_an_error(tmp_pat
                           ref_constant=-9.0)
   with pytest.raises(ConfigError, match=r"names z_c '<\|im_end\|>' with id 3, but the tokenizer there has "
                                         r"'<\|vision_start\|>' at that id"):
-    evaluate.load_model(_eval_config(**{"model.hf_path": path}))
+    loading.load_model(_eval_config(**{"model.hf_path": path}))
 
 
 @pytest.mark.parametrize("content, message", [
@@ -310,4 +312,4 @@ def test_corrupt_laser_json_is_a_one_line_error(tmp_path, content, message):
   path = _tiny_hf(tmp_path)
   (pathlib.Path(path) / "laser_jax.json").write_text(content)
   with pytest.raises(ConfigError, match=f"^config.model.hf_path: {message}"):
-    evaluate.load_model(_eval_config(**{"model.hf_path": path}))
+    loading.load_model(_eval_config(**{"model.hf_path": path}))

@@ -12,7 +12,9 @@ import torch
 import transformers
 
 import hf_fixtures
+from laser_jax.models import attention as attention_lib
 from laser_jax.models import hf, model
+from laser_jax.models.config import DeviceInfo, ModelConfig, device_info, resolve_attention, resolve_dtype
 
 # Jitted entry points (eager op-by-op dispatch is much slower on CPU).
 forward = jax.jit(model.forward, static_argnums=1, static_argnames="return_hidden")
@@ -210,12 +212,12 @@ def test_init_params_matches_num_params_and_hf_layout(checkpoints):
 def test_config_validation_errors():
   base = dict(family="qwen2", vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
               num_kv_heads=1, head_dim=4)
-  model.ModelConfig(**base)
+  ModelConfig(**base)
   for bad, needle in [({"family": "gpt2"}, "family"), ({"dtype": "float16"}, "dtype"),
                       ({"num_kv_heads": 3, "num_heads": 4}, "num_kv_heads"),
                       ({"rope_scaling": (("rope_type", "yarn"),)}, "llama3")]:
     with pytest.raises(ValueError, match=needle) as e:
-      model.ModelConfig(**{**base, **bad})
+      ModelConfig(**{**base, **bad})
     assert "\n" not in str(e.value)
 
 
@@ -232,15 +234,15 @@ def test_chunked_attention_equals_full_attention_values_and_gradients(padding):
   else:
     valid[1, 9:] = False
   valid = jnp.asarray(valid)
-  reference = model.attend(q, k, v, model.causal_mask(jnp.arange(t), valid))
+  reference = attention_lib.attend(q, k, v, attention_lib.causal_mask(jnp.arange(t), valid))
   weights = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32)
 
   def loss(q, k, v, impl, block):
-    return jnp.sum(model.attend_causal(q, k, v, valid, impl, block) * weights)
+    return jnp.sum(attention_lib.attend_causal(q, k, v, valid, impl, block) * weights)
 
   ref_grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "xla", 4)
   for block in (1, 4, 5, 13, 64):
-    out = model.attend_causal(q, k, v, valid, "chunked", block)
+    out = attention_lib.attend_causal(q, k, v, valid, "chunked", block)
     np.testing.assert_allclose(out, reference, atol=1e-5, rtol=1e-5)
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "chunked", block)
     for g, r in zip(grads, ref_grads):
@@ -263,9 +265,9 @@ def test_kernel_attention_paths_equal_the_reference(impl):
   valid[2] = False  # no valid token at all
   valid = jnp.asarray(valid)
   weights = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) * valid[:, :, None, None]
-  run = {"splash": lambda q, k, v: model.attend_splash(q, k, v, valid, block=128, interpret=True),
-         "cudnn": lambda q, k, v: model.attend_cudnn(q, k, v, valid, implementation="xla"),
-         "xla": lambda q, k, v: model.attend_causal(q, k, v, valid, "xla")}
+  run = {"splash": lambda q, k, v: attention_lib.attend_splash(q, k, v, valid, block=128, interpret=True),
+         "cudnn": lambda q, k, v: attention_lib.attend_cudnn(q, k, v, valid, implementation="xla"),
+         "xla": lambda q, k, v: attention_lib.attend_causal(q, k, v, valid, "xla")}
 
   def loss(impl):
     return lambda q, k, v: jnp.sum(run[impl](q, k, v) * weights)
@@ -280,15 +282,15 @@ def test_kernel_attention_paths_equal_the_reference(impl):
 
 
 def test_resolve_attention_per_platform():
-  assert model.resolve_attention("auto", "tpu", "bfloat16") == "splash"
-  assert model.resolve_attention("auto", "cuda", "bfloat16") == "cudnn"
-  assert model.resolve_attention("auto", "gpu", "float32") == "chunked"  # cuDNN flash is bf16/fp16 only
-  assert model.resolve_attention("auto", "cpu", "bfloat16") == "chunked"
-  assert model.resolve_attention("xla", "tpu", "float32") == "xla"
+  assert resolve_attention("auto", "tpu", "bfloat16") == "splash"
+  assert resolve_attention("auto", "cuda", "bfloat16") == "cudnn"
+  assert resolve_attention("auto", "gpu", "float32") == "chunked"  # cuDNN flash is bf16/fp16 only
+  assert resolve_attention("auto", "cpu", "bfloat16") == "chunked"
+  assert resolve_attention("xla", "tpu", "float32") == "xla"
   with pytest.raises(ValueError, match="'splash' runs on TPU only .*platform: cpu"):
-    model.resolve_attention("splash", "cpu", "float32")
+    resolve_attention("splash", "cpu", "float32")
   with pytest.raises(ValueError, match="dtype='bfloat16'"):
-    model.ModelConfig("qwen2", 64, 32, 64, 1, 2, 2, 16, attention="cudnn")
+    ModelConfig("qwen2", 64, 32, 64, 1, 2, 2, 16, attention="cudnn")
 
 
 def test_chunked_attention_never_materialises_the_full_scores():
@@ -298,7 +300,7 @@ def test_chunked_attention_never_materialises_the_full_scores():
   valid = jnp.ones((b, t), bool)
 
   def loss(q, impl):
-    return jnp.sum(model.attend_causal(q, q, q, valid, impl, block))
+    return jnp.sum(attention_lib.attend_causal(q, q, q, valid, impl, block))
 
   def temp_bytes(impl):
     return jax.jit(jax.grad(loss), static_argnums=1).lower(q, impl).compile().memory_analysis().temp_size_in_bytes
@@ -322,7 +324,7 @@ def test_scanned_layers_equal_the_unrolled_forward(checkpoints, remat):
 # ---- "auto" numerics from the device (Colab T4 / A100 / L4, TPU), on fake device objects ----------
 
 def _device(platform, kind, capability=None):
-  """A stand-in for a jax Device: what `model.device_info` reads."""
+  """A stand-in for a jax Device: what `device_info` reads."""
   import types
   fields = dict(platform=platform, device_kind=kind)
   if capability is not None:
@@ -345,25 +347,25 @@ CPU = _device("cpu", "cpu")
     (TPU, "bfloat16", "splash"), (CPU, "float32", "chunked"),
 ], ids=lambda x: getattr(x, "device_kind", x))
 def test_auto_numerics_follow_the_device(device, dtype, attention):
-  assert model.resolve_dtype("auto", device) == dtype
-  assert model.resolve_attention("auto", device, model.resolve_dtype("auto", device)) == attention
+  assert resolve_dtype("auto", device) == dtype
+  assert resolve_attention("auto", device, resolve_dtype("auto", device)) == attention
   # Explicit values are kept.
-  assert model.resolve_dtype("float32", device) == "float32" and model.resolve_dtype("bfloat16", device) == "bfloat16"
+  assert resolve_dtype("float32", device) == "float32" and resolve_dtype("bfloat16", device) == "bfloat16"
 
 
 def test_t4_never_gets_cudnn_flash_attention():
   # Even with bf16 compute asked for explicitly, "auto" attention is chunked on a T4 ...
-  assert model.resolve_attention("auto", T4, "bfloat16") == "chunked"
+  assert resolve_attention("auto", T4, "bfloat16") == "chunked"
   # ... and asking for cuDNN there is an error naming the device and its compute capability.
   with pytest.raises(ValueError, match=r"'cudnn' needs a GPU of compute capability >= 8.0 \(this device: Tesla T4, 7.5\)"):
-    model.resolve_attention("cudnn", T4, "bfloat16")
-  assert model.resolve_attention("cudnn", A100, "bfloat16") == "cudnn"
+    resolve_attention("cudnn", T4, "bfloat16")
+  assert resolve_attention("cudnn", A100, "bfloat16") == "cudnn"
 
 
 def test_device_info_reads_jax_devices_and_platform_names():
-  assert model.device_info(T4) == model.DeviceInfo("gpu", "Tesla T4", (7, 5))
-  assert model.device_info("cuda") == model.DeviceInfo("gpu")
-  assert model.device_info(jax.devices()[0]) == model.DeviceInfo("cpu", jax.devices()[0].device_kind, None)
+  assert device_info(T4) == DeviceInfo("gpu", "Tesla T4", (7, 5))
+  assert device_info("cuda") == DeviceInfo("gpu")
+  assert device_info(jax.devices()[0]) == DeviceInfo("cpu", jax.devices()[0].device_kind, None)
 
 
 def test_colab_config_numerics_per_device():
@@ -381,4 +383,4 @@ def test_colab_config_numerics_per_device():
   assert settings(None) == ("float32", "chunked")  # this process's device: the CPU
   # A ModelConfig built from those settings is valid on each (cudnn needs bf16 compute).
   for device in (T4, A100, TPU):
-    model.ModelConfig("qwen2", 64, 32, 64, 1, 2, 2, 16, **tasks.model_settings(m, device))
+    ModelConfig("qwen2", 64, 32, 64, 1, 2, 2, 16, **tasks.model_settings(m, device))

@@ -1,4 +1,4 @@
-"""Tests of laser_jax.objective against NumPy references from SPEC.md and hand-worked cases."""
+"""Tests of laser_jax.rl.objective against NumPy references from SPEC.md and hand-worked cases."""
 import math
 
 import hypothesis
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
+from laser_jax.rl import advantages as advantages_lib
 from laser_jax.rl import objective as obj
 from laser_jax.rl import rl_metrics
 
@@ -32,11 +33,11 @@ def _random_batch(rng, B=12, T=7, num_groups=4):
 def test_grpo_advantages_hand_worked():
   rewards = np.array([1, 1, 0, 1, 0.0, 1.0])
   group_ids = np.array([1, 0, 1, 0, 2, 3])
-  adv = np.asarray(obj.grpo_advantages(rewards, group_ids))
+  adv = np.asarray(advantages_lib.grpo_advantages(rewards, group_ids))
   half_over_std = 0.5 / (math.sqrt(0.5) + 1e-6)  # group 1: rewards (1, 0), unbiased std sqrt(.5).
   # Groups 2 and 3 have one response each: mean 0, std 1 (verl), so A = r / (1 + 1e-6).
   np.testing.assert_allclose(adv, [half_over_std, 0, -half_over_std, 0, 0, 1 / (1 + 1e-6)], atol=1e-6)
-  dr = np.asarray(obj.grpo_advantages(rewards, group_ids, norm_by_std=False))
+  dr = np.asarray(advantages_lib.grpo_advantages(rewards, group_ids, norm_by_std=False))
   np.testing.assert_allclose(dr, [0.5, 0, -0.5, 0, 0, 1.0], atol=1e-7)
 
 
@@ -46,7 +47,7 @@ def test_grpo_advantages_match_reference(norm_by_std):
   for _ in range(5):
     group_ids, _ = _random_batch(rng, B=16, num_groups=5)
     rewards = rng.integers(0, 2, size=16).astype(np.float32) + rng.normal(size=16) * 0.1
-    got = obj.grpo_advantages(rewards, group_ids, norm_by_std=norm_by_std)
+    got = advantages_lib.grpo_advantages(rewards, group_ids, norm_by_std=norm_by_std)
     want = ref.grpo_advantages(rewards, group_ids, norm_by_std=norm_by_std)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -58,7 +59,7 @@ def test_grpo_advantages_match_reference(norm_by_std):
 def test_advantages_sum_to_zero_per_group(rows, norm_by_std):
   group_ids = np.array([g for g, _ in rows], np.int32)
   rewards = np.array([r for _, r in rows], np.float32)
-  adv = np.asarray(obj.grpo_advantages(rewards, group_ids, num_groups=4, norm_by_std=norm_by_std))
+  adv = np.asarray(advantages_lib.grpo_advantages(rewards, group_ids, num_groups=4, norm_by_std=norm_by_std))
   for g in set(group_ids.tolist()):
     r = rewards[group_ids == g]
     if len(r) == 1:  # verl's convention for a group of one: mean 0, std 1.
@@ -70,16 +71,16 @@ def test_advantages_sum_to_zero_per_group(rows, norm_by_std):
 
 def test_group_ids_out_of_range_is_a_clear_error():
   with pytest.raises(ValueError, match=r"group_ids: ids must lie in \[0, 3\)"):
-    obj.grpo_advantages(np.zeros(3), np.array([0, 1, 7]))
-  np.testing.assert_array_equal(obj.dense_group_ids(["b", "a", "b", "c"]), [1, 0, 1, 2])
+    advantages_lib.grpo_advantages(np.zeros(3), np.array([0, 1, 7]))
+  np.testing.assert_array_equal(advantages_lib.dense_group_ids(["b", "a", "b", "c"]), [1, 0, 1, 2])
 
 
 def test_token_advantages_broadcast_and_shape_error():
   mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
-  np.testing.assert_array_equal(obj.token_advantages(np.array([2.0, -1.0]), mask),
+  np.testing.assert_array_equal(advantages_lib.token_advantages(np.array([2.0, -1.0]), mask),
                                 [[2, 2, 0], [-1, 0, 0]])
   with pytest.raises(ValueError, match="advantages: expected"):
-    obj.token_advantages(np.zeros(3), mask)
+    advantages_lib.token_advantages(np.zeros(3), mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_self_rewarding_advantages_hand_worked():
   finished = np.array([1, 1, 1, 1, 1, 1, 0, 1], bool)
   group_ids = np.array([0, 0, 0, 1, 1, 2, 3, 3])
   adv = np.arange(8, dtype=np.float32) * 0.1 - 0.3
-  got = np.asarray(obj.self_rewarding_advantages(scores, finished, group_ids, adv))
+  got = np.asarray(advantages_lib.self_rewarding_advantages(scores, finished, group_ids, adv))
   np.testing.assert_allclose(got, [1, -1, 0, adv[3], adv[4], 0.4, adv[6], adv[7]], atol=1e-6)
   np.testing.assert_allclose(got, ref.self_rewarding_advantages(scores, finished, group_ids, adv),
                              atol=1e-6)
@@ -180,7 +181,7 @@ def test_self_rewarding_advantages_random_vs_reference():
     finished = rng.random(24) < 0.8
     scores[~finished] = np.nan
     adv = rng.normal(size=24).astype(np.float32)
-    got = obj.self_rewarding_advantages(scores, finished, group_ids, adv, threshold=0.2)
+    got = advantages_lib.self_rewarding_advantages(scores, finished, group_ids, adv, threshold=0.2)
     want = ref.self_rewarding_advantages(scores, finished, group_ids, adv, threshold=0.2)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -191,9 +192,9 @@ def test_integration_tau_zero_is_identity_and_tau_one_is_self(adv, data):
   adv = np.array(adv, np.float32)
   adv_s = np.array(data.draw(st.lists(st.floats(-5, 5), min_size=len(adv), max_size=len(adv))),
                    np.float32)
-  np.testing.assert_array_equal(obj.integrate_advantages(adv, adv_s, 0.0), adv)
-  np.testing.assert_array_equal(obj.integrate_advantages(adv, adv_s, 1.0), adv_s)
-  np.testing.assert_allclose(obj.integrate_advantages(adv, adv_s, 0.1), 0.9 * adv + 0.1 * adv_s,
+  np.testing.assert_array_equal(advantages_lib.integrate_advantages(adv, adv_s, 0.0), adv)
+  np.testing.assert_array_equal(advantages_lib.integrate_advantages(adv, adv_s, 1.0), adv_s)
+  np.testing.assert_allclose(advantages_lib.integrate_advantages(adv, adv_s, 0.1), 0.9 * adv + 0.1 * adv_s,
                              rtol=1e-6, atol=1e-6)
 
 

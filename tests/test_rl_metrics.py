@@ -1,4 +1,4 @@
-"""Tests of laser_jax.rl_metrics against hand-worked cases and NumPy references."""
+"""Tests of laser_jax.rl.rl_metrics against hand-worked cases and NumPy references."""
 import math
 
 import hypothesis

@@ -3,9 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from laser_jax.generate import sampling as sampling_lib
 from laser_jax.models import model as model_lib
+from laser_jax.models.config import ModelConfig
 from laser_jax.rl import policy, rollout
-from laser_jax.generate import sampler
 
 PAD, EOS = 0, 9
 
@@ -41,7 +42,7 @@ def test_old_logprobs_are_placed_at_their_targets():
 def test_concat_samples_pads_prompts_and_offsets_groups():
   def make(p, groups):
     n = len(groups)
-    return sampler.SampleOutput(
+    return sampling_lib.SampleOutput(
         prompt_tokens=np.full((n, p), 4), prompt_mask=np.ones((n, p), bool),
         tokens=np.ones((n, 2), np.int32), lengths=np.full(n, 2), logprobs=np.zeros((n, 2)),
         eos_token=np.full(n, EOS), eos_logprob=np.zeros(n), finished=np.ones(n, bool),
@@ -55,7 +56,7 @@ def test_concat_samples_pads_prompts_and_offsets_groups():
 
 
 def test_chunked_token_logprobs_equal_full_and_match_log_softmax():
-  cfg = model_lib.ModelConfig(family="qwen2", vocab_size=50, hidden_size=32, intermediate_size=64,
+  cfg = ModelConfig(family="qwen2", vocab_size=50, hidden_size=32, intermediate_size=64,
                               num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, qkv_bias=True)
   params = model_lib.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, 50)
@@ -78,7 +79,7 @@ def test_chunked_token_logprobs_equal_full_and_match_log_softmax():
 
 
 def test_self_reward_logprob_reads_eos_position():
-  cfg = model_lib.ModelConfig(family="llama", vocab_size=40, hidden_size=32, intermediate_size=64,
+  cfg = ModelConfig(family="llama", vocab_size=40, hidden_size=32, intermediate_size=64,
                               num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16)
   params = model_lib.init_params(cfg, jax.random.key(3))
   tokens = jax.random.randint(jax.random.key(4), (3, 7), 0, 40)

@@ -1,4 +1,4 @@
-"""Tests for laser_jax.sampler.
+"""Tests for laser_jax.generate.sampler.
 
 References: a toy decode function over a fixed logits table (exact probabilities written in
 NumPy), the full-sequence `model.forward` (self-reward and per-token log-probs), and
@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from laser_jax.models import model as model_lib
+from laser_jax.generate import draw as draw_lib
 from laser_jax.generate import sampler as sampler_lib
+from laser_jax.generate.sampler import Sampler
+from laser_jax.generate.sampling import SamplingParams
+from laser_jax.models import model as model_lib
 from laser_jax.models import sharding as sharding_lib
-from laser_jax.generate.sampler import Sampler, SamplingParams
+from laser_jax.models.config import ModelConfig
 
 # ------------------------------------------------------------------------------------------------
 # Toy step function: logits depend only on the token being consumed (a fixed [V, V] table).
@@ -110,12 +113,12 @@ def test_inverse_cdf_draw_lands_in_each_tokens_interval(vocab):
   u = ((lower[chosen] + cdf[chosen]) / 2 / total).astype(np.float32)
   rows = jnp.asarray(np.tile(shifted + 1.5, (chosen.size, 1)))  # any offset: the draw shifts by row_max
   row_max = jnp.full((chosen.size,), 1.5, jnp.float32)
-  tokens, sums, drawn_ok = jax.jit(sampler_lib.inverse_cdf_draw)(rows, row_max, jnp.asarray(u))
+  tokens, sums, drawn_ok = jax.jit(draw_lib.inverse_cdf_draw)(rows, row_max, jnp.asarray(u))
   np.testing.assert_array_equal(np.asarray(tokens), chosen)
   assert np.asarray(drawn_ok).all()
   np.testing.assert_allclose(np.asarray(sums), total, rtol=1e-5)
   # The extremes of (0, 1) land on the first and the last token with weight.
-  tokens, _, drawn_ok = sampler_lib.inverse_cdf_draw(rows[:2], row_max[:2],
+  tokens, _, drawn_ok = draw_lib.inverse_cdf_draw(rows[:2], row_max[:2],
                                                      jnp.asarray([np.finfo(np.float32).tiny, 1 - 2**-24]))
   positive = np.nonzero(weights > 0)[0]
   assert np.asarray(tokens).tolist() == [positive[0], positive[-1]] and np.asarray(drawn_ok).all()
@@ -246,7 +249,7 @@ def test_bad_inputs_raise_clear_errors():
 # ------------------------------------------------------------------------------------------------
 # The Transformer: scores and log-probs against the full-sequence forward.
 
-TINY = model_lib.ModelConfig(family="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64,
+TINY = ModelConfig(family="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64,
                              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
                              tie_word_embeddings=False)
 Z_C = 127

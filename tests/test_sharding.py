@@ -8,15 +8,16 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from laser_jax.models import model, sharding
+from laser_jax.models.config import ModelConfig
 
 TINY = {
-    "qwen2": model.ModelConfig("qwen2", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
+    "qwen2": ModelConfig("qwen2", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
                                num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True),
-    "llama": model.ModelConfig("llama", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
+    "llama": ModelConfig("llama", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
                                num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=500000.0,
                                rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
                                              ("original_max_position_embeddings", 64), ("rope_type", "llama3"))),
-    "qwen3": model.ModelConfig("qwen3", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
+    "qwen3": ModelConfig("qwen3", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
                                num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True),
 }
 

@@ -1,4 +1,4 @@
-"""Inputs by address (laser_jax.sources): hub ids from an offline hub cache, gs:// through an fsspec
+"""Inputs by address (laser_jax.data.sources): hub ids from an offline hub cache, gs:// through an fsspec
 filesystem registered for the `gs` protocol, local paths and globs, and each bad address as one
 ConfigError line naming the key and the value."""
 import hashlib
@@ -18,15 +18,15 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as FSSPEC_REGISTRY  # what register_implementation writes
 
 import hf_fixtures
-from laser_jax.data import records as data
 from laser_jax import default_config
-from laser_jax.evaluation import evaluator as evaluate
-from laser_jax.models import hf
-from laser_jax.data import sources
-from laser_jax.training import tasks
-from laser_jax.models import model as model_lib
-from laser_jax.training import trainer as trainer_lib
+from laser_jax.evaluation import loading
 from laser_jax.config_check import ConfigError
+from laser_jax.data import records as records_lib
+from laser_jax.data import sources
+from laser_jax.models import hf
+from laser_jax.models.config import ModelConfig
+from laser_jax.training import tasks
+from laser_jax.training import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,7 +122,7 @@ def gcs(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# A tiny model (exported by laser_jax.hf, no torch).
+# A tiny model (exported by laser_jax.models.hf, no torch).
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def tiny_model(tmp_path_factory):
   """A 1-layer qwen2 directory: config.json, random model.safetensors, tokenizer, generation config."""
   from safetensors.numpy import save_file
   path = tmp_path_factory.mktemp("tiny") / "model"
-  cfg = model_lib.ModelConfig(family="qwen2", vocab_size=384, hidden_size=32, intermediate_size=64,
+  cfg = ModelConfig(family="qwen2", vocab_size=384, hidden_size=32, intermediate_size=64,
                               num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                               tie_word_embeddings=True, qkv_bias=True)
   shapes, rng = hf.param_shapes(cfg), np.random.default_rng(0)
@@ -260,11 +260,11 @@ def test_local_globs_and_keys_for_every_file_type(tmp_path):
   c = files_config(**{"data.train_files": f"{tmp_path}/*.parquet, {tmp_path}/a.jsonl"})
   assert [r["problem"] for r in tasks._train_records(c)] == ["What is 0 + 0?", "What is 1 + 1?", "J?"]
   c.data.problem_key = "problem"  # JSONL and parquet both report the keys they were read with
-  with pytest.raises(data.DataError, match=r"^config\.data\.problem_key / config\.data\.answer_key = "
+  with pytest.raises(records_lib.DataError, match=r"^config\.data\.problem_key / config\.data\.answer_key = "
                      r"\('problem', 'final_answer'\): .*b\.parquet: missing column\(s\) \['problem'\]"):
     tasks._train_records(c)
   c.data.train_files = str(tmp_path / "a.jsonl")
-  with pytest.raises(data.DataError, match=r"problem_key.*a\.jsonl:1: missing field 'problem'"):
+  with pytest.raises(records_lib.DataError, match=r"problem_key.*a\.jsonl:1: missing field 'problem'"):
     tasks._train_records(c)
 
 
@@ -357,10 +357,10 @@ def test_a_missing_score_constant_stops_the_evaluator_before_any_weight_is_fetch
   config.model.hf_path = "org/plain-model"
   config.laser.self_reward_token, config.laser.ref_constant = "<|vision_start|>", -23.0
   with pytest.raises(ConfigError, match=r"^config.laser.kl_coef: "):
-    evaluate.load_model(config)
+    loading.load_model(config)
   config.laser.kl_coef = 0.1  # With every constant set, the weights are what is missing.
   with pytest.raises(ConfigError, match=r"^config.model.hf_path: missing file: neither .*/model.safetensors "):
-    evaluate.load_model(config)
+    loading.load_model(config)
 
 
 # ----------------------------------------------------------------------------------------------

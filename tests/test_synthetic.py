@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from laser_jax.data import records as data
-from laser_jax.training import sft
+from laser_jax.data import prompts as prompts_lib
 from laser_jax.data import synthetic, verifier
+from laser_jax.training import sft
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +77,15 @@ def test_tokenizer_round_trip_and_special_tokens(tokenizer, tmp_path):
               [synthetic.PAD, synthetic.BOS, synthetic.EOS, synthetic.ZC_TOKEN, synthetic.UNK]))
   records = synthetic.make_split("train", 200, seed=2)
   for r in records:
-    prompt = data.build_prompt(r["problem"], loaded)
+    prompt = prompts_lib.build_prompt(r["problem"], loaded)
     for text in (prompt, r["solution"]):
       ids = loaded(text, add_special_tokens=False)["input_ids"]
       assert loaded.unk_token_id not in ids and loaded.decode(ids) == text
       if text is r["solution"]:
         assert zc not in ids and len(ids) <= 24
   # The instruction is a handful of tokens, not one per character.
-  assert len(loaded(data.INSTRUCTION, add_special_tokens=False)["input_ids"]) <= 16
-  assert data.build_prompt("x", loaded) == data.build_prompt("x", tokenizer)
+  assert len(loaded(prompts_lib.INSTRUCTION, add_special_tokens=False)["input_ids"]) <= 16
+  assert prompts_lib.build_prompt("x", loaded) == prompts_lib.build_prompt("x", tokenizer)
 
 
 def test_sft_corpus(tokenizer):
@@ -94,7 +94,7 @@ def test_sft_corpus(tokenizer):
   assert corpus.tokens.shape == corpus.loss_mask.shape == (8, corpus.lengths.max())
   for i, r in enumerate(records):
     n = corpus.lengths[i]
-    prompt_ids = data.encode_prompt(data.build_prompt(r["problem"], tokenizer), tokenizer)
+    prompt_ids = prompts_lib.encode_prompt(prompts_lib.build_prompt(r["problem"], tokenizer), tokenizer)
     target = np.flatnonzero(corpus.loss_mask[i])
     assert target[0] == len(prompt_ids) and target[-1] == n - 1 and len(target) == n - len(prompt_ids)
     assert corpus.tokens[i, :len(prompt_ids)].tolist() == prompt_ids

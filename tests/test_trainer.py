@@ -515,11 +515,11 @@ def test_host_blocks_of_the_eval_set_are_equal_and_padded(monkeypatch):
 
 def test_host_blocks_in_process_order_are_the_one_host_batches():
   """PromptIterator host blocks, joined in process order = the single-process batch sequence."""
-  from laser_jax.data import records as data_lib
+  from laser_jax.data import iterator as iterator_lib
   from test_data import _global_batches
   items = list(range(203))
-  one = data_lib.PromptIterator(items, 12, seed=3, num_epochs=2)
-  hosts = [data_lib.PromptIterator(items, 3, seed=3, num_epochs=2, process_index=p, process_count=4)
+  one = iterator_lib.PromptIterator(items, 12, seed=3, num_epochs=2)
+  hosts = [iterator_lib.PromptIterator(items, 3, seed=3, num_epochs=2, process_index=p, process_count=4)
            for p in range(4)]
   assert one.batches_per_epoch == hosts[0].batches_per_epoch == 203 // 12
   assert _global_batches(hosts, 2 * one.batches_per_epoch) == list(one)
@@ -585,8 +585,8 @@ def test_cli_malformed_training_file_is_one_line_with_file_and_line(tmp_path):
 def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path, kl_loss_coef, exact_score):
   """laser_jax.aot compiles the update and log-prob programs from `programs.abstract_*_batch`:
   they must be the trainer's real batches (fields, shapes, dtypes, shardings)."""
-  from laser_jax.training import programs
   from laser_jax.rl import rollout as rollout_lib
+  from laser_jax.training import programs
   c = tiny_config(tmp_path / "run", **{"loss.kl_loss_coef": kl_loss_coef,
                                        "laser.use_ref_model_score": exact_score})
   t = trainer.Trainer(c)

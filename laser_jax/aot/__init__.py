@@ -1,1 +1,4 @@
-"""TODO"""
+"""Will it fit? `python -m laser_jax.aot` compiles the trainer's own programs for a TPU slice on any
+machine: `topology` (chips and slices), `cost_model` (loop-aware FLOP, HBM and collective counts),
+`report` (compile every program of one RL step, estimate the step) and `__main__` (the command).
+"""

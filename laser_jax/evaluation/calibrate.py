@@ -34,13 +34,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ml_collections import config_flags
 
-from laser_jax import cli
 from laser_jax import config_check
-from laser_jax.evaluation import evaluator as evaluate
-from laser_jax.models import model as model_lib
 from laser_jax.config_check import ConfigError
+from laser_jax.evaluation import evaluator
+from laser_jax.evaluation import loading
+from laser_jax.evaluation import report as report_lib
+from laser_jax.models import model as model_lib
+from laser_jax.models.config import ModelConfig
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
@@ -62,7 +63,7 @@ def calibration_path(config: ml_collections.ConfigDict) -> str:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "token_id", "chunk"))
-def token_logprob_along(params, cfg: model_lib.ModelConfig, tokens, mask, token_id: int, chunk: int):
+def token_logprob_along(params, cfg: ModelConfig, tokens, mask, token_id: int, chunk: int):
   """[B, T] log pi(token_id | tokens[:, :t+1]) (temperature 1) by a full forward.
 
   The vocabulary projection runs over `chunk` positions at a time, so memory stays
@@ -80,7 +81,7 @@ def token_logprob_along(params, cfg: model_lib.ModelConfig, tokens, mask, token_
   return jax.lax.map(one, chunks).swapaxes(0, 1).reshape(b, t)
 
 
-def scan_samples(model: evaluate.LoadedModel, out, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+def scan_samples(model: loading.LoadedModel, out, chunk: int) -> tuple[np.ndarray, np.ndarray]:
   """Per row: (max log pi(z_c) over positions that generated response tokens incl. EOS,
   log pi(z_c) right after the EOS (NaN if truncated)) from one full forward."""
   prompt_len = out.prompt_tokens.shape[1]
@@ -179,19 +180,19 @@ def format_table(report: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table: bool = True,
-        model: evaluate.LoadedModel | None = None) -> dict:
+        model: loading.LoadedModel | None = None) -> dict:
   """Samples, reports log pi(z_c | x, y) statistics and z_c checks; writes and returns the report."""
   e, cal = config.eval, config.calibrate
   config_check.validate_eval(config)
-  records = evaluate.load_problems(e.input_file, cal.num_problems, e.data_dir)
-  model = evaluate.load_model(config, score=False) if model is None else model  # needs z_c only
-  sampling = evaluate.sampling_params(config, model)
-  prepared = evaluate.prepare_items(config, model, records)
+  records = evaluator.load_problems(e.input_file, cal.num_problems, e.data_dir)
+  model = loading.load_model(config, score=False) if model is None else model  # needs z_c only
+  sampling = evaluator.sampling_params(config, model)
+  prepared = evaluator.prepare_items(config, model, records)
   if not prepared.items:
     raise ConfigError(f"config.eval.max_prompt_len: all {prepared.num_filtered} prompts are "
                       f"longer than {e.max_prompt_len} tokens")
   logprobs, text_max, after_eos, texts = [], [], [], []
-  for _, out in evaluate.generate(model, prepared.items, sampling, e.batch_size, e.seed, progress):
+  for _, out in evaluator.generate(model, prepared.items, sampling, e.batch_size, e.seed, progress):
     logprobs.append(out.self_reward_logprob)
     tm, ae = scan_samples(model, out, cal.scan_chunk)
     text_max.append(tm)
@@ -222,7 +223,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   path = calibration_path(config)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
-    json.dump(evaluate.json_safe({**report, "config": config.to_dict()}), f, indent=2, allow_nan=False)
+    json.dump(report_lib.json_safe({**report, "config": config.to_dict()}), f, indent=2, allow_nan=False)
   for w in report["warnings"]:
     print(f"WARNING: {w}", file=sys.stderr, flush=True)
   if print_table:
@@ -230,13 +231,3 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
     print(f"report: {path}", flush=True)
   return report
 
-
-if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config file (configs/eval.py).",
-                                            lock_config=True)
-
-  def main(argv):
-    del argv
-    run(cli.required_config(_CONFIG, "configs/eval.py"))  # absl would exit with a returned value
-
-  cli.run(main)

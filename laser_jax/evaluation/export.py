@@ -22,13 +22,11 @@ import os
 
 import jax
 from absl import logging
-from ml_collections import config_flags
 
-from laser_jax import cli
-from laser_jax.data import records as data_lib
-from laser_jax.evaluation import evaluator as evaluate
-from laser_jax.models import hf
 from laser_jax.config_check import ConfigError
+from laser_jax.data import prompts as prompts_lib
+from laser_jax.evaluation import loading
+from laser_jax.models import hf
 
 METADATA_FORMAT = 1  # laser_jax.json's layout version
 SCORE_FORMULA = "r_s = kl_coef * (log p(self_reward_token | prompt + response + EOS) - ref_constant)"
@@ -83,7 +81,7 @@ def score_snippet(model: str) -> str:
   return SCORE_SNIPPET.replace(json.dumps(SNIPPET_MODEL), json.dumps(model), 1)
 
 
-def laser_metadata(model: evaluate.LoadedModel) -> dict:
+def laser_metadata(model: loading.LoadedModel) -> dict:
   """The laser_jax.json of `model`: everything its self-reward score and prompts need."""
   tokenizer = model.tokenizer
   eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.eos_ids[0]
@@ -104,7 +102,7 @@ def laser_metadata(model: evaluate.LoadedModel) -> dict:
       "eos_token_ids": [int(i) for i in model.eos_ids],
       "prompt": {
           "template": model.template,  # "chat" | "base" (data.build_prompt)
-          "instruction": data_lib.INSTRUCTION,  # appended to the problem after a newline
+          "instruction": prompts_lib.INSTRUCTION,  # appended to the problem after a newline
           "chat_template": chat_template,  # the tokenizer's, as used in training (null for "base")
       },
       "source": model.source,  # the checkpoint (or HF model) this was exported from
@@ -235,7 +233,7 @@ def run(config) -> str:
     raise ConfigError(f"config.export.dtype: expected 'bfloat16' or 'float32', got {e.dtype!r}")
   if e.push_to_hub:
     _check_push_target(e.push_to_hub)
-  model = evaluate.load_model(config, reference=False)  # the constants, not pi_ref's weights
+  model = loading.load_model(config, reference=False)  # the constants, not pi_ref's weights
   metadata = laser_metadata(model)
   if metadata["use_ref_model_score"] and not metadata["reference_model"]:
     logging.warning("The run scored against its initial policy (exact score), which is not part of the "
@@ -250,14 +248,3 @@ def run(config) -> str:
       push_to_hub(e.output_dir, e.push_to_hub, private=e.hub_private)
   return e.output_dir
 
-
-if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval.py", lock_config=True)
-
-  def main(argv):
-    del argv
-    config = cli.required_config(_CONFIG, "configs/eval.py")
-    out = run(config)
-    print(f"wrote {out}" + (f" and uploaded it to {config.export.push_to_hub}" if config.export.push_to_hub else ""))
-
-  cli.run(main)

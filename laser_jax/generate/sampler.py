@@ -27,11 +27,10 @@ The cache's slots are split into chunks: the prompt's, then one per decode segme
 and a step only needs to attend over chunks 0..chunk. Only the last position's logits
 (`logits[:, -1]`) are read, so a decode_fn may return T' = 1.
 `sample(params, cfg, prompts, sampling, rng, mesh=None)` is the convenience entry point for
-the Transformer in `laser_jax.model`; the trainer and the evaluator both use it.
+the Transformer in `laser_jax.models.model`; the trainer and the evaluator both use it.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
@@ -41,138 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from laser_jax.generate import draw
+from laser_jax.generate.sampling import SampleOutput, SamplingParams
 from laser_jax.models import hosts as hosts_lib
 from laser_jax.models import model as model_lib
 from laser_jax.models import sharding as sharding_lib
-from laser_jax.models.model import BATCH
 
-BATCH_AXES = BATCH  # Mesh axes the batch dimension is sharded over.
+BATCH_AXES = sharding_lib.BATCH_AXES  # Mesh axes the batch dimension is sharded over.
 MIN_BUCKET = 16  # Smallest prompt bucket; buckets are powers of two from here.
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """How to sample. Frozen (hashable): a static argument of the jitted functions.
-
-  Attributes:
-    n: responses per prompt; the n rows of one prompt are contiguous in the output.
-    temperature: softmax temperature (> 0); 0 means greedy (as vLLM and the official evaluation
-      read it); ignored when `greedy`.
-    top_p: nucleus threshold in (0, 1]; 1.0 = off. Keeps the smallest set of most likely
-      tokens whose probability (after temperature and top-k) sums to >= top_p.
-    top_k: keep the k most likely tokens; 0 = off. Tokens tied with the k-th are kept too.
-    max_new_tokens: response length limit, counting the EOS token.
-    eos_ids: a row stops when it emits any of these ids.
-    pad_id: fills token slots after a row's end and padding rows/columns.
-    self_reward_token_id: z_c; None = no self-reward score (the loop then never runs the
-      extra step for rows finishing on the last allowed step).
-    greedy: argmax decoding (log-probs are then taken at temperature 1).
-    decode_segments: at most this many decode loops, each over its own chunk of the KV cache
-      and attending only over the chunks written so far, so attention reads about half of the
-      cache on average instead of all of it every step. Execution only: results are equal up
-      to float rounding. Each loop is compiled separately (1 = one loop over the whole cache).
-    min_segment_tokens: each decode loop covers at least this many tokens: shorter ones save
-      less attention reading than their extra per-chunk matmuls cost (measured on CPU).
-  """
-  n: int = 1
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  max_new_tokens: int = 256
-  eos_ids: tuple[int, ...] = ()
-  pad_id: int = 0
-  self_reward_token_id: int | None = None
-  greedy: bool = False
-  decode_segments: int = 4
-  min_segment_tokens: int = 64
-
-  def __post_init__(self):
-    if self.n < 1:
-      raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.temperature == 0 and not self.greedy:
-      object.__setattr__(self, "greedy", True)
-      object.__setattr__(self, "temperature", 1.0)  # one hashable form of greedy sampling
-    if not self.greedy and not self.temperature > 0:
-      raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-    if self.top_k < 0:
-      raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
-    if self.decode_segments < 1:
-      raise ValueError(f"SamplingParams.decode_segments must be >= 1, got {self.decode_segments}")
-    if self.min_segment_tokens < 1:
-      raise ValueError(f"SamplingParams.min_segment_tokens must be >= 1, got {self.min_segment_tokens}")
-    if not isinstance(self.eos_ids, tuple):
-      raise TypeError(f"SamplingParams.eos_ids must be a tuple of ints, got {type(self.eos_ids).__name__}")
-
-  @property
-  def decode_chunk_lengths(self) -> tuple[int, ...]:
-    """Cache slots of each decode segment: max_new_tokens split into near-equal parts."""
-    n = max(1, min(self.decode_segments, self.max_new_tokens // self.min_segment_tokens))
-    base, extra = divmod(self.max_new_tokens, n)
-    return tuple(base + (i < extra) for i in range(n))
-
-  @property
-  def logprob_temperature(self) -> float:
-    """Temperature of the distribution the reported per-token log-probs come from."""
-    return 1.0 if self.greedy else float(self.temperature)
-
-
-@dataclasses.dataclass
-class SampleOutput:
-  """Sampled responses, NumPy on host. N = len(prompts) * n rows, R = max_new_tokens.
-
-  Attributes:
-    prompt_tokens: [N, P] int32, left-padded with pad_id (P = the prompt bucket length).
-    prompt_mask: [N, P] bool, True at real prompt tokens.
-    tokens: [N, R] int32 generated ids, EOS EXCLUDED, pad_id after the end.
-    lengths: [N] int32 number of generated tokens, EOS excluded.
-    logprobs: [N, R] float32 log_softmax(logits / T) at `tokens` (T = 1 when greedy); 0 after
-      the end.
-    eos_token: [N] int32 the EOS id the row emitted (pad_id for truncated rows).
-    eos_logprob: [N] float32 log-prob of that EOS token (same convention; NaN if truncated).
-    finished: [N] bool, the row emitted an EOS within max_new_tokens.
-    truncated: [N] bool, == ~finished.
-    self_reward_logprob: [N] float32 log pi(z_c | x, y, EOS), unscaled (T = 1); NaN for
-      truncated rows and when no self_reward_token_id was given.
-    group_ids: [N] int32 index of the prompt each row answers.
-  """
-  prompt_tokens: np.ndarray
-  prompt_mask: np.ndarray
-  tokens: np.ndarray
-  lengths: np.ndarray
-  logprobs: np.ndarray
-  eos_token: np.ndarray
-  eos_logprob: np.ndarray
-  finished: np.ndarray
-  truncated: np.ndarray
-  self_reward_logprob: np.ndarray
-  group_ids: np.ndarray
-  pad_id: int = 0
-
-  @property
-  def response_lengths(self) -> np.ndarray:
-    """[N] response length including the EOS of finished rows (what training scores)."""
-    return self.lengths + self.finished.astype(np.int32)
-
-  def _with_eos(self, per_token: np.ndarray, at_eos: np.ndarray) -> np.ndarray:
-    """`per_token` [N, R] with `at_eos` [N] written after each finished row's last token."""
-    out = per_token.copy()
-    rows = np.nonzero(self.finished)[0]
-    out[rows, self.lengths[rows]] = at_eos[rows]
-    return out
-
-  @property
-  def response_tokens(self) -> np.ndarray:
-    """[N, R] generated ids INCLUDING the EOS of finished rows, pad_id after."""
-    return self._with_eos(self.tokens, self.eos_token)
-
-  @property
-  def response_logprobs(self) -> np.ndarray:
-    """[N, R] log-probs of `response_tokens` (EOS included), 0 after the end."""
-    return self._with_eos(self.logprobs, self.eos_logprob)
 
 
 class SamplingState(NamedTuple):
@@ -205,123 +80,6 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
       tokens[i, length - len(p):] = np.asarray(p, np.int32)
       mask[i, length - len(p):] = True
   return tokens, mask
-
-
-def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
-  """Temperature-scaled logits [B, V] with tokens outside top-k / top-p set to -inf."""
-  scaled = logits / sampling.temperature
-  if 0 < sampling.top_k < scaled.shape[-1]:
-    kth = jax.lax.top_k(scaled, sampling.top_k)[0][..., -1:]
-    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-  if sampling.top_p < 1.0:
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    num_kept = jnp.sum(mass_before < sampling.top_p, axis=-1, keepdims=True)  # >= 1
-    threshold = jnp.take_along_axis(sorted_desc, num_kept - 1, axis=-1)
-    scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
-  return scaled
-
-
-def first_argmax(x: jax.Array) -> jax.Array:
-  """argmax over the last axis (first index among ties) as two plain reductions.
-
-  Same result as jnp.argmax; XLA:CPU runs argmax's variadic reduce several times slower.
-  """
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  is_max = x == jnp.max(x, axis=-1, keepdims=True)
-  return jnp.min(jnp.where(is_max, iota, x.shape[-1]), axis=-1)
-
-
-def _draw_block_size(vocab: int) -> int:
-  """Block length of the two-level inverse-CDF draw: about sqrt(V), a multiple of 128 lanes."""
-  return 128 * max(1, math.ceil(math.sqrt(vocab) / 128))
-
-
-def inverse_cdf_draw(logits: jax.Array, row_max: jax.Array, u: jax.Array
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws from softmax(logits) by inverse CDF, in two levels over blocks of the vocabulary.
-
-  Args:
-    logits: [B, V] float32 (-inf = excluded).
-    row_max: [B] max of each row of `logits` (finite).
-    u: [B] uniform numbers in (0, 1).
-  Returns:
-    (tokens [B] int32: the first index i with cumsum(w)[i] >= u * sum(w), w = exp(logits - row_max),
-     sums [B] float32: sum(w), so logsumexp(logits) = row_max + log(sums),
-     drawn_ok [B] bool: the drawn token has non-zero weight).
-
-  A single prefix sum over the vocabulary costs about as much as the model's decode step on CPU.
-  Here the weights are summed per block of about sqrt(V) tokens (fused with the exp, never
-  materialised), the block is found from the block sums' prefix sum, and only that block's
-  weights are recomputed and prefix-summed: O(V) exp and add, O(sqrt(V)) scans. Float rounding
-  can only move a draw at a block or row end onto a zero-weight token; `drawn_ok` flags that.
-  """
-  b, v = logits.shape
-  c = _draw_block_size(v)
-  nb = -(-v // c)
-  if nb * c != v:
-    logits = jnp.pad(logits, ((0, 0), (0, nb * c - v)), constant_values=-jnp.inf)
-  blocks = logits.reshape(b, nb, c)
-  block_sums = jnp.sum(jnp.exp(blocks - row_max[:, None, None]), axis=-1)  # [B, nb]
-  block_cdf = jax.lax.associative_scan(jnp.add, block_sums, axis=-1)
-  sums = block_cdf[:, -1]
-  target = u * sums
-  block = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), nb - 1).astype(jnp.int32)
-  before = jnp.take_along_axis(block_cdf - block_sums, block[:, None], axis=-1)[:, 0]
-  inner = jnp.exp(jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0] - row_max[:, None])  # [B, c]
-  inner_cdf = jax.lax.associative_scan(jnp.add, inner, axis=-1)
-  offset = jnp.minimum(jnp.sum(inner_cdf < (target - before)[:, None], axis=-1), c - 1).astype(jnp.int32)
-  drawn_ok = jnp.take_along_axis(inner, offset[:, None], axis=-1)[:, 0] > 0
-  return block * c + offset, sums, drawn_ok
-
-
-def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws one token per row from float32 logits [B, V].
-
-  Returns (tokens [B] int32, log-probs [B] float32 of those tokens under the untruncated
-  log_softmax(logits / T), T = 1 for greedy, and that distribution's log-normaliser
-  logsumexp(logits / T) [B], which the caller reuses for the self-reward score when T = 1).
-
-  Sampling is by inverse CDF (`inverse_cdf_draw`): one uniform number per row instead of the
-  B * V of Gumbel-max (`jax.random.categorical`), whose random bits dominated the decode step of
-  small models on CPU. Without top-k / top-p the draw's exp-sums also give the log-normaliser,
-  so the whole draw is two passes over the logits (max, then exp-sum). A draw that lands on a
-  zero-probability token (only through float rounding) is replaced by the most likely token, so
-  top-k / top-p supports are respected exactly.
-  """
-  scaled = logits if sampling.greedy else logits / sampling.temperature
-  row_max = jnp.max(scaled, axis=-1)
-  if sampling.greedy:
-    tokens = first_argmax(scaled)
-    lse = row_max + jnp.log(jnp.sum(jnp.exp(scaled - row_max[:, None]), axis=-1))
-  else:
-    filtering = 0 < sampling.top_k < scaled.shape[-1] or sampling.top_p < 1.0
-    filtered = filter_logits(logits, sampling) if filtering else scaled
-    u = jax.random.uniform(rng, (logits.shape[0],), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
-    # The row max is never filtered out, so it is also the filtered logits' max.
-    tokens, sums, drawn_ok = inverse_cdf_draw(filtered, row_max, u)
-    if filtering:
-      lse = row_max + jnp.log(jnp.sum(jnp.exp(scaled - row_max[:, None]), axis=-1))
-    else:
-      lse = row_max + jnp.log(sums)
-    tokens = jax.lax.cond(jnp.all(drawn_ok), lambda: tokens,
-                          lambda: jnp.where(drawn_ok, tokens, first_argmax(filtered)))
-  picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-  return tokens, picked - lse, lse
-
-
-def token_logprob_t1(logits: jax.Array, token_id: int) -> jax.Array:
-  """log_softmax(logits)[..., token_id] at temperature 1: the self-reward read-out."""
-  return logits[..., token_id] - jax.nn.logsumexp(logits, axis=-1)
-
-
-def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
-  if not eos_ids:
-    return jnp.zeros(tokens.shape, bool)
-  return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
-
 
 class Sampler:
   """Batched sampler around a step function; holds the jitted prefill/decode.
@@ -377,7 +135,7 @@ class Sampler:
     return state._replace(cache=cache, **fields)
 
   def _put_batch(self, x: np.ndarray) -> jax.Array:
-    """This host's rows `x` as its block of the global batch (`laser_jax.hosts.put_rows`)."""
+    """This host's rows `x` as its block of the global batch (`laser_jax.models.hosts.put_rows`)."""
     if self.mesh is None:
       return jnp.asarray(x)
     return hosts_lib.put_rows(x, NamedSharding(self.mesh, self._batch_spec(x.ndim)))
@@ -405,9 +163,9 @@ class Sampler:
       # Row r is prompt r // n. A repeat of the (batch-sharded) leading axis stays on each device.
       expand = functools.partial(jnp.repeat, repeats=repeats, axis=0)
       logits, prompt_mask, cache = expand(logits), expand(prompt_mask), jax.tree.map(expand, cache)
-    first, first_lp, _ = choose_tokens(logits.astype(jnp.float32), jax.random.fold_in(rng, 0), sampling)
+    first, first_lp, _ = draw.choose_tokens(logits.astype(jnp.float32), jax.random.fold_in(rng, 0), sampling)
     first = jnp.where(row_valid, first, sampling.pad_id)
-    is_eos = _is_eos(first, sampling.eos_ids) & row_valid
+    is_eos = draw.is_eos(first, sampling.eos_ids) & row_valid
     scored = sampling.self_reward_token_id is not None
     pad_col = jnp.full((batch, max_new + 1), sampling.pad_id, jnp.int32)
     state = SamplingState(
@@ -444,17 +202,17 @@ class Sampler:
       logits, cache = self.decode_fn(params, s.last_token[:, None], s.next_pos[:, None], consumes[:, None],
                                      s.cache, s.write_index, chunk)
       logits = logits[:, 0].astype(jnp.float32)
-      new, new_lp, lse = choose_tokens(logits, jax.random.fold_in(s.rng, s.step), sampling)
+      new, new_lp, lse = draw.choose_tokens(logits, jax.random.fold_in(s.rng, s.step), sampling)
       self_reward = s.self_reward
       if z_c is not None:
         if sampling.logprob_temperature == 1.0:  # the draw's normaliser is the T = 1 one
           score = logits[:, z_c] - lse
         else:  # a separate logsumexp, computed only in steps that read a score
-          score = jax.lax.cond(jnp.any(s.pending), lambda: token_logprob_t1(logits, z_c),
+          score = jax.lax.cond(jnp.any(s.pending), lambda: draw.token_logprob_t1(logits, z_c),
                                lambda: jnp.full_like(self_reward, jnp.nan))
         self_reward = jnp.where(s.pending, score, self_reward)
       new = jnp.where(s.active, new, sampling.pad_id)
-      is_eos = _is_eos(new, sampling.eos_ids) & s.active
+      is_eos = draw.is_eos(new, sampling.eos_ids) & s.active
       # Column `step` of the [B, R+1] buffers; at step == R only pending rows remain and the
       # spare column R receives pad for everyone.
       tokens = jax.lax.dynamic_update_slice(s.tokens, new[:, None], (0, s.step))
@@ -516,7 +274,7 @@ class Sampler:
     """Samples `sampling.n` responses for every prompt (lists of token ids).
 
     In a multi-host run each process passes its own prompts (as many on every host) and gets its
-    own rows back: the global batch is the hosts' row blocks in process order (`laser_jax.hosts`),
+    own rows back: the global batch is the hosts' row blocks in process order (`laser_jax.models.hosts`),
     the same batch a single process given all the prompts in that order would sample.
     """
     if not isinstance(sampling, SamplingParams):
@@ -579,7 +337,7 @@ _SAMPLERS: dict = {}
 
 
 def model_sampler(cfg, mesh: Mesh | None = None) -> Sampler:
-  """The (cached) Sampler for `laser_jax.model` with config `cfg` on `mesh`."""
+  """The (cached) Sampler for `laser_jax.models.model` with config `cfg` on `mesh`."""
   key = (cfg, mesh)
   if key not in _SAMPLERS:
     cache_sharding_fn = None
@@ -606,7 +364,7 @@ def sample(params, cfg, prompts: Sequence[Sequence[int]], sampling: SamplingPara
 
   Args:
     params: model parameters (already sharded with `sharding.shard_params` when `mesh` is set).
-    cfg: the `model.ModelConfig`.
+    cfg: the `config.ModelConfig`.
     prompts: token-id lists, one per prompt (any lengths >= 1).
     sampling: `SamplingParams`.
     rng: a PRNG key; the same key gives the same samples.

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint import / export for the decoder in `laser_jax.model`.
+"""Hugging Face checkpoint import / export for the decoder in `laser_jax.models.model`.
 
 Import reads `config.json` with transformers' AutoConfig and the weights with safetensors, file by
 file and tensor by tensor; with a mesh, each tensor goes straight into its target NamedSharding via
@@ -8,6 +8,10 @@ transformers config class), safetensors shards (+ index when sharded), generatio
 the tokenizer, so `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` reproduces the logits.
 
 Every problem with an input directory raises `HFCheckpointError` with a one-line message.
+
+Over 400 lines in one module on purpose: import and export are inverse mappings over one config
+mapping and one tensor-name table (`hf_tensor_map`), which must change together (tests/test_hf.py
+round-trips them).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 
 from laser_jax.models import model as model_lib
 from laser_jax.models import sharding as sharding_lib
-from laser_jax.models.model import ModelConfig
+from laser_jax.models.config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -420,11 +424,11 @@ def write_laser_metadata(out_dir: str, metadata: dict) -> str:
 
 
 def main(argv) -> None:
-  """`python -m laser_jax.hf PATH`: checks that PATH imports (config, every tensor, tokenizer) and
+  """`python -m laser_jax.models.hf PATH`: checks that PATH imports (config, every tensor, tokenizer) and
   prints a summary; any problem is one line on stderr and exit status 2 (laser_jax/cli.py)."""
   from absl import app
   if len(argv) != 2:
-    raise app.UsageError(f"expected one model directory, e.g. python -m laser_jax.hf PATH (got {argv[1:]})")
+    raise app.UsageError(f"expected one model directory, e.g. python -m laser_jax.models.hf PATH (got {argv[1:]})")
   path = argv[1]
   cfg = load_hf_config(path)
   params = load_hf_params(path, cfg)

@@ -6,7 +6,7 @@ memory before any checkpoint is downloaded; real runs load the config from the c
 """
 from __future__ import annotations
 
-from laser_jax.models.model import ModelConfig
+from laser_jax.models.config import ModelConfig
 
 _LLAMA3_SCALING = (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
                    ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))

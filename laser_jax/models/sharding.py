@@ -17,16 +17,18 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from laser_jax.models import attention
 from laser_jax.models import model as model_lib
-from laser_jax.models.model import KVCache, ModelConfig, cache_shapes
+from laser_jax.models.config import ModelConfig
+from laser_jax.models.model import KVCache, cache_shapes
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = model_lib.BATCH  # mesh axes of the batch dimension
+BATCH_AXES = attention.BATCH  # mesh axes of the batch dimension
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
   """A ("data", "fsdp", "tensor") mesh over `devices` (default: all, ordered by process, then id,
-  so that each host's devices hold one block of the batch rows: see laser_jax.hosts). One size
+  so that each host's devices hold one block of the batch rows: see laser_jax.models.hosts). One size
   may be -1 = the rest."""
   if devices is None:
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))

@@ -12,16 +12,16 @@ micro-batches (or data-parallel shards) gives exactly the full-batch loss *and* 
 mean of micro-batch means. Class-balancing weights of L_sr are likewise computed once over the whole
 batch (`self_reward_class_weights`) and sliced per micro-batch.
 
-Group ids are ints in [0, num_groups) (num_groups defaults to B); rows of a group need not be
-contiguous. `dense_group_ids` maps arbitrary ids (e.g. prompt uids) to that range.
+The advantages themselves (GRPO's and LaSeR's self-rewarding ones, group ids) are in `advantages`;
+`rollout_advantages` here combines them with the warm-up schedule for a whole rollout batch.
 """
 import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from laser_jax.rl import advantages as advantages_lib
 from laser_jax.rl import dapo
 from laser_jax.rl import rl_metrics
 from laser_jax.rl.rl_metrics import SumCount
@@ -29,7 +29,6 @@ from laser_jax.rl.rl_metrics import SumCount
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("kl", "mse", "low_var_kl")
 ADV_ESTIMATORS = ("grpo", "drgrpo")
-GRPO_EPS = 1e-6
 # c_ref and beta_v of the paper's Qwen2.5 settings (SPEC): the one place their defaults live.
 DEFAULT_REF_CONSTANT = -23.0
 DEFAULT_KL_COEF = 0.1
@@ -38,73 +37,7 @@ K3_CLAMP = 10.0
 
 
 # --------------------------------------------------------------------------------------------
-# Groups and advantages.
-# --------------------------------------------------------------------------------------------
-
-
-def dense_group_ids(ids) -> np.ndarray:
-  """Host-side: maps arbitrary per-row group keys (ints or strings) to ints in [0, #groups)."""
-  _, inverse = np.unique(np.asarray(ids), return_inverse=True)
-  return inverse.reshape(-1).astype(np.int32)
-
-
-def _check_group_ids(group_ids, num_groups: int, name: str = "group_ids"):
-  """Out-of-range ids would be silently dropped by segment ops: check them when concrete."""
-  if isinstance(group_ids, jax.core.Tracer):
-    return
-  g = np.asarray(group_ids)
-  if g.ndim != 1 or not np.issubdtype(g.dtype, np.integer):
-    raise ValueError(f"{name}: expected a 1-D integer array, got shape {g.shape} dtype {g.dtype}")
-  if g.size and (g.min() < 0 or g.max() >= num_groups):
-    raise ValueError(f"{name}: ids must lie in [0, {num_groups}), got range [{g.min()}, {g.max()}]"
-                     " (use objective.dense_group_ids or pass num_groups)")
-
-
-def group_mean_std(values: jax.Array, group_ids: jax.Array, num_groups: int | None = None):
-  """Per-row group mean, unbiased group std and group size of `values` [B].
-
-  A group of size 1 has std 0 here (its unbiased std is undefined); callers decide what that means.
-  """
-  values = jnp.asarray(values, jnp.float32)
-  num_groups = values.shape[0] if num_groups is None else num_groups
-  _check_group_ids(group_ids, num_groups)
-  size = jax.ops.segment_sum(jnp.ones_like(values), group_ids, num_groups)
-  total = jax.ops.segment_sum(values, group_ids, num_groups)
-  mean = total / jnp.maximum(size, 1.0)
-  dev = values - mean[group_ids]
-  sq = jax.ops.segment_sum(dev * dev, group_ids, num_groups)
-  std = jnp.sqrt(sq / jnp.maximum(size - 1.0, 1.0))
-  std = jnp.where(size > 1, std, 0.0)
-  return mean[group_ids], std[group_ids], size[group_ids]
-
-
-def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, *, num_groups: int | None = None,
-                    norm_by_std: bool = True, eps: float = GRPO_EPS) -> jax.Array:
-  """GRPO advantages [B]: (r - mean_g) / (std_g + eps), unbiased std; Dr. GRPO: r - mean_g.
-
-  A group of size 1 takes mean 0 and std 1, as verl's GRPO does (the official LaSeR release's
-  base), so its advantage is r / (1 + eps) (Dr. GRPO: r), the same convention as the self-reward
-  advantages' (SPEC). Training always has groups of rollout.n >= 2; this matters for n = 1.
-  """
-  mean, std, size = group_mean_std(rewards, group_ids, num_groups)
-  mean, std = jnp.where(size > 1, mean, 0.0), jnp.where(size > 1, std, 1.0)
-  centred = jnp.asarray(rewards, jnp.float32) - mean
-  return centred / (std + eps) if norm_by_std else centred
-
-
-def token_advantages(advantages: jax.Array, response_mask: jax.Array) -> jax.Array:
-  """Broadcasts per-row advantages [B] (or passes [B, T]) over response tokens, zero off-mask."""
-  mask = jnp.asarray(response_mask, jnp.float32)
-  adv = jnp.asarray(advantages, jnp.float32)
-  if adv.ndim == 1:
-    adv = adv[:, None]
-  if adv.shape[0] != mask.shape[0] or adv.ndim != 2:
-    raise ValueError(f"advantages: expected [B] or [B, T] with B={mask.shape[0]}, got {adv.shape}")
-  return jnp.broadcast_to(adv, mask.shape) * mask
-
-
-# --------------------------------------------------------------------------------------------
-# LaSeR: the last-token self-rewarding score, its loss and its advantages.
+# LaSeR: the last-token self-rewarding score and its loss.
 # --------------------------------------------------------------------------------------------
 
 
@@ -158,30 +91,6 @@ def self_reward_loss(z_logprob: jax.Array, rewards: jax.Array, finished: jax.Arr
   err = score - jnp.asarray(rewards, jnp.float32)
   per_row = jnp.where(finished, weights * err * err, 0.0)
   return SumCount(jnp.sum(per_row), jnp.asarray(per_row.shape[0], jnp.float32))
-
-
-def self_rewarding_advantages(scores: jax.Array, finished: jax.Array, group_ids: jax.Array,
-                              advantages: jax.Array, *, threshold: float = 0.1,
-                              num_groups: int | None = None) -> jax.Array:
-  """A^s [B] from the rollout policy's scores r_s (SPEC "self-rewarding advantage integration").
-
-  s = clip(r_s, 0, 1) on finished rows, 0 on truncated ones; per group mu, unbiased sigma
-  (size-1 group: mu = 0, sigma = 1); A^s = (s - mu) / sigma where sigma > threshold, else the
-  verifier advantage A (`advantages` [B]).
-  """
-  finished = jnp.asarray(finished, bool)
-  s = jnp.where(finished, jnp.clip(jnp.where(finished, scores, 0.0), 0.0, 1.0), 0.0)
-  mu, sigma, size = group_mean_std(s, group_ids, num_groups)
-  mu = jnp.where(size > 1, mu, 0.0)
-  sigma = jnp.where(size > 1, sigma, 1.0)
-  use = sigma > threshold
-  return jnp.where(use, (s - mu) / jnp.where(use, sigma, 1.0), advantages)
-
-
-def integrate_advantages(advantages: jax.Array, self_advantages: jax.Array,
-                         tau: float) -> jax.Array:
-  """A' = (1 - tau) A + tau A^s."""
-  return (1.0 - tau) * advantages + tau * self_advantages
 
 
 def warmup_flags(step, reasoning_warmup_steps, self_rewarding_warmup_steps):
@@ -265,7 +174,7 @@ def policy_token_losses(logp: jax.Array, old_logp: jax.Array, advantages: jax.Ar
   if clip_ratio_c is not None and clip_ratio_c <= 1.0:
     raise ValueError(f"clip_ratio_c must be > 1 (or None to disable dual clip), got {clip_ratio_c}")
   mask = jnp.asarray(response_mask, jnp.float32)
-  adv = token_advantages(advantages, mask)
+  adv = advantages_lib.token_advantages(advantages, mask)
   ratio = jnp.exp(masked_log_ratio(logp, old_logp, mask))
   loss = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high))
   if clip_ratio_c is not None:
@@ -287,7 +196,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
                                    clip_eps_high=clip_eps_high, clip_ratio_c=clip_ratio_c)
   loss = aggregate(token_loss, mask, agg_mode, max_response_length)
   log_ratio = jax.lax.stop_gradient(masked_log_ratio(logp, old_logp, mask))
-  metrics = rl_metrics.clip_fractions(log_ratio, token_advantages(advantages, mask), mask,
+  metrics = rl_metrics.clip_fractions(log_ratio, advantages_lib.token_advantages(advantages, mask), mask,
                                       clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
                                       clip_ratio_c=clip_ratio_c)
   metrics["actor/approx_kl"] = rl_metrics.approx_kl(log_ratio, mask)
@@ -388,7 +297,7 @@ def rollout_advantages(cfg: LossConfig, step, *, rewards: jax.Array, group_ids: 
   on), and with LaSeR on "advantage/self_differs_frac" (rows where A^s != A) and
   "advantage/integration_on").
   """
-  adv = grpo_advantages(rewards, group_ids, num_groups=num_groups,
+  adv = advantages_lib.grpo_advantages(rewards, group_ids, num_groups=num_groups,
                         norm_by_std=cfg.adv_estimator == "grpo")
   metrics = {"advantage/verifier_abs_mean": jnp.mean(jnp.abs(adv))}
   if not cfg.use_self_reward_loss or scores is None:
@@ -398,9 +307,9 @@ def rollout_advantages(cfg: LossConfig, step, *, rewards: jax.Array, group_ids: 
                                    cfg.self_rewarding_warmup_steps)
   finished = jnp.asarray(finished, bool)
   scores = jnp.where(finished, jnp.asarray(scores, jnp.float32), 0.0)
-  adv_s = self_rewarding_advantages(scores, finished, group_ids, adv,
+  adv_s = advantages_lib.self_rewarding_advantages(scores, finished, group_ids, adv,
                                     threshold=cfg.adv_filter_threshold, num_groups=num_groups)
-  mixed = integrate_advantages(adv, adv_s, cfg.adv_integration_coef)
+  mixed = advantages_lib.integrate_advantages(adv, adv_s, cfg.adv_integration_coef)
   metrics["advantage/self_differs_frac"] = jnp.mean((adv_s != adv).astype(jnp.float32))
   metrics["advantage/integration_on"] = jnp.asarray(integration_on, jnp.float32)
   used = jnp.where(integration_on, mixed, adv)

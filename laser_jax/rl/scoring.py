@@ -16,14 +16,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from laser_jax.generate import sampling as sampling_lib
 from laser_jax.rl import objective
-from laser_jax.generate import sampler as sampler_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class VerifiedSamples:
   """Sampled responses with their verifier reward; row r answers prompt `sample.group_ids[r]`."""
-  sample: sampler_lib.SampleOutput
+  sample: sampling_lib.SampleOutput
   texts: list[str]  # decoded responses (special tokens skipped, EOS excluded)
   rewards: np.ndarray  # float32 [N] verifier reward r_v
   num_timeouts: int  # answers the verifier gave up on (reward 0)
@@ -41,12 +41,12 @@ class ScoredSamples(VerifiedSamples):
   scores: np.ndarray  # float64 [N] r_s; NaN for truncated rows (no EOS, no score)
 
 
-def verify_samples(out: sampler_lib.SampleOutput, answers: Sequence[str], *, decode: Callable,
+def verify_samples(out: sampling_lib.SampleOutput, answers: Sequence[str], *, decode: Callable,
                    verifier) -> VerifiedSamples:
   """Decodes and verifies the rows of `out` (row r answers `answers[out.group_ids[r]]`).
 
   decode: (tokens [N, R], lengths [N]) -> list of N texts.
-  verifier: `laser_jax.verifier.Verifier` (or any (texts, references) -> VerifyResult).
+  verifier: `laser_jax.data.verifier.Verifier` (or any (texts, references) -> VerifyResult).
   """
   texts = list(decode(out.tokens, out.lengths))
   result = verifier(texts, [answers[g] for g in out.group_ids])
@@ -54,16 +54,16 @@ def verify_samples(out: sampler_lib.SampleOutput, answers: Sequence[str], *, dec
                          num_timeouts=int(result.num_timeouts))
 
 
-def generate_and_score(sample_fn: Callable[[Sequence], sampler_lib.SampleOutput], prompts: Sequence,
+def generate_and_score(sample_fn: Callable[[Sequence], sampling_lib.SampleOutput], prompts: Sequence,
                        answers: Sequence[str], **score_kwargs) -> ScoredSamples:
   """Samples `prompts` with `sample_fn(prompts)` (a SampleOutput whose group ids index
   `prompts`) and scores every response (`score_samples`; `answers[i]` answers prompt i)."""
   return score_samples(sample_fn(prompts), answers, **score_kwargs)
 
 
-def score_samples(out: sampler_lib.SampleOutput, answers: Sequence[str], *, decode: Callable, verifier,
+def score_samples(out: sampling_lib.SampleOutput, answers: Sequence[str], *, decode: Callable, verifier,
                   kl_coef: float, ref_constant: float,
-                  ref_z_logprob_fn: Callable[[sampler_lib.SampleOutput], np.ndarray] | None = None
+                  ref_z_logprob_fn: Callable[[sampling_lib.SampleOutput], np.ndarray] | None = None
                   ) -> ScoredSamples:
   """Decodes, verifies (`verify_samples`) and scores the rows of `out`.
 

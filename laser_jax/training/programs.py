@@ -22,12 +22,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from laser_jax.generate import sampler as sampler_lib
+from laser_jax.generate import sampling as sampling_lib
 from laser_jax.models import hosts
 from laser_jax.models import model as model_lib
+from laser_jax.models import sharding as sharding_lib
+from laser_jax.models.config import ModelConfig
 from laser_jax.rl import objective
 from laser_jax.rl import policy
-from laser_jax.generate import sampler as sampler_lib
-from laser_jax.models import sharding as sharding_lib
 
 
 
@@ -85,14 +87,14 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StepStatics:
   """The static settings the step programs are compiled for (frozen, hashable)."""
-  model_cfg: model_lib.ModelConfig
+  model_cfg: ModelConfig
   loss_cfg: objective.LossConfig
   temperature: float  # Token log-probs are log softmax(logits / T): the rollout's (1 when greedy).
   self_reward_token_id: int  # z_c.
   logprob_chunk: int  # Sequence chunk of the vocabulary projection (0 = whole sequence).
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
+  def from_config(cls, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                   self_reward_token_id: int) -> "StepStatics":
     return cls(model_cfg=model_cfg, loss_cfg=objective.LossConfig.from_config(config),
                temperature=float(config.rollout.temperature) or 1.0,  # 0 = greedy: T = 1
@@ -166,7 +168,7 @@ def update_step(state: TrainState, batch: UpdateBatch, normalisers: dict, sr_los
 
 
 # ---- shardings ------------------------------------------------------------------------------
-def state_shardings(params, model_cfg: model_lib.ModelConfig, optimizer, mesh: Mesh) -> TrainState:
+def state_shardings(params, model_cfg: ModelConfig, optimizer, mesh: Mesh) -> TrainState:
   """NamedShardings of the train state around `params` (arrays or ShapeDtypeStructs)."""
   param_shardings = sharding_lib.param_shardings(params, model_cfg, mesh)
   replicated = sharding_lib.replicated(mesh)
@@ -179,7 +181,7 @@ def state_shardings(params, model_cfg: model_lib.ModelConfig, optimizer, mesh: M
                     rng=replicated, skipped_updates=replicated)
 
 
-def abstract_state(model_cfg: model_lib.ModelConfig, optimizer, mesh: Mesh) -> TrainState:
+def abstract_state(model_cfg: ModelConfig, optimizer, mesh: Mesh) -> TrainState:
   """ShapeDtypeStructs (with shardings) of the train state; allocates nothing."""
   params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
   shardings = state_shardings(params, model_cfg, optimizer, mesh)
@@ -219,7 +221,7 @@ def abstract_logprob_batch(mesh: Mesh, rows: int, seq_len: int) -> Sequences:
 def sampling_params(config: ml_collections.ConfigDict, *, eos_ids, pad_id: int,
                     self_reward_token_id: int):
   """(rollout, eval) `SamplingParams` of a run."""
-  rollout = sampler_lib.SamplingParams(
+  rollout = sampling_lib.SamplingParams(
       n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
       top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
       eos_ids=tuple(eos_ids), pad_id=pad_id, self_reward_token_id=self_reward_token_id,

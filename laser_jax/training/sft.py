@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from laser_jax.data import records as data
+from laser_jax.data import prompts as prompts_lib
 from laser_jax.models import model as model_lib
 from laser_jax.models import sharding as sharding_lib
 
@@ -73,7 +73,7 @@ def build_sft_corpus(records: Sequence[dict], tokenizer, template: str = "chat",
   """
   rows, masks = [], []
   for r in records:
-    prompt_ids = data.encode_prompt(data.build_prompt(r["problem"], tokenizer, template),
+    prompt_ids = prompts_lib.encode_prompt(prompts_lib.build_prompt(r["problem"], tokenizer, template),
                                     tokenizer, template)
     solution_ids = tokenizer(r["solution"], add_special_tokens=False)["input_ids"]
     ids = prompt_ids + solution_ids + [tokenizer.eos_token_id]

@@ -24,17 +24,21 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from laser_jax.training import checkpoint as ckpt_lib
-from laser_jax.data import records as data_lib
-from laser_jax.models import hf
-from laser_jax.models import model as model_lib
-from laser_jax.models import presets
-from laser_jax.training import sft
-from laser_jax.models import sharding as sharding_lib
+from laser_jax.config_check import ConfigError
+from laser_jax.data import eval_sets
+from laser_jax.data import iterator as iterator_lib
+from laser_jax.data import prompts as prompts_lib
+from laser_jax.data import records as records_lib
 from laser_jax.data import sources
 from laser_jax.data import synthetic
 from laser_jax.data import verifier as verifier_lib
-from laser_jax.config_check import ConfigError
+from laser_jax.models import hf
+from laser_jax.models import model as model_lib
+from laser_jax.models import presets
+from laser_jax.models import sharding as sharding_lib
+from laser_jax.models.config import ModelConfig, resolve_attention, resolve_dtype
+from laser_jax.training import checkpoint as ckpt_lib
+from laser_jax.training import sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +52,7 @@ class Prompt:
 @dataclasses.dataclass
 class Task:
   config: ml_collections.ConfigDict
-  model_cfg: model_lib.ModelConfig
+  model_cfg: ModelConfig
   tokenizer: Any
   train_prompts: list[Prompt]
   eval_prompts: list[Prompt]
@@ -122,13 +126,13 @@ class Task:
       return self.initial_policy(mesh, param_shardings)
     return jax.device_put(self.init_params(reference=True, mesh=mesh), param_shardings)
 
-  def train_iterator(self) -> data_lib.PromptIterator:
+  def train_iterator(self) -> iterator_lib.PromptIterator:
     c = self.config
     hosts = jax.process_count()
     if c.batch_size % hosts:
       raise ConfigError(f"config.batch_size: {c.batch_size} prompts cannot be split over {hosts} hosts")
     # Each host reads its block of batch_size / hosts prompts of every global batch (hosts.py).
-    return data_lib.PromptIterator(self.train_prompts, c.batch_size // hosts, seed=c.seed, num_epochs=None,
+    return iterator_lib.PromptIterator(self.train_prompts, c.batch_size // hosts, seed=c.seed, num_epochs=None,
                                    process_index=jax.process_index(), process_count=hosts)
 
   def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
@@ -190,7 +194,7 @@ def eos_token_ids(tokenizer, hf_path: str = "") -> tuple[int, ...]:
 
 
 def _prompts(records, tokenizer, c) -> tuple[list[Prompt], int]:
-  prepared = data_lib.prepare_prompts(records, tokenizer, c.data.template, c.data.max_prompt_len)
+  prepared = prompts_lib.prepare_prompts(records, tokenizer, c.data.template, c.data.max_prompt_len)
   prompts = [Prompt(item["prompt_ids"], item["answer"], item["problem"]) for item in prepared.items]
   return prompts, prepared.num_filtered
 
@@ -207,16 +211,16 @@ def model_settings(m: ml_collections.ConfigDict, platform=None) -> dict:
   model.dtype and model.attention "auto" resolved for `platform` (a platform name such as "tpu",
   or a jax Device; default: this process's first device, e.g. a T4 gets float32 + chunked)."""
   device = platform or jax.devices()[0]
-  dtype = model_lib.resolve_dtype(m.dtype, device)
+  dtype = resolve_dtype(m.dtype, device)
   try:
-    attention = model_lib.resolve_attention(m.attention, device, dtype)
+    attention = resolve_attention(m.attention, device, dtype)
   except ValueError as e:
     raise ConfigError(f"config.model.attention: {e}") from None
   return dict(dtype=dtype, param_dtype=m.param_dtype, remat=m.remat, attention=attention,
               attention_block=m.attention_block, scan_layers=m.scan_layers)
 
 
-def model_cfg_from_shape(c, vocab_size: int, platform: str | None = None) -> model_lib.ModelConfig:
+def model_cfg_from_shape(c, vocab_size: int, platform: str | None = None) -> ModelConfig:
   """The random-init model of `config.model` for a tokenizer of `vocab_size` tokens."""
   m = c.model
   if m.get("vocab_size", 0):
@@ -224,7 +228,7 @@ def model_cfg_from_shape(c, vocab_size: int, platform: str | None = None) -> mod
       raise ConfigError(f"config.model.vocab_size: {m.vocab_size} is smaller than the tokenizer's "
                         f"{vocab_size} tokens")
     vocab_size = m.vocab_size
-  return model_lib.ModelConfig(
+  return ModelConfig(
       family=m.family, vocab_size=vocab_size, hidden_size=m.hidden_size,
       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
@@ -233,7 +237,7 @@ def model_cfg_from_shape(c, vocab_size: int, platform: str | None = None) -> mod
 
 
 def model_config(c: ml_collections.ConfigDict, tokenizer_size: int | None,
-                 platform: str | None = None) -> model_lib.ModelConfig:
+                 platform: str | None = None) -> ModelConfig:
   """The ModelConfig a training config trains, with `config.model`'s numerics for `platform`:
   `model.hf_path`'s config.json, else `model.preset`, else the random-init shape for a tokenizer
   of `tokenizer_size` tokens."""
@@ -324,13 +328,13 @@ def _train_records(c) -> list[dict]:
   records = []
   for path in sources.data_files(c.data.train_files, "config.data.train_files"):
     try:
-      records += data_lib.read_records(path, fields)
-    except data_lib.MissingFieldError as e:
-      raise data_lib.DataError(f"config.data.problem_key / config.data.answer_key = {fields}: {e}") from None
+      records += records_lib.read_records(path, fields)
+    except records_lib.MissingFieldError as e:
+      raise records_lib.DataError(f"config.data.problem_key / config.data.answer_key = {fields}: {e}") from None
   return records
 
 
 def _eval_records(c) -> list[dict]:
   # .get: training configs saved before data.eval_data_dir existed (evaluate rebuilds their task).
-  return data_lib.load_eval_records(c.data.eval_set, c.data.get("eval_data_dir", ""),
+  return eval_sets.load_eval_records(c.data.eval_set, c.data.get("eval_data_dir", ""),
                                     ("data.eval_set", "data.eval_data_dir"))
