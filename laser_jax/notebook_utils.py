@@ -13,6 +13,7 @@ The notebooks stay readable by keeping the plumbing here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any, Sequence
@@ -23,9 +24,9 @@ import numpy as np
 
 from laser_jax.data import answers
 from laser_jax.generate import sampler
+from laser_jax.generate import sampling as sampling_lib
 from laser_jax.models import model as model_lib
 from laser_jax.models.config import resolve_attention, resolve_dtype
-from laser_jax.rl import rollout
 from laser_jax.rl import scoring
 from laser_jax.training import checkpoint
 
@@ -96,26 +97,18 @@ def sample_solutions(params, model_cfg, tokenizer, prompts: Sequence[Any], sampl
   `prompts` are `laser_jax.training.tasks.Prompt`s (token_ids, answer, problem); `verifier` is a
   `laser_jax.data.verifier.Verifier`; `kl_coef` is beta_v and `ref_constant` is c_ref. The scores
   come from the sampler itself (read in the decode step after each EOS; no second forward).
-  `problems_per_call` > 0 samples that many problems per sampler call (bounds KV-cache memory).
+  `problems_per_call` > 0 samples that many problems per sampler call (bounds KV-cache memory),
+  call i with key fold_in(rng, i) (`rl.scoring.generate`, the trainer's and evaluator's pipeline).
   """
   if sampling.self_reward_token_id is None:
     raise ValueError("sample_solutions: sampling.self_reward_token_id is None; the self-reward "
                      "score needs z_c (set it to the model's z_c token id)")
   if not prompts:
     raise ValueError("sample_solutions: prompts is empty")
-  chunk = problems_per_call if problems_per_call > 0 else len(prompts)
-  keys = jax_split(rng, -(-len(prompts) // chunk))
-
-  def sample_in_chunks(prompts):
-    outs = [sampler.sample(params, model_cfg, [p.token_ids for p in prompts[i:i + chunk]], sampling,
-                           key, mesh=mesh)
-            for key, i in zip(keys, range(0, len(prompts), chunk))]
-    return rollout.concat_samples(outs, sampling.pad_id)
-
-  decode = lambda tokens, lengths: [tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
-                                    for row, k in zip(tokens, lengths)]
-  scored = scoring.generate_and_score(sample_in_chunks, prompts, [p.answer for p in prompts], decode=decode,
-                                      verifier=verifier, kl_coef=kl_coef, ref_constant=ref_constant)
+  call = lambda token_ids, key: sampler.sample(params, model_cfg, token_ids, sampling, key, mesh=mesh)
+  scored = scoring.generate_all(call, prompts, rng, prompts_per_call=problems_per_call,
+                                decode=functools.partial(sampling_lib.decode_responses, tokenizer),
+                                verifier=verifier, score=scoring.Score(kl_coef, ref_constant))
   out, texts = scored.sample, scored.texts
   tokens, lengths = out.tokens, out.lengths
   rewards, z_logprob, scores = scored.rewards.astype(np.float64), scored.z_logprob, scored.scores
@@ -129,11 +122,6 @@ def sample_solutions(params, model_cfg, tokenizer, prompts: Sequence[Any], sampl
       prompt_ids=[list(p.token_ids) for p in prompts],
       response_ids=rows([row[:k].tolist() for row, k in zip(tokens, lengths)]),
       eos_token=out.eos_token.reshape(num, n))
-
-
-def jax_split(rng, num: int) -> list:
-  """`num` independent keys from `rng` (one per sampler call)."""
-  return list(jax.random.split(rng, num)) if num > 1 else [rng]
 
 
 def full_forward_z_logprob(params, model_cfg, prompt_ids: Sequence[int],

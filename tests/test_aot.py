@@ -273,6 +273,51 @@ def test_hlo_costs_count_only_the_rows_a_slice_reads():
   assert cost_model.hlo_costs(_SLICING_HLO).hbm_bytes == fusion + slice_ + concatenate
 
 
+def test_aot_compiles_from_the_trainers_own_setup():
+  """`report.step_setup` (what `compile_step` compiles) and a `Trainer` build their mesh,
+  optimizer, state, programs, sampling settings and step counts with one function: with this
+  machine's numerics, every static setting, shape and sharding agrees; only the tokenizer's EOS
+  and pad ids (no shape depends on them) are stand-ins in the report."""
+  import dataclasses
+  from laser_jax.generate import sampler as sampler_lib
+  from laser_jax.training import trainer as trainer_lib
+  c = default_config.get_config()
+  c.data.synthetic_train_size, c.data.synthetic_eval_size = 64, 8
+  c.data.max_prompt_len, c.rollout.max_new_tokens = 40, 24
+  c.sft.steps = 0
+  c.batch_size, c.mini_batch_size, c.micro_batch_size, c.rollout.n = 8, 4, 8, 4
+  c.loss.kl_loss_coef = 0.01  # a reference forward and a ref_logp field in the update
+  c.rollout.recompute_old_logprobs = True
+  devices = jax.devices()[:1]
+  trainer = trainer_lib.Trainer(c, devices=devices)
+  aot_config = c.copy_and_resolve_references()
+  aot_config.laser.self_reward_token_id = trainer.zc_id  # aot loads no tokenizer to resolve the token
+  aot = report_lib.step_setup(aot_config, devices, platform=None)
+
+  assert aot.statics == trainer.statics
+  for ours, theirs in ((aot.sampling, trainer.sampling), (aot.eval_sampling, trainer.eval_sampling)):
+    assert dataclasses.replace(ours, eos_ids=trainer.eos_ids, pad_id=trainer.pad_id) == theirs
+  assert aot.mesh.shape == trainer.mesh.shape and list(aot.mesh.devices.flat) == devices
+  aot_leaves, aot_tree = jax.tree.flatten_with_path(aot.abstract_state)
+  leaves, tree = jax.tree.flatten_with_path(trainer.abstract_state())
+  assert aot_tree == tree
+  assert [(p, s.shape, s.dtype, s.sharding) for p, s in aot_leaves] == [
+      (p, s.shape, s.dtype, s.sharding) for p, s in leaves]
+  assert jax.tree.leaves(aot.state_shardings) == jax.tree.leaves(trainer.state_shardings)
+  assert [float(aot.schedule(k)) for k in (0, 7, 15)] == [float(trainer.schedule(k)) for k in (0, 7, 15)]
+  # The step's counts, by hand: 8 prompts in updates of 4 (2 updates), 4 x 4 = 16 rows each in
+  # micro-batches of 8 (2), recomputed old + reference log-probs (2 forwards per row); prompts
+  # of up to 40 tokens pad to the 64 bucket, + 24 response tokens + 1 spare column.
+  counts = lambda s: (s.num_prompts_per_update, s.updates_per_step, s.num_micro_batches, s.rows_per_update,
+                      s.needs_ref, s.exact_score, s.logprob_forwards, s.prompt_bucket, s.seq_len)
+  assert counts(aot) == counts(trainer.run_setup) == (4, 2, 2, 16, True, False, 2, 64, 64 + 24 + 1)
+  assert (trainer.num_prompts_per_update, trainer.updates_per_step, trainer.needs_ref, trainer.exact_score) == (
+      4, 2, True, False)
+  # The prompt bucket bounds every training prompt's (the sampler pads a call to its longest).
+  longest = max(len(p.token_ids) for p in trainer.task.train_prompts + trainer.task.eval_prompts)
+  assert sampler_lib.bucket_length(longest, trainer.programs.sampler.min_bucket) <= aot.prompt_bucket
+
+
 def test_libtpu_init_args_from_the_config_join_the_environment_which_wins(monkeypatch):
   from laser_jax.training import programs
   c = default_config.get_config()

@@ -11,6 +11,7 @@ import pytest
 import numpy_reference as ref
 from laser_jax.rl import advantages as advantages_lib
 from laser_jax.rl import objective as obj
+from laser_jax.rl import records
 from laser_jax.rl import rl_metrics
 
 SETTINGS = hypothesis.settings(max_examples=50, deadline=None,
@@ -382,13 +383,17 @@ def _linear_model_batch(rng, B=10, T=6, D=4):
   return data
 
 
+def _batch(d, weights=None, **fields) -> records.UpdateBatch:
+  """The rows of `d` as the update's record (no sequences: the "model" below gives log-probs)."""
+  return records.UpdateBatch(sequences=None, response_mask=d["mask"], old_logp=d["old_logp"],
+                             advantages=d["adv"], rewards=d["rewards"], finished=d["finished"],
+                             self_reward_weights=weights, ref_logp=d.get("ref_logp"), **fields)
+
+
 def _micro_loss(cfg, w, d, normalisers, weights):
   logp = -jax.nn.softplus(d["x"] @ w)  # A tiny "model": log-probs linear in the features.
   z_logprob = -15.0 - 10.0 * jax.nn.sigmoid(d["xz"] @ w)
-  loss, _ = obj.total_loss(cfg, logp=logp, old_logp=d["old_logp"], advantages=d["adv"],
-                           response_mask=d["mask"], normalisers=normalisers,
-                           ref_logp=d["ref_logp"], z_logprob=z_logprob, rewards=d["rewards"],
-                           finished=d["finished"], self_reward_weights=weights)
+  loss, _ = obj.total_loss(cfg, _batch(d, weights), logp=logp, z_logprob=z_logprob, normalisers=normalisers)
   return loss
 
 
@@ -453,10 +458,8 @@ def test_micro_batch_metrics_accumulate_exactly():
   logp = -jax.nn.softplus(d["x"] @ jnp.ones(4))
 
   def metrics(sl):
-    _, m = obj.total_loss(cfg, logp=logp[sl], old_logp=d["old_logp"][sl], advantages=d["adv"][sl],
-                          response_mask=d["mask"][sl], ref_logp=d["ref_logp"][sl],
-                          z_logprob=jnp.full(10, -20.0)[sl], rewards=d["rewards"][sl],
-                          finished=d["finished"][sl])
+    _, m = obj.total_loss(cfg, _batch({k: v[sl] for k, v in d.items()}), logp=logp[sl],
+                          z_logprob=jnp.full(10, -20.0)[sl])
     return m
 
   full = rl_metrics.finalize_metrics(metrics(slice(0, 10)))
@@ -480,27 +483,28 @@ def test_total_loss_combines_terms_and_respects_warmup_flag():
   lp = np.full(10, -18.0, np.float32)
   lp[~d["finished"]] = np.nan
   cfg = obj.LossConfig(kl_loss_coef=0.2, kl_type="kl", loss_coef=0.3, clip_eps_high=0.28)
-  kw = dict(logp=logp, old_logp=d["old_logp"], advantages=d["adv"], response_mask=d["mask"],
-            ref_logp=d["ref_logp"], z_logprob=lp, rewards=d["rewards"], finished=d["finished"])
+  batch = _batch(d)
+  kw = dict(logp=logp, z_logprob=lp)
   pg = ref.policy_loss(logp, d["old_logp"], d["adv"], d["mask"], eps_high=0.28)
   kl = ref.aggregate(np.vectorize(lambda a, b: ref.kl_token(a, b, "kl"))(logp, d["ref_logp"]),
                      d["mask"], "token-mean")
   sr = ref.self_reward_loss(lp, d["rewards"], d["finished"],
                             ref.class_weights(d["rewards"], d["finished"]))
-  loss, metrics = obj.total_loss(cfg, **kw)
+  loss, metrics = obj.total_loss(cfg, batch, **kw)
   assert float(loss) == pytest.approx(pg + 0.2 * kl + 0.3 * sr, rel=1e-5)
   assert float(metrics["actor/self_reward_loss"].value) == pytest.approx(sr, rel=1e-5)
-  step_fn = jax.jit(lambda s: obj.total_loss(cfg, **kw, self_reward_active=obj.warmup_flags(
+  step_fn = jax.jit(lambda s: obj.total_loss(cfg, batch, **kw, self_reward_active=obj.warmup_flags(
       s, 5, 5)[0])[0])
   assert float(step_fn(jnp.int32(3))) == pytest.approx(pg + 0.2 * kl, rel=1e-5)
   assert float(step_fn(jnp.int32(6))) == pytest.approx(pg + 0.2 * kl + 0.3 * sr, rel=1e-5)
   # Plain GRPO config needs no LaSeR inputs.
   plain = obj.LossConfig(use_self_reward_loss=False, clip_eps_high=0.28)
-  loss, metrics = obj.total_loss(plain, logp=logp, old_logp=d["old_logp"], advantages=d["adv"],
-                                 response_mask=d["mask"])
+  loss, metrics = obj.total_loss(plain, records.UpdateBatch(
+      sequences=None, response_mask=d["mask"], old_logp=d["old_logp"], advantages=d["adv"], rewards=None,
+      finished=None, self_reward_weights=None), logp=logp, z_logprob=None)
   assert float(loss) == pytest.approx(pg, rel=1e-5) and "actor/self_reward_loss" not in metrics
   with pytest.raises(ValueError, match="needs z_logprob"):
-    obj.total_loss(cfg, **{**kw, "z_logprob": None})
+    obj.total_loss(cfg, batch, logp=logp, z_logprob=None)
 
 
 def test_loss_config_from_default_config():

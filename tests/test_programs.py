@@ -10,6 +10,7 @@ import pytest
 
 from laser_jax.models import model as model_lib
 from laser_jax.rl import objective
+from laser_jax.rl import records
 from laser_jax.training import programs
 
 CFG = model_lib.ModelConfig(family="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64,
@@ -19,7 +20,7 @@ ZC = 47
 NUM_MICRO, MICRO, S = 3, 2, 10
 
 
-def update_batch(rng: np.random.Generator) -> programs.UpdateBatch:
+def update_batch(rng: np.random.Generator) -> records.UpdateBatch:
   """[NUM_MICRO, MICRO, ...] rows: a 4-token prompt, a response of 2-5 tokens ending in EOS (1)."""
   rows = NUM_MICRO * MICRO
   tokens = rng.integers(2, 40, size=(rows, S)).astype(np.int32)
@@ -31,8 +32,8 @@ def update_batch(rng: np.random.Generator) -> programs.UpdateBatch:
   response_mask = ((np.arange(S)[None] >= 3) & (np.arange(S)[None] < eos_index[:, None])).astype(np.float32)
   rewards = rng.integers(0, 2, size=rows).astype(np.float32)
   finished = rng.random(rows) < 0.8
-  batch = programs.UpdateBatch(
-      sequences=programs.Sequences(tokens=tokens, positions=np.tile(np.arange(S, dtype=np.int32), (rows, 1)),
+  batch = records.UpdateBatch(
+      sequences=records.Sequences(tokens=tokens, positions=np.tile(np.arange(S, dtype=np.int32), (rows, 1)),
                                    attention_mask=attention, targets=targets, eos_index=eos_index.astype(np.int32)),
       response_mask=response_mask,
       old_logp=(np.log(1 / 48) + 0.3 * rng.standard_normal((rows, S))).astype(np.float32) * response_mask,

@@ -1,4 +1,6 @@
-"""Training-batch assembly (hand-worked layouts) and the chunked log-prob computation."""
+"""Training rows (hand-worked layouts), the sampler-call policy and the chunked log-prob computation."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,53 +8,91 @@ import numpy as np
 from laser_jax.generate import sampling as sampling_lib
 from laser_jax.models import model as model_lib
 from laser_jax.models.config import ModelConfig
-from laser_jax.rl import policy, rollout
+from laser_jax.generate import calls
+from laser_jax.rl import policy, records
 
 PAD, EOS = 0, 9
 
 
-def _hand_batch():
+def _sample(prompt_tokens, prompt_mask, tokens, lengths, finished, logprobs=None, eos_logprob=None, groups=None):
+  n, r = np.shape(tokens)
+  finished = np.asarray(finished, bool)
+  return sampling_lib.SampleOutput(
+      prompt_tokens=np.asarray(prompt_tokens), prompt_mask=np.asarray(prompt_mask, bool),
+      tokens=np.asarray(tokens, np.int32), lengths=np.asarray(lengths, np.int32),
+      logprobs=np.zeros((n, r), np.float32) if logprobs is None else np.asarray(logprobs, np.float32),
+      eos_token=np.where(finished, EOS, PAD), eos_logprob=np.zeros(n) if eos_logprob is None else eos_logprob,
+      finished=finished, truncated=~finished, self_reward_logprob=np.where(finished, -3.0, np.nan),
+      group_ids=np.arange(n) if groups is None else np.asarray(groups), pad_id=PAD)
+
+
+def _hand_sample(**kw):
   # Two prompts (bucket P = 3), R = 3: row 0 answers [5, 6] then EOS; row 1 is truncated.
-  prompt_tokens = np.array([[0, 1, 2], [3, 4, 2]])
-  prompt_mask = np.array([[0, 1, 1], [1, 1, 1]], bool)
-  response_tokens = np.array([[5, 6, EOS], [7, 7, 7]])  # EOS included, as SampleOutput gives them.
-  response_lengths = np.array([3, 3])
-  finished = np.array([True, False])
-  return prompt_tokens, prompt_mask, response_tokens, response_lengths, finished
+  return _sample([[0, 1, 2], [3, 4, 2]], [[0, 1, 1], [1, 1, 1]], [[5, 6, PAD], [7, 7, 7]], [2, 3],
+                 [True, False], **kw)
 
 
-def test_training_batch_layout_hand_worked():
-  b = rollout.build_training_batch(*_hand_batch(), pad_id=PAD)
-  np.testing.assert_array_equal(b["tokens"], [[0, 1, 2, 5, 6, 9, 0], [3, 4, 2, 7, 7, 7, 0]])
-  np.testing.assert_array_equal(b["attention_mask"], [[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0]])
-  np.testing.assert_array_equal(b["positions"], [[0, 0, 1, 2, 3, 4, 4], [0, 1, 2, 3, 4, 5, 5]])
-  np.testing.assert_array_equal(b["targets"], [[1, 2, 5, 6, 9, 0, 0], [4, 2, 7, 7, 7, 0, 0]])
+def test_training_rows_layout_hand_worked():
+  seq, response_mask = records.build_sequences(_hand_sample())
+  np.testing.assert_array_equal(seq.tokens, [[0, 1, 2, 5, 6, 9, 0], [3, 4, 2, 7, 7, 7, 0]])
+  np.testing.assert_array_equal(seq.attention_mask, [[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(seq.positions, [[0, 0, 1, 2, 3, 4, 4], [0, 1, 2, 3, 4, 5, 5]])
+  np.testing.assert_array_equal(seq.targets, [[1, 2, 5, 6, 9, 0, 0], [4, 2, 7, 7, 7, 0, 0]])
   # Targets that are response tokens (and the EOS of the finished row).
-  np.testing.assert_array_equal(b["response_mask"], [[0, 0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0, 0]])
-  assert b["eos_index"][0] == 5  # The EOS sits at index P + length = 3 + 2.
+  np.testing.assert_array_equal(response_mask, [[0, 0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0, 0]])
+  assert seq.eos_index[0] == 5  # The EOS sits at index P + length = 3 + 2.
+  assert seq.eos_index[1] == 2  # Truncated: no EOS, a valid index whose read-out is masked.
+  # The schema declared on the fields is the rows' own.
+  for name in ("tokens", "positions", "attention_mask", "targets", "eos_index"):
+    field = {f.name: f for f in dataclasses.fields(records.Sequences)}[name]
+    assert getattr(seq, name).dtype == field.metadata["dtype"], name
+    assert getattr(seq, name).ndim == 1 + len(field.metadata["row_shape"]), name
 
 
-def test_old_logprobs_are_placed_at_their_targets():
+def test_sampler_old_logprobs_are_placed_at_their_targets():
   # Row 0: its two tokens, then its EOS (-0.9); row 1 (truncated): three tokens.
-  lp = np.array([[-0.1, -0.2, -0.9], [-0.3, -0.4, -0.5]], np.float32)
-  out = rollout.old_logprobs_from_sampler(lp, prompt_len=3)
-  np.testing.assert_allclose(out, [[0, 0, -0.1, -0.2, -0.9, 0, 0], [0, 0, -0.3, -0.4, -0.5, 0, 0]])
+  out = _hand_sample(logprobs=[[-0.1, -0.2, 0.0], [-0.3, -0.4, -0.5]], eos_logprob=np.array([-0.9, np.nan]))
+  np.testing.assert_allclose(records.sampler_old_logprobs(out),
+                             [[0, 0, -0.1, -0.2, -0.9, 0, 0], [0, 0, -0.3, -0.4, -0.5, 0, 0]])
 
 
 def test_concat_samples_pads_prompts_and_offsets_groups():
   def make(p, groups):
     n = len(groups)
-    return sampling_lib.SampleOutput(
-        prompt_tokens=np.full((n, p), 4), prompt_mask=np.ones((n, p), bool),
-        tokens=np.ones((n, 2), np.int32), lengths=np.full(n, 2), logprobs=np.zeros((n, 2)),
-        eos_token=np.full(n, EOS), eos_logprob=np.zeros(n), finished=np.ones(n, bool),
-        truncated=np.zeros(n, bool), self_reward_logprob=np.zeros(n),
-        group_ids=np.array(groups), pad_id=PAD)
-  merged = rollout.concat_samples([make(2, [0, 0, 1, 1]), make(4, [0, 0])], PAD)
+    return _sample(np.full((n, p), 4), np.ones((n, p)), np.ones((n, 2)), np.full(n, 2), np.ones(n), groups=groups)
+  merged = calls.concat_samples([make(2, [0, 0, 1, 1]), make(4, [0, 0])])
   assert merged.prompt_tokens.shape == (6, 4)
   np.testing.assert_array_equal(merged.prompt_tokens[0], [PAD, PAD, 4, 4])
   np.testing.assert_array_equal(merged.prompt_mask[0], [False, False, True, True])
   np.testing.assert_array_equal(merged.group_ids, [0, 0, 1, 1, 2, 2])
+  # With the calls' first prompts given (a call whose rows were all kept, then one of 1 prompt).
+  np.testing.assert_array_equal(calls.concat_samples([make(2, [0, 0, 1, 1]), make(4, [0, 0])], [0, 5]).group_ids,
+                                [0, 0, 1, 1, 5, 5])
+
+
+def test_sample_in_calls_keys_calls_by_index_and_pads_the_last_call():
+  """Call i gets fold_in(rng, i) and exactly k prompts (the last padded with copies of its last
+  prompt, whose rows are dropped); group ids index the call's prompts."""
+  seen = []
+
+  def sample_call(token_ids, key):
+    seen.append((token_ids, jax.random.key_data(key)))
+    n = len(token_ids)  # one row per prompt: the row's token is the prompt's first token
+    return _sample(np.zeros((n, 1)), np.ones((n, 1)), np.array(token_ids)[:, :1], np.ones(n), np.ones(n))
+
+  rng = jax.random.key(7)
+  prompts = [[10], [11], [12], [13], [14]]
+  got = list(calls.sample_in_calls(sample_call, prompts, rng, prompts_per_call=2))
+  assert [start for start, _ in got] == [0, 2, 4]
+  assert [ids for ids, _ in seen] == [[[10], [11]], [[12], [13]], [[14], [14]]]
+  for i, (_, key) in enumerate(seen):
+    np.testing.assert_array_equal(key, jax.random.key_data(jax.random.fold_in(rng, i)))
+  assert [out.tokens[:, 0].tolist() for _, out in got] == [[10, 11], [12, 13], [14]]
+  # One call (prompts_per_call = 0) is call 0: fold_in(rng, 0) too, not rng itself.
+  seen.clear()
+  (only,) = calls.sample_in_calls(sample_call, prompts, rng)
+  assert len(seen[0][0]) == 5 and only[1].tokens.shape[0] == 5
+  np.testing.assert_array_equal(seen[0][1], jax.random.key_data(jax.random.fold_in(rng, 0)))
 
 
 def test_chunked_token_logprobs_equal_full_and_match_log_softmax():

@@ -1,11 +1,15 @@
 """scoring: decode -> verify -> r_s on a hand-made sampler output, against the SPEC's formula
 (numpy_reference.score) and the verifier's rewards."""
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
 import numpy_reference as ref
 from laser_jax.generate import sampler as sampler_lib
 from laser_jax.rl import scoring
+from laser_jax.data import prompts as prompts_lib
 from laser_jax.data import verifier as verifier_lib
 
 # Three prompts, two rows each; token t decodes to the character chr(ord("0") + t).
@@ -55,8 +59,8 @@ def test_scores_follow_the_spec_and_truncated_rows_get_none(exact):
     return ref_z
 
   scored = scoring.score_samples(sample_output(), ANSWERS, decode=decode, verifier=boxed_equal,
-                                 kl_coef=0.1, ref_constant=-23.0,
-                                 ref_z_logprob_fn=ref_z_logprob_fn if exact else None)
+                                 score=scoring.Score(kl_coef=0.1, ref_constant=-23.0,
+                                                     ref_z_logprob_fn=ref_z_logprob_fn if exact else None))
   want = ref.score(Z_LOGPROB, beta_v=0.1, c_ref=-23.0, ref_z_logprob=ref_z if exact else None)
   np.testing.assert_allclose(scored.scores[FINISHED], want[FINISHED], rtol=1e-12)
   assert np.isnan(scored.scores[~FINISHED]).all() and np.isnan(scored.z_logprob[~FINISHED]).all()
@@ -69,10 +73,31 @@ def test_scores_follow_the_spec_and_truncated_rows_get_none(exact):
   np.testing.assert_array_equal(scored.rewards, [1, 0, 1, 0, 0, 1])
 
 
-def test_generate_and_score_samples_the_prompts_it_is_given():
+def test_generate_runs_the_pipeline_per_call_and_joins_the_calls():
+  """Two calls of 2 prompts (the second padded): each call's rows are verified against its own
+  prompts' answers and scored; `generate_all` joins them with group ids indexing all prompts."""
+  prompts = [prompts_lib.Prompt([p], a) for p, a in zip((0, 1, 2), ANSWERS)]
   seen = []
-  scored = scoring.generate_and_score(lambda prompts: seen.append(list(prompts)) or sample_output(),
-                                      ["p0", "p1", "p2"], ANSWERS, decode=decode, verifier=boxed_equal,
-                                      kl_coef=0.2, ref_constant=-9.0)
-  assert seen == [["p0", "p1", "p2"]]
-  assert scored.scores[5] == pytest.approx(0.2 * (-13.0 + 9.0))
+
+  def sample_call(token_ids, key):  # rows 2g, 2g+1 of sample_output() answer prompt g
+    seen.append([ids[0] for ids in token_ids])
+    rows = np.concatenate([[2 * ids[0], 2 * ids[0] + 1] for ids in token_ids])
+    out = sample_output()
+    picked = {f.name: getattr(out, f.name)[rows] for f in dataclasses.fields(out)
+              if isinstance(getattr(out, f.name), np.ndarray)}
+    picked["group_ids"] = np.repeat(np.arange(len(token_ids)), 2).astype(np.int32)
+    return dataclasses.replace(out, **picked)
+
+  score = scoring.Score(kl_coef=0.2, ref_constant=-9.0)
+  parts = list(scoring.generate(sample_call, prompts, jax.random.key(0), prompts_per_call=2, decode=decode,
+                                verifier=boxed_equal, score=score))
+  assert seen == [[0, 1], [2, 2]] and [start for start, _ in parts] == [0, 2]
+  assert parts[1][1].texts == ["1", "7"] and parts[1][1].rewards.tolist() == [0, 1]  # against "7"
+  joined = scoring.generate_all(sample_call, prompts, jax.random.key(0), prompts_per_call=2, decode=decode,
+                                verifier=boxed_equal, score=score)
+  whole = scoring.score_samples(sample_output(), ANSWERS, decode=decode, verifier=boxed_equal, score=score)
+  assert joined.texts == whole.texts
+  np.testing.assert_array_equal(joined.sample.group_ids, GROUP_IDS)
+  np.testing.assert_array_equal(joined.rewards, whole.rewards)
+  np.testing.assert_allclose(joined.scores, whole.scores)
+  assert joined.scores[5] == pytest.approx(0.2 * (-13.0 + 9.0))

@@ -533,13 +533,12 @@ def test_non_finite_gradient_skips_the_update_and_is_counted(tmp_path):
   state = t.init_state(t.initial_params())
   before = jax.device_get(state.params)
   roll = t.rollout(state.params, next(t.task.train_iterator()), jax.random.key(0))
-  batch, _, _, _ = t.prepare_update_batch(roll, state.params, None, step=1)
+  vectors, _ = t.batch_vectors(roll, step=1)
+  (rows,) = t.update_rows(roll)
+  batch, normalisers = t.update_batch(roll, vectors, rows)
   advantages = np.array(batch.advantages)
-  advantages[0] = np.nan  # A NaN advantage makes the gradient non-finite.
-  batch = batch.replace(advantages=advantages, self_reward_weights=np.ones_like(batch.rewards))
-  normalisers = {"policy": np.float32(batch.response_mask.sum()), "self_reward": np.float32(16)}
-  mini = jax.tree.map(lambda v: v.reshape(2, 8, *v.shape[1:]), batch)
-  state, m = t.update(state, mini, normalisers, True)
+  advantages[0, 0] = np.nan  # A NaN advantage makes the gradient non-finite.
+  state, m = t.update(state, batch.replace(advantages=advantages), normalisers, True)
   assert not np.isfinite(float(m["grad_norm"])) and int(state.skipped_updates) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
@@ -585,7 +584,6 @@ def test_cli_malformed_training_file_is_one_line_with_file_and_line(tmp_path):
 def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path, kl_loss_coef, exact_score):
   """laser_jax.aot compiles the update and log-prob programs from `programs.abstract_*_batch`:
   they must be the trainer's real batches (fields, shapes, dtypes, shardings)."""
-  from laser_jax.rl import rollout as rollout_lib
   from laser_jax.training import programs
   c = tiny_config(tmp_path / "run", **{"loss.kl_loss_coef": kl_loss_coef,
                                        "laser.use_ref_model_score": exact_score})
@@ -593,15 +591,14 @@ def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path
   state = t.init_state(t.initial_params())
   prompts = t.task.train_prompts[:c.batch_size]
   with jax.set_mesh(t.mesh):
-    roll = t.rollout(state.params, prompts, t.step_key(state, salt=0))
-    batch, _, _, _ = t.prepare_update_batch(roll, state.params, state.params, step=1)
-  batch = batch.replace(self_reward_weights=np.ones(batch.rewards.shape, np.float32))  # as _train_step sets it
-  rows, seq_len = batch.sequences.tokens.shape
-  num_micro = rows // c.micro_batch_size
+    roll = t.rollout(state.params, prompts, t.step_key(state, salt=0), ref_params=state.params)
+    vectors, _ = t.batch_vectors(roll, step=1)
+    (rows,) = t.update_rows(roll)
+    batch, _ = t.update_batch(roll, vectors, rows)  # complete, as _train_step feeds the update
+  num_micro, _, seq_len = batch.sequences.tokens.shape
   spec = programs.abstract_update_batch(t.mesh, num_micro, c.micro_batch_size, seq_len,
                                         with_ref_logp=kl_loss_coef > 0, with_ref_score=exact_score)
-  placed = t.programs.place_update_batch(
-      jax.tree.map(lambda v: np.asarray(v).reshape(num_micro, c.micro_batch_size, *np.shape(v)[1:]), batch))
+  placed = t.programs.place_update_batch(batch)
   # The same record (fields present, pi_ref ones only where needed), shapes, dtypes and shardings.
   assert jax.tree.structure(placed) == jax.tree.structure(spec)
   for (path, p), s in zip(jax.tree_util.tree_leaves_with_path(placed), jax.tree.leaves(spec)):
@@ -609,7 +606,7 @@ def test_aot_abstract_batches_match_what_the_trainer_feeds_its_programs(tmp_path
   # A prompt bucket of P tokens gives rows of P + max_new_tokens + 1 (what aot assumes).
   assert seq_len == roll.sample.prompt_tokens.shape[1] + c.rollout.max_new_tokens + 1
   logprob = programs.abstract_logprob_batch(t.mesh, c.micro_batch_size, seq_len)
-  piece = t.programs.place_logprob_batch(jax.tree.map(lambda v: v[:c.micro_batch_size], batch.sequences))
+  piece = t.programs.place_logprob_batch(jax.tree.map(lambda v: v[:c.micro_batch_size], roll.sequences))
   assert jax.tree.structure(piece) == jax.tree.structure(logprob)
   for (path, p), s in zip(jax.tree_util.tree_leaves_with_path(piece), jax.tree.leaves(logprob)):
     assert (p.shape, p.dtype, p.sharding) == (s.shape, s.dtype, s.sharding), path

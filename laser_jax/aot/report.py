@@ -5,9 +5,11 @@ r"""Will it fit? Compiles every program of one RL step for a TPU slice, on any m
 
 Needs libtpu (`pip install -e '.[tpu]'`), no TPU: `jax.experimental.topologies` describes the
 slice's devices and XLA compiles for them, as MaxText's `train_compile.py` does. The programs
-are the trainer's own (`laser_jax.training.programs.StepPrograms`: the sampler's prefill and decode
-loop, the old / reference log-prob forward, the update with its micro-batch scan, and the eval
-sampler), lowered with abstract inputs in the trainer's shardings: no weight is materialised.
+are the trainer's own, built by the trainer's own function (`laser_jax.training.run_setup.
+build_run_setup`: mesh, optimizer, state shardings, `programs.StepPrograms` with the sampler's
+prefill and decode loop, the old / reference log-prob forward, the update with its micro-batch
+scan, the eval sampler, and the step's counts), lowered with abstract inputs in the trainer's
+shardings: no weight is materialised.
 
 For each program it prints the per-chip HBM the compiler allocates (arguments, outputs,
 temporaries, total and share of the chip), the FLOPs, HBM bytes and collective bytes per chip
@@ -48,13 +50,11 @@ from laser_jax.aot import cost_model
 from laser_jax.aot import topology
 from laser_jax.aot.topology import GiB
 from laser_jax.data import synthetic
-from laser_jax.generate import sampler as sampler_lib
 from laser_jax.models import presets
-from laser_jax.models import sharding as sharding_lib
 from laser_jax.rl import objective
-from laser_jax.training import optim as optim_lib
-from laser_jax.training import programs as programs_lib
 from laser_jax.rl import rl_metrics
+from laser_jax.training import programs as programs_lib
+from laser_jax.training import run_setup as run_setup_lib
 from laser_jax.training import tasks
 
 
@@ -117,10 +117,10 @@ class ProgramReport:
     return d
 
 
-def model_config(config):
-  """The model shape a config trains, without its weights, with its numerics for a TPU
-  (`tasks.model_config`): the checkpoint's config.json when `model.hf_path` is on this machine,
-  else `model.preset`, else the random-init shape."""
+def model_config(config, platform: str | None = "tpu"):
+  """The model shape a config trains, without its weights, with its numerics for `platform`
+  (`tasks.model_config`; default a TPU slice, whatever runs this): the checkpoint's config.json
+  when `model.hf_path` is on this machine, else `model.preset`, else the random-init shape."""
   m = config.model
   if m.hf_path and not os.path.isfile(os.path.join(m.hf_path, "config.json")):
     if not m.preset:
@@ -131,7 +131,7 @@ def model_config(config):
     with config.unlocked():
       config.model.hf_path = ""
   tokenizer_size = len(synthetic.build_tokenizer()) if config.data.task == "synthetic" else None
-  return tasks.model_config(config, tokenizer_size, platform="tpu")  # for a TPU slice, whatever runs this
+  return tasks.model_config(config, tokenizer_size, platform=platform)
 
 
 HLO_DUMP_DIR = ""  # When set (--hlo_dir), each compiled program's HLO text is written there.
@@ -220,64 +220,73 @@ def compile_step(config, tpu: topology.Slice, devices=None, log=print,
   "logprobs" (old / reference log-probs), "update". `devices` defaults to the slice's devices
   from libtpu.
   """
-  devices = topology.slice_devices(tpu) if devices is None else list(devices)
-  config_check.validate(config, num_devices=len(devices))
-  c = config
-  model_cfg = model_config(c)
-  zc_id = c.laser.self_reward_token_id if c.laser.self_reward_token_id >= 0 else model_cfg.vocab_size - 1
-  statics = programs_lib.StepStatics.from_config(c, model_cfg, zc_id)
-  prompts_per_update = c.mini_batch_size or c.batch_size
-  updates_per_step = c.batch_size // prompts_per_update
-  optimizer = optim_lib.make_optimizer(c.optim, c.total_steps * updates_per_step)
-  data, fsdp, tensor = config_check.mesh_shape(c, len(devices))
-  mesh = sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=devices)
-  state = programs_lib.abstract_state(model_cfg, optimizer, mesh)
-  programs = programs_lib.StepPrograms(statics, optimizer, mesh, jax.tree.map(lambda s: s.sharding, state),
-                                       c.rollout.tensor_parallel)
-  rollout_params = programs.abstract_rollout_params(state.params)
-  # Token ids change no shape: an EOS id and a pad id stand in for the tokenizer's.
-  sampling, eval_sampling = programs_lib.sampling_params(c, eos_ids=(0,), pad_id=0, self_reward_token_id=zc_id)
-  prompt_len = sampler_lib.bucket_length(c.data.max_prompt_len)
-  seq_len = prompt_len + c.rollout.max_new_tokens + 1
-  chunk = c.rollout.prompts_per_chunk or c.batch_size
-  needs_ref = c.loss.kl_loss_coef > 0 or (c.laser.use_self_reward_loss and c.laser.use_ref_model_score)
-  exact_score = bool(c.laser.use_self_reward_loss and c.laser.use_ref_model_score)
-  rows = prompts_per_update * c.rollout.n
-  num_micro = rows // c.micro_batch_size
-  chip, n = tpu.chip, len(devices)
-
-  reports = []
   unknown = set(groups) - set(PROGRAM_GROUPS)
   if unknown:
     raise ValueError(f"--programs: unknown {sorted(unknown)}; expected some of {PROGRAM_GROUPS}")
+  devices = topology.slice_devices(tpu) if devices is None else list(devices)
+  c = config
+  setup = step_setup(c, devices)
+  programs, state, mesh = setup.programs, setup.abstract_state, setup.mesh
+  rollout_params = programs.abstract_rollout_params(state.params)
+  seq_len, micro = setup.seq_len, c.micro_batch_size
+  chip, n = tpu.chip, len(devices)
+
+  reports = []
   with jax.set_mesh(programs.rollout_mesh):
     if "rollout" in groups:
-      reports += _sampler_programs(programs, rollout_params, sampling, min(chunk, c.batch_size), prompt_len,
-                                   "rollout", -(-c.batch_size // chunk), chip, n, log)
+      per_call = setup.prompts_per_sampler_call(c.batch_size)
+      reports += _sampler_programs(programs, rollout_params, setup.sampling, per_call, setup.prompt_bucket,
+                                   "rollout", -(-c.batch_size // per_call), chip, n, log)
     if c.eval_every > 0 and "eval" in groups:
-      eval_prompts = min(chunk, c.data.eval_size) if c.data.eval_size > 0 else chunk
-      reports += _sampler_programs(programs, rollout_params, eval_sampling, eval_prompts, prompt_len,
+      reports += _sampler_programs(programs, rollout_params, setup.eval_sampling,
+                                   setup.prompts_per_sampler_call(_eval_set_size(c)), setup.prompt_bucket,
                                    "eval", 0, chip, n, log)
-  forwards = int(c.rollout.recompute_old_logprobs) + int(needs_ref)  # log-prob passes per row
   with jax.set_mesh(mesh):
     if "logprobs" in groups:
-      batch = programs_lib.abstract_logprob_batch(mesh, c.micro_batch_size, seq_len)
-      log(f"compiling old/ref log-probs ({c.micro_batch_size} x {seq_len} tokens)")
+      batch = programs_lib.abstract_logprob_batch(mesh, micro, seq_len)
+      log(f"compiling old/ref log-probs ({micro} x {seq_len} tokens)")
+      calls = c.batch_size * c.rollout.n // micro * setup.logprob_forwards
       reports.append(_report("old/ref log-probs", programs.logprobs.trace(state.params, batch),
-                             c.batch_size * c.rollout.n // c.micro_batch_size * forwards, chip, n)[0])
+                             calls, chip, n)[0])
     if "update" in groups:
-      update_batch = programs_lib.abstract_update_batch(mesh, num_micro, c.micro_batch_size, seq_len,
-                                                        with_ref_logp=c.loss.kl_loss_coef > 0,
-                                                        with_ref_score=exact_score)
-      normalisers = jax.eval_shape(lambda mask: objective.loss_normalisers(statics.loss_cfg, mask),
-                                   jax.ShapeDtypeStruct((rows, seq_len), np.float32))
-      log(f"compiling update ({num_micro} micro-batches of {c.micro_batch_size} x {seq_len} tokens)")
+      update_batch = programs_lib.abstract_update_batch(
+          mesh, setup.num_micro_batches, micro, seq_len, with_ref_logp=c.loss.kl_loss_coef > 0,
+          with_ref_score=setup.exact_score)
+      normalisers = jax.eval_shape(lambda mask: objective.loss_normalisers(setup.loss_cfg, mask),
+                                   jax.ShapeDtypeStruct((setup.rows_per_update, seq_len), np.float32))
+      log(f"compiling update ({setup.num_micro_batches} micro-batches of {micro} x {seq_len} tokens)")
       reports.append(_report("update", programs.update.trace(state, update_batch, normalisers,
                                                              jax.ShapeDtypeStruct((), jnp.bool_)),
-                             updates_per_step, chip, n)[0])
-  report = _summary(c, tpu, model_cfg, reports, rows * updates_per_step, seq_len, forwards)
+                             setup.updates_per_step, chip, n)[0])
+  report = _summary(c, tpu, setup.model_cfg, reports, setup.rows_per_update * setup.updates_per_step,
+                    seq_len, setup.logprob_forwards)
   report["program_groups"] = list(groups)
   return report
+
+
+def step_setup(config, devices, platform: str | None = "tpu") -> run_setup_lib.RunSetup:
+  """The trainer's own setup (`run_setup.build_run_setup`: mesh, optimizer, state shardings,
+  programs, sampling settings) of `config` on `devices`, for the model `model_config` gives
+  with its numerics for `platform` (None: this machine's, as the trainer resolves them).
+
+  Token ids change no shape, and the tokenizer may not be on this machine: config.laser's
+  self_reward_token_id (else the vocabulary's last id), EOS 0 and pad 0 stand in for the
+  tokenizer's."""
+  config_check.validate(config, num_devices=len(devices))
+  model_cfg = model_config(config, platform)
+  zc_id = config.laser.self_reward_token_id
+  return run_setup_lib.build_run_setup(
+      config, model_cfg, devices=devices, eos_ids=(0,), pad_id=0,
+      self_reward_token_id=zc_id if zc_id >= 0 else model_cfg.vocab_size - 1)
+
+
+def _eval_set_size(c) -> int:
+  """Problems of a periodic evaluation (`tasks.build_task`'s eval prompts), at most: prompts over
+  data.max_prompt_len are dropped. A files task's whole eval set (data.eval_size = 0) is only
+  known from its files: one batch stands in for it."""
+  if c.data.task == "synthetic":
+    return min(c.data.eval_size or c.data.synthetic_eval_size, c.data.synthetic_eval_size)
+  return c.data.eval_size or c.batch_size
 
 
 def _summary(c, tpu: topology.Slice, model_cfg, reports: list[ProgramReport], rows_per_step: int,

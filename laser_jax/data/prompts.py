@@ -4,6 +4,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """A tokenized prompt and the reference answer its responses are verified against: what the
+  sampling pipeline (`rl.scoring.generate`) takes, from the trainer and the evaluator alike."""
+  token_ids: list[int]
+  answer: str
+  problem: str = ""
+
+
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -35,6 +44,11 @@ def encode_prompt(prompt: str, tokenizer, template: str = "chat") -> list[int]:
 class PreparedPrompts:
   items: list[dict]  # records + "prompt" (str) + "prompt_ids" (list[int]) + "index" (source row)
   num_filtered: int  # records dropped for being longer than max_prompt_len tokens
+
+  @property
+  def prompts(self) -> list[Prompt]:
+    """The items as the sampling pipeline takes them."""
+    return [Prompt(item["prompt_ids"], item["answer"], item["problem"]) for item in self.items]
 
 
 def prepare_prompts(records: Sequence[dict], tokenizer, template: str = "chat",

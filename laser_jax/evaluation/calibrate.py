@@ -166,7 +166,7 @@ def warnings_for(report: dict, warn_logprob: float) -> list[str]:
 def format_table(report: dict) -> str:
   q = report["quantiles"]
   lines = [f"z_c = {report['token_id']} ({report['token']!r})  finished responses "
-           f"{report['num_finished']}/{report['num_responses']}",
+           f"{report['num_finished']}/{report['num_responses']}  accuracy {report['accuracy']:.3f}",
            f"log pi_ref(z_c | x, y):  mean {report['mean']:.4f}  std {report['std']:.4f}  "
            f"min {report['min']:.4f}  max {report['max']:.4f}",
            "  quantiles " + "  ".join(f"p{round(100 * float(k)):02d} {v:.3f}" for k, v in q.items()),
@@ -191,14 +191,17 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   if not prepared.items:
     raise ConfigError(f"config.eval.max_prompt_len: all {prepared.num_filtered} prompts are "
                       f"longer than {e.max_prompt_len} tokens")
-  logprobs, text_max, after_eos, texts = [], [], [], []
-  for _, out in evaluator.generate(model, prepared.items, sampling, e.batch_size, e.seed, progress):
-    logprobs.append(out.self_reward_logprob)
-    tm, ae = scan_samples(model, out, cal.scan_chunk)
-    text_max.append(tm)
-    after_eos.append(ae)
-    texts += [model.tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
-              for row, k in zip(out.tokens, out.lengths)]
+  logprobs, text_max, after_eos, texts, rewards = [], [], [], [], []
+  with evaluator.make_verifier(config) as verify:
+    for _, verified in evaluator.generate(model, prepared.prompts, sampling, batch_size=e.batch_size,
+                                          seed=e.seed, verifier=verify, score=None, progress=progress):
+      out = verified.sample
+      logprobs.append(out.self_reward_logprob)
+      tm, ae = scan_samples(model, out, cal.scan_chunk)
+      text_max.append(tm)
+      after_eos.append(ae)
+      texts += verified.texts
+      rewards.append(verified.rewards)
   logprobs, text_max, after_eos = map(np.concatenate, (logprobs, text_max, after_eos))
   finished = ~np.isnan(logprobs)
   if not finished.any():
@@ -208,6 +211,8 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   report = {
       "token_id": model.zc_id, "model": model.source, "num_problems": len(prepared.items),
       "num_responses": int(len(logprobs)), "num_finished": int(finished.sum()),
+      # The sampled solutions' verifier accuracy: c_ref is the mean over all of them, right or wrong.
+      "accuracy": float(np.mean(np.concatenate(rewards))),
       "mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
       "max": float(values.max()),
       "quantiles": {f"{q:g}": float(np.quantile(values, q)) for q in QUANTILES},

@@ -9,7 +9,6 @@ printed table from `report` (whose docstring gives the format).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import glob
 import json
@@ -31,12 +30,13 @@ from laser_jax.data import synthetic
 from laser_jax.data import verifier as verifier_lib
 from laser_jax.evaluation import loading
 from laser_jax.evaluation import report
+from laser_jax.generate import calls
 from laser_jax.generate import sampler as sampler_lib
 from laser_jax.generate import sampling as sampling_lib
 from laser_jax.models import model as model_lib
 from laser_jax.models.config import ModelConfig
 from laser_jax.rl import policy
-from laser_jax.rl import rollout as rollout_lib
+from laser_jax.rl import records
 from laser_jax.rl import scoring
 
 
@@ -61,51 +61,47 @@ def load_problems(input_file: str, limit: int = 0, data_dir: str = "") -> list[d
 def sampling_params(config: ml_collections.ConfigDict, model: loading.LoadedModel
                     ) -> sampling_lib.SamplingParams:
   """The sampler's settings from `config.eval` (validated by `config_check.validate_eval`)."""
-  e = config.eval
-  return sampling_lib.SamplingParams(
-      n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-      max_new_tokens=e.max_new_tokens, eos_ids=tuple(model.eos_ids), pad_id=model.pad_id,
-      self_reward_token_id=model.zc_id, greedy=e.greedy, decode_segments=e.decode_segments)
+  return sampling_lib.sampling_params(config.eval, eos_ids=model.eos_ids, pad_id=model.pad_id,
+                                      self_reward_token_id=model.zc_id)
 
 
-def generate(model: loading.LoadedModel, items: Sequence[dict], sampling: sampling_lib.SamplingParams,
-             batch_size: int, seed: int = 0, progress: bool = True):
-  """Samples every item's prompt (`item["prompt_ids"]`); yields (batch items, SampleOutput).
+def sample_call(model: loading.LoadedModel, sampling: sampling_lib.SamplingParams) -> calls.SampleCall:
+  """The loaded model's sampler as the pipeline calls it (`calls.SampleCall`)."""
+  return lambda token_ids, key: sampler_lib.sample(model.params, model.cfg, token_ids, sampling, key,
+                                                   mesh=model.mesh)
 
-  The last batch is padded to `batch_size` prompts with copies of its last prompt (their rows are
-  dropped) so that all calls share one compiled shape per prompt bucket.
-  """
-  key = jax.random.key(seed)
-  num_batches = -(-len(items) // batch_size)
-  bar = tqdm(total=len(items), desc="sampling", unit="problem", disable=not progress,
+
+def score_of(model: loading.LoadedModel) -> scoring.Score:
+  """The loaded model's self-reward score: its beta_v, and c_ref or its pi_ref's forward."""
+  ref_fn = (lambda out: reference_logprobs(model, out)) if model.ref_params is not None else None
+  return scoring.Score(kl_coef=model.kl_coef, ref_constant=model.ref_constant, ref_z_logprob_fn=ref_fn)
+
+
+def generate(model: loading.LoadedModel, prompts: Sequence, sampling: sampling_lib.SamplingParams, *,
+             batch_size: int, seed: int, verifier, score: scoring.Score | None, progress: bool = True):
+  """The pipeline (`scoring.generate`) over `prompts` in calls of `batch_size` prompts, call b
+  with key fold_in(key(seed), b); yields (the call's first prompt index, its records) with a
+  progress bar over problems."""
+  bar = tqdm(total=len(prompts), desc="sampling", unit="problem", disable=not progress,
              file=sys.stderr, dynamic_ncols=True)
+  decode = functools.partial(sampling_lib.decode_responses, model.tokenizer)
   try:
-    for b in range(num_batches):
-      batch = list(items[b * batch_size:(b + 1) * batch_size])
-      prompts = [it["prompt_ids"] for it in batch]
-      prompts += [prompts[-1]] * (batch_size - len(prompts))
-      out = sampler_lib.sample(model.params, model.cfg, prompts, sampling,
-                               jax.random.fold_in(key, b), mesh=model.mesh)
-      yield batch, _take_rows(out, len(batch) * sampling.n)
-      bar.update(len(batch))
+    for start, part in scoring.generate(sample_call(model, sampling), prompts, jax.random.key(seed),
+                                        prompts_per_call=batch_size, decode=decode, verifier=verifier,
+                                        score=score):
+      yield start, part
+      bar.update(int(part.sample.group_ids.max()) + 1)
   finally:
     bar.close()
-
-
-def _take_rows(out: sampling_lib.SampleOutput, num_rows: int) -> sampling_lib.SampleOutput:
-  return dataclasses.replace(out, **{
-      f.name: getattr(out, f.name)[:num_rows] for f in dataclasses.fields(out)
-      if isinstance(getattr(out, f.name), np.ndarray)})
 
 
 def reference_logprobs(model: loading.LoadedModel, out: sampling_lib.SampleOutput) -> np.ndarray:
   """log pi_ref(z_c | x, y, EOS) [N] of every row of `out` (NaN for truncated rows): one forward
   of the reference model over `prompt + response + EOS`, read at the EOS position."""
-  batch = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
-                                           out.response_lengths, out.finished, model.pad_id)
+  sequences, _ = records.build_sequences(out)
   fn = _reference_logprob_fn(model.cfg, model.zc_id)
-  logprobs = jax.device_get(fn(model.ref_params, batch["tokens"], batch["positions"],
-                               batch["attention_mask"], batch["eos_index"]))
+  logprobs = jax.device_get(fn(model.ref_params, sequences.tokens, sequences.positions,
+                               sequences.attention_mask, sequences.eos_index))
   return np.where(out.finished, np.asarray(logprobs, np.float64), np.nan)
 
 
@@ -115,6 +111,15 @@ def _reference_logprob_fn(cfg: ModelConfig, zc_id: int):
     hidden = model_lib.forward(params, cfg, tokens, positions, attention_mask, return_hidden=True)
     return policy.self_reward_logprob(params, cfg, hidden, eos_index, zc_id)
   return jax.jit(fn)
+
+
+def make_verifier(config: ml_collections.ConfigDict) -> verifier_lib.Verifier:
+  """The verifier `config.eval` names (reward function, worker processes, time limit)."""
+  e = config.eval
+  try:
+    return verifier_lib.Verifier(e.reward_fn, num_workers=e.num_workers, timeout_s=e.timeout_s)
+  except ValueError as err:
+    raise ConfigError(f"config.eval.reward_fn: {err}") from None
 
 
 def prepare_items(config, model: loading.LoadedModel, records) -> prompts_lib.PreparedPrompts:
@@ -137,23 +142,16 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   if not prepared.items:
     raise ConfigError(f"config.eval.max_prompt_len: all {prepared.num_filtered} prompts are longer "
                     f"than {e.max_prompt_len} tokens")
-  try:
-    verifier = verifier_lib.Verifier(e.reward_fn, num_workers=e.num_workers, timeout_s=e.timeout_s)
-  except ValueError as err:
-    raise ConfigError(f"config.eval.reward_fn: {err}") from None
+  verifier = make_verifier(config)
   os.makedirs(os.path.dirname(os.path.abspath(e.output_file)), exist_ok=True)
   start, num_tokens, timeouts = time.time(), 0, 0
   rows = []
   with verifier as verify, open(e.output_file + ".tmp", "w") as f:
-    decode = lambda tokens, lengths: [model.tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
-                                      for row, k in zip(tokens, lengths)]
-    ref_fn = (lambda out: reference_logprobs(model, out)) if model.ref_params is not None else None
-    for items, out in generate(model, prepared.items, sampling, e.batch_size, e.seed, progress):
-      scored = scoring.score_samples(out, [item["answer"] for item in items], decode=decode, verifier=verify,
-                                     kl_coef=model.kl_coef, ref_constant=model.ref_constant,
-                                     ref_z_logprob_fn=ref_fn)
+    for start, scored in generate(model, prepared.prompts, sampling, batch_size=e.batch_size, seed=e.seed,
+                                  verifier=verify, score=score_of(model), progress=progress):
       timeouts += scored.num_timeouts
-      num_tokens += int(out.response_lengths.sum())
+      num_tokens += int(scored.sample.response_lengths.sum())
+      items = prepared.items[start:start + int(scored.sample.group_ids.max()) + 1]
       for row in report.build_rows(items, scored):
         f.write(json.dumps(report.json_safe(row), allow_nan=False) + "\n")
         rows.append(row)

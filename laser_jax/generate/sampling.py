@@ -132,3 +132,21 @@ class SampleOutput:
   def response_logprobs(self) -> np.ndarray:
     """[N, R] log-probs of `response_tokens` (EOS included), 0 after the end."""
     return self._with_eos(self.logprobs, self.eos_logprob)
+
+
+def sampling_params(section, *, eos_ids, pad_id: int, self_reward_token_id: int | None,
+                    **defaults) -> SamplingParams:
+  """The one SamplingParams builder: from a config section (`config.rollout`, the training
+  config's `config.eval`, or the eval config's `config.eval`) holding n, temperature and
+  max_new_tokens, and optionally top_p, top_k, greedy and decode_segments; a key the section
+  lacks takes its value from `defaults`, then SamplingParams' own default."""
+  keys = ("n", "temperature", "max_new_tokens", "top_p", "top_k", "greedy", "decode_segments")
+  values = {k: section[k] if k in section else defaults[k] for k in keys if k in section or k in defaults}
+  return SamplingParams(eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id),
+                        self_reward_token_id=self_reward_token_id, **values)
+
+
+def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+  """The texts of sampled responses (`SampleOutput.tokens` / `.lengths`: EOS excluded), special
+  tokens skipped: what the verifier reads, the JSONL records show and votes are counted on."""
+  return [tokenizer.decode(row[:k].tolist(), skip_special_tokens=True) for row, k in zip(tokens, lengths)]

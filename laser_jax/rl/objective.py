@@ -7,7 +7,7 @@ after EOS, log pi(z_c | x, y) [B] (NaN allowed on truncated rows).
 Exact micro-batching. Every loss returns a `SumCount`: the micro-batch's *sum* and *count*
 (number of tokens for token-mean, number of sequences for the seq-mean modes, B for L_sr).
 The trainer computes the global counts of the whole mini-batch once (`loss_normalisers`) and passes
-them to `total_loss`, so each micro-batch contributes sum / global_count: summing those over k
+them with the rows (`records.UpdateBatch`) to `total_loss`, so each micro-batch contributes sum / global_count: summing those over k
 micro-batches (or data-parallel shards) gives exactly the full-batch loss *and* gradient, unlike a
 mean of micro-batch means. Class-balancing weights of L_sr are likewise computed once over the whole
 batch (`self_reward_class_weights`) and sliced per micro-batch.
@@ -18,11 +18,13 @@ The advantages themselves (GRPO's and LaSeR's self-rewarding ones, group ids) ar
 import dataclasses
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 
 from laser_jax.rl import advantages as advantages_lib
 from laser_jax.rl import dapo
+from laser_jax.rl import records
 from laser_jax.rl import rl_metrics
 from laser_jax.rl.rl_metrics import SumCount
 
@@ -254,6 +256,10 @@ class LossConfig:
   adv_filter_threshold: float = 0.1
   reasoning_warmup_steps: int = 0
   self_rewarding_warmup_steps: int = 0
+  # DAPO: overlong reward shaping (0 = off) and dropping truncated rows from the loss.
+  overlong_buffer_len: int = 0
+  overlong_penalty: float = 1.0
+  mask_truncated: bool = False
 
   def __post_init__(self):
     if self.adv_estimator not in ADV_ESTIMATORS:
@@ -280,7 +286,9 @@ class LossConfig:
         adv_integration_coef=laser.adv_integration_coef,
         adv_filter_threshold=laser.adv_filter_threshold,
         reasoning_warmup_steps=laser.reasoning_warmup_steps,
-        self_rewarding_warmup_steps=laser.self_rewarding_warmup_steps)
+        self_rewarding_warmup_steps=laser.self_rewarding_warmup_steps,
+        overlong_buffer_len=loss.overlong_buffer_len, overlong_penalty=loss.overlong_penalty,
+        mask_truncated=loss.mask_truncated)
 
 
 def rollout_advantages(cfg: LossConfig, step, *, rewards: jax.Array, group_ids: jax.Array,
@@ -317,46 +325,52 @@ def rollout_advantages(cfg: LossConfig, step, *, rewards: jax.Array, group_ids: 
   return used, metrics
 
 
-def loss_normalisers(cfg: LossConfig, response_mask: jax.Array) -> dict:
-  """Global counts of the whole mini-batch: {"policy": ..., "self_reward": B}.
+@flax.struct.dataclass
+class LossNormalisers:
+  """Global counts of one optimizer update's whole mini-batch (all micro-batches, all hosts)."""
+  policy: Any  # tokens (token-mean), sequences (seq-mean-*) or #seq * max_len (Dr. GRPO); KL too
+  self_reward: Any  # rows: the self-reward loss is a mean over the mini-batch's rows
+
+
+def loss_normalisers(cfg: LossConfig, response_mask: jax.Array) -> LossNormalisers:
+  """The normalisers of a mini-batch from its whole response mask [B, T].
 
   Compute once on the full mini-batch mask (before splitting into micro-batches) and pass to
   every `total_loss` call; the KL loss shares the policy normaliser (same aggregation).
   """
   mask = jnp.asarray(response_mask, jnp.float32)
-  return {"policy": aggregation_count(mask, cfg.agg_mode, cfg.max_response_length),
-          "self_reward": jnp.asarray(mask.shape[0], jnp.float32)}
+  return LossNormalisers(policy=aggregation_count(mask, cfg.agg_mode, cfg.max_response_length),
+                         self_reward=jnp.asarray(mask.shape[0], jnp.float32))
 
 
-def total_loss(cfg: LossConfig, *, logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
-               response_mask: jax.Array, normalisers: dict | None = None,
-               ref_logp: jax.Array | None = None, z_logprob: jax.Array | None = None,
-               rewards: jax.Array | None = None, finished: jax.Array | None = None,
-               self_reward_weights: jax.Array | None = None,
-               ref_z_logprob: jax.Array | None = None,
-               self_reward_active=True) -> tuple[jax.Array, dict]:
+def total_loss(cfg: LossConfig, batch: records.UpdateBatch, *, logp: jax.Array, z_logprob: jax.Array | None,
+               normalisers: LossNormalisers | None = None, self_reward_active=True
+               ) -> tuple[jax.Array, dict]:
   """L = L_GRPO + kl_loss_coef L_KL + alpha L_sr for one (micro-)batch, and its metrics.
 
   Args:
     cfg: the objective's scalars.
-    logp, old_logp, ref_logp: [B, T] per-token log-probs (current, rollout-time, reference).
-    advantages: [B] or [B, T] (from `rollout_advantages` on the whole batch, sliced).
-    response_mask: [B, T] 1 on response tokens (already excluding truncated rows if DAPO
-      truncation masking is on: see dapo.mask_truncated).
+    batch: the rows (`records.UpdateBatch`): response_mask [B, T] (truncated rows already zeroed
+      if DAPO truncation masking is on), old_logp / ref_logp [B, T] (rollout-time, reference;
+      ref_logp with the KL loss only), advantages [B] or [B, T] (whole-batch A', sliced),
+      rewards r_v and finished [B], self_reward_weights [B] (`self_reward_class_weights` over the
+      WHOLE mini-batch, sliced; None = computed here, only right when this call sees the whole
+      mini-batch), ref_z_logprob [B] (the exact variant's log pi_ref(z_c | x, y), replaces c_ref).
+      `batch.sequences` is not read: the forward that gives `logp` and `z_logprob` is the caller's.
+    logp: [B, T] current per-token log-probs (carry the gradient).
+    z_logprob: [B] log pi_theta(z_c | x, y) from the same forward; None when L_sr is off.
     normalisers: `loss_normalisers(cfg, full_minibatch_mask)`. None = this call is the whole
       batch (local counts). With global normalisers, summing the returned loss over micro-batches
       gives exactly the full-batch loss and gradient.
-    z_logprob: [B] log pi_theta(z_c | x, y) from the training forward (carries gradient).
-    rewards, finished: [B] verifier rewards r_v and finished flags.
-    self_reward_weights: [B] from `self_reward_class_weights` on the WHOLE batch, sliced.
-      None = computed here (only correct when this call sees the whole batch).
-    ref_z_logprob: [B] exact-variant reference log-prob at z_c (replaces c_ref).
     self_reward_active: the warm-up flag (Python or traced bool) from `warmup_flags`.
 
   Returns:
     (loss scalar, metrics {name: SumCount}); sum the metric dicts over micro-batches with
     rl_metrics.accumulate_metrics and divide once with rl_metrics.finalize_metrics.
   """
+  response_mask, old_logp, advantages = batch.response_mask, batch.old_logp, batch.advantages
+  ref_logp, rewards, finished = batch.ref_logp, batch.rewards, batch.finished
+  self_reward_weights, ref_z_logprob = batch.self_reward_weights, batch.ref_z_logprob
   mask = jnp.asarray(response_mask, jnp.float32)
   local = loss_normalisers(cfg, mask)
   norm = local if normalisers is None else normalisers
@@ -364,14 +378,14 @@ def total_loss(cfg: LossConfig, *, logp: jax.Array, old_logp: jax.Array, advanta
 
   pg, metrics = policy_loss(logp, old_logp, advantages, mask, clip_eps_low=cfg.clip_eps_low,
                             clip_eps_high=cfg.clip_eps_high, clip_ratio_c=cfg.clip_ratio_c, **kw)
-  loss = pg.sum / jnp.maximum(norm["policy"], 1.0)
+  loss = pg.sum / jnp.maximum(norm.policy, 1.0)
   metrics["actor/pg_loss"] = SumCount(pg.sum, pg.count)
 
   if cfg.kl_loss_coef:
     if ref_logp is None:
       raise ValueError("total_loss: kl_loss_coef > 0 needs ref_logp")
     kl = kl_loss(logp, ref_logp, mask, kl_type=cfg.kl_type, **kw)
-    loss = loss + cfg.kl_loss_coef * kl.sum / jnp.maximum(norm["policy"], 1.0)
+    loss = loss + cfg.kl_loss_coef * kl.sum / jnp.maximum(norm.policy, 1.0)
     metrics["actor/kl_loss"] = kl
 
   if cfg.use_self_reward_loss:
@@ -384,6 +398,6 @@ def total_loss(cfg: LossConfig, *, logp: jax.Array, old_logp: jax.Array, advanta
     sr = self_reward_loss(z_logprob, rewards, finished, weights, kl_coef=cfg.kl_coef,
                           ref_constant=cfg.ref_constant, ref_z_logprob=ref_z_logprob)
     active = jnp.asarray(self_reward_active, jnp.float32)
-    loss = loss + active * cfg.loss_coef * sr.sum / jnp.maximum(norm["self_reward"], 1.0)
+    loss = loss + active * cfg.loss_coef * sr.sum / jnp.maximum(norm.self_reward, 1.0)
     metrics["actor/self_reward_loss"] = sr
   return loss, metrics

@@ -1,23 +1,28 @@
 """Sample -> decode -> verify -> self-reward score: the one pipeline behind the trainer's rollout
-and evaluation, `laser_jax.evaluate` and the notebooks.
+and evaluation, `laser_jax.evaluate`, calibration and the notebooks (`generate`).
 
-The trainer's rollout stops after verification (`verify_samples`): its scores are computed once,
-from the whole batch's gathered per-row vectors, where the reference log-probs are at hand.
-Each caller keeps its own way of sampling (the trainer's rollout layout and prompt chunks, the
-evaluator's fixed-size batches), passed in as `sample_fn`; everything after the sampler is here,
-once: the texts, the verifier's rewards, and r_s = beta_v * (log pi(z_c | x, y) - ref) with ref
-either the constant c_ref or, for the exact variant, log pi_ref(z_c | x, y) from `ref_z_logprob_fn`
-(`objective.self_reward_score`).
+Each caller brings its sampler call (the trainer's on its rollout layout, the evaluator's on the
+loaded model) and its verifier; the chunking and PRNG policy (`generate.calls`), the decoding
+(`sampling.decode_responses`), the verification and the score are here, once. The score is
+r_s = beta_v * (log pi(z_c | x, y) - ref), ref the constant c_ref or, for the exact variant,
+log pi_ref(z_c | x, y) (`self_reward_scores`, the one place r_s is computed from log-probs).
+
+The trainer's rollout stops after verification: its scores are computed once from the whole
+batch's gathered per-row vectors (`batch_vectors`), where the reference log-probs are at hand.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import jax
 import numpy as np
 
+from laser_jax.generate import calls
 from laser_jax.generate import sampling as sampling_lib
+from laser_jax.rl import dapo
 from laser_jax.rl import objective
+from laser_jax.rl import records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +46,31 @@ class ScoredSamples(VerifiedSamples):
   scores: np.ndarray  # float64 [N] r_s; NaN for truncated rows (no EOS, no score)
 
 
+@dataclasses.dataclass(frozen=True)
+class Score:
+  """How responses are scored: beta_v and the offset (c_ref, or pi_ref's log-prob)."""
+  kl_coef: float  # beta_v
+  ref_constant: float | None  # c_ref; unused with `ref_z_logprob_fn`
+  # SampleOutput -> [N] log pi_ref(z_c | x, y) for the exact variant (the reference model's
+  # forward, micro-batched by the caller); None = the constant c_ref.
+  ref_z_logprob_fn: Callable[[sampling_lib.SampleOutput], np.ndarray] | None = None
+
+
+def self_reward_scores(z_logprob, finished, *, kl_coef: float, ref_constant: float | None,
+                       ref_z_logprob=None) -> np.ndarray:
+  """r_s [N] (float64) of finished rows, NaN for truncated ones (no EOS, no score)."""
+  finished = np.asarray(finished, bool)
+  z = np.where(finished, np.asarray(z_logprob, np.float64), np.nan)
+  ref = None if ref_z_logprob is None else np.where(finished, np.asarray(ref_z_logprob, np.float64), np.nan)
+  return np.asarray(objective.self_reward_score(z, kl_coef=kl_coef, ref_constant=ref_constant,
+                                                ref_z_logprob=ref), np.float64)
+
+
 def verify_samples(out: sampling_lib.SampleOutput, answers: Sequence[str], *, decode: Callable,
                    verifier) -> VerifiedSamples:
   """Decodes and verifies the rows of `out` (row r answers `answers[out.group_ids[r]]`).
 
-  decode: (tokens [N, R], lengths [N]) -> list of N texts.
+  decode: (tokens [N, R], lengths [N]) -> list of N texts (`sampling.decode_responses`).
   verifier: `laser_jax.data.verifier.Verifier` (or any (texts, references) -> VerifyResult).
   """
   texts = list(decode(out.tokens, out.lengths))
@@ -54,33 +79,92 @@ def verify_samples(out: sampling_lib.SampleOutput, answers: Sequence[str], *, de
                          num_timeouts=int(result.num_timeouts))
 
 
-def generate_and_score(sample_fn: Callable[[Sequence], sampling_lib.SampleOutput], prompts: Sequence,
-                       answers: Sequence[str], **score_kwargs) -> ScoredSamples:
-  """Samples `prompts` with `sample_fn(prompts)` (a SampleOutput whose group ids index
-  `prompts`) and scores every response (`score_samples`; `answers[i]` answers prompt i)."""
-  return score_samples(sample_fn(prompts), answers, **score_kwargs)
-
-
 def score_samples(out: sampling_lib.SampleOutput, answers: Sequence[str], *, decode: Callable, verifier,
-                  kl_coef: float, ref_constant: float,
-                  ref_z_logprob_fn: Callable[[sampling_lib.SampleOutput], np.ndarray] | None = None
-                  ) -> ScoredSamples:
-  """Decodes, verifies (`verify_samples`) and scores the rows of `out`.
-
-  Args:
-    out: the sampler's output; row r answers `answers[out.group_ids[r]]`.
-    decode, verifier: as in `verify_samples`.
-    kl_coef, ref_constant: beta_v and c_ref of the score.
-    ref_z_logprob_fn: SampleOutput -> [N] log pi_ref(z_c | x, y) for the exact variant (the
-      reference model's forward, micro-batched by the caller); None = the constant c_ref.
-  """
+                  score: Score) -> ScoredSamples:
+  """Decodes, verifies (`verify_samples`) and scores the rows of `out` with `score`."""
   verified = verify_samples(out, answers, decode=decode, verifier=verifier)
   finished = verified.finished
   z = np.where(finished, np.asarray(out.self_reward_logprob, np.float64), np.nan)
   ref = None
-  if ref_z_logprob_fn is not None:
-    ref = np.where(finished, np.asarray(ref_z_logprob_fn(out), np.float64), np.nan)
-  scores = np.asarray(objective.self_reward_score(z, kl_coef=kl_coef, ref_constant=ref_constant,
-                                                  ref_z_logprob=ref), np.float64)
+  if score.ref_z_logprob_fn is not None:
+    ref = np.where(finished, np.asarray(score.ref_z_logprob_fn(out), np.float64), np.nan)
+  scores = self_reward_scores(z, finished, kl_coef=score.kl_coef, ref_constant=score.ref_constant,
+                              ref_z_logprob=ref)
   return ScoredSamples(**{f.name: getattr(verified, f.name) for f in dataclasses.fields(verified)},
                        z_logprob=z, ref_z_logprob=ref, scores=scores)
+
+
+def generate(sample_call: calls.SampleCall, prompts: Sequence, rng: jax.Array, *, prompts_per_call: int,
+             decode: Callable, verifier, score: Score | None = None
+             ) -> Iterator[tuple[int, VerifiedSamples | ScoredSamples]]:
+  """The pipeline, one sampler call at a time: yields (index of the call's first prompt, its
+  verified -- and with `score`, scored -- samples, group ids indexing the call's prompts).
+
+  prompts: objects with `token_ids` and `answer` (`data.prompts.Prompt`).
+  sample_call, prompts_per_call: the sampler and the call size (`calls.sample_in_calls`).
+  """
+  for start, out in calls.sample_in_calls(sample_call, [p.token_ids for p in prompts], rng, prompts_per_call):
+    answers = [p.answer for p in prompts[start:start + int(out.group_ids.max()) + 1]]
+    if score is None:
+      yield start, verify_samples(out, answers, decode=decode, verifier=verifier)
+    else:
+      yield start, score_samples(out, answers, decode=decode, verifier=verifier, score=score)
+
+
+def generate_all(sample_call: calls.SampleCall, prompts: Sequence, rng: jax.Array, **kwargs
+                 ) -> VerifiedSamples | ScoredSamples:
+  """`generate` over every call, joined into one record whose group ids index `prompts`."""
+  parts = list(generate(sample_call, prompts, rng, **kwargs))
+  return join([p for _, p in parts], [s for s, _ in parts])
+
+
+def join(parts: Sequence[VerifiedSamples], starts: Sequence[int]) -> VerifiedSamples:
+  """One record from those of consecutive calls (`calls.concat_samples` for the samples)."""
+  if len(parts) == 1 and starts[0] == 0:
+    return parts[0]
+  fields = {"sample": calls.concat_samples([p.sample for p in parts], starts),
+            "texts": [t for p in parts for t in p.texts],
+            "rewards": np.concatenate([p.rewards for p in parts]),
+            "num_timeouts": sum(p.num_timeouts for p in parts)}
+  if isinstance(parts[0], ScoredSamples):
+    for name in ("z_logprob", "scores"):
+      fields[name] = np.concatenate([getattr(p, name) for p in parts])
+    refs = [p.ref_z_logprob for p in parts]
+    fields["ref_z_logprob"] = None if refs[0] is None else np.concatenate(refs)
+  return type(parts[0])(**fields)
+
+
+def batch_vectors(rollout: records.Rollout, loss_cfg: objective.LossConfig, step: int, *,
+                  gather_rows: Callable[[np.ndarray], np.ndarray] = lambda x: x, group_offset: int = 0
+                  ) -> tuple[records.BatchVectors, dict]:
+  """The whole RL batch's per-row vectors, and the advantage metrics.
+
+  Every host's rows of `rollout` are joined by `gather_rows` (`hosts.gather_rows`; identity on
+  one host) in process order; `group_offset` (this host's first prompt in the global batch)
+  makes group ids global. The reward the advantages use is r_v plus DAPO's overlong penalty when
+  `loss.overlong_buffer_len` > 0; r_s is `self_reward_scores` (against pi_ref where the rollout
+  carries its z_c log-prob); A' is `objective.rollout_advantages`, with the self-reward
+  integration as the warm-ups say at RL step `step`.
+  """
+  out = rollout.sample
+  verifier_rewards = gather_rows(np.asarray(rollout.verified.rewards, np.float32))
+  finished = gather_rows(rollout.finished)
+  response_lengths = gather_rows(out.response_lengths.astype(np.int32))  # EOS included
+  group_ids = gather_rows(out.group_ids.astype(np.int32) + group_offset)
+  z_logprob = gather_rows(np.asarray(rollout.z_logprob, np.float32))
+  ref_z_logprob = None if rollout.ref_z_logprob is None else gather_rows(rollout.ref_z_logprob)
+  rewards = verifier_rewards
+  if loss_cfg.overlong_buffer_len > 0:
+    rewards = rewards + np.asarray(dapo.overlong_reward_penalty(
+        response_lengths, loss_cfg.max_response_length, loss_cfg.overlong_buffer_len,
+        loss_cfg.overlong_penalty), np.float32)
+  scores = self_reward_scores(z_logprob, finished, kl_coef=loss_cfg.kl_coef, ref_constant=loss_cfg.ref_constant,
+                              ref_z_logprob=ref_z_logprob)
+  advantages, metrics = objective.rollout_advantages(
+      loss_cfg, step, rewards=rewards, group_ids=group_ids, finished=finished,
+      scores=scores if loss_cfg.use_self_reward_loss else None)
+  vectors = records.BatchVectors(
+      verifier_rewards=verifier_rewards, rewards=np.asarray(rewards, np.float32), finished=finished,
+      group_ids=group_ids, response_lengths=response_lengths, z_logprob=z_logprob,
+      ref_z_logprob=ref_z_logprob, scores=scores, advantages=np.asarray(advantages, np.float32))
+  return vectors, metrics

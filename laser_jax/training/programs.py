@@ -18,7 +18,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -30,48 +29,8 @@ from laser_jax.models import sharding as sharding_lib
 from laser_jax.models.config import ModelConfig
 from laser_jax.rl import objective
 from laser_jax.rl import policy
+from laser_jax.rl import records
 
-
-
-@flax.struct.dataclass
-class Sequences:
-  """What a log-prob forward reads: prompt + response + EOS rows (`rollout.build_training_batch`).
-  Leaves are [rows, S] (S = P + R + 1) or [rows]; [num_micro, micro, ...] inside an update."""
-  tokens: Any  # int32 [B, S]
-  positions: Any  # int32 [B, S]
-  attention_mask: Any  # bool [B, S]: real tokens
-  targets: Any  # int32 [B, S]: the token each position predicts
-  eos_index: Any  # int32 [B]: the EOS position, where log pi(z_c | x, y) is read
-
-  @classmethod
-  def of(cls, batch: dict) -> "Sequences":
-    """The fields of a `rollout.build_training_batch` dict."""
-    return cls(**{f.name: batch[f.name] for f in dataclasses.fields(cls)})
-
-
-@flax.struct.dataclass
-class UpdateBatch:
-  """What flows from the rollout to the update, one row per response (Tunix's TrainExample):
-  each quantity under the name `objective.total_loss` gives it."""
-  sequences: Sequences
-  response_mask: Any  # float32 [B, S] over targets: 1 on the response tokens and the EOS
-  old_logp: Any  # float32 [B, S] log pi_old of the targets (the rollout policy's)
-  advantages: Any  # float32 [B]
-  rewards: Any  # float32 [B] verifier reward r_v (the self-reward loss's target)
-  finished: Any  # bool [B] the response ended with an EOS
-  self_reward_weights: Any  # float32 [B] class weights of the self-reward loss (whole update)
-  ref_logp: Any = None  # float32 [B, S] log pi_ref of the targets: with the KL loss only
-  ref_z_logprob: Any = None  # float32 [B] log pi_ref(z_c | x, y): with the exact score only
-
-
-# (per-row shape after the row axis, dtype) of every leaf; "S" is the sequence length.
-SEQUENCE_FIELDS = {"tokens": (("S",), np.int32), "positions": (("S",), np.int32),
-                   "attention_mask": (("S",), np.bool_), "targets": (("S",), np.int32),
-                   "eos_index": ((), np.int32)}
-UPDATE_FIELDS = {"response_mask": (("S",), np.float32), "old_logp": (("S",), np.float32),
-                 "advantages": ((), np.float32), "rewards": ((), np.float32), "finished": ((), np.bool_),
-                 "self_reward_weights": ((), np.float32), "ref_logp": (("S",), np.float32),
-                 "ref_z_logprob": ((), np.float32)}
 
 
 @flax.struct.dataclass
@@ -114,7 +73,7 @@ def apply_libtpu_init_args(config: ml_collections.ConfigDict) -> None:
 
 
 # ---- the pure step functions ----------------------------------------------------------------
-def sequence_logprobs(params, sequences: Sequences, *, statics: StepStatics) -> tuple[jax.Array, jax.Array]:
+def sequence_logprobs(params, sequences: records.Sequences, *, statics: StepStatics) -> tuple[jax.Array, jax.Array]:
   """(token log-probs [B, S] at the rollout temperature, log pi(z_c | x, y) [B]) of `sequences`."""
   s = sequences
   return policy.sequence_logprobs(
@@ -123,18 +82,15 @@ def sequence_logprobs(params, sequences: Sequences, *, statics: StepStatics) -> 
       chunk=statics.logprob_chunk)
 
 
-def micro_loss(params, micro: UpdateBatch, normalisers: dict, sr_loss_on, *, statics: StepStatics):
+def micro_loss(params, micro: records.UpdateBatch, normalisers: objective.LossNormalisers, sr_loss_on, *,
+               statics: StepStatics):
   """The LaSeR objective's share of one micro-batch: (loss, named terms)."""
   logp, z_logprob = sequence_logprobs(params, micro.sequences, statics=statics)
-  return objective.total_loss(
-      statics.loss_cfg, logp=logp, old_logp=micro.old_logp, advantages=micro.advantages,
-      response_mask=micro.response_mask, normalisers=normalisers, ref_logp=micro.ref_logp,
-      z_logprob=z_logprob, rewards=micro.rewards, finished=micro.finished,
-      self_reward_weights=micro.self_reward_weights, ref_z_logprob=micro.ref_z_logprob,
-      self_reward_active=sr_loss_on)
+  return objective.total_loss(statics.loss_cfg, micro, logp=logp, z_logprob=z_logprob,
+                              normalisers=normalisers, self_reward_active=sr_loss_on)
 
 
-def update_step(state: TrainState, batch: UpdateBatch, normalisers: dict, sr_loss_on, *,
+def update_step(state: TrainState, batch: records.UpdateBatch, normalisers: objective.LossNormalisers, sr_loss_on, *,
                 statics: StepStatics, optimizer: optax.GradientTransformation):
   """One optimizer update from a mini-batch laid out as [num_micro, micro, ...].
 
@@ -198,37 +154,27 @@ def update_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def abstract_update_batch(mesh: Mesh, num_micro: int, micro: int, seq_len: int, *,
-                          with_ref_logp: bool, with_ref_score: bool) -> UpdateBatch:
+                          with_ref_logp: bool, with_ref_score: bool) -> records.UpdateBatch:
   """ShapeDtypeStructs (in their shardings) of one optimizer update's [num_micro, micro, ...]
   batch; ref_logp / ref_z_logprob only where the KL loss / the exact score needs pi_ref."""
-  def leaf(row_shape, dtype):
-    shape = (num_micro, micro) + tuple(seq_len for _ in row_shape)
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=update_batch_sharding(mesh, len(shape)))
-  fields = {name: leaf(*spec) for name, spec in UPDATE_FIELDS.items()}
-  fields["ref_logp"] = fields["ref_logp"] if with_ref_logp else None
-  fields["ref_z_logprob"] = fields["ref_z_logprob"] if with_ref_score else None
-  return UpdateBatch(sequences=Sequences(**{n: leaf(*s) for n, s in SEQUENCE_FIELDS.items()}), **fields)
+  return records.UpdateBatch.abstract((num_micro, micro), seq_len, lambda ndim: update_batch_sharding(mesh, ndim),
+                              with_ref_logp=with_ref_logp, with_ref_score=with_ref_score)
 
 
-def abstract_logprob_batch(mesh: Mesh, rows: int, seq_len: int) -> Sequences:
+def abstract_logprob_batch(mesh: Mesh, rows: int, seq_len: int) -> records.Sequences:
   """ShapeDtypeStructs (in their shardings) of one log-prob forward's batch."""
-  def leaf(row_shape, dtype):
-    shape = (rows,) + tuple(seq_len for _ in row_shape)
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(mesh, len(shape)))
-  return Sequences(**{n: leaf(*s) for n, s in SEQUENCE_FIELDS.items()})
+  return records.Sequences.abstract((rows,), seq_len, lambda ndim: sharding_lib.batch_sharding(mesh, ndim))
 
 
 def sampling_params(config: ml_collections.ConfigDict, *, eos_ids, pad_id: int,
                     self_reward_token_id: int):
-  """(rollout, eval) `SamplingParams` of a run."""
-  rollout = sampling_lib.SamplingParams(
-      n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-      top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
-      eos_ids=tuple(eos_ids), pad_id=pad_id, self_reward_token_id=self_reward_token_id,
-      decode_segments=config.rollout.decode_segments)
-  evaluation = dataclasses.replace(
-      rollout, n=config.eval.n, temperature=config.eval.temperature,
-      max_new_tokens=config.eval.max_new_tokens, top_p=1.0, top_k=0)
+  """(rollout, eval) `SamplingParams` of a run (`sampling.sampling_params` on `config.rollout` and
+  `config.eval`; the periodic evaluation samples without top-k / top-p, in the rollout's decode
+  segments)."""
+  tokens = dict(eos_ids=eos_ids, pad_id=pad_id, self_reward_token_id=self_reward_token_id)
+  rollout = sampling_lib.sampling_params(config.rollout, **tokens)
+  evaluation = sampling_lib.sampling_params(config.eval, **tokens, top_p=1.0, top_k=0,
+                                            decode_segments=config.rollout.decode_segments)
   return rollout, evaluation
 
 
@@ -284,10 +230,10 @@ class StepPrograms:
     return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, dtype, sharding=s),
                         abstract_params, self.rollout_param_shardings)
 
-  def place_update_batch(self, batch: UpdateBatch) -> UpdateBatch:
+  def place_update_batch(self, batch: records.UpdateBatch) -> records.UpdateBatch:
     """Global [num_micro, micro, ...] arrays from this host's share of every micro-batch."""
     return jax.tree.map(lambda v: hosts.put_rows(v, update_batch_sharding(self.mesh, v.ndim), axis=1), batch)
 
-  def place_logprob_batch(self, sequences: Sequences) -> Sequences:
+  def place_logprob_batch(self, sequences: records.Sequences) -> records.Sequences:
     """A global [rows, ...] batch from this host's rows."""
     return jax.tree.map(lambda v: hosts.put_rows(v, sharding_lib.batch_sharding(self.mesh, v.ndim)), sequences)

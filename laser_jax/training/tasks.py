@@ -32,6 +32,7 @@ from laser_jax.data import records as records_lib
 from laser_jax.data import sources
 from laser_jax.data import synthetic
 from laser_jax.data import verifier as verifier_lib
+from laser_jax.generate import sampling as sampling_lib
 from laser_jax.models import hf
 from laser_jax.models import model as model_lib
 from laser_jax.models import presets
@@ -41,12 +42,7 @@ from laser_jax.training import checkpoint as ckpt_lib
 from laser_jax.training import sft
 
 
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-  """A tokenized prompt and the reference answer its responses are verified against."""
-  token_ids: list[int]
-  answer: str
-  problem: str = ""
+Prompt = prompts_lib.Prompt  # defined with the prompt templates (data.prompts)
 
 
 @dataclasses.dataclass
@@ -136,8 +132,7 @@ class Task:
                                    process_index=jax.process_index(), process_count=hosts)
 
   def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
-    return [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
-            for row, n in zip(tokens, lengths)]
+    return sampling_lib.decode_responses(self.tokenizer, tokens, lengths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +190,7 @@ def eos_token_ids(tokenizer, hf_path: str = "") -> tuple[int, ...]:
 
 def _prompts(records, tokenizer, c) -> tuple[list[Prompt], int]:
   prepared = prompts_lib.prepare_prompts(records, tokenizer, c.data.template, c.data.max_prompt_len)
-  prompts = [Prompt(item["prompt_ids"], item["answer"], item["problem"]) for item in prepared.items]
+  prompts = prepared.prompts
   return prompts, prepared.num_filtered
 
 

@@ -1,18 +1,18 @@
 """The LaSeR training loop, importable from a notebook: `train(config)`.
 
-One RL step:
-  prompts -> rollout with the in-XLA sampler (n per prompt, self-reward log-probs in-loop)
-  -> verifier rewards -> old log-probs (the sampler's, or recomputed) -> reference log-probs only
-  when a term needs them -> advantages (+ self-reward integration after the warm-ups)
-  -> optax update(s) over mini-batches, with exact gradient accumulation over micro-batches
-  -> metrics -> checkpoint -> periodic evaluation.
+One RL step (the records of `rl/records.py`):
+  prompts -> `rollout`: the pipeline (`scoring.generate_all`: the in-XLA sampler, n per prompt,
+  self-reward log-probs in-loop, decoded and verified) + training rows + old / reference
+  log-probs -> `Rollout` -> `batch_vectors`: the whole batch's shaped rewards, r_s and
+  advantages (+ self-reward integration after the warm-ups) -> `BatchVectors` -> per optimizer
+  update, `update_batch` -> a complete `UpdateBatch` -> `update` (exact gradient accumulation
+  over micro-batches) -> metrics -> checkpoint -> periodic evaluation (the same pipeline, scored).
 
 `python -m laser_jax.train --config=...` is a thin wrapper over `train`.
 
 Over 400 lines in one module on purpose: `Trainer`'s methods are the stages of one RL step over
 one shared state (mesh, compiled programs, task, sampling settings) and `train` is the loop around
-them; what shrinks the step is one typed record from rollout to update (issue 26 item 2), not a
-split of the class.
+them; each stage is a few lines over the pure functions of `rl/`.
 """
 from __future__ import annotations
 
@@ -28,17 +28,15 @@ from tqdm.auto import tqdm
 
 from laser_jax import config_check
 from laser_jax.models import hosts
-from laser_jax.models import model as model_lib
-from laser_jax.models import sharding as sharding_lib
 from laser_jax.rl import dapo
 from laser_jax.rl import objective
 from laser_jax.rl import rl_metrics
-from laser_jax.rl import rollout as rollout_lib
+from laser_jax.rl import records
 from laser_jax.rl import scoring
 from laser_jax.training import checkpoint as ckpt_lib
 from laser_jax.training import metrics_writer
-from laser_jax.training import optim as optim_lib
 from laser_jax.training import programs as programs_lib
+from laser_jax.training import run_setup as run_setup_lib
 from laser_jax.training import tasks
 
 
@@ -60,32 +58,27 @@ class Trainer:
     num_devices = len(jax.devices() if devices is None else devices)
     config_check.validate(config, num_devices=num_devices)
     self.config = config
-    data, fsdp, tensor = config_check.mesh_shape(config, num_devices)
-    self.mesh = sharding_lib.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=devices)
     self.task = tasks.build_task(config)
     self.model_cfg = self.task.model_cfg
     self.tokenizer = self.task.tokenizer
     self.pad_id = self.task.pad_id
     self.eos_ids = self.task.eos_ids
     self.zc_id = self.task.self_reward_token_id
-    self.num_prompts_per_update = config.mini_batch_size or config.batch_size
-    self.updates_per_step = config.batch_size // self.num_prompts_per_update
+    # Mesh, optimizer, state shardings, programs, sampling settings and step counts: built by the
+    # function laser_jax.aot compiles from, so its report is of these very programs.
+    self.run_setup = run_setup_lib.build_run_setup(
+        config, self.model_cfg, devices=devices, self_reward_token_id=self.zc_id,
+        eos_ids=self.eos_ids, pad_id=self.pad_id)
+    s = self.run_setup
+    self.num_prompts_per_update = s.num_prompts_per_update
+    self.updates_per_step = s.updates_per_step
     check_host_split(config, self.updates_per_step)
-    total_updates = config.total_steps * self.updates_per_step
-    self.optimizer = optim_lib.make_optimizer(config.optim, total_updates)
-    self.schedule = optim_lib.make_schedule(config.optim, total_updates)
-    self.needs_ref = config.loss.kl_loss_coef > 0 or (
-        config.laser.use_self_reward_loss and config.laser.use_ref_model_score)
-    self.sampling, self.eval_sampling = programs_lib.sampling_params(
-        config, eos_ids=self.eos_ids, pad_id=self.pad_id, self_reward_token_id=self.zc_id)
-    self.statics = programs_lib.StepStatics.from_config(config, self.model_cfg, self.zc_id)
-    self.loss_cfg = self.statics.loss_cfg
-    abstract_params = jax.eval_shape(lambda: model_lib.init_params(self.model_cfg, jax.random.key(0)))
-    self.state_shardings = programs_lib.state_shardings(abstract_params, self.model_cfg,
-                                                        self.optimizer, self.mesh)
-    self.param_shardings = self.state_shardings.params
-    self.programs = programs_lib.StepPrograms(self.statics, self.optimizer, self.mesh,
-                                              self.state_shardings, config.rollout.tensor_parallel)
+    self.mesh, self.optimizer, self.schedule = s.mesh, s.optimizer, s.schedule
+    self.needs_ref = s.needs_ref
+    self.sampling, self.eval_sampling = s.sampling, s.eval_sampling
+    self.statics, self.loss_cfg = s.statics, s.loss_cfg
+    self.state_shardings, self.param_shardings = s.state_shardings, s.param_shardings
+    self.programs = s.programs
 
   # ---- state ----------------------------------------------------------------------------
   def init_state(self, params) -> TrainState:
@@ -116,52 +109,87 @@ class Trainer:
     base = jax.random.wrap_key_data(jax.device_get(state.rng))
     return jax.random.fold_in(jax.random.fold_in(base, int(state.step)), salt)
 
-  def sample(self, params, prompts: list[tasks.Prompt], sampling, rng, *, fold_single_call: bool = True):
-    """Samples this host's `prompts` in calls of at most `rollout.prompts_per_chunk` prompts of
-    the global batch (bounding the KV cache; each host gives its share of them), call i with key
-    fold_in(rng, i) (a single call uses `rng` itself unless `fold_single_call`), on the rollout
-    layout; the outputs (this host's rows) are joined as one."""
-    chunk = self.config.rollout.prompts_per_chunk // jax.process_count() or len(prompts)
-    starts = range(0, len(prompts), chunk)
-    mesh = self.programs.rollout_mesh
-    with jax.set_mesh(mesh):
-      rng = _host_key(rng)  # uncommitted: usable on the rollout mesh too
-      keys = ([rng] if len(starts) == 1 and not fold_single_call
-              else [jax.random.fold_in(rng, i) for i in range(len(starts))])
-      params = self.programs.to_rollout_layout(params)  # dropped when this returns
-      outs = [self.programs.sampler(params, [p.token_ids for p in prompts[start:start + chunk]],
-                                    sampling, keys[i]) for i, start in enumerate(starts)]
-    return rollout_lib.concat_samples(outs, self.pad_id)
+  def generate(self, params, prompts: list[tasks.Prompt], sampling, rng,
+               score: scoring.Score | None = None) -> scoring.VerifiedSamples:
+    """The pipeline (`scoring.generate_all`: sample, decode, verify, and with `score` score) on
+    this host's `prompts`, on the rollout layout, in calls of `rollout.prompts_per_chunk`
+    prompts of the global batch (each host gives its share; 0 = one call), call i with key
+    fold_in(rng, i). Returns this host's rows."""
+    per_call = self.config.rollout.prompts_per_chunk // jax.process_count()
+    rng = _host_key(rng)  # uncommitted: usable on the rollout mesh too
+    with jax.set_mesh(self.programs.rollout_mesh):
+      rollout_params = self.programs.to_rollout_layout(params)  # dropped when this returns
 
-  def rollout(self, params, prompts: list[tasks.Prompt], rng) -> scoring.VerifiedSamples:
-    """Samples `rollout.n` responses per prompt (this host's) and verifies them
-    (`scoring.verify_samples`); `prepare_update_batch` scores them, once, for the whole batch."""
-    out = self.sample(params, prompts, self.sampling, rng)
-    return scoring.verify_samples(out, [p.answer for p in prompts], decode=self.task.decode,
-                                  verifier=self.task.verifier)
+    def sample_call(token_ids, key):
+      with jax.set_mesh(self.programs.rollout_mesh):  # the key as a host value, made under any mesh
+        return self.programs.sampler(rollout_params, token_ids, sampling, _host_key(key))
 
-  def _generate_and_score(self, params, prompts, sampling, rng, *, fold_single_call=True, ref_params=None):
+    return scoring.generate_all(sample_call, prompts, rng, prompts_per_call=per_call,
+                                decode=self.task.decode, verifier=self.task.verifier, score=score)
+
+  def rollout(self, params, prompts: list[tasks.Prompt], rng, ref_params=None) -> records.Rollout:
+    """`rollout.n` verified responses per prompt (this host's) with their training rows and the
+    log-probs the update needs: the rollout policy's (the sampler's, or recomputed in the
+    training layout, z_c's included) and pi_ref's where the KL loss or the exact score needs it."""
     c = self.config
-    ref_fn = None
-    if ref_params is not None:
-      def ref_fn(out):
-        rows = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
-                                                out.response_lengths, out.finished, self.pad_id)
-        return self.logprobs(ref_params, programs_lib.Sequences.of(rows))[1]
-    return scoring.generate_and_score(
-        lambda p: self.sample(params, p, sampling, rng, fold_single_call=fold_single_call), prompts,
-        [p.answer for p in prompts], decode=self.task.decode, verifier=self.task.verifier,
-        kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant, ref_z_logprob_fn=ref_fn)
+    verified = self.generate(params, prompts, self.sampling, rng)
+    out = verified.sample
+    sequences, response_mask = records.build_sequences(out)
+    if c.rollout.recompute_old_logprobs:
+      old_logp, z_logprob = self.logprobs(params, sequences)
+    else:
+      old_logp, z_logprob = records.sampler_old_logprobs(out), out.self_reward_logprob
+    ref_logp = ref_z_logprob = None
+    if self.needs_ref:
+      ref_logp, ref_z_logprob = self.logprobs(ref_params, sequences)
+      ref_logp = ref_logp if c.loss.kl_loss_coef > 0 else None
+      ref_z_logprob = ref_z_logprob if self.exact_score else None
+    if c.loss.mask_truncated:
+      response_mask = np.asarray(dapo.mask_truncated(response_mask, verified.finished))
+    return records.Rollout(verified=verified, sequences=sequences, response_mask=response_mask,
+                           old_logp=old_logp, z_logprob=np.where(verified.finished, z_logprob, np.nan),
+                           ref_logp=ref_logp, ref_z_logprob=ref_z_logprob)
+
+  def batch_vectors(self, roll: records.Rollout, step: int) -> tuple[records.BatchVectors, dict]:
+    """The whole batch's per-row vectors (every host's rows, the same on every host): shaped
+    rewards, r_s and advantages (`scoring.batch_vectors`), and the advantage metrics."""
+    num_prompts = roll.num_rows // self.config.rollout.n  # this host's
+    return scoring.batch_vectors(roll, self.loss_cfg, step, gather_rows=hosts.gather_rows,
+                                 group_offset=jax.process_index() * num_prompts)
+
+  def update_rows(self, roll: records.Rollout) -> list[np.ndarray]:
+    """This host's rows of each optimizer update: update u holds the prompts whose index is u
+    modulo the number of updates (on every host alike: its prompts are a block of the batch
+    whose size is a multiple of it)."""
+    group_ids = roll.sample.group_ids
+    return [np.flatnonzero(group_ids % self.updates_per_step == u) for u in range(self.updates_per_step)]
+
+  def update_batch(self, roll: records.Rollout, vectors: records.BatchVectors, rows: np.ndarray
+                   ) -> tuple[records.UpdateBatch, objective.LossNormalisers]:
+    """The complete [num_micro, micro, ...] batch of this host's `rows` for one optimizer update,
+    and its loss normalisers; class weights and normalisers span exactly the update's rows of
+    every host."""
+    c = self.config
+    first = jax.process_index() * roll.num_rows  # this host's first row in `vectors`
+    weights = objective.self_reward_class_weights(
+        hosts.gather_rows(roll.verified.rewards[rows]), hosts.gather_rows(roll.finished[rows]), c.laser.balanced)
+    mine = jax.process_index() * len(rows)
+    batch = records.make_update_batch(roll, rows, vectors.advantages[first + rows],
+                                      np.asarray(weights, np.float32)[mine:mine + len(rows)])
+    normalisers = jax.tree.map(lambda v: jnp.float32(hosts.total(float(v))),
+                               objective.loss_normalisers(self.loss_cfg, batch.response_mask))
+    return records.micro_batches(batch, self.run_setup.num_micro_batches), normalisers
 
   # ---- update ---------------------------------------------------------------------------
-  def update(self, state: TrainState, batch: programs_lib.UpdateBatch, normalisers: dict, sr_loss_on: bool):
+  def update(self, state: TrainState, batch: records.UpdateBatch, normalisers: objective.LossNormalisers,
+             sr_loss_on: bool):
     """One optimizer update (`programs.update_step`) from this host's share of a
     [num_micro, micro, ...] batch."""
     return self.programs.update(state, self.programs.place_update_batch(batch), normalisers,
                                 jnp.bool_(sr_loss_on))
 
   # ---- log-probs without gradient (old / reference) -------------------------------------
-  def logprobs(self, params, sequences: programs_lib.Sequences) -> tuple[np.ndarray, np.ndarray]:
+  def logprobs(self, params, sequences: records.Sequences) -> tuple[np.ndarray, np.ndarray]:
     """Token log-probs (rollout temperature) and z_c log-probs of this host's rows, micro-batch
     by micro-batch (each host gives its share of a micro-batch)."""
     n = sequences.tokens.shape[0]
@@ -173,68 +201,6 @@ class Trainer:
     return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
 
   # ---- one RL step ----------------------------------------------------------------------
-  def prepare_update_batch(self, roll: scoring.VerifiedSamples, params, ref_params, step: int
-                           ) -> tuple[programs_lib.UpdateBatch, dict, dict, dict]:
-    """Host-side: the update record of this host's rows (sequences, old/ref log-probs,
-    advantages; class weights are set per optimizer update); returns (batch, advantage
-    metrics, rollout statistics, per-row vectors of the whole batch).
-
-    Scores, advantages and statistics span the global batch, so they are computed from every
-    host's per-row vectors (`hosts.gather_rows`: rewards, lengths, z_c log-probs, ...),
-    identically on every host, and each host keeps its own rows' advantages. The self-reward
-    scores r_s (against c_ref, or pi_ref for the exact variant) are computed here once, for
-    the advantages and the metrics alike."""
-    c = self.config
-    out = roll.sample
-    rewards = roll.rewards
-    rows = rollout_lib.build_training_batch(out.prompt_tokens, out.prompt_mask, out.response_tokens,
-                                            out.response_lengths, out.finished, self.pad_id)
-    sequences = programs_lib.Sequences.of(rows)
-    if c.rollout.recompute_old_logprobs:
-      old_logp, _ = self.logprobs(params, sequences)
-    else:
-      old_logp = rollout_lib.old_logprobs_from_sampler(out.response_logprobs, out.prompt_tokens.shape[1])
-    ref_logp = ref_z_logprob = None
-    if self.needs_ref:
-      ref_logp, ref_z_logprob = self.logprobs(ref_params, sequences)
-      ref_logp = ref_logp if c.loss.kl_loss_coef > 0 else None
-      ref_z_logprob = ref_z_logprob if c.laser.use_ref_model_score else None
-    finished = out.finished.astype(bool)
-    if c.loss.overlong_buffer_len > 0:
-      # Response length counts the EOS, as the limit max_new_tokens does.
-      rewards = rewards + np.asarray(dapo.overlong_reward_penalty(
-          out.response_lengths, c.rollout.max_new_tokens, c.loss.overlong_buffer_len,
-          c.loss.overlong_penalty))
-    # Per-row vectors of the whole batch (hosts' rows in process order; group ids made global).
-    first_row = jax.process_index() * len(finished)
-    num_prompts = len(finished) // c.rollout.n  # this host's
-    everyone = {
-        "verifier_rewards": hosts.gather_rows(roll.rewards), "rewards": hosts.gather_rows(rewards),
-        "finished": hosts.gather_rows(finished),
-        "group_ids": hosts.gather_rows(out.group_ids + jax.process_index() * num_prompts),
-        "response_lengths": hosts.gather_rows(rows["response_mask"].sum(axis=1)),
-        "z_logprob": hosts.gather_rows(out.self_reward_logprob),
-    }
-    if ref_z_logprob is not None:
-      everyone["ref_z_logprob"] = hosts.gather_rows(ref_z_logprob)
-    everyone["scores"] = np.asarray(objective.self_reward_score(
-        np.where(everyone["finished"], everyone["z_logprob"], np.nan), kl_coef=c.laser.kl_coef,
-        ref_constant=c.laser.ref_constant, ref_z_logprob=everyone.get("ref_z_logprob")), np.float64)
-    rollout_stats = jax.device_get(rl_metrics.rollout_metrics(
-        everyone["verifier_rewards"], everyone["response_lengths"], everyone["finished"], everyone["group_ids"]))
-    response_mask = rows["response_mask"]
-    if c.loss.mask_truncated:
-      response_mask = np.asarray(dapo.mask_truncated(response_mask, finished))
-    advantages, adv_metrics = objective.rollout_advantages(
-        self.loss_cfg, step, rewards=everyone["rewards"], group_ids=everyone["group_ids"],
-        finished=everyone["finished"], scores=everyone["scores"] if c.laser.use_self_reward_loss else None)
-    batch = programs_lib.UpdateBatch(
-        sequences=sequences, response_mask=response_mask, old_logp=old_logp,
-        advantages=np.asarray(advantages, np.float32)[first_row:first_row + len(finished)],
-        rewards=np.asarray(roll.rewards, np.float32),  # L_sr targets the verifier reward.
-        finished=finished, self_reward_weights=None, ref_logp=ref_logp, ref_z_logprob=ref_z_logprob)
-    return batch, adv_metrics, rollout_stats, everyone
-
   def train_step(self, state: TrainState, prompts: list, ref_params=None) -> tuple[TrainState, dict]:
     """One RL step on `prompts`; returns the new state and this step's metrics (host floats)."""
     # Under the mesh, the model's activation sharding hints (batch over data+fsdp, heads over
@@ -246,39 +212,29 @@ class Trainer:
     c = self.config
     step = int(state.step) + 1
     t0 = time.perf_counter()
-    roll = self.rollout(state.params, prompts, self.step_key(state, salt=0))
+    roll = self.rollout(state.params, prompts, self.step_key(state, salt=0), ref_params)
     t_rollout = time.perf_counter() - t0
-    batch, adv_metrics, ro, everyone = self.prepare_update_batch(roll, state.params, ref_params, step)
-    self.last_rollout = (prompts, roll, everyone["scores"])  # what `sample_rows` shows
+    vectors, adv_metrics = self.batch_vectors(roll, step)
+    self.last_rollout = (prompts, roll, vectors.scores)  # what `sample_rows` shows
     sr_on, _ = warmup_flags(step, c.laser)
 
-    # One optimizer update per mini-batch: mini-batch u holds the prompts whose index is u modulo
-    # the number of updates (on every host alike: its prompts are a block of the batch whose
-    # size is a multiple of it); micro-batches inside are accumulated exactly.
-    rows_per_update = self.num_prompts_per_update * c.rollout.n
-    num_micro = rows_per_update // c.micro_batch_size
+    # One optimizer update per mini-batch (`update_rows`); micro-batches inside are accumulated
+    # exactly.
     t1 = time.perf_counter()
     pieces, losses, grad_norms = [], [], []
-    for u in range(self.updates_per_step):
-      rows = np.flatnonzero(roll.sample.group_ids % self.updates_per_step == u)
-      mini = jax.tree.map(lambda v: v[rows], batch)
-      # Class weights and normalisers over exactly the rows of this optimizer update, all hosts'.
-      weights = objective.self_reward_class_weights(
-          hosts.gather_rows(mini.rewards), hosts.gather_rows(mini.finished), c.laser.balanced)
-      first = jax.process_index() * len(rows)
-      mini = mini.replace(self_reward_weights=np.asarray(weights, np.float32)[first:first + len(rows)])
-      normalisers = {k: jnp.float32(hosts.total(float(v))) for k, v in
-                     objective.loss_normalisers(self.loss_cfg, mini.response_mask).items()}
-      mini = jax.tree.map(lambda v: v.reshape(num_micro, -1, *v.shape[1:]), mini)
-      state, m = self.update(state, mini, normalisers, sr_on)
+    for rows in self.update_rows(roll):
+      batch, normalisers = self.update_batch(roll, vectors, rows)
+      state, m = self.update(state, batch, normalisers, sr_on)
       pieces.append(m["terms"])
       losses.append(m["loss"])
       grad_norms.append(m["grad_norm"])
     state = state.replace(step=state.step + 1)
     terms = rl_metrics.finalize_metrics(jax.device_get(rl_metrics.accumulate_metrics(pieces)))
     t_update = time.perf_counter() - t1
+    rollout_stats = jax.device_get(rl_metrics.rollout_metrics(
+        vectors.verifier_rewards, vectors.response_lengths, vectors.finished, vectors.group_ids))
 
-    num_tokens = hosts.total(float(np.sum(batch.sequences.attention_mask)))
+    num_tokens = hosts.total(float(np.sum(roll.sequences.attention_mask)))
     step_time = time.perf_counter() - t0
     metrics = {
         "actor/loss": float(np.mean(jax.device_get(losses))),
@@ -289,9 +245,9 @@ class Trainer:
         # The update's terms under the names objective / rl_metrics give them, none renamed here:
         # a renaming table once dropped the PPO clip fractions.
         **terms,
-        **{k: float(v) for k, v in ro.items()},
-        "rollout/verifier_timeouts": int(hosts.total(roll.num_timeouts)),
-        **rl_metrics.self_verification(everyone["scores"], everyone["verifier_rewards"], everyone["finished"]),
+        **{k: float(v) for k, v in rollout_stats.items()},
+        "rollout/verifier_timeouts": int(hosts.total(roll.verified.num_timeouts)),
+        **rl_metrics.self_verification(vectors.scores, vectors.verifier_rewards, vectors.finished),
         **{k: float(v) for k, v in jax.device_get(adv_metrics).items()},
         "perf/step_time_s": step_time,
         "perf/rollout_time_s": t_rollout,
@@ -310,26 +266,26 @@ class Trainer:
     (`metrics_writer.SAMPLE_COLUMNS`): the texts the verifier read (no second decode) and the r_s
     the step computed."""
     prompts, roll, scores = self.last_rollout
-    first_row = jax.process_index() * len(roll.texts)  # `scores` spans every host's rows
+    verified = roll.verified
+    first_row = jax.process_index() * roll.num_rows  # `scores` spans every host's rows
     rows = []
-    for r in range(min(num, len(roll.texts))):
-      prompt = prompts[int(roll.sample.group_ids[r])]
-      rows.append({"prompt": prompt.problem, "answer": prompt.answer, "response": roll.texts[r],
-                   "reward": float(roll.rewards[r]), "score": float(scores[first_row + r]),
-                   "finished": bool(roll.finished[r])})
+    for r in range(min(num, roll.num_rows)):
+      prompt = prompts[int(verified.sample.group_ids[r])]
+      rows.append({"prompt": prompt.problem, "answer": prompt.answer, "response": verified.texts[r],
+                   "reward": float(verified.rewards[r]), "score": float(scores[first_row + r]),
+                   "finished": bool(verified.finished[r])})
     return rows
 
   def step_flops(self, tokens: float) -> float:
     """Model FLOPs of one step over `tokens` (all hosts'): 2*N*tokens per forward (rollout),
     6*N*tokens for the update."""
-    logprob_forwards = int(self.config.rollout.recompute_old_logprobs) + int(self.needs_ref)
-    return rl_metrics.step_model_flops(self.model_cfg.num_params(), tokens, logprob_forwards)
+    return rl_metrics.step_model_flops(self.model_cfg.num_params(), tokens, self.run_setup.logprob_forwards)
 
   # ---- evaluation -----------------------------------------------------------------------
   @property
   def exact_score(self) -> bool:
     """Scores use log pi_ref(z_c | x, y) instead of the constant c_ref (the exact variant)."""
-    return bool(self.config.laser.use_self_reward_loss and self.config.laser.use_ref_model_score)
+    return self.run_setup.exact_score
 
   def evaluate(self, params, rng, ref_params=None) -> dict:
     """Held-out accuracy and self-verification on `task.eval_prompts`.
@@ -344,11 +300,15 @@ class Trainer:
 
   def _evaluate(self, params, rng, ref_params) -> dict:
     # Each host samples and verifies a block of the eval set (the last blocks padded with copies
-    # of a prompt, dropped from every statistic); chunked like the rollout (a 500-problem eval
-    # set in one call would need 500 * n rows of KV cache); one call keeps its key unfolded.
+    # of a prompt, dropped from every statistic), in calls of the rollout's size (a 500-problem
+    # eval set in one call would need 500 * n rows of KV cache).
     prompts, num_real = hosts.host_block(self.task.eval_prompts)
-    scored = self._generate_and_score(params, prompts, self.eval_sampling, rng, fold_single_call=False,
-                                      ref_params=ref_params if self.exact_score else None)
+    ref_fn = None
+    if self.exact_score:
+      ref_fn = lambda out: self.logprobs(ref_params, records.build_sequences(out)[0])[1]
+    score = scoring.Score(kl_coef=self.config.laser.kl_coef, ref_constant=self.config.laser.ref_constant,
+                          ref_z_logprob_fn=ref_fn)
+    scored = self.generate(params, prompts, self.eval_sampling, rng, score=score)
     keep = hosts.gather_rows(scored.sample.group_ids < num_real)
     rewards, scores = hosts.gather_rows(scored.rewards)[keep], hosts.gather_rows(scored.scores)[keep]
     finished = hosts.gather_rows(scored.finished)[keep]
