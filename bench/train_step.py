@@ -117,7 +117,6 @@ def run_model(name: str, args) -> dict:
   """Runs one model's measurements in this process; returns its result dict."""
   import jax
   import numpy as np
-  from laser_jax.rl import objective
   from laser_jax.training import trainer as trainer_lib
 
   spec = (QUICK if args.quick else MODELS)[name]
@@ -134,14 +133,12 @@ def run_model(name: str, args) -> dict:
     # The update alone, on the batch of a real rollout.
     sr_on, _ = trainer_lib.warmup_flags(int(state.step) + 1, config.laser)
     roll = trainer.rollout(state.params, prompts, trainer.step_key(state, salt=0))
-    batch, _, _, _ = trainer.prepare_update_batch(roll, state.params, None, int(state.step) + 1)
     assert trainer.updates_per_step == 1
-    batch = batch.replace(self_reward_weights=np.asarray(objective.self_reward_class_weights(
-        batch.rewards, batch.finished, config.laser.balanced), np.float32))
-    normalisers = objective.loss_normalisers(trainer.loss_cfg, batch.response_mask)
-    rows, seq_len = batch.sequences.tokens.shape
-    micro = config.micro_batch_size
-    mini = jax.tree.map(lambda v: v.reshape(rows // micro, micro, *v.shape[1:]), batch)
+    vectors, _ = trainer.batch_vectors(roll, int(state.step) + 1)
+    (rows,) = trainer.update_rows(roll)
+    mini, normalisers = trainer.update_batch(roll, vectors, rows)  # [num_micro, micro, ...]
+    num_micro, micro, seq_len = mini.sequences.tokens.shape
+    rows = num_micro * micro
     holder = {"state": state}
 
     def one_update():
@@ -164,7 +161,7 @@ def run_model(name: str, args) -> dict:
 
   peak = max(peak_before["gflop_s"], peak_after["gflop_s"], *adjacent_peaks) * 1e9
   tokens = float(rows * seq_len)  # processed (padded) tokens per update
-  valid_tokens = float(np.sum(batch.sequences.attention_mask))
+  valid_tokens = float(np.sum(mini.sequences.attention_mask))
   upd_flops = update_flops(cfg, tokens, seq_len)
   fwd_flops = forward_flops(cfg, tokens, seq_len)
   best_update = min(update_times)

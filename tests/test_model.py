@@ -255,7 +255,7 @@ def test_kernel_attention_paths_equal_the_reference(impl):
   the valid query rows (a pad row's output is unspecified: nothing valid reads it): splash through
   the Pallas interpreter, cudnn's wrapper (roll to right padding + causal + key lengths) through
   jax.nn.dot_product_attention's XLA implementation (cuDNN itself needs a GPU). GQA, a length
-  that is not a multiple of the tile, and a row with no valid token at all."""
+  that is not a multiple of the tile (cudnn's wrapper pads 150 to 192), and a row with no valid token."""
   rng = np.random.default_rng(1)
   b, t, n, kv, d = 3, 150, 4, 2, 16
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for h in (n, kv, kv))

@@ -137,6 +137,9 @@ def attend_splash(q, k, v, key_valid, block: int = 512, interpret: bool = False)
   return _per_shard(run, q, k, v, key_valid)
 
 
+CUDNN_SEQ_MULTIPLE = 64  # attend_cudnn pads sequences to a multiple of this (see there)
+
+
 def attend_cudnn(q, k, v, key_valid, implementation: str | None = "cudnn"):
   """`attend_causal` through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
 
@@ -144,8 +147,17 @@ def attend_cudnn(q, k, v, key_valid, implementation: str | None = "cudnn"):
   rolled left by its leading pads (RoPE is already applied, so a shift changes no score), attended
   with is_causal and key_value_seq_lengths, and rolled back. Needs each row's valid tokens to be
   one contiguous run, as every laser_jax batch is (left-padded prompt, right-padded response).
-  implementation=None / "xla" runs the same wrapper through XLA (the CPU test of it)."""
+  implementation=None / "xla" runs the same wrapper through XLA (the CPU test of it).
+
+  cuDNN rejects a training (differentiated) call whose length is odd when it masks by lengths
+  (measured on an H200: "Unsupported sequence length Q 545, KV 545"), and tiles by 64 anyway:
+  rows are right-padded with invalid tokens to a multiple of CUDNN_SEQ_MULTIPLE first."""
   def run(q, k, v, key_valid):
+    length = q.shape[1]
+    pad = (-length) % CUDNN_SEQ_MULTIPLE
+    if pad:
+      q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+      key_valid = jnp.pad(key_valid, ((0, 0), (0, pad)))
     t = q.shape[1]
     lead = jnp.argmax(key_valid, axis=1).astype(jnp.int32)  # index of the first valid token
     index = (jnp.arange(t)[None, :] + lead[:, None]) % t
@@ -154,7 +166,7 @@ def attend_cudnn(q, k, v, key_valid, implementation: str | None = "cudnn"):
         roll(q, index), roll(k, index), roll(v, index), is_causal=True,
         key_value_seq_lengths=jnp.maximum(jnp.sum(key_valid, axis=1), 1).astype(jnp.int32),  # >= 1: finite
         implementation=implementation)
-    return roll(out, (jnp.arange(t)[None, :] - lead[:, None]) % t)
+    return roll(out, (jnp.arange(t)[None, :] - lead[:, None]) % t)[:, :length]
 
   return _per_shard(run, q, k, v, key_valid)
 
