@@ -248,13 +248,13 @@ def test_error_missing_tokenizer(tmp_path):
 
 
 def test_cli_checks_a_directory(ckpts, broken, capsys):
-  hf.main(["laser_jax.models.hf", ckpts["llama"]])
+  hf.main(["laser_jax.hf", ckpts["llama"]])
   assert "llama, 2 layers" in capsys.readouterr().out
   os.remove(os.path.join(broken, "model.safetensors"))
   # Bad input through the command itself: one line on stderr, exit 2 (as every entry point).
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for args, message in (([broken], "error: missing file"), ([], "error: expected one model directory")):
-    run = subprocess.run([sys.executable, "-m", "laser_jax.models.hf", *args], cwd=repo, env=env,
+    run = subprocess.run([sys.executable, "-m", "laser_jax.hf", *args], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.startswith(message) and run.stderr.count("\n") == 1, run.stderr

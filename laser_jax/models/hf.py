@@ -424,11 +424,11 @@ def write_laser_metadata(out_dir: str, metadata: dict) -> str:
 
 
 def main(argv) -> None:
-  """`python -m laser_jax.models.hf PATH`: checks that PATH imports (config, every tensor, tokenizer) and
+  """`python -m laser_jax.hf PATH`: checks that PATH imports (config, every tensor, tokenizer) and
   prints a summary; any problem is one line on stderr and exit status 2 (laser_jax/cli.py)."""
   from absl import app
   if len(argv) != 2:
-    raise app.UsageError(f"expected one model directory, e.g. python -m laser_jax.models.hf PATH (got {argv[1:]})")
+    raise app.UsageError(f"expected one model directory, e.g. python -m laser_jax.hf PATH (got {argv[1:]})")
   path = argv[1]
   cfg = load_hf_config(path)
   params = load_hf_params(path, cfg)
@@ -437,10 +437,3 @@ def main(argv) -> None:
   print(f"{path}: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {n:,} parameters, "
         f"vocab {cfg.vocab_size} (tokenizer {len(tokenizer)})")
 
-
-if __name__ == "__main__":
-  # The imported module's main, so that its HFCheckpointError is the class cli catches (this
-  # file runs as __main__, a second copy of the module).
-  from laser_jax import cli
-  from laser_jax.models import hf as hf_module
-  cli.run(hf_module.main)
