@@ -350,13 +350,9 @@ def total_loss(cfg: LossConfig, batch: records.UpdateBatch, *, logp: jax.Array, 
 
   Args:
     cfg: the objective's scalars.
-    batch: the rows (`records.UpdateBatch`): response_mask [B, T] (truncated rows already zeroed
-      if DAPO truncation masking is on), old_logp / ref_logp [B, T] (rollout-time, reference;
-      ref_logp with the KL loss only), advantages [B] or [B, T] (whole-batch A', sliced),
-      rewards r_v and finished [B], self_reward_weights [B] (`self_reward_class_weights` over the
-      WHOLE mini-batch, sliced; None = computed here, only right when this call sees the whole
-      mini-batch), ref_z_logprob [B] (the exact variant's log pi_ref(z_c | x, y), replaces c_ref).
-      `batch.sequences` is not read: the forward that gives `logp` and `z_logprob` is the caller's.
+    batch: the rows (`records.UpdateBatch`, whose fields say what each holds); its
+      self_reward_weights span the WHOLE mini-batch (None = computed here: right only when this
+      call sees the whole mini-batch). Its `sequences` are not read: the forward is the caller's.
     logp: [B, T] current per-token log-probs (carry the gradient).
     z_logprob: [B] log pi_theta(z_c | x, y) from the same forward; None when L_sr is off.
     normalisers: `loss_normalisers(cfg, full_minibatch_mask)`. None = this call is the whole
