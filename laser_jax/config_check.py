@@ -54,6 +54,13 @@ def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   return tuple(sizes)
 
 
+def trains_exact_score(c: ml_collections.ConfigDict) -> bool:
+  """Whether a training config's score subtracts log pi_ref(z_c | x, y) instead of the constant
+  c_ref (the exact variant): the one definition, for the trainer, the AOT report and evaluation
+  of the run's checkpoints (a config saved before the key existed reads as the constant)."""
+  return bool(c.laser.get("use_self_reward_loss") and c.laser.get("use_ref_model_score"))
+
+
 def warnings(c: ml_collections.ConfigDict) -> list[str]:
   """One line per setting of a training config that runs but probably should not."""
   out = []
@@ -182,6 +189,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _require(laser.self_rewarding_warmup_steps >= 0, "laser.self_rewarding_warmup_steps", "expected >= 0")
   _require(laser.self_reward_token_id >= 0 or bool(laser.self_reward_token), "laser.self_reward_token_id",
            "set a token id, or -1 with laser.self_reward_token naming the token")
+  # The aot section: the file itself is parsed by laser_jax.aot.lengths when the report starts
+  # (before compiling; it imports this module), with the same one-line error.
+  _require(isinstance(c.aot.response_lengths, str) and bool(c.aot.response_lengths), "aot.response_lengths",
+           f"expected a named distribution or a lengths file, got {c.aot.response_lengths!r}")
   _validate_tracking(c)
   for line in warnings(c):
     logging.warning("%s", line)

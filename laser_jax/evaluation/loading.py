@@ -119,7 +119,7 @@ def _from_checkpoint(config, mesh, reference: bool = True) -> LoadedModel:
   template = _override(overrides, "eval.template", config.eval.template or None, tc.data.template)
   # A run that trained the exact score is evaluated with it, against the run's own reference,
   # unless the eval config sets a reference model or c_ref.
-  exact = bool(tc.laser.get("use_self_reward_loss") and tc.laser.get("use_ref_model_score"))
+  exact = config_check.trains_exact_score(tc)
   if exact and laser.ref_constant is not None and not laser.ref_hf_path:
     overrides.append(f"config.laser.ref_constant={laser.ref_constant!r} (the run trained the exact score)")
     exact, ref_constant = False, laser.ref_constant

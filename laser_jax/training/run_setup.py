@@ -95,8 +95,7 @@ def build_run_setup(config: ml_collections.ConfigDict, model_cfg: ModelConfig, *
                                        config.rollout.tensor_parallel)
   sampling, eval_sampling = programs_lib.sampling_params(
       config, eos_ids=eos_ids, pad_id=pad_id, self_reward_token_id=self_reward_token_id)
-  laser = config.laser
-  exact_score = bool(laser.use_self_reward_loss and laser.use_ref_model_score)
+  exact_score = config_check.trains_exact_score(config)
   needs_ref = bool(config.loss.kl_loss_coef > 0 or exact_score)
   # Prompts longer than data.max_prompt_len are dropped, so no sampler call pads further.
   prompt_bucket = sampler_lib.bucket_length(config.data.max_prompt_len, programs.sampler.min_bucket)
