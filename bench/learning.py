@@ -51,7 +51,7 @@ def run_config(workdir: str, seed: int, laser: bool, overrides: dict, base: str)
 
 
 def eval_records(workdir: str) -> list[dict]:
-  return [r for r in metrics_writer.read_metrics(workdir) if "eval/accuracy" in r]
+  return [r for r in metrics_writer.read_metrics(workdir) if "eval/reward/mean" in r]
 
 
 def final_scaling(config, n: int, num_problems: int) -> dict:
@@ -73,10 +73,10 @@ def final_scaling(config, n: int, num_problems: int) -> dict:
 def summarize_run(evals: list[dict], scaling: dict, n: int) -> dict:
   """One row of the table from a run's eval records and final scaling summary."""
   nan = lambda v: math.nan if v is None else float(v)
-  return {"acc_first": nan(evals[0]["eval/accuracy"]), "acc_last": nan(evals[-1]["eval/accuracy"]),
-          "f1": nan(evals[-1].get("eval/self_verification/f1")),
-          "auroc": nan(evals[-1].get("eval/self_verification/auroc")),
-          "mean@n": scaling["mean@n"], "maj@n": scaling[f"maj@{n}"],
+  return {"acc_first": nan(evals[0]["eval/reward/mean"]), "acc_last": nan(evals[-1]["eval/reward/mean"]),
+          "f1": nan(evals[-1].get("eval/self_verification/f1_finished")),
+          "auroc": nan(evals[-1].get("eval/self_verification/auroc_finished")),
+          "mean@n": scaling["reward/mean"], "maj@n": scaling[f"maj@{n}"],
           "self_weighted_maj@n": scaling[f"self_weighted_maj@{n}"], "best@n": scaling[f"best@{n}"]}
 
 
@@ -117,7 +117,7 @@ def plot(result: dict, path: str):
   for method in result["stats"]:
     runs = [r for r in result["runs"] if r["method"] == method]
     steps = [e["step"] for e in runs[0]["evals"]]
-    for ax, key in zip(axes, ("eval/accuracy", "eval/self_verification/f1")):
+    for ax, key in zip(axes, ("eval/reward/mean", "eval/self_verification/f1_finished")):
       values = np.array([[np.nan if e.get(key) is None else e[key] for e in r["evals"]] for r in runs])
       mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
       line, = ax.plot(steps, mean, marker="o", label=f"{method} (mean of {len(runs)})")

@@ -128,7 +128,7 @@ def run_model(name: str, args) -> dict:
     cfg = trainer.model_cfg
     steps = [{"rollout_time_s": m["perf/rollout_time_s"], "update_time_s": m["perf/update_time_s"],
               "step_time_s": m["perf/step_time_s"], "tokens_per_s": m["perf/tokens_per_s"],
-              "response_length": m["rollout/response_length_mean"]} for m in timed_steps]
+              "response_length": m["rollout/response_length/mean"]} for m in timed_steps]
 
     # The update alone, on the batch of a real rollout.
     sr_on, _ = trainer_lib.warmup_flags(int(state.step) + 1, config.laser)

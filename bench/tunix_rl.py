@@ -100,7 +100,7 @@ def run_laser(args) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     trainer, _, prompts, warmup, timed_steps = common.rl_steps(laser_config(spec, workdir), args.repeats)
     steps = [{"rollout_s": m["perf/rollout_time_s"], "update_s": m["perf/update_time_s"],
-              "step_s": m["perf/step_time_s"], "response_length": m["rollout/response_length_mean"]}
+              "step_s": m["perf/step_time_s"], "response_length": m["rollout/response_length/mean"]}
              for m in timed_steps]
   return {"framework": "laser_jax", "num_params": trainer.model_cfg.num_params(),
           "prompt_lengths": [len(p.token_ids) for p in prompts], "warmup_step_s": warmup,

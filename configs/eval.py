@@ -24,13 +24,18 @@ Export a training run as a Hugging Face directory (for vLLM serving or the Hub; 
 Measure c_ref for a new model and token (run it on the *initial* model, i.e. pi_ref; needs z_c only):
   python -m laser_jax.calibrate --config=configs/eval.py --config.model.hf_path=/path/to/model \
       --config.laser.self_reward_token_id=151652
+The paper's table (MATH500, AIME24, AIME25, AMC23, OlympiadBench with the paper's n, temperature 1.0,
+8192 new tokens, the base-model prompt): accuracy and self-verification F1 per set and on average,
+one JSON (`table.output_dir`/table.json); a rerun resumes (a set already written is not redone):
+  python -m laser_jax.evaluate --config=configs/eval.py:paper --config.model.hf_path=/path/to/model
 """
 import ml_collections
 from ml_collections import config_dict
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """Every key the evaluator and the calibrator read, with its meaning."""
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  """Every key the evaluator and the calibrator read, with its meaning; `preset` "paper"
+  (`--config=configs/eval.py:paper`) sets the paper's evaluation protocol (`paper_protocol`)."""
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
@@ -66,12 +71,19 @@ def get_config() -> ml_collections.ConfigDict:
   # model was trained with (a checkpoint's data.template, an export's laser_jax.json; else "chat").
   c.eval.template = ""
   c.eval.max_prompt_len = 0  # Drop (and count) prompts longer than this many tokens (0 = keep all).
-  c.eval.batch_size = 8  # Prompts per sampler call (x n rows); the last batch is padded to this size.
+  # Prompts per sampler call (x n rows; the last batch is padded to this size), and the rows of each
+  # extra scoring forward (pi_ref's for the exact score, truncated responses' with eval.score_truncated).
+  c.eval.batch_size = 8
   c.eval.seed = 0  # Sampling seed: batch b uses fold_in(key(seed), b).
   c.eval.reward_fn = "math"  # "math" (math-verify on the last \boxed{}), "synthetic", or "pkg.module:fn".
   c.eval.num_workers = 4  # Verifier processes (0 = in-process, no time limit).
   c.eval.timeout_s = 10.0  # Wall-clock limit per verified answer; a timeout counts as wrong.
   c.eval.threshold = 0.5  # Self-verification: predict "correct" iff score > threshold.
+  # Score truncated responses as the official evaluation does: EOS appended, log pi(z_c) read there
+  # (one extra forward over each sampler call's truncated rows; records mark them
+  # score_after_truncation). False: they have no score and self_verification/* counts them as
+  # predicted "incorrect" (the *_finished figures leave them out either way).
+  c.eval.score_truncated = True
   c.eval.num_bootstrap = 1000  # Resamples per problem for maj@k / self_weighted_maj@k / best@k.
   c.eval.bootstrap_seed = 0  # Seed of those resamples (fixed: reruns report identical numbers).
 
@@ -118,4 +130,30 @@ def get_config() -> ml_collections.ConfigDict:
   # needs a token: `hf auth login` or $HF_TOKEN); "" = no upload.
   c.export.push_to_hub = ""
   c.export.hub_private = False  # Create the hub repo as private.
+
+  # A table over several eval sets (laser_jax.evaluation.paper_table): `python -m laser_jax.evaluate`
+  # with table.sets set evaluates each set (eval.* settings, its own n) into table.output_dir and
+  # prints accuracy (mean@n: reward/mean) and self-verification F1 per set and their average, in
+  # the paper's layout.
+  c.table = ml_collections.ConfigDict()
+  c.table.sets = ""  # Comma-separated eval-set names (in eval.data_dir); "" = one eval.input_file as usual.
+  c.table.n = ()  # Samples per problem of each set, in table.sets' order (e.g. --config.table.n=2,32).
+  # <set>.jsonl and its summary per set, and table.json (every figure, the per-set files). A set
+  # whose output and summary are already there (with the same settings) is read back, not redone.
+  c.table.output_dir = "/tmp/laser_jax/eval/table"
+  if preset == "paper":
+    paper_protocol(c)
+  elif preset:
+    raise ValueError(f"configs/eval.py: unknown preset {preset!r} (expected configs/eval.py:paper)")
   return c
+
+
+def paper_protocol(c: ml_collections.ConfigDict) -> None:
+  """The paper's evaluation (SPEC "Test time"): the five sets with their n, temperature 1.0, at most
+  8192 new tokens, and the base-model prompt -- the problem + "\\nPlease reason step by step, ..."
+  in the model's chat template, which is this package's "chat" template."""
+  c.table.sets = "math500,aime24,aime25,amc23,olympiadbench"
+  c.table.n = (2, 32, 32, 32, 2)
+  c.eval.temperature = 1.0
+  c.eval.max_new_tokens = 8192
+  c.eval.template = "chat"

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from laser_jax.generate import sampler as sampler_lib
 from laser_jax.rl import objective
 
 # The correct class's L_sr target is log pi(z_c) = c_ref + 1 / beta_v; the largest score is
@@ -144,6 +145,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
            f"(mini_batch_size * rollout.n = {mini} * {c.rollout.n})")
   _require(c.micro_batch_size % (data * fsdp) == 0, "micro_batch_size",
            f"{c.micro_batch_size} is not a multiple of the data-parallel size data*fsdp = {data * fsdp}")
+  longest = sampler_lib.bucket_length(c.data.max_prompt_len) + c.rollout.max_new_tokens + 1
+  _require(c.micro_batch_tokens == 0 or c.micro_batch_tokens >= longest, "micro_batch_tokens",
+           f"{c.micro_batch_tokens} cannot hold the longest sequence of {longest} tokens (the prompt bucket of "
+           f"data.max_prompt_len={c.data.max_prompt_len} + rollout.max_new_tokens={c.rollout.max_new_tokens} + 1); "
+           "use 0 (padded micro-batches) or a larger budget")
 
   _require(c.rollout.temperature >= 0, "rollout.temperature", f"expected >= 0 (0 = greedy), got {c.rollout.temperature}")
   _require(c.eval.temperature >= 0, "eval.temperature", f"expected >= 0 (0 = greedy), got {c.eval.temperature}")
@@ -154,6 +160,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   k = c.rollout.tensor_parallel
   _require(k >= 0 and (k == 0 or num_devices % k == 0), "rollout.tensor_parallel",
            f"expected 0 or a divisor of the {num_devices} devices, got {k}")
+  # The sampler's batch axes: the training mesh's data x fsdp, or devices / k on the rollout mesh.
+  rollout_dp = data * fsdp if k == 0 else num_devices // k
+  _require(c.rollout.decode_slots >= 0 and c.rollout.decode_slots % rollout_dp == 0, "rollout.decode_slots",
+           f"expected 0 (static) or a multiple of the sampler's data-parallel size {rollout_dp}, "
+           f"got {c.rollout.decode_slots}")
   _require(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens",
            f"expected >= 1, got {c.rollout.max_new_tokens}")
   _require(c.data.max_prompt_len >= 1, "data.max_prompt_len", f"expected >= 1, got {c.data.max_prompt_len}")

@@ -62,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   # batch, update u takes the prompts whose index in the batch is u modulo k.
   c.mini_batch_size = 0
   c.micro_batch_size = 64  # Responses per forward/backward pass; gradients are accumulated exactly.
+  # > 0: the update and the log-prob passes pack whole responses into rows of this many tokens,
+  # one row per data-parallel shard per micro-batch (laser_jax/rl/packing.py), instead of
+  # micro_batch_size padded rows; >= data.max_prompt_len's bucket + rollout.max_new_tokens + 1.
+  c.micro_batch_tokens = 0
 
   # Device mesh. Sizes multiply to the device count; -1 takes all remaining devices.
   c.mesh = ml_collections.ConfigDict()
@@ -133,6 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the KV cache written so far (about half the attention reads of one loop over the whole
   # cache); each loop is compiled separately.
   c.rollout.decode_segments = 4
+  c.rollout.decode_slots = 0  # 0 = static sampler calls; > 0 = continuous batching over this many decode slots.
   # Sampling layout. 0: sample with the training layout (weights sharded over fsdp are gathered
   # at every generated token). k > 0: once per RL step the weights are copied in the compute
   # dtype onto a (data = devices / k, tensor = k) mesh of the same devices and sampled there, the
@@ -231,4 +236,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.wandb.entity = ""  # W&B user or team ("" = your default entity).
   c.wandb.name = ""  # Run display name ("" = W&B's generated name).
   c.wandb.mode = "online"  # "online" | "offline" (upload later with `wandb sync`) | "disabled".
+
+  # `python -m laser_jax.aot` (README "Will it fit?"); the trainer ignores this section.
+  c.aot = ml_collections.ConfigDict()
+  # Response lengths of the expected step beside the worst case: "rlvr_long_tail" (log-normal, mean
+  # a third of rollout.max_new_tokens, 5% truncated; laser_jax/aot/lengths.py), or a file: a JSON
+  # list of observed lengths, or a run's metrics.jsonl (its mean length and truncated fraction).
+  c.aot.response_lengths = "rlvr_long_tail"
   return c

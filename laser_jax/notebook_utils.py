@@ -164,8 +164,8 @@ def metric_series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.nda
 
 
 def plot_training(records: Sequence[dict],
-                  keys: Sequence[str] = ("rollout/reward_mean", "self_verification/f1", "self_verification/acc"),
-                  eval_keys: Sequence[str] = ("eval/accuracy", "eval/self_verification/f1")):
+                  keys: Sequence[str] = ("rollout/reward/mean", "self_verification/f1_finished", "self_verification/acc_finished"),
+                  eval_keys: Sequence[str] = ("eval/reward/mean", "eval/self_verification/f1_finished")):
   """One panel per metric over RL steps (training rollouts, then periodic evaluations)."""
   import matplotlib.pyplot as plt
   keys = [k for k in list(keys) + list(eval_keys) if any(k in r for r in records)]

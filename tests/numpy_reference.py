@@ -156,6 +156,53 @@ def self_verification(scores, rewards, finished, threshold=0.5):
   return a, b, acc, f1, pos, neg
 
 
+def self_verification_official(scores, rewards, threshold=0.5):
+  """SPEC "Test time", the official evaluation's conventions: every response counts; a response
+  without a score (None or NaN) counts as predicted "incorrect"; a class with no responses has
+  accuracy 0; F1 (harmonic mean of the two class accuracies) is 0 when both are 0.
+  Returns (acc on correct, acc on incorrect, overall acc, F1, n_pos, n_neg)."""
+  pos_hits = pos = neg_hits = neg = 0
+  for s, r in zip(scores, rewards):
+    says_correct = s is not None and not math.isnan(s) and s > threshold
+    if r > 0.5:
+      pos += 1
+      pos_hits += says_correct
+    else:
+      neg += 1
+      neg_hits += not says_correct
+  a = pos_hits / pos if pos else 0.0
+  b = neg_hits / neg if neg else 0.0
+  acc = (pos_hits + neg_hits) / (pos + neg) if pos + neg else 0.0
+  f1 = 2 * a * b / (a + b) if a + b > 0 else 0.0
+  return a, b, acc, f1, pos, neg
+
+
+def auroc_unscored_lowest(scores, rewards):
+  """AUROC over every response by counting (correct, incorrect) pairs: 1 when the correct one
+  scores higher, 1/2 on a tie; a response without a score (NaN) scores below every score (ties
+  with another unscored one). NaN when a class is empty."""
+  key = lambda s: -math.inf if math.isnan(s) else s
+  pos = [key(s) for s, r in zip(scores, rewards) if r > 0.5]
+  neg = [key(s) for s, r in zip(scores, rewards) if r <= 0.5]
+  if not pos or not neg:
+    return float("nan")
+  return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+
+
+def ece_unscored_zero(scores, rewards, num_bins=10):
+  """Expected calibration error of min(max(r_s, 0), 1) read as P(correct) over every response, a
+  response without a score at P = 0: bins [b/10, (b+1)/10), the last one closed."""
+  probs = [0.0 if math.isnan(s) else min(max(float(s), 0.0), 1.0) for s in scores]
+  total = 0.0
+  for b in range(num_bins):
+    inside = [i for i, p in enumerate(probs) if min(int(p * num_bins), num_bins - 1) == b]
+    if inside:
+      accuracy = sum(rewards[i] > 0.5 for i in inside) / len(inside)
+      confidence = sum(probs[i] for i in inside) / len(inside)
+      total += len(inside) / len(probs) * abs(accuracy - confidence)
+  return total if probs else float("nan")
+
+
 def overlong_penalty(length, max_len, cache, factor=1.0):
   if length <= max_len - cache:
     return 0.0

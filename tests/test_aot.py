@@ -205,6 +205,23 @@ def test_small_model_compiles_for_a_v4_8_and_its_counts_match_the_model(monkeypa
   decode = by_name["rollout decode"]
   assert decode["collective_bytes_in_loops"] > 128 * 0.5 * 4 * cfg.num_params() * 3 / 4
   assert report["step"]["step_s"] > 0 and 0 < report["step"]["mfu"] < 1
+  # The training state stays resident while the sampler runs: beside the sampler (which samples
+  # from the training parameters here) the two Adam moments; nothing beside the update.
+  assert update["resident_bytes"] == 0
+  assert decode["resident_bytes"] == pytest.approx(2 * 4 * cfg.num_params() / 4, rel=1e-3)
+  assert decode["hbm_fraction_with_resident"] == pytest.approx(
+      (decode["total_bytes"] + decode["resident_bytes"]) / decode["capacity_bytes"])
+  # A decode slot's bytes on its chip: its bf16 KV cache (2 layers x K and V x 2 KV heads x 64 x
+  # (64 prompt + 128 response) slots) plus its small token / log-prob buffers.
+  kv = 2 * 2 * cfg.num_kv_heads * cfg.head_dim * (64 + 128) * 2
+  assert kv <= report["decode_slots"]["row_bytes"] < 1.05 * kv
+  # As configured (static sampler, padded update) the real lengths save only the calls whose
+  # longest row stops early; the padded passes cost the worst case.
+  expected = report["expected"]
+  assert expected["slots"] == 0 and expected["packed_tokens"] == expected["padded_tokens"] == 32 * 193
+  assert expected["update_s"] == pytest.approx(report["step"]["update_s"])
+  assert expected["decode_steps"] <= 2 * 128 and expected["step_s"] <= report["step"]["step_s"] * (1 + 1e-9)
+  assert "At real response lengths" in report_lib.format_report(report)
 
 
 def test_cli_reports_a_bad_topology_in_one_line_and_exit_2():
@@ -342,3 +359,151 @@ def test_paper_configs_fit_their_v4_64_with_10_percent_to_spare(config, tmp_path
   report = json.loads(out.read_text())
   assert report["fits_with_10pct_spare"], [(p["name"], p["hbm_fraction"]) for p in report["programs"]]
   assert report["step"]["decode_vs_hbm_floor"] <= 2.0
+
+
+# ---- the step at real response lengths (laser_jax/aot/lengths.py, estimate.py) -----------------
+
+from laser_jax.aot import estimate as estimate_lib
+from laser_jax.aot import lengths as lengths_lib
+from laser_jax.config_check import ConfigError
+
+
+def test_named_long_tail_has_the_documented_mean_and_truncated_tail():
+  r = lengths_lib.response_lengths("rlvr_long_tail", budget=8192, rows=1024)
+  assert r.tokens.shape == (1024,) and r.tokens.min() >= 1 and r.tokens.max() == 8192
+  assert abs(r.mean / 8192 - 1 / 3) < 0.01 and abs(r.truncated_fraction - 0.05) < 0.005
+  assert np.median(r.tokens) < r.mean  # long-tailed: the median below the mean
+  again = lengths_lib.response_lengths("rlvr_long_tail", budget=8192, rows=1024)
+  np.testing.assert_array_equal(r.tokens, again.tokens)  # no sampling noise, a fixed order
+
+
+def test_clipped_lognormal_mean_matches_scipy():
+  from scipy import integrate, stats
+  mu, sigma, budget = 7.5, 0.9, 8192
+  dist = stats.lognorm(s=sigma, scale=np.exp(mu))
+  # E[min(X, B)] = integral of P(X > x) over [0, B].
+  reference = integrate.quad(dist.sf, 0, budget, limit=200)[0]
+  assert lengths_lib._clipped_lognormal_mean(mu, sigma, budget) == pytest.approx(reference, rel=1e-6)
+
+
+def test_lengths_from_a_json_list_and_from_a_runs_metrics(tmp_path):
+  from laser_jax.rl import rl_metrics
+  observed = tmp_path / "lengths.json"
+  observed.write_text(json.dumps([10, 20, 30, 40, 5000]))
+  r = lengths_lib.response_lengths(str(observed), budget=64, rows=10)
+  assert sorted(r.tokens.tolist()) == [10, 10, 20, 20, 30, 30, 40, 40, 64, 64]  # quantiles, clipped
+  # metrics.jsonl records as the trainer writes them: the family at the run's mean and truncation.
+  records = []
+  for lengths, finished in (([100, 300, 1024, 500], [1, 1, 0, 1]), ([200, 400, 600, 1024], [1, 1, 1, 0])):
+    m = rl_metrics.rollout_metrics(jnp.zeros(4), jnp.asarray(lengths), jnp.asarray(finished, bool),
+                                   jnp.zeros(4, jnp.int32), 1)
+    records.append({"step": len(records) + 1, **{k: float(v) for k, v in m.items()}})
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n" + json.dumps({"step": 3, "eval/x": 1}))
+  r = lengths_lib.response_lengths(str(metrics), budget=1024, rows=4096)
+  assert abs(r.mean - 518.5) < 0.01 * 518.5 and abs(r.truncated_fraction - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("content", [None, "not json {", "[]", "[3, -1]", '["a"]', '{"step": 1}\n{"step": 2}',
+                                     '{"rollout/response_length/mean": 10, "rollout/truncated_frac": 0}'])
+def test_a_lengths_file_that_does_not_parse_is_one_line_naming_key_and_file(tmp_path, content):
+  path = tmp_path / "lengths.json"
+  if content is not None:
+    path.write_text(content)
+  with pytest.raises(ConfigError) as e:
+    lengths_lib.response_lengths(str(path), budget=64, rows=8)
+  message = str(e.value)
+  assert message.startswith("config.aot.response_lengths: ") and str(path) in message and "\n" not in message
+
+
+def test_cli_rejects_a_bad_lengths_file_in_one_line_and_exit_2(tmp_path):
+  bad = tmp_path / "lengths.json"
+  bad.write_text("[1, 2,")
+  proc = subprocess.run([sys.executable, "-m", "laser_jax.aot", "--config=configs/tpu_v4.py", "--topology=v4-8",
+                         f"--config.aot.response_lengths={bad}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "config.aot.response_lengths" in errors[0] and str(bad) in errors[0]
+
+
+def _step_by_step_slots(tokens, slots, refill_every):
+  """Independent reference: run the schedule one decode step at a time."""
+  queue, remaining, step = list(tokens), [0] * slots, 0
+  while queue or any(remaining):
+    if step % refill_every == 0:
+      for s in range(slots):
+        if remaining[s] == 0 and queue:
+          remaining[s] = queue.pop(0)
+    remaining = [max(0, r - 1) for r in remaining]
+    step += 1
+  return step
+
+
+def test_decode_steps_static_and_continuous_by_hand_and_step_by_step():
+  tokens = np.array([5, 1, 1, 1])
+  assert estimate_lib.static_decode_steps(tokens, rows_per_call=2) == 5 + 1
+  assert estimate_lib.continuous_decode_steps(tokens, slots=2) == 5  # three short rows share a slot
+  tokens = np.array([3, 1, 1, 1, 1])
+  assert estimate_lib.continuous_decode_steps(tokens, slots=2) == 4
+  assert estimate_lib.continuous_decode_steps(tokens, slots=2, refill_every=2) == 5  # refills at 2 and 4
+  rng = np.random.default_rng(1)
+  for _ in range(20):
+    tokens = rng.integers(1, 40, size=rng.integers(1, 30))
+    slots, every = int(rng.integers(1, 8)), int(rng.integers(1, 5))
+    assert estimate_lib.continuous_decode_steps(tokens, slots, every) == _step_by_step_slots(tokens, slots, every)
+
+
+def test_packed_tokens_and_slot_sizing_by_hand():
+  # Rows of 10 tokens, 2 shards: 7 | 6 | 4+3 | 2 -> four packed rows = two micro-batches of 2 x 10.
+  assert estimate_lib.packed_tokens(np.array([3, 7, 2, 6, 4]), micro_batch_tokens=10, shards=2) == 40
+  # 100 bytes free at 90% of 1000 with 800 fixed: 4 slots of 25 bytes per chip, 8 chips.
+  assert estimate_lib.max_slots(1000, 800, 25, data_parallel=8, spare=0.1) == 32
+  assert estimate_lib.max_slots(1000, 950, 25, data_parallel=8, spare=0.1) == 0
+
+
+def _decode_program(**kw):
+  base = dict(steps=100, rows=8, data_parallel=2, compute_s=0.1, hbm_s=1.0, ici_s=0.0, weight_bytes=1000.0,
+              row_bytes=100.0, kv_fill=0.5)
+  return estimate_lib.DecodeProgram(**{**base, **kw})
+
+
+def test_a_continuous_step_reads_the_weights_and_every_slots_whole_cache():
+  d = _decode_program()
+  # Static step: 1.0 s / 100 steps for 1000 + 4 rows x 100 x 0.5 bytes; at 16 slots (8 per chip)
+  # 1000 + 8 x 100 bytes: 1800 / 1200 as long.
+  assert estimate_lib.slot_step_s(d, 16) == pytest.approx(0.01 * 1800 / 1200)
+  # Compute-bound: per-row work scales with the slots.
+  assert estimate_lib.slot_step_s(_decode_program(compute_s=10.0), 16) == pytest.approx(0.1 * 2)
+
+
+def test_expected_step_at_the_budget_is_the_worst_case_and_real_lengths_cost_less():
+  shape = estimate_lib.StepShape(rows=16, rows_per_call=8, prompt_tokens=6, seq_len=6 + 100 + 1, update_shards=2,
+                                 num_params=1000, logprob_forwards=1, peak_flops=1e6)
+  d = _decode_program()
+  worst = dict(prefill_s=0.5, logprobs_s=2.0, update_s=4.0)
+  at_budget = estimate_lib.expected_step(shape, np.full(16, 100), d, slots=0, micro_batch_tokens=0, **worst)
+  assert at_budget["decode_steps"] == 2 * 100 and at_budget["decode_s"] == pytest.approx(2 * 1.0)
+  assert at_budget["rollout_s"] == pytest.approx(0.5 + 2.0 + 2.0) and at_budget["update_s"] == 4.0
+  short = np.array([100] + [10] * 15)
+  e = estimate_lib.expected_step(shape, short, d, slots=8, micro_batch_tokens=107, **worst)
+  # As many slots as a call has rows: continuous batching has nothing to refill.
+  assert e["static_decode_steps"] == e["decode_steps"] == 100 + 10
+  # One call of all 16 rows: the 15 short rows share 7 slots while the long one runs.
+  import dataclasses
+  one_call = estimate_lib.expected_step(dataclasses.replace(shape, rows_per_call=16), short, d, slots=8,
+                                        micro_batch_tokens=107, **worst)
+  assert one_call["decode_steps"] == estimate_lib.continuous_decode_steps(short, 8) == 100
+  assert one_call["decode_s"] == pytest.approx(100 * estimate_lib.slot_step_s(d, 8))
+  # 106 + 15 x 16 tokens in rows of 107 on 2 shards: 106 | 6 x 16 | 6 x 16 | 3 x 16 -> 2 micro-batches.
+  assert e["packed_tokens"] == 2 * 2 * 107 and e["update_s"] == pytest.approx(4.0 * 428 / (16 * 107))
+  assert e["useful_tokens"] == 106 + 15 * 16
+  assert e["update_useful_mfu"] == pytest.approx(6 * 1000 * e["useful_tokens"] / (e["update_s"] * 1e6))
+
+
+def test_config_validation_names_an_empty_response_lengths_key():
+  from laser_jax import config_check
+  c = default_config.get_config()
+  c.aot.response_lengths = ""
+  with pytest.raises(ConfigError, match=r"^config\.aot\.response_lengths: .*got ''$"):
+    config_check.validate(c, num_devices=1)

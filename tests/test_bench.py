@@ -89,7 +89,7 @@ def test_learning_benchmark_runs_both_methods_per_seed(tmp_path, capsys):
   assert [(r["method"], r["seed"]) for r in result["runs"]] == [("laser", 0), ("grpo", 0)]
   for run in result["runs"]:
     assert [e["step"] for e in run["evals"]] == [0, 2]
-    assert run["summary"]["acc_first"] == run["evals"][0]["eval/accuracy"]
+    assert run["summary"]["acc_first"] == run["evals"][0]["eval/reward/mean"]
     assert run["summary"]["maj@n"] == run["scaling"]["maj@2"]
   assert set(result["stats"]) == {"laser", "grpo"} and len(result["bars"]) == 5
   assert 0 < result["runs"][0]["summary"]["mean@n"] < 1

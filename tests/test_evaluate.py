@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import hf_fixtures
+import numpy_reference
 from laser_jax import cli
 from laser_jax import config_check
 from laser_jax import default_config
@@ -93,7 +94,7 @@ def test_output_rows_have_all_fields_and_consistent_values(run_output, ckpt):
   finished_count = 0
   for r in rows:
     for key in ("responses", "pred_answers", "acc_list", "self_rewarding_scores", "self_rewarding_logprobs",
-                "response_token_ids", "stop_token_ids"):
+                "response_token_ids", "stop_token_ids", "score_after_truncation"):
       assert len(r[key]) == N, key
     assert prompts_lib.INSTRUCTION in r["prompt"] and r["problem"] in r["prompt"]
     assert r["prompt_token_ids"] == tok(r["prompt"], add_special_tokens=False)["input_ids"]
@@ -102,34 +103,39 @@ def test_output_rows_have_all_fields_and_consistent_values(run_output, ckpt):
       assert r["responses"][i] == tok.decode(ids, skip_special_tokens=True)
       assert r["pred_answers"][i] == answers.extract_last_boxed(r["responses"][i])
       assert r["acc_list"][i] == length_parity_reward(r["responses"][i], r["answer"])
-      if lp is None:  # truncated: the full budget, no EOS, no score
-        assert len(ids) == MAX_NEW and stop is None and r["self_rewarding_scores"][i] is None
+      if stop is None:  # truncated: the full budget, no EOS, scored after an appended EOS
+        assert len(ids) == MAX_NEW and r["score_after_truncation"][i] is True
       else:
         finished_count += 1
         assert len(ids) < MAX_NEW and stop in (0, tok("\n", add_special_tokens=False)["input_ids"][0])
-        assert stop not in ids  # EOS excluded from the response ids
-        assert r["self_rewarding_scores"][i] == pytest.approx(BETA * (lp - C_REF), abs=1e-6)
+        assert stop not in ids and r["score_after_truncation"][i] is False  # EOS excluded from the ids
+      # Every response has a score, the official evaluation's r_s = beta_v (log pi(z_c) - c_ref).
+      assert r["self_rewarding_scores"][i] == pytest.approx(BETA * (lp - C_REF), abs=1e-6)
   assert 0 < finished_count < len(rows) * N  # both finished and truncated responses occur
   assert len({a for r in rows for a in r["acc_list"]}) == 2  # both verdicts occur
 
 
 def test_self_reward_logprobs_match_transformers_forward(run_output, ckpt):
+  """Finished responses: the sampler's in-loop log pi(z_c) after the EOS it emitted; truncated
+  ones: the extra forward's, after an appended EOS (the model's first EOS id) -- each equal to a
+  transformers forward over prompt + response + that EOS, read at its last position."""
   import torch
   import transformers
   _, _, rows = run_output
   model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-  checked = 0
+  checked = {"finished": 0, "truncated": 0}
   for r in rows:
     for ids, stop, lp in zip(r["response_token_ids"], r["stop_token_ids"], r["self_rewarding_logprobs"]):
-      if lp is None or checked >= 6:
+      kind = "finished" if stop is not None else "truncated"
+      if checked[kind] >= 4:
         continue
-      seq = torch.tensor([r["prompt_token_ids"] + ids + [stop]])
+      seq = torch.tensor([r["prompt_token_ids"] + ids + [hf_fixtures.EOS_ID if stop is None else stop]])
       with torch.no_grad():
         logits = model(seq).logits[0, -1].double()
       ref = torch.log_softmax(logits, -1)[hf_fixtures.ZC_ID].item()
-      assert lp == pytest.approx(ref, abs=1e-4)
-      checked += 1
-  assert checked == 6
+      assert lp == pytest.approx(ref, abs=1e-4), kind
+      checked[kind] += 1
+  assert checked == {"finished": 4, "truncated": 4}
 
 
 def test_exact_score_subtracts_the_reference_models_logprob(ckpt, tmp_path):
@@ -147,21 +153,21 @@ def test_exact_score_subtracts_the_reference_models_logprob(ckpt, tmp_path):
   assert summary["reference_model"] == ref_ckpt and summary["ref_constant"] is None
   rows = [json.loads(line) for line in open(config.eval.output_file)]
   ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_ckpt, dtype=torch.float32).eval()
-  checked = 0
+  checked = []
   for r in rows:
     for i, (ids, stop, lp) in enumerate(zip(r["response_token_ids"], r["stop_token_ids"],
                                             r["self_rewarding_logprobs"])):
       ref_lp, score = r["self_rewarding_ref_logprobs"][i], r["self_rewarding_scores"][i]
-      if lp is None:
-        assert ref_lp is None and score is None
-        continue
+      # A truncated response is scored after an appended EOS by pi_ref too (the official score).
+      assert r["score_after_truncation"][i] == (stop is None)
+      stop = hf_fixtures.EOS_ID if stop is None else stop
       with torch.no_grad():
         logits = ref_model(torch.tensor([r["prompt_token_ids"] + ids + [stop]])).logits[0, -1].double()
       assert ref_lp == pytest.approx(torch.log_softmax(logits, -1)[hf_fixtures.ZC_ID].item(), abs=1e-4)
       assert abs(ref_lp - lp) > 1e-3  # Another model: not the policy's own log-prob.
       assert score == pytest.approx(BETA * (lp - ref_lp), abs=1e-6)
-      checked += 1
-  assert checked > 0
+      checked.append(r["score_after_truncation"][i])
+  assert set(checked) == {True, False}  # finished and truncated responses both checked
   # A reference with another architecture is a one-line error naming the field.
   other = hf_fixtures.make_tiny_hf_checkpoint(str(tmp_path / "other"), "qwen2", vocab_size=512)
   config.laser.ref_hf_path = other
@@ -183,17 +189,28 @@ def reference_metrics(rows, threshold, num_bootstrap, seed):
   acc = np.array([r["acc_list"] for r in rows], float)
   scores = np.array([[np.nan if s is None else s for s in r["self_rewarding_scores"]] for r in rows])
   num_problems, n = acc.shape
-  out = {"mean@n": acc.mean()}
-  fin = ~np.isnan(scores)
+  out = {"reward/mean": acc.mean()}
+  # Official conventions (SPEC "Test time"): every response, unscored = predicted "incorrect".
+  official = numpy_reference.self_verification_official(scores.ravel(), acc.ravel(), threshold)
+  out.update(zip([f"self_verification/{k}" for k in ("acc_correct", "acc_incorrect", "acc", "f1", "num_correct",
+                                                     "num_incorrect")], official))
+  out["self_verification/auroc"] = numpy_reference.auroc_unscored_lowest(scores.ravel(), acc.ravel())
+  out["self_verification/ece"] = numpy_reference.ece_unscored_zero(scores.ravel(), acc.ravel())
+  # Finished responses only (a stop token), an empty class NaN.
+  fin = np.array([[t is not None for t in r["stop_token_ids"]] for r in rows])
   truth, pred = acc[fin] > 0.5, scores[fin] > threshold
   c_acc = pred[truth].mean() if truth.any() else np.nan
   i_acc = (~pred[~truth]).mean() if (~truth).any() else np.nan
-  out.update({"self_verification/acc_correct": c_acc, "self_verification/acc_incorrect": i_acc,
-              "self_verification/acc": (pred == truth).mean() if truth.size else np.nan,
-              "self_verification/f1": 2 * c_acc * i_acc / (c_acc + i_acc) if c_acc + i_acc > 0 else np.nan,
-              "self_verification/num_correct": truth.sum(), "self_verification/num_incorrect": (~truth).sum(),
-              "self_verification/num_truncated": (~fin).sum(), "truncated_frac": 1 - fin.mean(),
-              "self_verification/score_mean": scores[fin].mean() if fin.any() else np.nan})
+  out.update({"self_verification/acc_correct_finished": c_acc, "self_verification/acc_incorrect_finished": i_acc,
+              "self_verification/acc_finished": (pred == truth).mean() if truth.size else np.nan,
+              "self_verification/f1_finished": 2 * c_acc * i_acc / (c_acc + i_acc) if c_acc + i_acc > 0 else np.nan,
+              "self_verification/num_correct_finished": truth.sum(),
+              "self_verification/num_incorrect_finished": (~truth).sum(),
+              "self_verification/num_unscored": np.isnan(scores).sum(), "truncated_frac": 1 - fin.mean(),
+              "self_verification/score/mean": np.nanmean(scores) if (~np.isnan(scores)).any() else np.nan,
+              # response tokens with the EOS of finished ones (as training counts them)
+              "response_length/mean": np.mean([len(t) + (s is not None) for r in rows
+                                               for t, s in zip(r["response_token_ids"], r["stop_token_ids"])])})
   lps = np.array([[np.nan if s is None else s for s in r["self_rewarding_logprobs"]] for r in rows])
   out["z_logprob/mean"] = np.nanmean(lps)
   out["z_logprob/std"] = np.nanstd(lps)
@@ -248,6 +265,10 @@ def test_summary_json_matches_numpy_recomputation(run_output):
   assert summary["num_problems"] == len(PROBLEMS) and summary["n"] == N
   assert {"maj@4", "self_weighted_maj@4", "best@4"} <= set(summary)
   assert summary["config"]["eval"]["n"] == N
+  # The README's table of summary keys is every key of a summary (@k as written there), and no other.
+  import re
+  from test_trainer import readme_metric_names
+  assert readme_metric_names("eval-summary-names") == {re.sub(r"@\d+$", "@k", k) for k in summary}
 
 
 def test_metrics_on_handmade_rows_with_votes():
@@ -257,17 +278,23 @@ def test_metrics_on_handmade_rows_with_votes():
        "acc_list": [1.0, 1.0, 0.0, 0.0, 0.0],
        "self_rewarding_scores": [0.9, None, 0.1, 0.2, 0.7],
        "self_rewarding_logprobs": [-20.0, None, -22.0, -21.0, -19.0],
-       "response_token_ids": [[1], [2, 3], [4], [5, 6, 7], [8]]},
+       "response_token_ids": [[1], [2, 3], [4], [5, 6, 7], [8]],
+       "stop_token_ids": [0, None, 0, 0, 0]},  # the second truncated and not scored
       {"pred_answers": ["x + 1", "x+1", "\\left(2\\right)", "(2)", "7."],
        "acc_list": [0.0, 0.0, 1.0, 1.0, 0.0],
        "self_rewarding_scores": [0.3, 0.3, 0.8, 0.6, None],
        "self_rewarding_logprobs": [-22.0, -22.0, -20.0, -21.0, None],
-       "response_token_ids": [[1], [2], [3], [4], [5]]},
+       "response_token_ids": [[1], [2], [3], [4], [5]],
+       "stop_token_ids": [0, 0, 0, None, None]},  # the fourth truncated, scored after truncation
   ]
   assert answers.canonical_answer("\\left(2\\right)") == answers.canonical_answer("(2)")
   assert answers.canonical_answer("x + 1") == "x+1" and answers.canonical_answer(None) is None
   summary = report.metrics_from_rows(rows, threshold=0.5, num_bootstrap=200, seed=7)
   _assert_metrics_match(summary, reference_metrics(rows, 0.5, 200, 7))
+  assert summary["self_verification/num_unscored"] == 2 and summary["truncated_frac"] == pytest.approx(0.3)
+  # The unscored correct response counts as a miss officially; the finished-only figures leave
+  # out all three truncated responses.
+  assert summary["self_verification/acc_correct"] == 3 / 4 and summary["self_verification/acc_correct_finished"] == 1.0
   assert 0 < summary["maj@4"] < 1 and summary["self_weighted_maj@4"] != summary["maj@4"]
 
 
@@ -277,7 +304,7 @@ def test_cli_prints_table_and_exits_zero(ckpt, tmp_path):
          f"--config.model.hf_path={ckpt}", f"--config.eval.input_file={write_problems(tmp_path / 'p.jsonl', PROBLEMS[:2])}",
          f"--config.eval.output_file={out}", "--config.eval.n=2", "--config.eval.max_new_tokens=8",
          "--config.eval.num_workers=1", "--config.eval.num_bootstrap=20", "--config.mesh.fsdp=1",
-         "--config.mesh.data=-1"]
+         "--config.mesh.data=-1", "--config.eval.score_truncated=false"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "mean@2 accuracy" in proc.stdout and "self_weighted_maj@k" in proc.stdout
@@ -287,6 +314,11 @@ def test_cli_prints_table_and_exits_zero(ckpt, tmp_path):
   assert all(a == 0.0 for r in rows for a in r["acc_list"])  # math verifier: junk is never right
   assert os.path.isfile(report.summary_path(str(out)))
   summary = json.loads(open(report.summary_path(str(out))).read())
+  # score_truncated off: a truncated response (no stop token) has no score and counts as unscored.
+  stops = [t for r in rows for t in r["stop_token_ids"]]
+  assert [s is None for r in rows for s in r["self_rewarding_scores"]] == [t is None for t in stops]
+  assert not any(a for r in rows for a in r["score_after_truncation"])
+  assert summary["self_verification/num_unscored"] == stops.count(None)
   # One class only (nothing is correct): AUROC undefined; the reliability plot sits beside it.
   assert summary["self_verification/auroc"] is None and "AUROC of the score" in proc.stdout
   assert summary["reliability_plot"] == str(tmp_path / "cli.reliability.png")

@@ -26,9 +26,9 @@ def test_default_run_learns_to_solve_and_to_verify(tmp_path):
                        text=True, timeout=3600)
   assert res.returncode == 0, res.stderr[-3000:]
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  evals = [r for r in records if "eval/accuracy" in r]
+  evals = [r for r in records if "eval/reward/mean" in r]
   assert evals[0]["step"] == 0 and evals[-1]["step"] == max(r["step"] for r in records)
-  gain = evals[-1]["eval/accuracy"] - evals[0]["eval/accuracy"]
-  assert gain >= 0.10, [(r["step"], r["eval/accuracy"]) for r in evals]
-  assert evals[-1]["eval/self_verification/f1"] >= 0.60, evals[-1]
-  assert evals[-1]["eval/self_verification/auroc"] >= 0.80, evals[-1]
+  gain = evals[-1]["eval/reward/mean"] - evals[0]["eval/reward/mean"]
+  assert gain >= 0.10, [(r["step"], r["eval/reward/mean"]) for r in evals]
+  assert evals[-1]["eval/self_verification/f1_finished"] >= 0.60, evals[-1]
+  assert evals[-1]["eval/self_verification/auroc_finished"] >= 0.80, evals[-1]

@@ -36,8 +36,8 @@ OVERRIDES = {
     "reward.fn": "multihost_helpers:parity_reward",  # Non-zero advantages from an untrained model.
 }
 # Row-level results that must be identical (same prompts, same samples, same verdicts).
-EXACT = ("rollout/reward_mean", "rollout/response_length_mean", "rollout/truncated_frac", "eval/accuracy",
-         "self_verification/num_incorrect")
+EXACT = ("rollout/reward/mean", "rollout/response_length/mean", "rollout/truncated_frac", "eval/reward/mean",
+         "self_verification/num_incorrect_finished")
 # Neither the timings nor approx_kl, which is ~1e-8 here: float noise of the cross-process sums.
 SKIP = ("perf/step_time_s", "perf/rollout_time_s", "perf/update_time_s", "perf/tokens_per_s", "actor/approx_kl")
 
@@ -119,7 +119,7 @@ def test_two_hosts_preempted_on_one_host_then_resumed_repeat_the_one_host_run(tm
   trainer.train(config, progress=False)
   reference = metrics_writer.read_metrics(config.workdir)
   assert [r["step"] for r in reference] == list(range(TOTAL_STEPS + 1))
-  assert all(r["actor/pg_loss"] != 0 and 0 < r["rollout/reward_mean"] < 1 for r in reference[1:])  # A real test.
+  assert all(r["actor/pg_loss"] != 0 and 0 < r["rollout/reward/mean"] < 1 for r in reference[1:])  # A real test.
 
   # Two hosts; the preemption signal reaches host 1 only, once the step-2 checkpoint is written.
   workdir = str(tmp_path / "two_hosts")

@@ -135,11 +135,11 @@ def test_device_numerics_for_colab_runtimes():
 
 
 def test_metric_series_skips_missing_and_maps_null_to_nan():
-  records = [{"step": 0, "eval/accuracy": 0.5}, {"step": 1, "rollout/reward_mean": 0.25, "self_verification/f1": None},
-             {"step": 2, "rollout/reward_mean": 0.75, "self_verification/f1": 0.4}]
-  steps, values = notebook_utils.metric_series(records, "rollout/reward_mean")
+  records = [{"step": 0, "eval/reward/mean": 0.5}, {"step": 1, "rollout/reward/mean": 0.25, "self_verification/f1_finished": None},
+             {"step": 2, "rollout/reward/mean": 0.75, "self_verification/f1_finished": 0.4}]
+  steps, values = notebook_utils.metric_series(records, "rollout/reward/mean")
   assert steps.tolist() == [1, 2] and values.tolist() == [0.25, 0.75]
-  steps, values = notebook_utils.metric_series(records, "self_verification/f1")
+  steps, values = notebook_utils.metric_series(records, "self_verification/f1_finished")
   assert steps.tolist() == [1, 2] and np.isnan(values[0]) and values[1] == 0.4
 
 
@@ -163,9 +163,9 @@ def test_plots_build_with_agg(monkeypatch):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig = notebook_utils.plot_training([{"step": 1, "rollout/reward_mean": 0.5, "self_verification/f1": None},
-                                      {"step": 2, "rollout/reward_mean": 0.7, "self_verification/f1": 0.6}])
-  assert [ax.get_title() for ax in fig.axes] == ["rollout/reward_mean", "self_verification/f1"]
+  fig = notebook_utils.plot_training([{"step": 1, "rollout/reward/mean": 0.5, "self_verification/f1_finished": None},
+                                      {"step": 2, "rollout/reward/mean": 0.7, "self_verification/f1_finished": 0.6}])
+  assert [ax.get_title() for ax in fig.axes] == ["rollout/reward/mean", "self_verification/f1_finished"]
   line = fig.axes[0].get_lines()[0]
   assert line.get_xdata().tolist() == [1, 2] and line.get_ydata().tolist() == [0.5, 0.7]
   plt.close(fig)

@@ -14,47 +14,95 @@ from laser_jax.rl.rl_metrics import SumCount
 SETTINGS = hypothesis.settings(max_examples=50, deadline=None)
 
 
-def test_self_verification_hand_worked():
+def _strip(metrics, suffix=""):
+  """{"acc_correct": ...} from {"self_verification/acc_correct" + suffix: ...}."""
+  return {k[len("self_verification/"):len(k) - len(suffix)]: v for k, v in metrics.items()
+          if k.startswith("self_verification/") and k.endswith(suffix)}
+
+
+def test_self_verification_finished_hand_worked():
   # Finished correct rows: 0.9 hit, 0.2 miss, 0.7 hit -> 2/3; incorrect: 0.1 hit, 0.6 miss, 0.5 hit.
   # Truncated rows (NaN score, even a "correct" one) are ignored. A score of exactly 0.5 is "incorrect".
   scores = np.array([0.9, 0.2, 0.7, 0.1, 0.6, np.nan, 0.5], np.float32)
   rewards = np.array([1, 1, 1, 0, 0, 1, 0.0])
   finished = np.array([1, 1, 1, 1, 1, 0, 1], bool)
-  m = rl_metrics.self_verification(scores, rewards, finished)
+  m = _strip(rl_metrics.self_verification_finished(scores, rewards, finished), "_finished")
   a, b = 2 / 3, 2 / 3  # Incorrect: 0.1 and 0.5 predicted incorrect, 0.6 not -> 2/3.
-  assert m["self_verification/acc_correct"] == pytest.approx(a)
-  assert m["self_verification/acc_incorrect"] == pytest.approx(b)
-  assert m["self_verification/acc"] == pytest.approx(4 / 6)
-  assert m["self_verification/f1"] == pytest.approx(2 * a * b / (a + b))
-  assert (m["self_verification/num_correct"], m["self_verification/num_incorrect"],
-          m["self_verification/num_truncated"]) == (3, 3, 1)
+  assert m["acc_correct"] == pytest.approx(a)
+  assert m["acc_incorrect"] == pytest.approx(b)
+  assert m["acc"] == pytest.approx(4 / 6)
+  assert m["f1"] == pytest.approx(2 * a * b / (a + b))
+  assert (m["num_correct"], m["num_incorrect"]) == (3, 3)
   # AUROC by hand: of the 9 (correct, incorrect) pairs of finished rows, the correct one scores
   # higher in 7 (0.9 and 0.7 beat 0.1, 0.6 and 0.5; 0.2 beats 0.1).
-  assert m["self_verification/auroc"] == pytest.approx(7 / 9)
-  assert m["self_verification/score_mean"] == pytest.approx(np.mean([0.9, 0.2, 0.7, 0.1, 0.6, 0.5]), rel=1e-6)
+  assert m["auroc"] == pytest.approx(7 / 9)
+  full = rl_metrics.self_verification_finished(scores, rewards, finished)
+  assert full["self_verification/num_unscored"] == 1
+  assert full["self_verification/score/mean"] == pytest.approx(np.mean([0.9, 0.2, 0.7, 0.1, 0.6, 0.5]), rel=1e-6)
 
 
-def test_self_verification_empty_class_is_nan():
-  m = rl_metrics.self_verification(np.array([0.9, 0.1]), np.ones(2), np.ones(2, bool))
-  assert m["self_verification/acc_correct"] == 0.5
-  assert math.isnan(m["self_verification/acc_incorrect"]) and math.isnan(m["self_verification/f1"])
-  assert math.isnan(m["self_verification/auroc"])
-  m = rl_metrics.self_verification(np.array([0.2, 0.9]), np.array([1, 0.0]), np.ones(2, bool))
-  assert m["self_verification/f1"] == 0.0  # Both class accuracies 0: F1 is 0, not NaN.
+def test_self_verification_finished_empty_class_is_nan():
+  m = rl_metrics.self_verification_finished(np.array([0.9, 0.1]), np.ones(2), np.ones(2, bool))
+  assert m["self_verification/acc_correct_finished"] == 0.5
+  assert math.isnan(m["self_verification/acc_incorrect_finished"]) and math.isnan(m["self_verification/f1_finished"])
+  assert math.isnan(m["self_verification/auroc_finished"])
+  m = rl_metrics.self_verification_finished(np.array([0.2, 0.9]), np.array([1, 0.0]), np.ones(2, bool))
+  assert m["self_verification/f1_finished"] == 0.0  # Both class accuracies 0: F1 is 0, not NaN.
+
+
+def test_official_self_verification_hand_worked_truncated_unscored_and_empty_class():
+  # Every response counts. Correct: 0.9 hit, NaN (unscored: predicted "incorrect") miss, 0.7 hit
+  # -> 2/3; incorrect: 0.1 hit, NaN hit (unscored = "incorrect"), 0.6 miss -> 2/3.
+  scores = np.array([0.9, np.nan, 0.7, 0.1, np.nan, 0.6])
+  rewards = np.array([1, 1, 1, 0, 0, 0.0])
+  m = _strip(rl_metrics.self_verification(scores, rewards))
+  assert (m["acc_correct"], m["acc_incorrect"], m["acc"]) == pytest.approx((2 / 3, 2 / 3, 4 / 6))
+  assert m["f1"] == pytest.approx(2 / 3)
+  assert (m["num_correct"], m["num_incorrect"], m["num_unscored"]) == (3, 3, 2)
+  # AUROC: unscored rows score lowest. Pairs (correct vs incorrect): 0.9 beats all 3, 0.7 beats
+  # all 3, NaN ties NaN (1/2) and loses to 0.1 and 0.6 -> (3 + 3 + 0.5) / 9.
+  assert m["auroc"] == pytest.approx(6.5 / 9)
+  # ECE: P = 0, 0 in bin 0 (accuracy 1/2, confidence 0); 0.1 in bin 1 (0 vs 0.1); 0.6 in bin 6
+  # (0 vs 0.6); 0.7 in bin 7 (1 vs 0.7); 0.9 in bin 9 (1 vs 0.9).
+  assert m["ece"] == pytest.approx((2 * 0.5 + 0.1 + 0.6 + 0.3 + 0.1) / 6)
+  assert m["score/mean"] == pytest.approx(np.mean([0.9, 0.7, 0.1, 0.6]))
+  # An empty class has accuracy 0, not NaN; and F1 = 0 with it.
+  m = _strip(rl_metrics.self_verification(np.array([0.9, np.nan]), np.ones(2)))
+  assert (m["acc_correct"], m["acc_incorrect"], m["f1"], m["num_incorrect"]) == (0.5, 0.0, 0.0, 0)
+  assert math.isnan(m["auroc"])  # a ranking of one class is undefined
+  # Both accuracies 0: F1 0.
+  assert _strip(rl_metrics.self_verification(np.array([0.2, 0.9]), np.array([1, 0.0])))["f1"] == 0.0
 
 
 @SETTINGS
 @hypothesis.given(st.lists(st.tuples(st.floats(-1, 2), st.booleans(), st.booleans()),
                            min_size=1, max_size=24))
-def test_self_verification_matches_reference(rows):
+def test_self_verification_finished_matches_reference(rows):
   scores = np.array([s for s, _, _ in rows], np.float32)
   rewards = np.array([float(c) for _, c, _ in rows])
   finished = np.array([f for _, _, f in rows])
-  m = rl_metrics.self_verification(scores, rewards, finished)
+  m = rl_metrics.self_verification_finished(scores, rewards, finished)
   want = ref.self_verification(scores, rewards, finished)
-  got = [float(m["self_verification/" + k]) for k in ("acc_correct", "acc_incorrect", "acc", "f1",
-                                                      "num_correct", "num_incorrect")]
+  got = [float(m[f"self_verification/{k}_finished"]) for k in ("acc_correct", "acc_incorrect", "acc", "f1",
+                                                               "num_correct", "num_incorrect")]
   np.testing.assert_allclose(got, want, rtol=1e-5, equal_nan=True)
+
+
+@SETTINGS
+@hypothesis.given(st.lists(st.tuples(st.one_of(st.sampled_from([0.0, 0.5, 1.0, math.nan]), st.floats(-1, 2)),
+                                     st.booleans()), min_size=1, max_size=24))
+def test_official_self_verification_matches_reference(rows):
+  """Unscored (NaN) responses, empty classes and ties included, against the SPEC's wording."""
+  scores = np.array([s for s, _ in rows], np.float64)
+  rewards = np.array([float(c) for _, c in rows])
+  m = rl_metrics.self_verification(scores, rewards)
+  got = [float(m[f"self_verification/{k}"]) for k in ("acc_correct", "acc_incorrect", "acc", "f1",
+                                                      "num_correct", "num_incorrect")]
+  np.testing.assert_allclose(got, ref.self_verification_official(list(scores), rewards), rtol=1e-12)
+  np.testing.assert_allclose(m["self_verification/auroc"], ref.auroc_unscored_lowest(scores, rewards),
+                             rtol=1e-12, equal_nan=True)
+  np.testing.assert_allclose(m["self_verification/ece"], ref.ece_unscored_zero(scores, rewards), rtol=1e-9)
+  assert m["self_verification/num_unscored"] == int(np.isnan(scores).sum())
 
 
 def test_rollout_metrics_hand_worked():
@@ -64,8 +112,8 @@ def test_rollout_metrics_hand_worked():
   group_ids = np.array([0, 0, 1, 1])  # Group 0 constant, group 1 not.
   m = {k: float(v) for k, v in rl_metrics.rollout_metrics(rewards, mask.sum(axis=1), finished,
                                                           group_ids).items()}
-  assert m == {"rollout/reward_mean": 0.75, "rollout/response_length_mean": 2.5,
-               "rollout/response_length_max": 4.0, "rollout/truncated_frac": 0.25,
+  assert m == {"rollout/reward/mean": 0.75, "rollout/response_length/mean": 2.5,
+               "rollout/response_length/max": 4.0, "rollout/truncated_frac": 0.25,
                "rollout/zero_std_group_frac": 0.5}
   # Non-contiguous groups, one of size 1 (constant by definition): 2 of 3 groups constant.
   assert float(rl_metrics.zero_std_group_fraction(np.array([1, 0, 0, 1.0]),

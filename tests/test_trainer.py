@@ -55,27 +55,28 @@ def _steps(records):
 # most responses finish, both classes are present, the update is partly off-policy.
 # Re-pin only for an intended change of the step, and say so in the commit.
 GOLDEN_STEP_1 = {
-    "actor/approx_kl": 0.03738059103488922, "actor/pg_clipfrac": 0.1318681389093399,
-    "actor/pg_clipfrac_eps_high": 0.05860805884003639, "actor/pg_clipfrac_eps_low": 0.07326007634401321,
-    "actor/pg_clipfrac_lower": 0.0, "actor/grad_norm": 1.2451751232147217, "actor/kl_loss": 0.03343551233410835,
-    "actor/loss": 0.015406552702188492, "actor/lr": 0.003, "actor/pg_loss": -0.016524095088243484,
-    "actor/self_reward_loss": 0.2568589746952057, "actor/self_reward_loss_on": 1.0,
-    "actor/skipped_updates": 0, "advantage/abs_mean": 0.39363589882850647, "advantage/integration_on": 1.0,
-    "advantage/self_differs_frac": 0.25,
-    "advantage/verifier_abs_mean": 0.3749992549419403, "rollout/response_length_max": 32.0,
-    "rollout/response_length_mean": 17.0625, "rollout/reward_mean": 0.25, "rollout/truncated_frac": 0.0625,
-    "rollout/verifier_timeouts": 0, "rollout/zero_std_group_frac": 0.5,
-    "self_verification/acc": 0.26666666666666666, "self_verification/acc_correct": 0.75,
-    "self_verification/acc_incorrect": 0.09090909090909091, "self_verification/auroc": 0.1590909090909091,
-    "self_verification/ece": 0.2924019992351532, "self_verification/f1": 0.16216216216216214,
-    "self_verification/num_correct": 4, "self_verification/num_incorrect": 11,
-    "self_verification/num_truncated": 1, "self_verification/score_mean": 0.5537976721922556, "step": 1,
+    "actor/approx_kl": 0.010823067277669907, "actor/pg_clipfrac": 0.048192769289016724,
+    "actor/pg_clipfrac_eps_high": 0.012048192322254181, "actor/pg_clipfrac_eps_low": 0.03614457696676254,
+    "actor/pg_clipfrac_lower": 0.0, "actor/grad_norm": 1.468973159790039, "actor/kl_loss": 0.015404186211526394,
+    "actor/loss": 0.1916363388299942, "actor/lr": 0.003, "actor/pg_loss": 0.15918461978435516,
+    "actor/self_reward_loss": 0.3320125341415405, "actor/self_reward_loss_on": 1.0,
+    "actor/skipped_updates": 0, "advantage/abs_mean": 0.591505229473114, "advantage/integration_on": 1.0,
+    "advantage/self_differs_frac": 0.0,
+    "advantage/verifier_abs_mean": 0.591505229473114, "rollout/response_length/max": 31.0,
+    "rollout/response_length/mean": 15.5625, "rollout/reward/mean": 0.375, "rollout/truncated_frac": 0.0,
+    "rollout/verifier_timeouts": 0, "rollout/zero_std_group_frac": 0.25,
+    "self_verification/acc_finished": 0.25, "self_verification/acc_correct_finished": 0.5,
+    "self_verification/acc_incorrect_finished": 0.1,
+    "self_verification/auroc_finished": 0.11666666666666667,
+    "self_verification/ece_finished": 0.33916272521018986, "self_verification/f1_finished": 0.16666666666666669,
+    "self_verification/num_correct_finished": 6, "self_verification/num_incorrect_finished": 10,
+    "self_verification/num_unscored": 0, "self_verification/score/mean": 0.5819055259227753, "step": 1,
 }
 
 
 def golden_config(workdir):
-  """The pinned step: a short supervised warm start so that most responses end in EOS (15 of 16),
-  parity rewards so that both classes are present (4 right, 11 wrong) and scores straddle the 0.5
+  """The pinned step: a short supervised warm start so that the responses end in EOS (16 of 16),
+  parity rewards so that both classes are present (6 right, 10 wrong) and scores straddle the 0.5
   threshold; two optimizer updates per step so that the second is off-policy (approx KL and the
   clip fractions move); advantage integration and the k3 KL loss on from step 1."""
   return tiny_config(workdir, total_steps=1, eval_every=0, **{
@@ -106,28 +107,35 @@ def test_two_step_run_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
   steps = _steps(records)
   assert all(0 < r["perf/mfu"] < 1 for r in steps)
   assert [r["step"] for r in steps] == [1, 2]
-  required = {"step", "actor/loss", "actor/pg_loss", "actor/self_reward_loss", "actor/kl_loss", "rollout/reward_mean",
-              "self_verification/acc_correct", "self_verification/acc_incorrect", "self_verification/f1",
-              "rollout/response_length_mean", "rollout/truncated_frac", "perf/step_time_s", "perf/tokens_per_s"}
+  required = {"step", "actor/loss", "actor/pg_loss", "actor/self_reward_loss", "actor/kl_loss", "rollout/reward/mean",
+              "self_verification/acc_correct_finished", "self_verification/acc_incorrect_finished",
+              "self_verification/f1_finished", "rollout/response_length/mean", "rollout/truncated_frac",
+              "perf/step_time_s", "perf/tokens_per_s"}
   for r in steps:
     assert required <= set(r), required - set(r)
     assert np.isfinite(r["actor/loss"]) and r["actor/self_reward_loss"] > 0
-  assert "eval/accuracy" in records[0] and records[0]["step"] == 0
-  assert "eval/self_verification/f1" in steps[-1]
+  assert "eval/reward/mean" in records[0] and records[0]["step"] == 0
+  assert "eval/self_verification/f1_finished" in steps[-1]
   on_disk = metrics_writer.read_metrics(str(tmp_path / "run"))
   assert [r["step"] for r in on_disk] == [0, 1, 2]
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "run" / "tensorboard"))
   _check_samples_profile_and_wandb(tmp_path / "run", records)
-  # The README's table of metric names is every name the run recorded, and no other.
-  assert readme_metric_names() == {k for r in records for k in r} - {"step"}
+  # The README's table of metric names is every name the run recorded, and no other; and the
+  # periodic eval's `eval/X` is the evaluator summary's X (its README table is checked against a
+  # real summary by tests/test_evaluate.py): one name per quantity.
+  names = {k for r in records for k in r} - {"step"}
+  assert readme_metric_names() == names
+  eval_keys = {k[len("eval/"):] for k in names if k.startswith("eval/")}
+  assert eval_keys and eval_keys <= readme_metric_names("eval-summary-names"), \
+      eval_keys - readme_metric_names("eval-summary-names")
 
 
-def readme_metric_names() -> set[str]:
-  """The metric names in the README's table (between its metric-names markers)."""
+def readme_metric_names(marker: str = "metric-names") -> set[str]:
+  """The names in the first column of a README table (between its `marker` comments)."""
   import re
   text = open(os.path.join(REPO, "README.md")).read()
-  table = text[text.index("<!-- metric-names:start -->"):text.index("<!-- metric-names:end -->")]
+  table = text[text.index(f"<!-- {marker}:start -->"):text.index(f"<!-- {marker}:end -->")]
   return {name for row in table.splitlines()[3:] for name in re.findall(r"`([^`]+)`", row.split(" | ")[0])}
 
 
@@ -245,7 +253,8 @@ def test_sharded_step_matches_single_device(tmp_path):
   cfg8 = tiny_config(tmp_path / "b", micro_batch_size=16)
   cfg8.mesh.data, cfg8.mesh.fsdp, cfg8.mesh.tensor = 2, 2, 2
   _, params8, m8 = _one_step(cfg8, devices=jax.devices()[:8])
-  for k in ("actor/loss", "actor/pg_loss", "actor/self_reward_loss", "rollout/reward_mean", "rollout/response_length_mean"):
+  for k in ("actor/loss", "actor/pg_loss", "actor/self_reward_loss", "rollout/reward/mean",
+            "rollout/response_length/mean"):
     np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params8, params1)
 
@@ -425,7 +434,7 @@ def test_hf_checkpoint_files_task_with_reference_model(tmp_path):
   new = jax.device_get(state.params)
   assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), new, ref))) > 0
   ev = t.evaluate(state.params, jax.random.key(0), ref_params=ref)
-  assert ev["eval/num_problems"] == 8 and 0.0 <= ev["eval/accuracy"] <= 1.0
+  assert ev["eval/num_problems"] == 8 and 0.0 <= ev["eval/reward/mean"] <= 1.0
 
 
 def test_eval_with_the_exact_score_subtracts_the_reference_logprob(tmp_path):
@@ -436,10 +445,10 @@ def test_eval_with_the_exact_score_subtracts_the_reference_logprob(tmp_path):
   # pi_ref = the policy: every exact score is 0 -> "incorrect"; with c_ref = -100 the constant
   # variant's scores are ~10 -> "correct". The random policy gets every answer wrong.
   ev = t.evaluate(params, jax.random.key(0), ref_params=params)
-  assert ev["eval/truncated_frac"] < 1 and ev["eval/accuracy"] == 0
-  assert ev["eval/self_verification/acc_incorrect"] == 1.0
+  assert ev["eval/truncated_frac"] < 1 and ev["eval/reward/mean"] == 0
+  assert ev["eval/self_verification/acc_incorrect_finished"] == 1.0
   constant = trainer.Trainer(tiny_config(tmp_path, **overrides)).evaluate(params, jax.random.key(0))
-  assert constant["eval/self_verification/acc_incorrect"] == 0.0
+  assert constant["eval/self_verification/acc_incorrect_finished"] == 0.0
   with pytest.raises(ValueError, match="needs ref_params"):
     t.evaluate(params, jax.random.key(0))
 
@@ -474,7 +483,7 @@ def test_reference_policy_is_the_post_warm_start_initial_policy_and_resumes_rest
   full = trainer.train(tiny_config(tmp_path / "full", **overrides), progress=False)
   resumed, uninterrupted = _comparable(first + second), _comparable(full)
   assert [r["step"] for r in resumed] == [1, 2] and uninterrupted[1]["actor/kl_loss"] > 0
-  for key in ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/self_reward_loss", "rollout/reward_mean"):
+  for key in ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/self_reward_loss", "rollout/reward/mean"):
     np.testing.assert_allclose(resumed[1][key], uninterrupted[1][key], rtol=1e-6, atol=1e-7, err_msg=key)
 
   # A workdir without the saved copy (from before it was saved) recomputes the same policy.

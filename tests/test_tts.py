@@ -13,27 +13,38 @@ def test_mean_at_n():
   assert tts.mean_at_n([[1, 0, 0, 1], [1, 1, 1, 0]]) == pytest.approx(5 / 8)
 
 
-def test_self_verification_hand_counts():
-  # Finished responses: correct with scores .9 .2 .7 (2 of 3 judged correct);
-  # incorrect with scores .1 .6 (1 of 2 judged incorrect); one truncated (NaN) is excluded.
-  acc = [[1, 1, 0, 0], [1, 0, 0, 0]]
-  scores = [[0.9, 0.2, 0.1, NAN], [0.7, 0.6, NAN, NAN]]
-  m = tts.self_verification(acc, scores)
-  m = {k[len("self_verification/"):]: v for k, v in m.items()}
-  assert m["acc_correct"] == pytest.approx(2 / 3)
-  assert m["acc_incorrect"] == pytest.approx(1 / 2)
-  assert m["acc"] == pytest.approx(3 / 5)
-  assert m["f1"] == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
-  assert (m["num_correct"], m["num_incorrect"], m["num_truncated"]) == (3, 2, 3)
+def test_self_verification_hand_counts_both_conventions():
+  # Correct: scores .9 .2 .7 finished, NaN truncated and unscored; incorrect: .1 .6 finished, one
+  # truncated but scored after truncation (.8), two truncated and unscored.
+  acc = [[1, 1, 0, 0], [1, 0, 0, 1]]
+  scores = [[0.9, 0.2, 0.1, NAN], [0.7, 0.6, 0.8, NAN]]
+  finished = [[1, 1, 1, 0], [1, 1, 0, 0]]
+  m = {k[len("self_verification/"):]: v for k, v in tts.self_verification(acc, scores, finished=finished).items()}
+  # Official: every response. Correct: .9 .7 hit, .2 and unscored miss -> 2/4; incorrect: .1 and
+  # the unscored one hit ("incorrect"), .6 and .8 miss -> 2/4.
+  assert (m["acc_correct"], m["acc_incorrect"], m["acc"]) == pytest.approx((1 / 2, 1 / 2, 4 / 8))
+  assert m["f1"] == pytest.approx(1 / 2)
+  assert (m["num_correct"], m["num_incorrect"], m["num_unscored"]) == (4, 4, 2)
+  # Finished only: correct .9 .2 .7 -> 2/3; incorrect .1 .6 -> 1/2; the scored truncated .8 is left out.
+  assert m["acc_correct_finished"] == pytest.approx(2 / 3)
+  assert m["acc_incorrect_finished"] == pytest.approx(1 / 2)
+  assert m["acc_finished"] == pytest.approx(3 / 5)
+  assert m["f1_finished"] == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
+  assert (m["num_correct_finished"], m["num_incorrect_finished"]) == (3, 2)
+  # Without `finished`, the scored responses are the finished ones.
+  default = tts.self_verification(acc, scores)
+  assert default["self_verification/num_incorrect_finished"] == 3 and default["self_verification/f1"] == m["f1"]
 
 
-def test_self_verification_threshold_is_strict_and_empty_class_is_nan():
+def test_self_verification_threshold_is_strict_and_empty_class_conventions():
   m = tts.self_verification([[1, 1]], [[0.5, 0.51]])
   assert m["self_verification/acc_correct"] == 0.5  # 0.5 is not > 0.5
-  assert math.isnan(m["self_verification/acc_incorrect"]) and math.isnan(m["self_verification/f1"])
-  # Both classes present and both accuracies 0: F1 0 (the training metrics' convention too).
+  # An empty class: accuracy 0 and F1 0 officially; NaN over the finished responses.
+  assert m["self_verification/acc_incorrect"] == 0.0 and m["self_verification/f1"] == 0.0
+  assert math.isnan(m["self_verification/acc_incorrect_finished"]) and math.isnan(m["self_verification/f1_finished"])
+  # Both classes present and both accuracies 0: F1 0 under both conventions.
   m = tts.self_verification([[1, 0]], [[0.2, 0.9]])
-  assert [m["self_verification/" + k] for k in ("acc_correct", "acc_incorrect", "f1")] == [0.0, 0.0, 0.0]
+  assert [m["self_verification/" + k] for k in ("acc_correct", "acc_incorrect", "f1", "f1_finished")] == [0.0] * 4
 
 
 def test_vote_majority_and_weighted():
@@ -97,4 +108,5 @@ def test_scaling_metrics_deterministic_and_shapes():
 
 def test_summarize_keys():
   out = tts.summarize([["1", "2"]], [[1, 0]], [[0.9, 0.1]], num_bootstrap=10)
-  assert out["mean@n"] == 0.5 and out["self_verification/f1"] == 1.0 and "best@2" in out
+  assert out["reward/mean"] == 0.5 and out["self_verification/f1"] == 1.0 and "best@2" in out
+  assert out["self_verification/f1_finished"] == 1.0

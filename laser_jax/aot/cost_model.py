@@ -17,6 +17,13 @@ from typing import Sequence
 
 import jax
 import jax.extend
+import numpy as np
+
+
+def shard_bytes(x) -> float:
+  """Bytes of one device's shard of an abstract array."""
+  shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+  return float(math.prod(shape) * np.dtype(x.dtype).itemsize)
 
 
 def _subjaxprs(params: dict):

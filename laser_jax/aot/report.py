@@ -30,6 +30,11 @@ How the counts are made (`cost_model.jaxpr_flops` and `cost_model.hlo_costs`):
     all-to-all / collective-permute per chip, loops multiplied out.
   * Decode loops end when every row is done; they are counted at their worst case, every row
     generating `max_new_tokens` tokens.
+Beside that worst case: the fit counting the training state resident during every program
+(`ProgramReport.resident_bytes`), the most decode slots that fit next to it, and the step at
+real response lengths (`config.aot.response_lengths`, `laser_jax.aot.lengths`), scaled from
+these programs by `laser_jax.aot.estimate` (its docstring states the model): expected rollout
+and update seconds and the MFU on useful (non-pad) tokens.
 These are compile-time estimates: a real slice confirms them.
 """
 from __future__ import annotations
@@ -47,6 +52,9 @@ import numpy as np
 
 from laser_jax import config_check
 from laser_jax.aot import cost_model
+from laser_jax.aot import estimate as estimate_lib
+from laser_jax.aot import lengths as lengths_lib
+from laser_jax.aot import real_lengths
 from laser_jax.aot import topology
 from laser_jax.aot.topology import GiB
 from laser_jax.data import synthetic
@@ -83,6 +91,9 @@ class ProgramReport:
   # Decode loops: the HBM-bandwidth floor, every step reading the weights and the KV cache
   # written so far once (NaN for other programs).
   ideal_hbm_s: float = float("nan")
+  # The training state (f32 params + Adam moments, the reference weights when a term reads them)
+  # resident on the chip while this program runs and not among its arguments.
+  resident_bytes: float = 0.0
 
   def _times(self) -> dict:
     times = {"compute": self.compute_s, "HBM": self.hbm_s, "ICI": self.ici_s}
@@ -110,10 +121,15 @@ class ProgramReport:
   def fits(self) -> bool:
     return not self.error and self.total_bytes <= self.capacity_bytes
 
+  @property
+  def hbm_fraction_with_resident(self) -> float:
+    return (self.total_bytes + self.resident_bytes) / self.capacity_bytes
+
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d.update(total_bytes=self.total_bytes, hbm_fraction=self.hbm_fraction, fits=self.fits,
-             roofline_s=self.roofline_s, bound=self.bound)
+             roofline_s=self.roofline_s, bound=self.bound,
+             hbm_fraction_with_resident=self.hbm_fraction_with_resident)
     return d
 
 
@@ -148,7 +164,7 @@ def _report(name, traced, calls, chip: topology.Chip, num_chips: int, loop_trips
     needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
       raise
-    arguments = sum(_shard_bytes(a) for a in jax.tree.leaves(traced.args_info) if hasattr(a, "sharding"))
+    arguments = sum(cost_model.shard_bytes(a) for a in jax.tree.leaves(traced.args_info) if hasattr(a, "sharding"))
     nan = float("nan")
     return ProgramReport(
         name=name, calls_per_step=calls, argument_bytes=arguments, output_bytes=0.0, alias_bytes=0.0,
@@ -175,8 +191,9 @@ def _report(name, traced, calls, chip: topology.Chip, num_chips: int, loop_trips
       capacity_bytes=chip.hbm_bytes), compiled
 
 
-def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, prompt_len: int,
-                      prefix: str, calls: float, chip, num_chips, log) -> list[ProgramReport]:
+def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, prompt_len: int, prefix: str,
+                      calls: float, chip, num_chips, log) -> tuple[list[ProgramReport], estimate_lib.DecodeProgram]:
+  """(the prefill and decode reports, the decode loop's figures for `estimate`) of one call."""
   sampler = programs.sampler
   args = sampler.abstract_prefill_args(abstract_params, num_prompts, prompt_len, sampling)
   prefill = sampler.prefill.trace(*args, sampling=sampling)
@@ -196,17 +213,19 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
   # Its HBM-bandwidth floor: every step reads this chip's weights and the KV cache written so
   # far (with decode segments, attention reads the chunks written so far: the prompt plus half
   # the response on average).
-  weights = sum(_shard_bytes(p) for p in jax.tree.leaves(abstract_params))
-  cache = sum(_shard_bytes(x) for x in jax.tree.leaves(state.cache))
+  weights = sum(cost_model.shard_bytes(p) for p in jax.tree.leaves(abstract_params))
+  cache = sum(cost_model.shard_bytes(x) for x in jax.tree.leaves(state.cache))
   average_fill = (prompt_len + sampling.max_new_tokens / 2) / (prompt_len + sampling.max_new_tokens)
   decode_report.ideal_hbm_s = sampling.max_new_tokens * (weights + cache * average_fill) / chip.hbm_bandwidth
-  return [report, decode_report]
-
-
-def _shard_bytes(x) -> float:
-  """Bytes of one device's shard of an abstract array."""
-  shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-  return float(math.prod(shape) * np.dtype(x.dtype).itemsize)
+  rows = args[3].shape[0]  # row_valid: [rows]
+  rows_per_chip = args[3].sharding.shard_shape(args[3].shape)[0]
+  # A row's share of the sampling state on this chip: every leaf whose leading axis is the rows.
+  row_bytes = sum(cost_model.shard_bytes(x) for x in jax.tree.leaves(state) if x.ndim and x.shape[0] == rows) / rows_per_chip
+  decode = estimate_lib.DecodeProgram(
+      steps=sampling.max_new_tokens, rows=rows, data_parallel=rows // rows_per_chip,
+      compute_s=decode_report.compute_s, hbm_s=decode_report.hbm_s, ici_s=decode_report.ici_s,
+      weight_bytes=weights, row_bytes=row_bytes, kv_fill=average_fill)
+  return [report, decode_report], decode
 
 
 PROGRAM_GROUPS = ("rollout", "eval", "logprobs", "update")
@@ -223,6 +242,9 @@ def compile_step(config, tpu: topology.Slice, devices=None, log=print,
   unknown = set(groups) - set(PROGRAM_GROUPS)
   if unknown:
     raise ValueError(f"--programs: unknown {sorted(unknown)}; expected some of {PROGRAM_GROUPS}")
+  # Read before libtpu loads or anything compiles: a bad lengths file is a one-line error at once.
+  response_lengths = lengths_lib.response_lengths(config.aot.response_lengths, config.rollout.max_new_tokens,
+                                                  config.batch_size * config.rollout.n)
   devices = topology.slice_devices(tpu) if devices is None else list(devices)
   c = config
   setup = step_setup(c, devices)
@@ -231,16 +253,18 @@ def compile_step(config, tpu: topology.Slice, devices=None, log=print,
   seq_len, micro = setup.seq_len, c.micro_batch_size
   chip, n = tpu.chip, len(devices)
 
-  reports = []
+  reports, decode = [], None
   with jax.set_mesh(programs.rollout_mesh):
     if "rollout" in groups:
       per_call = setup.prompts_per_sampler_call(c.batch_size)
-      reports += _sampler_programs(programs, rollout_params, setup.sampling, per_call, setup.prompt_bucket,
-                                   "rollout", -(-c.batch_size // per_call), chip, n, log)
+      sampler_reports, decode = _sampler_programs(
+          programs, rollout_params, setup.sampling, per_call, setup.prompt_bucket, "rollout",
+          -(-c.batch_size // per_call), chip, n, log)
+      reports += sampler_reports
     if c.eval_every > 0 and "eval" in groups:
       reports += _sampler_programs(programs, rollout_params, setup.eval_sampling,
                                    setup.prompts_per_sampler_call(_eval_set_size(c)), setup.prompt_bucket,
-                                   "eval", 0, chip, n, log)
+                                   "eval", 0, chip, n, log)[0]
   with jax.set_mesh(mesh):
     if "logprobs" in groups:
       batch = programs_lib.abstract_logprob_batch(mesh, micro, seq_len)
@@ -258,9 +282,13 @@ def compile_step(config, tpu: topology.Slice, devices=None, log=print,
       reports.append(_report("update", programs.update.trace(state, update_batch, normalisers,
                                                              jax.ShapeDtypeStruct((), jnp.bool_)),
                              setup.updates_per_step, chip, n)[0])
+  resident = real_lengths.set_resident_bytes(reports, setup, sampler_holds_params=rollout_params is state.params)
   report = _summary(c, tpu, setup.model_cfg, reports, setup.rows_per_update * setup.updates_per_step,
                     seq_len, setup.logprob_forwards)
   report["program_groups"] = list(groups)
+  report["resident_state_bytes"] = resident
+  report["response_lengths"] = response_lengths.as_dict()
+  report.update(real_lengths.expected(c, setup, tpu, reports, decode, response_lengths))
   return report
 
 
@@ -310,6 +338,9 @@ def _summary(c, tpu: topology.Slice, model_cfg, reports: list[ProgramReport], ro
                "model_flops": model_flops, "decode_vs_hbm_floor": decode_vs_floor},
       "fits": all(r.fits for r in reports),
       "fits_with_10pct_spare": all(r.hbm_fraction <= 0.9 for r in reports),
+      # Counting the training state resident beside each program (`resident_bytes`).
+      "fits_with_resident": all(r.fits and r.hbm_fraction_with_resident <= 1 for r in reports),
+      "fits_with_resident_10pct_spare": all(r.hbm_fraction_with_resident <= 0.9 for r in reports),
   }
 
 
@@ -344,4 +375,5 @@ def format_report(report: dict) -> str:
             f"per token).",
             f"Every program fits: {'yes' if report['fits'] else 'NO'}; with >= 10% HBM to spare: "
             f"{'yes' if report['fits_with_10pct_spare'] else 'no'}."]
+  lines += real_lengths.format_resident(report) + real_lengths.format_expected(report)
   return "\n".join(lines)

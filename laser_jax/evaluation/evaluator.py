@@ -71,10 +71,20 @@ def sample_call(model: loading.LoadedModel, sampling: sampling_lib.SamplingParam
                                                    mesh=model.mesh)
 
 
-def score_of(model: loading.LoadedModel) -> scoring.Score:
-  """The loaded model's self-reward score: its beta_v, and c_ref or its pi_ref's forward."""
-  ref_fn = (lambda out: reference_logprobs(model, out)) if model.ref_params is not None else None
-  return scoring.Score(kl_coef=model.kl_coef, ref_constant=model.ref_constant, ref_z_logprob_fn=ref_fn)
+def score_of(model: loading.LoadedModel, score_truncated: bool = True, rows_per_forward: int = 0) -> scoring.Score:
+  """The loaded model's self-reward score: its beta_v, and c_ref or its pi_ref's forward; with
+  `score_truncated`, truncated responses are scored as the official evaluation does (EOS
+  appended, `scoring.TruncatedScore`; the EOS is the model's first EOS id, `eos_ids[0]`). These
+  forwards take at most `rows_per_forward` rows at a time (0 = a sampler call's rows at once)."""
+  exact = model.ref_params is not None
+  ref_fn = (lambda out: reference_logprobs(model, out, rows_per_forward)) if exact else None
+  truncated = None
+  if score_truncated:
+    at_eos = lambda params: lambda sequences: z_logprobs_at_eos(model, params, sequences, rows_per_forward)
+    truncated = scoring.TruncatedScore(eos_id=int(model.eos_ids[0]), z_logprob_fn=at_eos(model.params),
+                                       ref_z_logprob_fn=at_eos(model.ref_params) if exact else None)
+  return scoring.Score(kl_coef=model.kl_coef, ref_constant=model.ref_constant, ref_z_logprob_fn=ref_fn,
+                       truncated=truncated)
 
 
 def generate(model: loading.LoadedModel, prompts: Sequence, sampling: sampling_lib.SamplingParams, *,
@@ -95,18 +105,37 @@ def generate(model: loading.LoadedModel, prompts: Sequence, sampling: sampling_l
     bar.close()
 
 
-def reference_logprobs(model: loading.LoadedModel, out: sampling_lib.SampleOutput) -> np.ndarray:
-  """log pi_ref(z_c | x, y, EOS) [N] of every row of `out` (NaN for truncated rows): one forward
+def reference_logprobs(model: loading.LoadedModel, out: sampling_lib.SampleOutput, rows_per_forward: int = 0
+                       ) -> np.ndarray:
+  """log pi_ref(z_c | x, y, EOS) [N] of every row of `out` (NaN for truncated rows): a forward
   of the reference model over `prompt + response + EOS`, read at the EOS position."""
   sequences, _ = records.build_sequences(out)
-  fn = _reference_logprob_fn(model.cfg, model.zc_id)
-  logprobs = jax.device_get(fn(model.ref_params, sequences.tokens, sequences.positions,
-                               sequences.attention_mask, sequences.eos_index))
-  return np.where(out.finished, np.asarray(logprobs, np.float64), np.nan)
+  return np.where(out.finished, z_logprobs_at_eos(model, model.ref_params, sequences, rows_per_forward), np.nan)
+
+
+def z_logprobs_at_eos(model: loading.LoadedModel, params, sequences: records.Sequences,
+                      rows_per_forward: int = 0) -> np.ndarray:
+  """log pi(z_c | x, y, EOS) [K] (float64) of the rows of `sequences` for `params` (the policy's
+  or pi_ref's, of `model`'s architecture): a forward over each row, read at its `eos_index`, at
+  most `rows_per_forward` rows at a time (0 = all; a forward's activations over 8k-token rows
+  outweigh the sampler's KV cache). Each forward's rows are padded to a power of two (copies of
+  its last row, dropped) so that it compiles once per size bucket, not once per row count."""
+  num_rows = len(sequences.eos_index)
+  step = rows_per_forward if rows_per_forward > 0 else num_rows
+  fn = _z_logprob_fn(model.cfg, model.zc_id)
+  out = []
+  for start in range(0, num_rows, step):
+    rows = jax.tree.map(lambda v: v[start:start + step], sequences)
+    count = len(rows.eos_index)
+    bucket = 1 << max(count - 1, 0).bit_length()
+    rows = jax.tree.map(lambda v: np.concatenate([v, np.repeat(v[-1:], bucket - count, axis=0)]), rows)
+    logprobs = fn(params, rows.tokens, rows.positions, rows.attention_mask, rows.eos_index)
+    out.append(np.asarray(jax.device_get(logprobs), np.float64)[:count])
+  return np.concatenate(out)
 
 
 @functools.lru_cache(maxsize=None)
-def _reference_logprob_fn(cfg: ModelConfig, zc_id: int):
+def _z_logprob_fn(cfg: ModelConfig, zc_id: int):
   def fn(params, tokens, positions, attention_mask, eos_index):
     hidden = model_lib.forward(params, cfg, tokens, positions, attention_mask, return_hidden=True)
     return policy.self_reward_logprob(params, cfg, hidden, eos_index, zc_id)
@@ -148,7 +177,8 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, print_table
   rows = []
   with verifier as verify, open(e.output_file + ".tmp", "w") as f:
     for start, scored in generate(model, prepared.prompts, sampling, batch_size=e.batch_size, seed=e.seed,
-                                  verifier=verify, score=score_of(model), progress=progress):
+                                  verifier=verify, score=score_of(model, e.score_truncated, e.batch_size),
+                                  progress=progress):
       timeouts += scored.num_timeouts
       num_tokens += int(scored.sample.response_lengths.sum())
       items = prepared.items[start:start + int(scored.sample.group_ids.max()) + 1]

@@ -2,17 +2,23 @@ r"""What an evaluation writes: the per-problem records, the summary and its tabl
 
 Output, one JSON line per problem, field names as in the official LaSeR release's files:
   problem, answer, responses (decoded, special tokens skipped), pred_answers (last \boxed{} content
-  or null), acc_list (verifier rewards), self_rewarding_scores (beta_v * (logprob - c_ref); null for
-  truncated responses), plus prompt (text), prompt_token_ids, response_token_ids (EOS excluded) and
-  self_rewarding_logprobs (log pi(z_c | x, y, EOS) read by the sampler during generation; null for
-  truncated responses) and stop_token_ids (the EOS id each response emitted, null if truncated:
-  models may have several). With the exact score (`config.laser.ref_hf_path`, or a checkpoint of a
-  run trained with `laser.use_ref_model_score`), scores are beta_v * (logprob - ref_logprob) and
-  the records add self_rewarding_ref_logprobs (log pi_ref(z_c | x, y, EOS), one reference-model
-  forward per batch). JSON never holds NaN: a missing value is null.
+  or null), acc_list (verifier rewards), self_rewarding_scores (beta_v * (logprob - c_ref)), plus
+  prompt (text), prompt_token_ids, response_token_ids (EOS excluded), self_rewarding_logprobs
+  (log pi(z_c | x, y, EOS): read by the sampler during generation, or for a truncated response as
+  the official evaluation reads it, after an appended EOS), score_after_truncation (per response:
+  true where the score is that of a truncated response with EOS appended, `eval.score_truncated`;
+  with it off, a truncated response's score and log-prob are null) and stop_token_ids (the EOS id
+  each response emitted, null if truncated: models may have several). With the exact score
+  (`config.laser.ref_hf_path`, or a checkpoint of a run trained with `laser.use_ref_model_score`),
+  scores are beta_v * (logprob - ref_logprob) and the records add self_rewarding_ref_logprobs
+  (log pi_ref(z_c | x, y, EOS), one reference-model forward per batch). JSON never holds NaN: a
+  missing value is null.
 The summary (`summary_path(output_file)`: `foo.jsonl` -> `foo.summary.json`) holds the metrics of
-`tts.summarize` (mean@n, self_verification/*, maj@k, self_weighted_maj@k, best@k), the run's
-statistics and the config; the same numbers are printed as a table.
+`tts.summarize` (mean@n as reward/mean; self_verification/* with the official conventions over
+every response and self_verification/*_finished over finished ones; maj@k, self_weighted_maj@k,
+best@k), the run's statistics (truncated_frac, response_length/mean with the EOS counted as
+training counts it, z_logprob/mean and /std over the scored responses, verifier_timeouts, ...)
+and the config; the same numbers are printed as a table. README.md's table lists every key.
 
 Voting canonicalises answers with `answers.canonical_answer` (the boxed text with whitespace, \left/\right
 and \dfrac/\tfrac spellings removed), not with math-verify: equal canonical strings are always the
@@ -56,6 +62,7 @@ def build_rows(items, scored: scoring.ScoredSamples) -> list[dict]:
         "acc_list": [float(r) for r in scored.rewards[sl]],
         "self_rewarding_scores": [_nullable(float(x)) for x in scored.scores[sl]],
         "self_rewarding_logprobs": logprobs,
+        "score_after_truncation": [bool(x) for x in scored.scored_after_truncation[sl]],
         "prompt": item["prompt"],
         "prompt_token_ids": [int(t) for t in item["prompt_ids"]],
         "response_token_ids": [out.tokens[r, :out.lengths[r]].tolist() for r in range(sl.start, sl.stop)],
@@ -69,22 +76,26 @@ def build_rows(items, scored: scoring.ScoredSamples) -> list[dict]:
 
 def metrics_from_rows(rows: Sequence[dict], threshold: float = 0.5, num_bootstrap: int = 1000,
                       seed: int = 0) -> dict[str, float]:
-  """`tts.summarize` on output records (null scores = truncated), plus length/score statistics."""
+  """`tts.summarize` on output records (a null score: a response without one; a null stop token:
+  a truncated response), plus length/score statistics."""
   acc = np.array([r["acc_list"] for r in rows], np.float64)
   scores = np.array([[np.nan if s is None else s for s in r["self_rewarding_scores"]] for r in rows],
                     np.float64)
+  finished = np.array([[t is not None for t in r["stop_token_ids"]] for r in rows], bool)
   answers = [[answers_lib.canonical_answer(a) for a in r["pred_answers"]] for r in rows]
-  out = tts.summarize(answers, acc, scores, threshold=threshold, num_bootstrap=num_bootstrap, seed=seed)
+  out = tts.summarize(answers, acc, scores, threshold=threshold, num_bootstrap=num_bootstrap, seed=seed,
+                      finished=finished)
   logprobs = np.array([[np.nan if x is None else x for x in r["self_rewarding_logprobs"]]
                        for r in rows], np.float64)
-  lengths = np.array([[len(t) for t in r["response_token_ids"]] for r in rows], np.float64)
-  finished = ~np.isnan(logprobs)
+  # EOS included, as the trainer's rollout/response_length/* count it (the response mask's tokens).
+  lengths = np.array([[len(t) for t in r["response_token_ids"]] for r in rows], np.float64) + finished
+  scored = ~np.isnan(logprobs)
   out.update({
       "num_problems": len(rows), "n": int(acc.shape[1]),
       "truncated_frac": float(1 - finished.mean()),
       "response_length/mean": float(lengths.mean()),
-      "z_logprob/mean": float(logprobs[finished].mean()) if finished.any() else math.nan,
-      "z_logprob/std": float(logprobs[finished].std()) if finished.any() else math.nan,
+      "z_logprob/mean": float(logprobs[scored].mean()) if scored.any() else math.nan,
+      "z_logprob/std": float(logprobs[scored].std()) if scored.any() else math.nan,
   })
   return out
 
@@ -115,14 +126,16 @@ def format_table(summary: dict) -> str:
     return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
   lines = [f"problems {summary['num_problems']}  n {summary['n']}  truncated "
            f"{100 * summary['truncated_frac']:.1f}%  mean length {summary['response_length/mean']:.1f}",
-           f"mean@{summary['n']} accuracy                  {f('mean@n')}",
-           f"self-verification (score > {summary.get('threshold', 0.5)}):",
+           f"mean@{summary['n']} accuracy                  {f('reward/mean')}",
+           f"self-verification (score > {summary.get('threshold', 0.5)}; every response, "
+           f"{summary['self_verification/num_unscored']} unscored counted as \"incorrect\"):",
            f"  acc on correct   ({summary['self_verification/num_correct']:5d})       "
            f"{f('self_verification/acc_correct')}",
            f"  acc on incorrect ({summary['self_verification/num_incorrect']:5d})       "
            f"{f('self_verification/acc_incorrect')}",
            f"  overall                          {f('self_verification/acc')}",
            f"  F1                               {f('self_verification/f1')}",
+           f"  F1 of the finished responses     {f('self_verification/f1_finished')}",
            f"  AUROC of the score               {f('self_verification/auroc')}",
            f"  calibration error (ECE, 10 bins) {f('self_verification/ece')}",
            "   k    maj@k  self_weighted_maj@k  best@k"]
@@ -133,11 +146,11 @@ def format_table(summary: dict) -> str:
 
 
 def reliability(rows: Sequence[dict]) -> list[dict]:
-  """The reliability diagram of the finished responses' scores (r_s read as P(correct), 10 bins):
-  per non-empty bin its range, count, mean score and accuracy (`rl_metrics.calibration`)."""
-  pairs = [(s, a) for r in rows for s, a in zip(r["self_rewarding_scores"], r["acc_list"]) if s is not None]
-  scores = np.array([s for s, _ in pairs], np.float64)
-  correct = np.array([a for _, a in pairs], np.float64) > 0.5
+  """The reliability diagram behind `self_verification/ece` (r_s read as P(correct), 10 bins, every
+  response, an unscored one at P = 0): per non-empty bin its range, count, mean score and accuracy
+  (`rl_metrics.calibration`)."""
+  scores = np.array([-np.inf if s is None else s for r in rows for s in r["self_rewarding_scores"]], np.float64)
+  correct = np.array([a for r in rows for a in r["acc_list"]], np.float64) > 0.5
   return rl_metrics.calibration(scores, correct)[1]
 
 

@@ -2,22 +2,29 @@
 
 Inputs, for P problems with n sampled responses each:
 - `acc` [P, n]: verifier reward (0/1) of each response.
-- `scores` [P, n]: self-reward score r_s of each response; NaN for a truncated response (it has no
-  EOS, hence no score).
+- `scores` [P, n]: self-reward score r_s of each response; NaN for a response without a score
+  (`laser_jax.evaluate` scores truncated responses too, as the official evaluation does; without
+  that, a truncated response has no EOS, hence no score).
+- `finished` [P, n] (optional): the response ended with an EOS; default: it has a score.
 - `answers` (P lists of n): the extracted answer of each response (e.g. its last boxed string),
   or None when there is none. Answers vote together iff the strings are equal, so callers should
   pass a canonical form.
 
 Conventions (documented because they change numbers):
-- Self-verification counts finished responses only (score not NaN): the model predicts
-  "correct" iff score > threshold. Truncated responses are excluded and counted.
+- Self-verification (the model predicts "correct" iff score > threshold), twice:
+  `self_verification/...` with the official evaluation's conventions (SPEC "Test time"): every
+  response counts, one without a score counts as predicted "incorrect", an empty class has
+  accuracy 0 and F1 is 0 when both class accuracies are; `self_verification/..._finished` over
+  the finished responses only (the training metrics' convention: an empty class gives NaN).
+  Both are `rl_metrics`' (`self_verification`, `self_verification_finished`).
 - Voting ignores responses whose answer is None; a subset with no answer at all scores 0.
   Self-reward-weighted voting adds each response's raw score to its answer (NaN scores add 0)
   and picks among the answers present in the subset. Ties go to the answer that appears first
   among the problem's n responses. A voted answer is correct iff its responses are (all
   responses with the same answer string share one verdict; the first one's is used).
 - Best-of-k picks the response with the highest score (NaN = -inf); ties and an all-NaN subset
-  go to the first drawn response.
+  go to the first drawn response. A truncated response scored with EOS appended weighs and
+  competes like any other (as in the official evaluation).
 - @k metrics are bootstrapped as verl reports maj@k / best@k: per problem, `num_bootstrap`
   subsets of k responses drawn with replacement (seeded), averaged, then averaged over problems.
 """
@@ -42,14 +49,17 @@ def mean_at_n(acc) -> float:
   return float(_as_2d(acc, "acc", np.float64).mean())
 
 
-def self_verification(acc, scores, threshold: float = 0.5) -> dict[str, float]:
-  """`rl_metrics.self_verification` (the training metrics' implementation and names) on [P, n]
-  arrays: a response is finished iff its score is not NaN; predict correct iff score > threshold."""
+def self_verification(acc, scores, threshold: float = 0.5, finished=None) -> dict[str, float]:
+  """Self-verification on [P, n] arrays under both conventions (module docstring):
+  `rl_metrics.self_verification` (official, every response) and
+  `rl_metrics.self_verification_finished` (`finished` rows only; default: the scored ones)."""
   acc = _as_2d(acc, "acc", np.float64).ravel()
   scores = _as_2d(scores, "scores", np.float64).ravel()
-  if acc.shape != scores.shape:
-    raise ValueError(f"acc has {acc.size} entries but scores has {scores.size}")
-  return rl_metrics.self_verification(scores, acc, ~np.isnan(scores), threshold)
+  finished = ~np.isnan(scores) if finished is None else _as_2d(finished, "finished", bool).ravel()
+  if acc.shape != scores.shape or finished.shape != scores.shape:
+    raise ValueError(f"acc, scores and finished have {acc.size}, {scores.size} and {finished.size} entries")
+  return {**rl_metrics.self_verification(scores, acc, threshold),
+          **rl_metrics.self_verification_finished(scores, acc, finished, threshold)}
 
 
 def _group_ids(answers: Sequence[str | None]) -> tuple[np.ndarray, int]:
@@ -127,9 +137,10 @@ def scaling_metrics(answers: Sequence[Sequence[str | None]], acc, scores,
 
 
 def summarize(answers: Sequence[Sequence[str | None]], acc, scores, threshold: float = 0.5,
-              num_bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
-  """All evaluation metrics: mean@n, self-verification (`self_verification/...`) and scaling@k."""
-  out = {"mean@n": mean_at_n(acc)}
-  out.update(self_verification(acc, scores, threshold))
+              num_bootstrap: int = 1000, seed: int = 0, finished=None) -> dict[str, float]:
+  """All evaluation metrics: mean@n (`reward/mean`), self-verification (`self_verification/...` and
+  `..._finished`, `finished` as in `self_verification`) and scaling@k."""
+  out = {"reward/mean": mean_at_n(acc)}  # mean@n, under the trainer's name for it
+  out.update(self_verification(acc, scores, threshold, finished))
   out.update(scaling_metrics(answers, acc, scores, num_bootstrap=num_bootstrap, seed=seed))
   return out

@@ -80,9 +80,23 @@ def inverse_cdf_draw(logits: jax.Array, row_max: jax.Array, u: jax.Array
   return block * c + offset, sums, drawn_ok
 
 
-def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams
+def row_keys(rng: jax.Array, rows: jax.Array) -> jax.Array:
+  """The key of each row of a sampler call: fold_in(call key, row), row = the row's index in the
+  call's (global) batch. A row's draws depend on the row, never on the batch or decode slot that
+  runs it, so the static and the continuous-batching sampler draw the same tokens."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows)
+
+
+def step_keys(keys: jax.Array, tokens_so_far: jax.Array) -> jax.Array:
+  """Per-row keys [B] of the draw of each row's token number `tokens_so_far` [B] (0 = the first):
+  fold_in(row key, t)."""
+  return jax.vmap(jax.random.fold_in)(keys, tokens_so_far)
+
+
+def choose_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws one token per row from float32 logits [B, V].
+  """Draws one token per row from float32 logits [B, V], row b with its own key `keys[b]`
+  (`step_keys`).
 
   Returns (tokens [B] int32, log-probs [B] float32 of those tokens under the untruncated
   log_softmax(logits / T), T = 1 for greedy, and that distribution's log-normaliser
@@ -103,7 +117,7 @@ def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams
   else:
     filtering = 0 < sampling.top_k < scaled.shape[-1] or sampling.top_p < 1.0
     filtered = filter_logits(logits, sampling) if filtering else scaled
-    u = jax.random.uniform(rng, (logits.shape[0],), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32, minval=jnp.finfo(jnp.float32).tiny))(keys)
     # The row max is never filtered out, so it is also the filtered logits' max.
     tokens, sums, drawn_ok = inverse_cdf_draw(filtered, row_max, u)
     if filtering:

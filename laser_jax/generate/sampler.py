@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from laser_jax.generate import draw
+from laser_jax.generate import continuous, draw
 from laser_jax.generate.sampling import SampleOutput, SamplingParams
 from laser_jax.models import hosts as hosts_lib
 from laser_jax.models import model as model_lib
@@ -62,7 +62,7 @@ class SamplingState(NamedTuple):
   self_reward: jax.Array  # [B] float32 log pi(z_c | x, y, EOS), NaN until read.
   step: jax.Array         # int32: tokens generated so far = column the next step writes.
   write_index: jax.Array  # int32: cache slot of `last_token`.
-  rng: jax.Array          # PRNG key (fixed; each step folds in its index).
+  rng: jax.Array          # the call's PRNG key: row r draws token t with fold_in(fold_in(rng, r), t).
   cache: Any              # decode_fn's cache pytree (a model.KVCache for the Transformer).
 
 
@@ -90,7 +90,8 @@ class Sampler:
   """
 
   def __init__(self, decode_fn: Callable, init_cache_fn: Callable, *, mesh: Mesh | None = None,
-               cache_sharding_fn: Callable | None = None, min_bucket: int = MIN_BUCKET):
+               cache_sharding_fn: Callable | None = None, min_bucket: int = MIN_BUCKET,
+               insert_fn: Callable | None = None):
     """Args:
       decode_fn: (params, tokens, positions, token_mask, cache, write_index, chunk) -> (logits, cache).
       init_cache_fn: (batch, chunk_lengths) -> empty cache pytree (called inside jit) whose
@@ -99,17 +100,25 @@ class Sampler:
       mesh: when given, the batch is sharded over its ("data", "fsdp") axes.
       cache_sharding_fn: cache -> NamedSharding pytree for it on `mesh` (None = XLA chooses).
       min_bucket: smallest prompt bucket length.
+      insert_fn: (slots' cache, prompts' cache, take [S] bool, prompt of each slot [S]) -> the
+        slots' cache with the taken slots holding that prompt's prefill and no decode slot valid
+        (`continuous.insert_kv_cache`); needed for continuous batching (`decode_slots` > 0).
     """
     self.decode_fn = decode_fn
     self.init_cache_fn = init_cache_fn
     self.mesh = mesh
     self.cache_sharding_fn = cache_sharding_fn
     self.min_bucket = min_bucket
+    self.insert_fn = insert_fn
     self.num_traces = 0
     # The two compiled programs of a call; public so that laser_jax.aot compiles exactly these
     # (`.trace(...)` on the abstract inputs of `abstract_prefill_args`).
     self.prefill = jax.jit(self._prefill_impl, static_argnames=("sampling",))
     self.decode = jax.jit(self._decode_impl, static_argnames=("sampling", "prompt_len"), donate_argnames=("state",))
+    # The continuous-batching programs (`decode_slots` > 0); same arguments as prefill / decode.
+    self.continuous_prefill = jax.jit(functools.partial(continuous.prefill, self), static_argnames=("sampling",))
+    self.continuous_decode = jax.jit(functools.partial(continuous.decode, self),
+                                     static_argnames=("sampling", "prompt_len"), donate_argnames=("state",))
 
   # ---- sharding helpers -------------------------------------------------------------------
   @property
@@ -163,7 +172,8 @@ class Sampler:
       # Row r is prompt r // n. A repeat of the (batch-sharded) leading axis stays on each device.
       expand = functools.partial(jnp.repeat, repeats=repeats, axis=0)
       logits, prompt_mask, cache = expand(logits), expand(prompt_mask), jax.tree.map(expand, cache)
-    first, first_lp, _ = draw.choose_tokens(logits.astype(jnp.float32), jax.random.fold_in(rng, 0), sampling)
+    keys = draw.step_keys(draw.row_keys(rng, jnp.arange(batch)), jnp.zeros((batch,), jnp.int32))
+    first, first_lp, _ = draw.choose_tokens(logits.astype(jnp.float32), keys, sampling)
     first = jnp.where(row_valid, first, sampling.pad_id)
     is_eos = draw.is_eos(first, sampling.eos_ids) & row_valid
     scored = sampling.self_reward_token_id is not None
@@ -202,7 +212,9 @@ class Sampler:
       logits, cache = self.decode_fn(params, s.last_token[:, None], s.next_pos[:, None], consumes[:, None],
                                      s.cache, s.write_index, chunk)
       logits = logits[:, 0].astype(jnp.float32)
-      new, new_lp, lse = draw.choose_tokens(logits, jax.random.fold_in(s.rng, s.step), sampling)
+      rows = jnp.arange(logits.shape[0])
+      keys = draw.step_keys(draw.row_keys(s.rng, rows), jnp.full(rows.shape, s.step))
+      new, new_lp, lse = draw.choose_tokens(logits, keys, sampling)
       self_reward = s.self_reward
       if z_c is not None:
         if sampling.logprob_temperature == 1.0:  # the draw's normaliser is the T = 1 one
@@ -270,6 +282,13 @@ class Sampler:
     return (params, batch((prefill_rows, prompt_len), jnp.int32), batch((prefill_rows, prompt_len), jnp.bool_),
             batch((rows,), jnp.bool_), rng)
 
+  def abstract_continuous_args(self, params, num_prompts: int, prompt_len: int, sampling: SamplingParams):
+    """(prefill args, decode state) of the continuous programs (`decode_slots` > 0): `.lower(*args,
+    sampling=...)` and `.lower(params, state, sampling=..., prompt_len=...)` compile them."""
+    continuous.check_slots(self, sampling)
+    args = self.abstract_prefill_args(params, num_prompts, prompt_len, sampling)
+    return args, jax.eval_shape(functools.partial(self.continuous_prefill, sampling=sampling), *args)
+
   def __call__(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingParams, rng: jax.Array) -> SampleOutput:
     """Samples `sampling.n` responses for every prompt (lists of token ids).
 
@@ -300,14 +319,19 @@ class Sampler:
     prompt_tokens, prompt_mask = left_pad(prefill_rows, bucket, sampling.pad_id)
     row_valid = np.arange(batch) < num_rows
 
-    state = self.prefill(params, self._put_batch(prompt_tokens), self._put_batch(prompt_mask),
-                          self._put_batch(row_valid), rng, sampling=sampling)
-    state = self.decode(params, state, sampling=sampling, prompt_len=bucket)
+    args = (params, self._put_batch(prompt_tokens), self._put_batch(prompt_mask), self._put_batch(row_valid), rng)
+    if sampling.decode_slots:
+      continuous.check_slots(self, sampling)
+      state = self.continuous_prefill(*args, sampling=sampling)
+      state = self.continuous_decode(params, state, sampling=sampling, prompt_len=bucket)
+    else:
+      state = self.prefill(*args, sampling=sampling)
+      state = self.decode(params, state, sampling=sampling, prompt_len=bucket)
     return _to_output(state, np.repeat(prompt_tokens, repeats, axis=0), np.repeat(prompt_mask, repeats, axis=0),
                       num_rows, sampling)
 
 
-def _to_output(state: SamplingState, prompt_tokens, prompt_mask, num_rows: int, sampling: SamplingParams) -> SampleOutput:
+def _to_output(state: SamplingState | continuous.ContinuousState, prompt_tokens, prompt_mask, num_rows: int, sampling: SamplingParams) -> SampleOutput:
   """Host post-processing of this host's rows: strip padding rows, split the EOS out of the
   token buffer."""
   max_new = sampling.max_new_tokens
@@ -354,7 +378,8 @@ def model_sampler(cfg, mesh: Mesh | None = None) -> Sampler:
     def init_cache_fn(batch, chunk_lengths):
       return model_lib.init_cache(cfg, batch, sum(chunk_lengths), chunk_lengths)
 
-    _SAMPLERS[key] = Sampler(decode_fn, init_cache_fn, mesh=mesh, cache_sharding_fn=cache_sharding_fn)
+    _SAMPLERS[key] = Sampler(decode_fn, init_cache_fn, mesh=mesh, cache_sharding_fn=cache_sharding_fn,
+                             insert_fn=continuous.insert_kv_cache)
   return _SAMPLERS[key]
 
 

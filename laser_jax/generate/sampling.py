@@ -32,6 +32,9 @@ class SamplingParams:
       to float rounding. Each loop is compiled separately (1 = one loop over the whole cache).
     min_segment_tokens: each decode loop covers at least this many tokens: shorter ones save
       less attention reading than their extra per-chunk matmuls cost (measured on CPU).
+    decode_slots: 0 = the static sampler (every row of a call decodes until the longest is
+      done); > 0 = continuous batching over this many decode slots, a finished row's slot taking
+      the next row (`laser_jax.generate.continuous`). Execution only: the same rows as static.
   """
   n: int = 1
   temperature: float = 1.0
@@ -44,6 +47,7 @@ class SamplingParams:
   greedy: bool = False
   decode_segments: int = 4
   min_segment_tokens: int = 64
+  decode_slots: int = 0
 
   def __post_init__(self):
     if self.n < 1:
@@ -63,6 +67,8 @@ class SamplingParams:
       raise ValueError(f"SamplingParams.decode_segments must be >= 1, got {self.decode_segments}")
     if self.min_segment_tokens < 1:
       raise ValueError(f"SamplingParams.min_segment_tokens must be >= 1, got {self.min_segment_tokens}")
+    if self.decode_slots < 0:
+      raise ValueError(f"SamplingParams.decode_slots must be >= 0 (0 = static), got {self.decode_slots}")
     if not isinstance(self.eos_ids, tuple):
       raise TypeError(f"SamplingParams.eos_ids must be a tuple of ints, got {type(self.eos_ids).__name__}")
 
@@ -138,9 +144,9 @@ def sampling_params(section, *, eos_ids, pad_id: int, self_reward_token_id: int 
                     **defaults) -> SamplingParams:
   """The one SamplingParams builder: from a config section (`config.rollout`, the training
   config's `config.eval`, or the eval config's `config.eval`) holding n, temperature and
-  max_new_tokens, and optionally top_p, top_k, greedy and decode_segments; a key the section
-  lacks takes its value from `defaults`, then SamplingParams' own default."""
-  keys = ("n", "temperature", "max_new_tokens", "top_p", "top_k", "greedy", "decode_segments")
+  max_new_tokens, and optionally top_p, top_k, greedy, decode_segments and decode_slots; a key
+  the section lacks takes its value from `defaults`, then SamplingParams' own default."""
+  keys = ("n", "temperature", "max_new_tokens", "top_p", "top_k", "greedy", "decode_segments", "decode_slots")
   values = {k: section[k] if k in section else defaults[k] for k in keys if k in section or k in defaults}
   return SamplingParams(eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id),
                         self_reward_token_id=self_reward_token_id, **values)

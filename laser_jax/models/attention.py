@@ -48,18 +48,29 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   return out.reshape(b, t, n, d)
 
 
-def causal_mask(query_positions: jax.Array, key_valid: jax.Array) -> jax.Array:
-  """[B, Tq, S] bool: query at sequence index i sees the valid keys at indices <= i.
-  query_positions [Tq] (sequence indices), key_valid [B, S]."""
+def causal_mask(query_positions: jax.Array, key_valid: jax.Array, query_segments: jax.Array | None = None,
+                key_segments: jax.Array | None = None) -> jax.Array:
+  """[B, Tq, S] bool: query at sequence index i sees the valid keys at indices <= i, and with
+  segment ids (a packed row: several sequences side by side) only those of its own segment.
+  query_positions [Tq] (sequence indices), key_valid [B, S], query_segments [B, Tq], key_segments [B, S]."""
   visible = jnp.arange(key_valid.shape[1])[None, :] <= query_positions[:, None]
-  return visible[None] & key_valid[:, None, :]
+  mask = visible[None] & key_valid[:, None, :]
+  if key_segments is not None:
+    mask = mask & (query_segments[:, :, None] == key_segments[:, None, :])
+  return mask
 
 
 def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, impl: str = "xla",
-                  block: int = 512, interpret: bool = False) -> jax.Array:
+                  block: int = 512, interpret: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
   """Causal self-attention of a full sequence over its valid keys: q [B,T,N,D], k/v [B,T,K,D],
   key_valid [B,T] bool -> [B,T,N,D]; equals `attend` with `causal_mask` on the valid query rows
   (a row's output at an invalid position is unspecified: nothing valid reads it).
+
+  segment_ids [B,T] int32 (a packed row, `laser_jax.rl.packing`: sequence s of the row is segment
+  s + 1, padding 0, key_valid = segment_ids > 0): a query sees only keys of its own segment, so
+  attention never crosses sequences. Every impl takes them; "cudnn" runs them through "chunked"
+  (`jax.nn.dot_product_attention` takes no segment ids, and its mask argument would be a dense
+  [T, T] bias).
 
   impl "xla" builds the [B, T, T] scores at once. impl "chunked" runs `attend` on `block` queries
   at a time (a lax.map; each block under jax.checkpoint, so the backward pass recomputes its
@@ -68,22 +79,26 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array
   impl "splash" / "cudnn": `attend_splash` / `attend_cudnn`.
   """
   t = q.shape[1]
-  if impl == "splash":
-    return attend_splash(q, k, v, key_valid, block, interpret)
-  if impl == "cudnn":
+  if impl == "splash":  # the kernel's segment mask: padding is segment 0 either way
+    return attend_splash(q, k, v, key_valid if segment_ids is None else segment_ids, block, interpret)
+  if impl == "cudnn" and segment_ids is None:
     return attend_cudnn(q, k, v, key_valid)
   if impl == "xla" or t <= block:
-    return attend(q, k, v, causal_mask(jnp.arange(t), key_valid))
+    return attend(q, k, v, causal_mask(jnp.arange(t), key_valid, segment_ids, segment_ids))
   num_blocks = -(-t // block)
   q_blocks = jnp.pad(q, ((0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)))
   q_blocks = q_blocks.reshape(q.shape[0], num_blocks, block, *q.shape[2:]).swapaxes(0, 1)
+  q_segments = None
+  if segment_ids is not None:
+    q_segments = jnp.pad(segment_ids, ((0, 0), (0, num_blocks * block - t)))
+    q_segments = q_segments.reshape(q.shape[0], num_blocks, block).swapaxes(0, 1)
 
   @jax.checkpoint
   def one_block(args):
-    q_block, start = args
-    return attend(q_block, k, v, causal_mask(start + jnp.arange(block), key_valid))
+    q_block, start, seg_block = args
+    return attend(q_block, k, v, causal_mask(start + jnp.arange(block), key_valid, seg_block, segment_ids))
 
-  out = jax.lax.map(one_block, (q_blocks, jnp.arange(num_blocks) * block))
+  out = jax.lax.map(one_block, (q_blocks, jnp.arange(num_blocks) * block, q_segments))
   return out.swapaxes(0, 1).reshape(q.shape[0], num_blocks * block, *q.shape[2:])[:, :t]
 
 
@@ -106,7 +121,8 @@ def attend_splash(q, k, v, key_valid, block: int = 512, interpret: bool = False)
   """`attend_causal` through JAX's Pallas splash-attention kernel (TPU; any backend with
   interpret=True). Flash-style: scores exist one [block, block] tile at a time, forward and
   backward. Padding is a segment mask (valid tokens segment 1, pad 0), so valid queries see only
-  valid keys; grouped-query heads run as the kernel's multi-query form, one call per kv head.
+  valid keys; `key_valid` may instead be a packed row's int32 segment ids (pad 0), which the
+  kernel masks natively (`attend_causal`'s segment_ids); grouped-query heads run as the kernel's multi-query form, one call per kv head.
   The sequence is padded to a multiple of the block (pad = segment 0, never seen by valid rows)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 

@@ -121,9 +121,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None):
+  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None):
     """x [B,T,H], rope = `rope_tables` at x's positions. Without a cache attends causally within
-    x over its valid tokens (mask = key validity [B,T]). With kv_cache = (key chunks, value chunks), the chunks of this layer's cache
+    x over its valid tokens (mask = key validity [B,T]; with segment_ids [B,T], a packed row's,
+    within each token's own segment: `attend_causal`). With kv_cache = (key chunks, value chunks), the chunks of this layer's cache
     that the step sees (see `KVCache`), writes this step's keys/values into the last of them at
     slots [write_offset, write_offset + T) and attends over all of them (mask [B,T,sum(S_c)])."""
     cfg = self.cfg
@@ -140,7 +141,13 @@ class Attention(nn.Module):
     v = constrain(v, BATCH, None, "tensor", None)
     new_cache = None
     if kv_cache is None:
-      out = attend_causal(q, k, v, mask, cfg.attention, cfg.attention_block, cfg.interpret_kernels)
+      out = attend_causal(q, k, v, mask, cfg.attention, cfg.attention_block, cfg.interpret_kernels,
+                          segment_ids)
+    elif jnp.ndim(write_offset) == 1:
+      # One slot per row (continuous batching, T = 1): row b's key/value go to slot
+      # write_offset[b] of the whole cache, scattered into whichever chunk holds it.
+      new_cache = _scatter_rows(*kv_cache, k[:, 0], v[:, 0], write_offset)
+      out = attend_cached(q, *new_cache, mask)
     else:
       # In-place dynamic-update-slices of the (donated) cache buffers.
       k_chunks, v_chunks = kv_cache
@@ -153,6 +160,20 @@ class Attention(nn.Module):
       out = attend_cached(q, *new_cache, mask)
     out = out.reshape(b, t, cfg.num_heads * d)
     return _dense(cfg.hidden_size, cfg, "o_proj")(out), new_cache
+
+
+def _scatter_rows(k_chunks, v_chunks, k, v, slots):
+  """Writes k [B,K,D] / v [B,K,D] of row b into cache slot `slots[b]` (over all chunks): per chunk,
+  a scatter whose rows outside the chunk are dropped (in place on a donated cache)."""
+  rows = jnp.arange(k.shape[0])
+  new_k, new_v, start = [], [], 0
+  for kc, vc in zip(k_chunks, v_chunks):
+    length = kc.shape[-1]
+    offset = jnp.where((slots >= start) & (slots < start + length), slots - start, length)  # length: dropped
+    new_k.append(constrain(kc.at[rows, :, :, offset].set(k.astype(kc.dtype), mode="drop"), BATCH, "tensor", None, None))
+    new_v.append(constrain(vc.at[rows, :, offset, :].set(v.astype(vc.dtype), mode="drop"), BATCH, "tensor", None, None))
+    start += length
+  return tuple(new_k), tuple(new_v)
 
 
 class MLP(nn.Module):
@@ -171,11 +192,11 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None):
+  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), rope, mask,
-                                                      kv_cache, write_offset)
+                                                      kv_cache, write_offset, segment_ids)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
     return constrain(x, BATCH, None, None), new_cache
@@ -215,13 +236,14 @@ class Decoder(nn.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = LMHead(cfg, name="lm_head")
 
-  def __call__(self, tokens, positions, attention_mask):
-    """Full sequence: causal attention restricted to real tokens. Returns normed hidden [B,T,H]."""
+  def __call__(self, tokens, positions, attention_mask, segment_ids=None):
+    """Full sequence: causal attention restricted to real tokens (and, with segment_ids, to the
+    token's own segment of a packed row). Returns normed hidden [B,T,H]."""
     key_valid = attention_mask.astype(bool)
     x = self.embed_tokens(tokens)
     rope = rope_tables(positions, rope_inv_freq(self.cfg))
     for layer in self.layers:
-      x, _ = layer(x, rope, key_valid)
+      x, _ = layer(x, rope, key_valid, None, None, segment_ids)
     return self.final_norm(x)
 
   def embed_tokens(self, tokens):
@@ -235,17 +257,25 @@ class Decoder(nn.Module):
     chunk `chunk` (static); attends over chunks 0..chunk."""
     t = tokens.shape[1]
     lengths = cache.chunk_lengths
+    if write_index.ndim == 1:  # a slot per row (continuous batching): T = 1, every chunk visible
+      chunk = len(lengths) - 1
     chunk_start, visible_len = sum(lengths[:chunk]), sum(lengths[:chunk + 1])
-    cache_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, token_mask.astype(bool), write_index, axis=1)
-    query_slot = write_index + jnp.arange(t)
-    visible = jnp.arange(visible_len)[None, :] <= query_slot[:, None]  # [T, S_visible]
-    mask = visible[None] & cache_mask[:, None, :visible_len]
+    if write_index.ndim == 1:
+      rows = jnp.arange(tokens.shape[0])
+      cache_mask = cache.mask.at[rows, write_index].set(token_mask[:, 0].astype(bool))
+      visible = (jnp.arange(visible_len)[None, :] <= write_index[:, None])[:, None, :]  # [B, 1, S]
+      offset = write_index  # absolute slots; the layer finds each row's chunk
+    else:
+      cache_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, token_mask.astype(bool), write_index, axis=1)
+      query_slot = write_index + jnp.arange(t)
+      visible = (jnp.arange(visible_len)[None, :] <= query_slot[:, None])[None]  # [1, T, S_visible]
+      offset = write_index - chunk_start
+    mask = visible & cache_mask[:, None, :visible_len]
     x = constrain(self.embed(tokens), BATCH, None, None)
     rope = rope_tables(positions, rope_inv_freq(self.cfg))
     keys, values = [], []
     for layer, k_chunks, v_chunks in zip(self.layers, cache.k, cache.v):
-      x, (k_seen, v_seen) = layer(x, rope, mask, (k_chunks[:chunk + 1], v_chunks[:chunk + 1]),
-                                  write_index - chunk_start)
+      x, (k_seen, v_seen) = layer(x, rope, mask, (k_chunks[:chunk + 1], v_chunks[:chunk + 1]), offset)
       keys.append(k_seen + k_chunks[chunk + 1:])
       values.append(v_seen + v_chunks[chunk + 1:])
     return self.final_norm(x), KVCache(tuple(keys), tuple(values), cache_mask)
@@ -294,20 +324,24 @@ def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> tuple[tuple, tupl
   return ((batch, cfg.num_kv_heads, cfg.head_dim, length), (batch, cfg.num_kv_heads, length, cfg.head_dim))
 
 
-def forward(params, cfg: ModelConfig, tokens, positions, attention_mask, *, return_hidden=False):
+def forward(params, cfg: ModelConfig, tokens, positions, attention_mask, *, return_hidden=False,
+            segment_ids=None):
   """Full-sequence forward. tokens/positions int32 [B,T], attention_mask bool [B,T] (True = real).
+  segment_ids int32 [B,T] (optional): rows packed with several sequences (`laser_jax.rl.packing`),
+  sequence s of a row segment s + 1 and padding 0; attention stays within a segment, and
+  `positions` restart at each sequence's start.
 
   Returns float32 logits [B,T,V], or with return_hidden=True the final-normed hidden states [B,T,H]
   (compute dtype). Padding positions produce finite values that callers must ignore.
   """
   if cfg.scan_layers:
-    hidden = _forward_scanned(params, cfg, tokens, positions, attention_mask)
+    hidden = _forward_scanned(params, cfg, tokens, positions, attention_mask, segment_ids)
   else:
-    hidden = Decoder(cfg).apply({"params": params}, tokens, positions, attention_mask)
+    hidden = Decoder(cfg).apply({"params": params}, tokens, positions, attention_mask, segment_ids)
   return hidden if return_hidden else unembed(params, cfg, hidden)
 
 
-def _forward_scanned(params, cfg: ModelConfig, tokens, positions, attention_mask):
+def _forward_scanned(params, cfg: ModelConfig, tokens, positions, attention_mask, segment_ids=None):
   """`Decoder.__call__` as a lax.scan over the layers' stacked weights (same values).
 
   The stacked copy lives for one forward; its gradient is unstacked back onto each layer's
@@ -322,7 +356,7 @@ def _forward_scanned(params, cfg: ModelConfig, tokens, positions, attention_mask
   layer = DecoderLayer(cfg)
 
   def body(x, layer_params):
-    return layer.apply({"params": layer_params}, x, rope, key_valid)[0], None
+    return layer.apply({"params": layer_params}, x, rope, key_valid, None, None, segment_ids)[0], None
 
   if cfg.remat:
     body = jax.checkpoint(body, prevent_cse=False)  # inside a scan CSE cannot merge the recompute
@@ -341,6 +375,8 @@ def forward_cached(params, cfg: ModelConfig, tokens, positions, token_mask, cach
 
   Writes the new tokens' keys/values into cache slots [write_index, write_index + T), sets
   cache.mask there to token_mask, and lets the query in slot s attend to valid slots <= s.
+  A write_index of shape [B] (decode, T = 1: continuous batching) gives each row its own slot;
+  the step then attends over every chunk and `chunk` is ignored.
   Returns (float32 logits [B,T,V], updated cache); with `last_logits_only`, logits [B,1,V] of the
   last position only (a sampler's prefill reads nothing else, and unembedding the whole prompt
   costs as much as many decode steps).
@@ -350,6 +386,8 @@ def forward_cached(params, cfg: ModelConfig, tokens, positions, token_mask, cach
   caller guarantees the slots lie in that chunk (write_index is traced, so this is not checked).
   """
   num_chunks = len(cache.chunk_lengths)
+  if chunk is None and jnp.ndim(write_index) == 1:
+    chunk = num_chunks - 1
   if chunk is None:
     if num_chunks > 1:
       raise ValueError(f"forward_cached: the cache has {num_chunks} chunks; pass chunk= (the chunk written)")

@@ -78,8 +78,10 @@ class Sequences:
 @flax.struct.dataclass
 class UpdateBatch:
   """One optimizer update's rows, everything `objective.total_loss` reads (Tunix's TrainExample).
-  Built complete by `make_update_batch`; leaves [rows, ...], [num_micro, micro, ...] in the update."""
-  sequences: Sequences
+  Built complete by `make_update_batch`; leaves [rows, ...], [num_micro, micro, ...] in the update.
+  A packed update (`packing.pack_update_batch`) holds `packing.PackedSequences` in `sequences`
+  and the other fields per sequence slot."""
+  sequences: Sequences  # or packing.PackedSequences (config.micro_batch_tokens > 0)
   response_mask: Any = row_field((SEQ,), np.float32)  # over targets: 1 on response tokens + EOS
   old_logp: Any = row_field((SEQ,), np.float32)  # log pi_old of the targets (the rollout policy's)
   advantages: Any = row_field((), np.float32)  # A' (after the self-reward integration when on)

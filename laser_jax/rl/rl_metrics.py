@@ -7,16 +7,23 @@ Two kinds of metric live here:
   * Rollout-batch statistics computed once on the whole batch (self-verification accuracy,
     response length, truncation rate, zero-std groups). These return plain scalars.
 
-Self-verification follows the official LaSeR evaluation: over *finished* responses only, the
-model predicts "correct" iff its score r_s > 0.5; we report the accuracy on verified-correct
-responses, on verified-incorrect responses, overall, and F1 = the harmonic mean of the two class
-accuracies. An undefined accuracy (empty class) is NaN, and then F1 is NaN too: an honest "no data"
-rather than a misleading 0.
+Self-verification (the model predicts "correct" iff its score r_s > 0.5; accuracy on
+verified-correct responses, on verified-incorrect ones, overall, and F1 = the harmonic mean of the
+two class accuracies) comes in two conventions, each under its own names:
+  * `self_verification`: the official LaSeR evaluation's (SPEC "Test time"), what
+    `laser_jax.evaluate` reports: every response counts, a response without a score counts as
+    predicted "incorrect", a class with no responses has accuracy 0, F1 = 0 when both are 0.
+  * `self_verification_finished`: finished responses only (`..._finished` names), what training
+    logs (its truncated responses have no score): an empty class's accuracy is NaN, and then F1
+    is NaN too -- an honest "no data" rather than a misleading 0.
 
 Each metric is named where it is computed, verl-style: `actor/...` for the update's statistics
 (here and in `objective`), `rollout/...` for the sampled batch, `self_verification/...` for the
 score's verdicts, `advantage/...` in `objective.rollout_advantages`. The trainer, the evaluator and
-the notebooks log these names unchanged; the trainer's periodic evaluation prefixes `eval/`.
+the notebooks log these names unchanged; the trainer's periodic evaluation prefixes `eval/` to
+the name `laser_jax.evaluate`'s summary gives the same quantity (`eval/reward/mean`,
+`eval/truncated_frac`, `eval/self_verification/f1_finished`, ...). A statistic of a quantity is a
+`/` suffix, as in verl (`rollout/response_length/mean`, `self_verification/score/mean`).
 """
 import math
 from typing import NamedTuple
@@ -105,19 +112,62 @@ def approx_kl(log_ratio: jax.Array, mask: jax.Array) -> SumCount:
   return masked_token_mean(-log_ratio, mask)
 
 
-def self_verification(scores, rewards, finished, threshold: float = 0.5) -> dict[str, float]:
-  """Self-verification of the last-token score, as the official evaluation reports it (host NumPy).
+def self_verification(scores, rewards, threshold: float = 0.5) -> dict[str, float]:
+  """Self-verification of the last-token score with the official evaluation's conventions (SPEC
+  "Test time"; host NumPy): every response counts.
+
+  Args:
+    scores: [B] self-reward scores r_s; NaN = a response without a score, which counts as
+      predicted "incorrect" (the official script scores truncated responses too, by appending
+      EOS + z_c: `scoring.TruncatedScore`; what is still unscored is predicted "incorrect").
+    rewards: [B] verifier rewards r_v; a row is verified-correct iff r_v > 0.5.
+    threshold: predict "correct" iff r_s > threshold (0.5 in the paper).
+
+  Returns, under `self_verification/`: acc_correct (accuracy on verified-correct rows; 0 when
+  there are none), acc_incorrect (likewise), acc (all rows; 0 without rows), f1 (harmonic mean of
+  the two class accuracies, 0 when both are 0), auroc and ece over every row, an unscored row
+  taking the lowest score (below every score for AUROC, P(correct) = 0 for ECE; AUROC is NaN with
+  a class empty, ECE NaN without rows), num_correct, num_incorrect, and `score_statistics`.
+  """
+  scores = np.asarray(scores, np.float64)
+  correct = np.asarray(rewards, np.float64) > 0.5
+  filled = np.where(np.isnan(scores), -np.inf, scores)  # unscored: the lowest score there is
+  predicted = filled > threshold
+  n_pos, n_neg = int(correct.sum()), int((~correct).sum())
+  share = lambda hits, n: float(hits) / n if n else 0.0  # an empty class has accuracy 0
+  acc_pos = share(np.sum(correct & predicted), n_pos)
+  acc_neg = share(np.sum(~correct & ~predicted), n_neg)
+  ece, _ = calibration(filled, correct)
+  return {
+      "self_verification/acc_correct": acc_pos,
+      "self_verification/acc_incorrect": acc_neg,
+      "self_verification/acc": share(np.sum(predicted == correct), n_pos + n_neg),
+      "self_verification/f1": _harmonic_mean(acc_pos, acc_neg),
+      "self_verification/auroc": auroc(filled, correct),
+      "self_verification/ece": ece,
+      "self_verification/num_correct": n_pos,
+      "self_verification/num_incorrect": n_neg,
+      **score_statistics(scores),
+  }
+
+
+def self_verification_finished(scores, rewards, finished, threshold: float = 0.5) -> dict[str, float]:
+  """Self-verification over finished responses only (host NumPy): what training logs, its
+  truncated responses having no score. Not the official evaluation's convention
+  (`self_verification`), hence its own `..._finished` names.
 
   Args:
     scores: [B] self-reward scores r_s (NaN allowed on truncated rows).
     rewards: [B] verifier rewards r_v; a row is verified-correct iff r_v > 0.5.
-    finished: [B] bool; truncated rows are excluded from every statistic.
+    finished: [B] bool; truncated rows are excluded from every statistic but `score_statistics`
+      (which reads the scores alone: in training a truncated row's is NaN).
     threshold: predict "correct" iff r_s > threshold (0.5 in the paper).
 
-  Returns, under `self_verification/`: acc_correct (accuracy on verified-correct rows),
-  acc_incorrect, acc (both classes), f1 (harmonic mean of the two class accuracies: NaN when a
-  class is empty, 0 when both accuracies are 0), auroc and ece (`score_separation`), score_mean,
-  num_correct, num_incorrect and num_truncated. An accuracy over an empty set is NaN.
+  Returns, under `self_verification/`: acc_correct_finished (accuracy on finished verified-correct
+  rows), acc_incorrect_finished, acc_finished (both classes), f1_finished (harmonic mean of the two
+  class accuracies: NaN when a class is empty, 0 when both accuracies are 0), auroc_finished and
+  ece_finished (`score_separation`), num_correct_finished, num_incorrect_finished, and
+  `score_statistics`. An accuracy over an empty set is NaN.
   """
   finished = np.asarray(finished, bool)
   scores = np.asarray(scores, np.float64)
@@ -128,23 +178,35 @@ def self_verification(scores, rewards, finished, threshold: float = 0.5) -> dict
   mean = lambda hits, n: float(hits) / n if n else float("nan")
   acc_pos = mean(np.sum(pos & predicted), n_pos)
   acc_neg = mean(np.sum(neg & ~predicted), n_neg)
-  if math.isnan(acc_pos) or math.isnan(acc_neg):
-    f1 = float("nan")
-  else:
-    f1 = 2 * acc_pos * acc_neg / (acc_pos + acc_neg) if acc_pos + acc_neg > 0 else 0.0
   separation = score_separation(scores, rewards, finished)
   return {
-      "self_verification/acc_correct": acc_pos,
-      "self_verification/acc_incorrect": acc_neg,
-      "self_verification/acc": mean(np.sum(pos & predicted) + np.sum(neg & ~predicted), n_pos + n_neg),
-      "self_verification/f1": f1,
-      "self_verification/auroc": separation["auroc"],
-      "self_verification/ece": separation["ece"],
-      "self_verification/score_mean": float(scores[finished].mean()) if finished.any() else float("nan"),
-      "self_verification/num_correct": n_pos,
-      "self_verification/num_incorrect": n_neg,
-      "self_verification/num_truncated": int((~finished).sum()),
+      "self_verification/acc_correct_finished": acc_pos,
+      "self_verification/acc_incorrect_finished": acc_neg,
+      "self_verification/acc_finished": mean(np.sum(pos & predicted) + np.sum(neg & ~predicted), n_pos + n_neg),
+      "self_verification/f1_finished": _harmonic_mean(acc_pos, acc_neg),
+      "self_verification/auroc_finished": separation["auroc"],
+      "self_verification/ece_finished": separation["ece"],
+      "self_verification/num_correct_finished": n_pos,
+      "self_verification/num_incorrect_finished": n_neg,
+      **score_statistics(scores),  # the same as `self_verification`'s on the same scores
   }
+
+
+def score_statistics(scores) -> dict[str, float]:
+  """The same under either convention: `self_verification/score/mean` (mean r_s of the responses
+  that have a score; NaN if none) and `self_verification/num_unscored` (responses without one:
+  in training the truncated ones)."""
+  scores = np.asarray(scores, np.float64)
+  scored = ~np.isnan(scores)
+  return {"self_verification/score/mean": float(scores[scored].mean()) if scored.any() else float("nan"),
+          "self_verification/num_unscored": int((~scored).sum())}
+
+
+def _harmonic_mean(a: float, b: float) -> float:
+  """F1 of two class accuracies: NaN if either is, 0 when both are 0."""
+  if math.isnan(a) or math.isnan(b):
+    return float("nan")
+  return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
 def auroc(scores, labels) -> float:
@@ -219,16 +281,18 @@ def zero_std_group_fraction(rewards: jax.Array, group_ids: jax.Array,
 
 def rollout_metrics(rewards: jax.Array, response_lengths: jax.Array, finished: jax.Array,
                     group_ids: jax.Array, num_groups: int | None = None) -> dict:
-  """Whole-rollout-batch statistics: reward mean, response length, truncation, zero-std groups.
+  """Whole-rollout-batch statistics: reward mean, response length, truncation, zero-std groups,
+  under the stems `laser_jax.evaluate`'s summary uses for the same quantities (`response_length/mean`,
+  `truncated_frac`; verl's `/mean`, `/max` style).
 
   response_lengths: [B] generated tokens per row, EOS included (the response mask's row sums).
   """
   lengths = jnp.asarray(response_lengths, jnp.float32)
   finished = jnp.asarray(finished, bool)
   return {
-      "rollout/reward_mean": jnp.mean(jnp.asarray(rewards, jnp.float32)),
-      "rollout/response_length_mean": jnp.mean(lengths),
-      "rollout/response_length_max": jnp.max(lengths),
+      "rollout/reward/mean": jnp.mean(jnp.asarray(rewards, jnp.float32)),
+      "rollout/response_length/mean": jnp.mean(lengths),
+      "rollout/response_length/max": jnp.max(lengths),
       "rollout/truncated_frac": 1.0 - jnp.mean(finished.astype(jnp.float32)),
       "rollout/zero_std_group_frac": zero_std_group_fraction(rewards, group_ids, num_groups),
   }

@@ -9,6 +9,10 @@ log pi_ref(z_c | x, y) (`self_reward_scores`, the one place r_s is computed from
 
 The trainer's rollout stops after verification: its scores are computed once from the whole
 batch's gathered per-row vectors (`batch_vectors`), where the reference log-probs are at hand.
+
+A truncated response has no EOS, hence no score from the sampler. `laser_jax.evaluate` scores it
+as the official evaluation does (`Score.truncated`, `TruncatedScore`): one extra forward over
+prompt + response + an appended EOS, reading log pi(z_c) there; training leaves it unscored.
 """
 from __future__ import annotations
 
@@ -41,9 +45,26 @@ class VerifiedSamples:
 @dataclasses.dataclass(frozen=True)
 class ScoredSamples(VerifiedSamples):
   """Verified responses with their self-reward score r_s."""
-  z_logprob: np.ndarray  # float64 [N] log pi(z_c | x, y) read by the sampler; NaN if truncated
-  ref_z_logprob: np.ndarray | None  # float64 [N] log pi_ref(z_c | x, y) (exact variant), else None
-  scores: np.ndarray  # float64 [N] r_s; NaN for truncated rows (no EOS, no score)
+  # float64 [N] log pi(z_c | x, y, EOS): read by the sampler, or for a truncated row by the extra
+  # forward of `TruncatedScore`; NaN for a truncated row without it.
+  z_logprob: np.ndarray
+  ref_z_logprob: np.ndarray | None  # float64 [N] log pi_ref(z_c | x, y, EOS) (exact variant), else None
+  scores: np.ndarray  # float64 [N] r_s; NaN for a row without a score
+  # bool [N]: truncated rows scored with an appended EOS (`TruncatedScore`); all False without it.
+  scored_after_truncation: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncatedScore:
+  """How a truncated response is scored, as the official evaluation scores it: EOS appended to its
+  tokens (`eos_appended_sequences`) and log pi(z_c | x, y, EOS) read at that EOS, i.e. the score
+  of the response followed by EOS + z_c. The caller's forwards run once per sampler call, over
+  that call's truncated rows only."""
+  eos_id: int  # the EOS appended (the model's first EOS id)
+  # Sequences [K] (prompt + response + EOS of the truncated rows) -> [K] log pi(z_c | x, y, EOS).
+  z_logprob_fn: Callable[[records.Sequences], np.ndarray]
+  # The same for pi_ref: needed with the exact variant (`Score.ref_z_logprob_fn`), else None.
+  ref_z_logprob_fn: Callable[[records.Sequences], np.ndarray] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +75,15 @@ class Score:
   # SampleOutput -> [N] log pi_ref(z_c | x, y) for the exact variant (the reference model's
   # forward, micro-batched by the caller); None = the constant c_ref.
   ref_z_logprob_fn: Callable[[sampling_lib.SampleOutput], np.ndarray] | None = None
+  # Truncated responses scored with an appended EOS (the official evaluation); None = they have
+  # no score (NaN), as in training.
+  truncated: TruncatedScore | None = None
 
 
 def self_reward_scores(z_logprob, finished, *, kl_coef: float, ref_constant: float | None,
                        ref_z_logprob=None) -> np.ndarray:
-  """r_s [N] (float64) of finished rows, NaN for truncated ones (no EOS, no score)."""
+  """r_s [N] (float64) of the rows `finished` marks (the finished ones, or those scored after
+  truncation too: `score_samples`), NaN for the others (no EOS, no score)."""
   finished = np.asarray(finished, bool)
   z = np.where(finished, np.asarray(z_logprob, np.float64), np.nan)
   ref = None if ref_z_logprob is None else np.where(finished, np.asarray(ref_z_logprob, np.float64), np.nan)
@@ -79,19 +104,46 @@ def verify_samples(out: sampling_lib.SampleOutput, answers: Sequence[str], *, de
                          num_timeouts=int(result.num_timeouts))
 
 
+def eos_appended_sequences(out: sampling_lib.SampleOutput, rows: np.ndarray, eos_id: int) -> records.Sequences:
+  """prompt + response + EOS of the truncated `rows` of `out`, EOS appended after the response's
+  R tokens (the spare last column of the [P + R + 1] row layout) and `eos_index` pointing at it:
+  what the official evaluation scores a truncated response on."""
+  if np.asarray(out.finished, bool)[rows].any():
+    raise ValueError("eos_appended_sequences: rows must be truncated ones (a finished row has its EOS)")
+  sequences, _ = records.build_sequences(out)
+  sequences = jax.tree.map(lambda v: np.array(v[rows]), sequences)
+  eos_index = out.prompt_tokens.shape[1] + out.tokens.shape[1]  # P + R, the spare column
+  sequences.tokens[:, eos_index] = eos_id
+  sequences.attention_mask[:, eos_index] = True
+  sequences.targets[:, eos_index - 1] = eos_id
+  positions = np.maximum(np.cumsum(sequences.attention_mask, axis=1) - 1, 0).astype(np.int32)
+  return sequences.replace(positions=positions, eos_index=np.full(len(rows), eos_index, np.int32))
+
+
 def score_samples(out: sampling_lib.SampleOutput, answers: Sequence[str], *, decode: Callable, verifier,
                   score: Score) -> ScoredSamples:
-  """Decodes, verifies (`verify_samples`) and scores the rows of `out` with `score`."""
+  """Decodes, verifies (`verify_samples`) and scores the rows of `out` with `score` (truncated
+  rows too with `score.truncated`, in one batch of this call's truncated rows)."""
   verified = verify_samples(out, answers, decode=decode, verifier=verifier)
   finished = verified.finished
   z = np.where(finished, np.asarray(out.self_reward_logprob, np.float64), np.nan)
   ref = None
   if score.ref_z_logprob_fn is not None:
     ref = np.where(finished, np.asarray(score.ref_z_logprob_fn(out), np.float64), np.nan)
-  scores = self_reward_scores(z, finished, kl_coef=score.kl_coef, ref_constant=score.ref_constant,
-                              ref_z_logprob=ref)
+  after_truncation = np.zeros(len(finished), bool)
+  truncated_rows = np.flatnonzero(~finished)
+  if score.truncated is not None and len(truncated_rows):
+    sequences = eos_appended_sequences(out, truncated_rows, score.truncated.eos_id)
+    z[truncated_rows] = score.truncated.z_logprob_fn(sequences)
+    if ref is not None:
+      if score.truncated.ref_z_logprob_fn is None:
+        raise ValueError("Score.truncated.ref_z_logprob_fn: needed with the exact score (ref_z_logprob_fn)")
+      ref[truncated_rows] = score.truncated.ref_z_logprob_fn(sequences)
+    after_truncation[truncated_rows] = True
+  scores = self_reward_scores(z, finished | after_truncation, kl_coef=score.kl_coef,
+                              ref_constant=score.ref_constant, ref_z_logprob=ref)
   return ScoredSamples(**{f.name: getattr(verified, f.name) for f in dataclasses.fields(verified)},
-                       z_logprob=z, ref_z_logprob=ref, scores=scores)
+                       z_logprob=z, ref_z_logprob=ref, scores=scores, scored_after_truncation=after_truncation)
 
 
 def generate(sample_call: calls.SampleCall, prompts: Sequence, rng: jax.Array, *, prompts_per_call: int,
@@ -127,7 +179,7 @@ def join(parts: Sequence[VerifiedSamples], starts: Sequence[int]) -> VerifiedSam
             "rewards": np.concatenate([p.rewards for p in parts]),
             "num_timeouts": sum(p.num_timeouts for p in parts)}
   if isinstance(parts[0], ScoredSamples):
-    for name in ("z_logprob", "scores"):
+    for name in ("z_logprob", "scores", "scored_after_truncation"):
       fields[name] = np.concatenate([getattr(p, name) for p in parts])
     refs = [p.ref_z_logprob for p in parts]
     fields["ref_z_logprob"] = None if refs[0] is None else np.concatenate(refs)

@@ -28,8 +28,10 @@ from laser_jax.models import model as model_lib
 from laser_jax.models import sharding as sharding_lib
 from laser_jax.models.config import ModelConfig
 from laser_jax.rl import objective
+from laser_jax.rl import packing
 from laser_jax.rl import policy
 from laser_jax.rl import records
+from laser_jax.rl.rl_metrics import SumCount
 
 
 
@@ -73,8 +75,12 @@ def apply_libtpu_init_args(config: ml_collections.ConfigDict) -> None:
 
 
 # ---- the pure step functions ----------------------------------------------------------------
-def sequence_logprobs(params, sequences: records.Sequences, *, statics: StepStatics) -> tuple[jax.Array, jax.Array]:
-  """(token log-probs [B, S] at the rollout temperature, log pi(z_c | x, y) [B]) of `sequences`."""
+def sequence_logprobs(params, sequences: records.Sequences | packing.PackedSequences, *,
+                      statics: StepStatics) -> tuple[jax.Array, jax.Array]:
+  """(token log-probs [B, S] at the rollout temperature, log pi(z_c | x, y) [B]) of `sequences`;
+  of packed rows, per slot ([rows * slots, S] and [rows * slots]): `packed_logprobs`."""
+  if isinstance(sequences, packing.PackedSequences):
+    return packed_logprobs(params, sequences, statics=statics)
   s = sequences
   return policy.sequence_logprobs(
       params, statics.model_cfg, s.tokens, s.positions, s.attention_mask, s.targets, s.eos_index,
@@ -82,12 +88,30 @@ def sequence_logprobs(params, sequences: records.Sequences, *, statics: StepStat
       chunk=statics.logprob_chunk)
 
 
+def packed_logprobs(params, packed: packing.PackedSequences, *, statics: StepStatics) -> tuple[jax.Array, jax.Array]:
+  """`sequence_logprobs` of packed rows: the forward over the packed tokens (segment-masked
+  attention, restarted positions), its values gathered back to each slot's padded row."""
+  hidden = model_lib.forward(params, statics.model_cfg, packed.tokens, packed.positions, packed.segment_ids > 0,
+                             segment_ids=packed.segment_ids, return_hidden=True)
+  logp = policy.token_logprobs(params, statics.model_cfg, hidden, packed.targets, statics.temperature,
+                               statics.logprob_chunk)
+  at_eos = packing.eos_hidden(hidden, packed)
+  z_logprob = policy.self_reward_logprob(params, statics.model_cfg, at_eos, jnp.zeros(at_eos.shape[0], jnp.int32),
+                                         statics.self_reward_token_id)
+  return packing.unpack_tokens(logp, packed), z_logprob
+
+
 def micro_loss(params, micro: records.UpdateBatch, normalisers: objective.LossNormalisers, sr_loss_on, *,
                statics: StepStatics):
   """The LaSeR objective's share of one micro-batch: (loss, named terms)."""
   logp, z_logprob = sequence_logprobs(params, micro.sequences, statics=statics)
-  return objective.total_loss(statics.loss_cfg, micro, logp=logp, z_logprob=z_logprob,
-                              normalisers=normalisers, self_reward_active=sr_loss_on)
+  loss, terms = objective.total_loss(statics.loss_cfg, micro, logp=logp, z_logprob=z_logprob,
+                                     normalisers=normalisers, self_reward_active=sr_loss_on)
+  if isinstance(micro.sequences, packing.PackedSequences) and "actor/self_reward_loss" in terms:
+    # L_sr's metric counts rows: the real sequences, not the empty slots (which add 0 to its sum).
+    real = jnp.sum((micro.sequences.length > 0).astype(jnp.float32))
+    terms["actor/self_reward_loss"] = SumCount(terms["actor/self_reward_loss"].sum, real)
+  return loss, terms
 
 
 def update_step(state: TrainState, batch: records.UpdateBatch, normalisers: objective.LossNormalisers, sr_loss_on, *,
@@ -99,18 +123,25 @@ def update_step(state: TrainState, batch: records.UpdateBatch, normalisers: obje
   """
   grad_fn = jax.value_and_grad(functools.partial(micro_loss, statics=statics), has_aux=True)
 
-  def body(carry, micro):
-    grads_acc, loss_acc, terms_acc = carry
-    (loss, terms), grads = grad_fn(state.params, micro, normalisers, sr_loss_on)
-    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-    terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
-    return (grads_acc, loss_acc + loss, terms_acc), None
-
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   first = jax.tree.map(lambda x: x[0], batch)
   terms_shape = jax.eval_shape(
       lambda: micro_loss(state.params, first, normalisers, sr_loss_on, statics=statics)[1])
   terms_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape)
+
+  def body(carry, micro):
+    grads_acc, loss_acc, terms_acc = carry
+    compute = lambda: grad_fn(state.params, micro, normalisers, sr_loss_on)
+    if isinstance(micro.sequences, packing.PackedSequences):
+      # The micro-batch count is bucketed (packing.bucket): an all-empty micro-batch is skipped.
+      skip = lambda: ((jnp.float32(0), terms_zero), zeros)
+      (loss, terms), grads = jax.lax.cond(jnp.any(micro.sequences.length > 0), compute, skip)
+    else:
+      (loss, terms), grads = compute()
+    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+    terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
+    return (grads_acc, loss_acc + loss, terms_acc), None
+
   (grads, loss, terms), _ = jax.lax.scan(body, (zeros, jnp.float32(0), terms_zero), batch)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(grad_norm)
@@ -161,6 +192,19 @@ def abstract_update_batch(mesh: Mesh, num_micro: int, micro: int, seq_len: int, 
                               with_ref_logp=with_ref_logp, with_ref_score=with_ref_score)
 
 
+def abstract_packed_update_batch(mesh: Mesh, num_micro: int, rows: int, row_tokens: int, slots: int, seq_len: int,
+                                 *, with_ref_logp: bool, with_ref_score: bool) -> records.UpdateBatch:
+  """`abstract_update_batch` of a packed update (`packing.pack_update_batch`): num_micro
+  micro-batches of `rows` packed rows of `row_tokens` tokens and rows * slots sequence slots."""
+  batch = abstract_update_batch(mesh, num_micro, rows * slots, seq_len, with_ref_logp=with_ref_logp,
+                                with_ref_score=with_ref_score)
+  leaf = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=update_batch_sharding(mesh, len(shape)))
+  tokens, slot = (num_micro, rows, row_tokens), (num_micro, rows * slots)
+  return batch.replace(sequences=packing.PackedSequences(
+      tokens=leaf(tokens), positions=leaf(tokens), segment_ids=leaf(tokens), targets=leaf(tokens),
+      offset=leaf(slot), start=leaf(slot), length=leaf(slot), eos_index=leaf(slot), seq_len=seq_len))
+
+
 def abstract_logprob_batch(mesh: Mesh, rows: int, seq_len: int) -> records.Sequences:
   """ShapeDtypeStructs (in their shardings) of one log-prob forward's batch."""
   return records.Sequences.abstract((rows,), seq_len, lambda ndim: sharding_lib.batch_sharding(mesh, ndim))
@@ -174,7 +218,8 @@ def sampling_params(config: ml_collections.ConfigDict, *, eos_ids, pad_id: int,
   tokens = dict(eos_ids=eos_ids, pad_id=pad_id, self_reward_token_id=self_reward_token_id)
   rollout = sampling_lib.sampling_params(config.rollout, **tokens)
   evaluation = sampling_lib.sampling_params(config.eval, **tokens, top_p=1.0, top_k=0,
-                                            decode_segments=config.rollout.decode_segments)
+                                            decode_segments=config.rollout.decode_segments,
+                                            decode_slots=config.rollout.decode_slots)
   return rollout, evaluation
 
 

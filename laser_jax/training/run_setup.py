@@ -41,7 +41,9 @@ class RunSetup:
   eval_sampling: sampling_lib.SamplingParams  # the periodic evaluation's
   num_prompts_per_update: int  # prompts of one optimizer update (config.mini_batch_size or the batch)
   updates_per_step: int  # optimizer updates per RL step
-  num_micro_batches: int  # micro-batches accumulated in one optimizer update
+  num_micro_batches: int  # micro-batches accumulated in one optimizer update (padded: micro_batch_tokens = 0)
+  micro_batch_tokens: int  # tokens of one packed row (config.micro_batch_tokens; 0 = padded micro-batches)
+  pack_rows: int  # packed rows of one micro-batch: one per data-parallel shard (data * fsdp)
   needs_ref: bool  # a term reads pi_ref: the KL loss, or the exact score
   exact_score: bool  # scores use log pi_ref(z_c | x, y) instead of the constant c_ref
   logprob_forwards: int  # no-gradient forwards per row and step: recomputed old + reference log-probs
@@ -105,6 +107,7 @@ def build_run_setup(config: ml_collections.ConfigDict, model_cfg: ModelConfig, *
       programs=programs, sampling=sampling, eval_sampling=eval_sampling,
       num_prompts_per_update=num_prompts_per_update, updates_per_step=updates_per_step,
       num_micro_batches=num_prompts_per_update * config.rollout.n // config.micro_batch_size,
+      micro_batch_tokens=config.micro_batch_tokens, pack_rows=data * fsdp,
       needs_ref=needs_ref, exact_score=exact_score,
       logprob_forwards=int(config.rollout.recompute_old_logprobs) + int(needs_ref),
       prompts_per_chunk=config.rollout.prompts_per_chunk, prompt_bucket=prompt_bucket,

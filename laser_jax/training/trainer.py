@@ -30,6 +30,7 @@ from laser_jax import config_check
 from laser_jax.models import hosts
 from laser_jax.rl import dapo
 from laser_jax.rl import objective
+from laser_jax.rl import packing
 from laser_jax.rl import rl_metrics
 from laser_jax.rl import records
 from laser_jax.rl import scoring
@@ -166,7 +167,8 @@ class Trainer:
 
   def update_batch(self, roll: records.Rollout, vectors: records.BatchVectors, rows: np.ndarray
                    ) -> tuple[records.UpdateBatch, objective.LossNormalisers]:
-    """The complete [num_micro, micro, ...] batch of this host's `rows` for one optimizer update,
+    """The complete [num_micro, micro, ...] batch of this host's `rows` for one optimizer update
+    (packed into rows of config.micro_batch_tokens when it is > 0: `packing.pack_update_batch`),
     and its loss normalisers; class weights and normalisers span exactly the update's rows of
     every host."""
     c = self.config
@@ -178,7 +180,22 @@ class Trainer:
                                       np.asarray(weights, np.float32)[mine:mine + len(rows)])
     normalisers = jax.tree.map(lambda v: jnp.float32(hosts.total(float(v))),
                                objective.loss_normalisers(self.loss_cfg, batch.response_mask))
+    if self.run_setup.micro_batch_tokens:
+      plan, rows, (num_micro, slots) = self.packing_plan(batch.sequences, bucket_micro=True)
+      return packing.pack_update_batch(batch, plan, num_micro, rows, self.run_setup.micro_batch_tokens,
+                                       slots), normalisers
     return records.micro_batches(batch, self.run_setup.num_micro_batches), normalisers
+
+  def packing_plan(self, sequences: records.Sequences, bucket_micro: bool):
+    """(plan, this host's packed rows per micro-batch, (micro-batches, slots per row)) of packing
+    this host's `sequences` into rows of config.micro_batch_tokens (`packing.plan_packing`); the
+    counts are the largest over the hosts, so every host runs the same shapes and calls, rounded
+    to powers of two (the micro-batch count only with `bucket_micro`: the update's scan length)."""
+    s = self.run_setup
+    rows = s.pack_rows // jax.process_count()
+    plan = packing.plan_packing(np.sum(sequences.attention_mask, axis=1), s.micro_batch_tokens, rows)
+    num_micro, slots = hosts.host_max(plan.num_micro), hosts.host_max(plan.max_slots)
+    return plan, rows, (packing.bucket(num_micro) if bucket_micro else num_micro, packing.bucket(slots))
 
   # ---- update ---------------------------------------------------------------------------
   def update(self, state: TrainState, batch: records.UpdateBatch, normalisers: objective.LossNormalisers,
@@ -193,12 +210,26 @@ class Trainer:
     """Token log-probs (rollout temperature) and z_c log-probs of this host's rows, micro-batch
     by micro-batch (each host gives its share of a micro-batch)."""
     n = sequences.tokens.shape[0]
+    if self.run_setup.micro_batch_tokens:
+      return self._packed_logprobs(params, sequences)
     mb = self.config.micro_batch_size // jax.process_count()
     outs = []
     for start in range(0, n, mb):
       piece = self.programs.place_logprob_batch(jax.tree.map(lambda v: v[start:start + mb], sequences))
       outs.append([hosts.local_rows(x) for x in self.programs.logprobs(params, piece)])
     return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
+
+  def _packed_logprobs(self, params, sequences: records.Sequences) -> tuple[np.ndarray, np.ndarray]:
+    """`logprobs` over packed rows (config.micro_batch_tokens), back in row order."""
+    plan, rows, (num_micro, slots) = self.packing_plan(sequences, bucket_micro=False)
+    packed, source = packing.pack_sequences(sequences, plan, num_micro, rows, self.run_setup.micro_batch_tokens,
+                                            slots)
+    outs = []
+    for m in range(num_micro):
+      piece = self.programs.place_logprob_batch(jax.tree.map(lambda v: v[m], packed))
+      outs.append([hosts.local_rows(x) for x in self.programs.logprobs(params, piece)])
+    n = sequences.tokens.shape[0]
+    return tuple(packing.row_values(np.stack([o[i] for o in outs]), source, n) for i in (0, 1))
 
   # ---- one RL step ----------------------------------------------------------------------
   def train_step(self, state: TrainState, prompts: list, ref_params=None) -> tuple[TrainState, dict]:
@@ -247,7 +278,7 @@ class Trainer:
         **terms,
         **{k: float(v) for k, v in rollout_stats.items()},
         "rollout/verifier_timeouts": int(hosts.total(roll.verified.num_timeouts)),
-        **rl_metrics.self_verification(vectors.scores, vectors.verifier_rewards, vectors.finished),
+        **rl_metrics.self_verification_finished(vectors.scores, vectors.verifier_rewards, vectors.finished),
         **{k: float(v) for k, v in jax.device_get(adv_metrics).items()},
         "perf/step_time_s": step_time,
         "perf/rollout_time_s": t_rollout,
@@ -312,9 +343,11 @@ class Trainer:
     keep = hosts.gather_rows(scored.sample.group_ids < num_real)
     rewards, scores = hosts.gather_rows(scored.rewards)[keep], hosts.gather_rows(scored.scores)[keep]
     finished = hosts.gather_rows(scored.finished)[keep]
-    verification = rl_metrics.self_verification(scores, rewards, finished)
+    # Named as `laser_jax.evaluate`'s summary names the same quantity, with `eval/` in front: the
+    # truncated responses have no score here, hence the finished-only self-verification figures.
+    verification = rl_metrics.self_verification_finished(scores, rewards, finished)
     return {
-        "eval/accuracy": float(np.mean(rewards)),
+        "eval/reward/mean": float(np.mean(rewards)),
         **{f"eval/{k}": v for k, v in verification.items()},
         "eval/truncated_frac": float(np.mean(~finished)),
         "eval/num_problems": len(self.task.eval_prompts),
@@ -330,6 +363,11 @@ def check_host_split(c: ml_collections.ConfigDict, updates_per_step: int):
     raise config_check.ConfigError(
         f"config.batch_size: {c.batch_size} prompts over {count} hosts must give each host a multiple "
         f"of the {updates_per_step} optimizer updates per step (config.mini_batch_size)")
+  data, fsdp, _ = config_check.mesh_shape(c, jax.device_count())
+  if c.micro_batch_tokens and (data * fsdp) % count:
+    raise config_check.ConfigError(
+        f"config.micro_batch_tokens: {c.micro_batch_tokens} packs one row per data-parallel shard, and "
+        f"mesh.data * mesh.fsdp = {data * fsdp} is not a multiple of the {count} hosts")
   for key, value in (("micro_batch_size", c.micro_batch_size), ("rollout.prompts_per_chunk", c.rollout.prompts_per_chunk)):
     if value % count:
       raise config_check.ConfigError(f"config.{key}: {value} is not a multiple of the {count} hosts")
@@ -414,8 +452,8 @@ def train(config: ml_collections.ConfigDict, *, max_steps: int | None = None,
         writer.write_samples(step, trainer.sample_rows(c.logging.num_samples))
       profiler.after_step(step)
       bar.update(1)
-      bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
-                      f1=f"{metrics['self_verification/f1']:.2f}", loss=f"{metrics['actor/loss']:.4f}")
+      bar.set_postfix(reward=f"{metrics['rollout/reward/mean']:.3f}",
+                      f1=f"{metrics['self_verification/f1_finished']:.2f}", loss=f"{metrics['actor/loss']:.4f}")
       if step % c.log_every == 0:
         line = f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         if bar.disable:

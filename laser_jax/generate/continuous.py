@@ -1,0 +1,212 @@
+"""Continuous batching: a fixed number of decode slots, a finished row's slot taking the next row.
+
+The static sampler decodes every row of a call until the longest one is done, so one long
+response keeps every finished row decoding padding. Here one compiled decode program runs
+`SamplingParams.decode_slots` slots; each step first refills the slots whose row is done with the
+next queued rows (on device, inside the `lax.while_loop`, only in steps where a slot is free),
+then runs one decode step for every slot. A call's cost follows the sum of response lengths over
+the slot count, not rows x longest. The design is JetStream's prefill / insert / generate over
+decode slots, with the insert done in the loop (no host round trip per refill).
+
+Per-row results equal the static sampler's: the prefill is the static one (every distinct prompt
+once, its first tokens drawn for all its rows), a row keeps the static cache layout in its slot
+(prompt in slots [0, P), its t-th token's key/value in slot P + t - 1: per-slot positions and a
+per-slot cache write index), the step attends over every cache chunk (the masked ones add exact
+zeros) and row r draws token t with key fold_in(fold_in(call key, r), t) whatever slot runs it.
+
+Programs (public on `Sampler`, so that `laser_jax.aot` compiles exactly these):
+  `continuous_prefill(params, prompt_tokens, prompt_mask, row_valid, rng, *, sampling)` -> state
+  `continuous_decode(params, state, *, sampling, prompt_len)` -> state (donated)
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from laser_jax.generate import draw
+from laser_jax.generate.sampling import SamplingParams
+from laser_jax.models import model as model_lib
+
+
+class ContinuousState(NamedTuple):
+  """The while_loop carry. S slots, N rows of the call, P distinct prompts, R = max_new_tokens."""
+  # Per row: the outputs, in the static sampler's [N, R+1] layout (see `sampler.SamplingState`).
+  tokens: jax.Array        # [N, R+1] int32
+  logprobs: jax.Array      # [N, R+1] float32
+  finished: jax.Array      # [N] bool
+  self_reward: jax.Array   # [N] float32, NaN until read
+  # The queue: rows that need decode steps, in row order; rows [next_row, num_queued) wait.
+  queue: jax.Array         # [N] int32 row ids
+  num_queued: jax.Array    # int32
+  next_row: jax.Array      # int32
+  # Per slot: its row (N = none yet) and that row's decode state.
+  slot_row: jax.Array      # [S] int32
+  slot_step: jax.Array     # [S] int32 tokens the row has generated = column its next step writes
+  last_token: jax.Array    # [S] int32
+  next_pos: jax.Array      # [S] int32
+  active: jax.Array        # [S] bool
+  pending: jax.Array       # [S] bool EOS emitted, score read in the next step
+  steps: jax.Array         # int32 decode steps run (one step = all slots)
+  rng: jax.Array           # the call's key
+  prompt_length: jax.Array  # [P] int32 real tokens of each prompt (the first decode position)
+  prompt_cache: Any        # the prefilled prompts' cache, P rows, chunk lengths (prompt_len,)
+  cache: Any               # the slots' cache, S rows, chunk lengths (prompt_len,) + decode chunks
+
+
+def check_slots(sampler, sampling: SamplingParams) -> None:
+  """Continuous batching needs an insert_fn and a slot count that divides over the batch axes."""
+  if sampling.decode_slots and sampler.insert_fn is None:
+    raise ValueError("decode_slots > 0 needs a Sampler built with insert_fn (continuous batching)")
+  if sampling.decode_slots % sampler.data_parallel_size:
+    raise ValueError(f"decode_slots={sampling.decode_slots} does not divide over the mesh's batch axes "
+                     f"(data x fsdp = {sampler.data_parallel_size})")
+
+
+def constrain(sampler, state: ContinuousState) -> ContinuousState:
+  """Slots, rows and both caches sharded over the sampler mesh's batch axes."""
+  if sampler.mesh is None:
+    return state
+  def batch(x):
+    return jax.lax.with_sharding_constraint(x, NamedSharding(sampler.mesh, sampler._batch_spec(x.ndim)))
+  caches = {}
+  if sampler.cache_sharding_fn is not None:
+    caches = {f: jax.lax.with_sharding_constraint(getattr(state, f), sampler.cache_sharding_fn(getattr(state, f)))
+              for f in ("cache", "prompt_cache")}
+  scalars = ("num_queued", "next_row", "steps", "rng", "cache", "prompt_cache")
+  fields = {f: batch(getattr(state, f)) for f in ContinuousState._fields if f not in scalars}
+  return state._replace(**caches, **fields)
+
+
+def insert_kv_cache(slots: model_lib.KVCache, prompts: model_lib.KVCache, take: jax.Array,
+                    prompt_of_slot: jax.Array) -> model_lib.KVCache:
+  """The slots' cache with slot s (where take[s]) holding prompt prompt_of_slot[s]'s prefill in
+  its prompt chunk and no valid decode slot (the previous row's keys stay but are masked)."""
+  def put(slot_leaf, prompt_leaf):
+    new = jnp.take(prompt_leaf, prompt_of_slot, axis=0)
+    return jnp.where(take.reshape((-1,) + (1,) * (new.ndim - 1)), new, slot_leaf)
+  k = tuple((put(s[0], p[0]),) + tuple(s[1:]) for s, p in zip(slots.k, prompts.k))
+  v = tuple((put(s[0], p[0]),) + tuple(s[1:]) for s, p in zip(slots.v, prompts.v))
+  decode_len = slots.mask.shape[1] - prompts.mask.shape[1]
+  fresh = jnp.concatenate([jnp.take(prompts.mask, prompt_of_slot, axis=0),
+                           jnp.zeros((take.shape[0], decode_len), bool)], axis=1)
+  return model_lib.KVCache(k, v, jnp.where(take[:, None], fresh, slots.mask))
+
+
+def prefill(sampler, params, prompt_tokens, prompt_mask, row_valid, rng, *, sampling: SamplingParams
+            ) -> ContinuousState:
+  """The static prefill (each distinct prompt once, first tokens of all rows), into a prompt
+  cache; the slots start empty."""
+  sampler.num_traces += 1
+  num_prompts, prompt_len = prompt_tokens.shape
+  rows = row_valid.shape[0]
+  slots, max_new = sampling.decode_slots, sampling.max_new_tokens
+  prompt_cache = sampler.init_cache_fn(num_prompts, (prompt_len,))
+  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0).astype(jnp.int32)
+  logits, prompt_cache = sampler.decode_fn(params, prompt_tokens, positions, prompt_mask, prompt_cache,
+                                           jnp.int32(0), 0)
+  logits = jnp.repeat(logits[:, -1], rows // num_prompts, axis=0).astype(jnp.float32)
+  keys = draw.step_keys(draw.row_keys(rng, jnp.arange(rows)), jnp.zeros((rows,), jnp.int32))
+  first, first_lp, _ = draw.choose_tokens(logits, keys, sampling)
+  first = jnp.where(row_valid, first, sampling.pad_id)
+  is_eos = draw.is_eos(first, sampling.eos_ids) & row_valid
+  needs_decode = (row_valid & ~is_eos & (max_new > 1)) | (is_eos & (sampling.self_reward_token_id is not None))
+  pad_col = jnp.full((rows, max_new + 1), sampling.pad_id, jnp.int32)
+  state = ContinuousState(
+      tokens=pad_col.at[:, 0].set(first),
+      logprobs=jnp.zeros((rows, max_new + 1), jnp.float32).at[:, 0].set(jnp.where(row_valid, first_lp, 0.0)),
+      finished=is_eos,
+      self_reward=jnp.full((rows,), jnp.nan, jnp.float32),
+      queue=jnp.argsort(~needs_decode, stable=True).astype(jnp.int32),
+      num_queued=jnp.sum(needs_decode).astype(jnp.int32),
+      next_row=jnp.int32(0),
+      slot_row=jnp.full((slots,), rows, jnp.int32),
+      slot_step=jnp.zeros((slots,), jnp.int32),
+      last_token=jnp.full((slots,), sampling.pad_id, jnp.int32),
+      next_pos=jnp.zeros((slots,), jnp.int32),
+      active=jnp.zeros((slots,), bool),
+      pending=jnp.zeros((slots,), bool),
+      steps=jnp.int32(0),
+      rng=rng,
+      prompt_length=jnp.sum(prompt_mask, axis=-1).astype(jnp.int32),
+      prompt_cache=prompt_cache,
+      cache=sampler.init_cache_fn(slots, (prompt_len,) + sampling.decode_chunk_lengths),
+  )
+  return constrain(sampler, state)
+
+
+def _refill(sampler, s: ContinuousState, sampling: SamplingParams) -> ContinuousState:
+  """Gives each free slot (in slot order) the next queued row (in row order)."""
+  rows = s.tokens.shape[0]
+  repeats = rows // s.prompt_length.shape[0]
+  free = ~(s.active | s.pending)
+  index = s.next_row + jnp.cumsum(free) - 1
+  take = free & (index < s.num_queued)
+  row = jnp.where(take, s.queue[jnp.minimum(index, rows - 1)], s.slot_row)
+  prompt = jnp.minimum(row, rows - 1) // repeats
+  first = s.tokens[jnp.minimum(row, rows - 1), 0]
+  is_eos = draw.is_eos(first, sampling.eos_ids)
+  return s._replace(
+      next_row=s.next_row + jnp.sum(take).astype(jnp.int32),
+      slot_row=row,
+      slot_step=jnp.where(take, 1, s.slot_step),
+      last_token=jnp.where(take, first, s.last_token),
+      next_pos=jnp.where(take, s.prompt_length[prompt], s.next_pos),
+      active=jnp.where(take, ~is_eos & (sampling.max_new_tokens > 1), s.active),
+      pending=jnp.where(take, is_eos & (sampling.self_reward_token_id is not None), s.pending),
+      cache=sampler.insert_fn(s.cache, s.prompt_cache, take, prompt))
+
+
+def _step(sampler, params, s: ContinuousState, sampling: SamplingParams, prompt_len: int) -> ContinuousState:
+  """One decode step of every slot: the static sampler's step, per slot, written to its row."""
+  rows = s.tokens.shape[0]
+  max_new, z_c = sampling.max_new_tokens, sampling.self_reward_token_id
+  consumes = s.active | s.pending
+  write_index = prompt_len + jnp.clip(s.slot_step - 1, 0, max_new - 1)  # each slot's own cache slot
+  last_chunk = len(sampling.decode_chunk_lengths)
+  logits, cache = sampler.decode_fn(params, s.last_token[:, None], s.next_pos[:, None], consumes[:, None],
+                                    s.cache, write_index, last_chunk)
+  logits = logits[:, 0].astype(jnp.float32)
+  keys = draw.step_keys(draw.row_keys(s.rng, s.slot_row), s.slot_step)
+  new, new_lp, lse = draw.choose_tokens(logits, keys, sampling)
+  self_reward = s.self_reward
+  if z_c is not None:
+    if sampling.logprob_temperature == 1.0:
+      score = logits[:, z_c] - lse
+    else:
+      score = jax.lax.cond(jnp.any(s.pending), lambda: draw.token_logprob_t1(logits, z_c),
+                           lambda: jnp.full(s.pending.shape, jnp.nan, jnp.float32))
+    self_reward = self_reward.at[jnp.where(s.pending, s.slot_row, rows)].set(score, mode="drop")
+  new = jnp.where(s.active, new, sampling.pad_id)
+  is_eos = draw.is_eos(new, sampling.eos_ids) & s.active
+  writes = jnp.where(s.active, s.slot_row, rows)  # row N: dropped
+  return s._replace(
+      tokens=s.tokens.at[writes, s.slot_step].set(new, mode="drop"),
+      logprobs=s.logprobs.at[writes, s.slot_step].set(new_lp, mode="drop"),
+      finished=s.finished.at[jnp.where(is_eos, s.slot_row, rows)].set(True, mode="drop"),
+      self_reward=self_reward,
+      slot_step=s.slot_step + 1,
+      last_token=new,
+      next_pos=s.next_pos + 1,
+      active=s.active & ~is_eos & (s.slot_step + 1 < max_new),
+      pending=is_eos & (z_c is not None),
+      steps=s.steps + 1,
+      cache=cache)
+
+
+def decode(sampler, params, state: ContinuousState, *, sampling: SamplingParams, prompt_len: int
+           ) -> ContinuousState:
+  """Refill and step until the queue is empty and every slot is done (one while_loop)."""
+  sampler.num_traces += 1
+
+  def cond(s: ContinuousState):
+    return (s.next_row < s.num_queued) | jnp.any(s.active | s.pending)
+
+  def body(s: ContinuousState):
+    refill = jnp.any(~(s.active | s.pending)) & (s.next_row < s.num_queued)
+    s = jax.lax.cond(refill, lambda: _refill(sampler, s, sampling), lambda: s)
+    return constrain(sampler, _step(sampler, params, s, sampling, prompt_len))
+
+  return jax.lax.while_loop(cond, body, state)
