@@ -14,6 +14,8 @@ import numpy as np
 import optax
 import pytest
 
+import test_programs
+
 from laser_jax.generate import sampling
 from laser_jax.models import attention as attention_lib
 from laser_jax.models import model as model_lib
@@ -142,12 +144,7 @@ def test_packed_update_equals_the_padded_objective_and_one_optimizer_step(agg_mo
   step by hand."""
   loss_cfg = objective.LossConfig(agg_mode=agg_mode, max_response_length=R, loss_coef=0.5, kl_coef=0.2,
                                   ref_constant=-4.0, kl_loss_coef=0.1)
-  statics = programs.StepStatics(model_cfg=CFG, loss_cfg=loss_cfg, temperature=0.7,
-                                 self_reward_token_id=ZC, logprob_chunk=0)
-  optimizer = optax.sgd(0.1)
-  params = model_lib.init_params(CFG, jax.random.key(0))
-  state = programs.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                              rng=jnp.zeros(2, jnp.uint32), skipped_updates=jnp.int32(0))
+  statics, optimizer, params, state = test_programs.sgd_setup(loss_cfg, temperature=0.7, cfg=CFG, zc=ZC)
   batch = long_tailed_rows(np.random.default_rng(3), 12)
   normalisers = objective.loss_normalisers(loss_cfg, batch.response_mask)
   packed = packed_batch(batch, row_tokens=24, rows=2)

@@ -42,15 +42,22 @@ def update_batch(rng: np.random.Generator) -> records.UpdateBatch:
   return jax.tree.map(lambda x: jnp.asarray(x).reshape((NUM_MICRO, MICRO) + x.shape[1:]), batch)
 
 
+def sgd_setup(loss_cfg: objective.LossConfig, temperature: float, cfg=CFG, zc: int = ZC):
+  """(statics, SGD(0.1), params, train state) of a tiny model: an update step whose one optimizer
+  step is easy to apply by hand (tests/test_packing.py uses it too)."""
+  statics = programs.StepStatics(model_cfg=cfg, loss_cfg=loss_cfg, temperature=temperature,
+                                 self_reward_token_id=zc, logprob_chunk=0)
+  optimizer = optax.sgd(0.1)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  state = programs.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+                              rng=jnp.zeros(2, jnp.uint32), skipped_updates=jnp.int32(0))
+  return statics, optimizer, params, state
+
+
 @pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batched_update_equals_the_whole_batch_objective_and_one_optimizer_step(agg_mode):
   loss_cfg = objective.LossConfig(agg_mode=agg_mode, loss_coef=0.5, kl_coef=0.2, ref_constant=-4.0)
-  statics = programs.StepStatics(model_cfg=CFG, loss_cfg=loss_cfg, temperature=1.0,
-                                 self_reward_token_id=ZC, logprob_chunk=0)
-  optimizer = optax.sgd(0.1)
-  params = model_lib.init_params(CFG, jax.random.key(0))
-  state = programs.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                              rng=jnp.zeros(2, jnp.uint32), skipped_updates=jnp.int32(0))
+  statics, optimizer, params, state = sgd_setup(loss_cfg, temperature=1.0)
   batch = update_batch(np.random.default_rng(0))
   whole = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
   normalisers = objective.loss_normalisers(loss_cfg, whole.response_mask)

@@ -16,6 +16,10 @@ Parameters are the plain nested dict `variables["params"]` of the linen module, 
   lm_head/kernel [H, V] (untied heads only)
 Kernels are stored [in, out] (the transpose of torch's nn.Linear weight). The decoder's config is
 `config.ModelConfig`; its attention implementations are in `attention`.
+
+Over 400 lines on purpose: the training forward (packed rows too), the cached decode (one write
+index, or one per slot for continuous batching) and the layer-scanned forward are one module tree
+over one parameter layout; splitting them would split the layers they share.
 """
 from __future__ import annotations
 
