@@ -258,6 +258,41 @@ def test_rollout_layout_takes_the_weight_gathers_out_of_the_decode_loop(monkeypa
   assert decode[4]["roofline_s"] < decode[0]["roofline_s"] / 2
 
 
+def test_continuous_rollout_compiles_its_slot_programs_for_a_v4_8(monkeypatch):
+  """rollout.decode_slots > 0: the report compiles `Sampler.continuous_prefill` / `continuous_decode`
+  (not the static pair), counts the decode loop at `estimate.continuous_decode_steps` with every
+  row at the budget, and sizes a slot by its KV cache."""
+  _libtpu_or_skip()
+  import dataclasses
+  from laser_jax.models import presets
+  cfg = dataclasses.replace(presets.PRESETS["qwen2.5-0.5b"], num_layers=2)
+  monkeypatch.setitem(presets.PRESETS, "qwen2.5-0.5b", cfg)
+  c = _small_config()
+  c.rollout.decode_slots = 8
+  report = report_lib.compile_step(c, topology_lib.parse_topology("v4-8"), log=lambda _: None,
+                                   groups=("rollout",))
+  programs = report["programs"]
+  assert [p["name"] for p in programs] == ["rollout prefill", "rollout decode"]
+  assert [p["decode_slots"] for p in programs] == [8, 8]
+  assert report["fits"] and "rollout decode (continuous, 8 slots)" in report_lib.format_report(report)
+  decode = programs[1]
+  # A call: 4 prompts x n=4 = 16 rows on 8 slots, each row 128 steps: two rounds.
+  assert decode["decode_steps"] == 2 * 128
+  # Per slot on its chip (8 slots over data = 4): a bf16 KV cache of 2 layers x K and V x 2 KV
+  # heads x 64 x (64 prompt + 128 response) positions, its bool mask, and six int32 / bool
+  # per-slot fields (row, step, last token, position; active, pending).
+  kv = 2 * 2 * cfg.num_kv_heads * cfg.head_dim * (64 + 128) * 2
+  slot = report["rollout_decode"]
+  assert slot["continuous"] and (slot["rows"], slot["call_rows"], slot["steps"]) == (8, 16, 256)
+  assert slot["row_bytes"] == kv + (64 + 128) + 4 * 4 + 2
+  # The slots' cache is an argument of the decode program (2 slots per chip) besides the weights.
+  assert decode["argument_bytes"] > 2 * kv
+  # Its FLOPs: 256 steps of 8 slots through the 2-layer model (2 per weight and token; the
+  # tied head and the attention over the cache on top), over 4 chips.
+  weights = 2 * 256 * 8 * cfg.num_params() / 4
+  assert 0.9 * weights < decode["flops"] < 1.3 * weights
+
+
 _SLICING_HLO = """HloModule m
 
 %fused (param_0: f32[1024,256], param_1: s32[], param_2: f32[8,256]) -> f32[8,256] {
@@ -499,6 +534,24 @@ def test_expected_step_at_the_budget_is_the_worst_case_and_real_lengths_cost_les
   assert e["packed_tokens"] == 2 * 2 * 107 and e["update_s"] == pytest.approx(4.0 * 428 / (16 * 107))
   assert e["useful_tokens"] == 106 + 15 * 16
   assert e["update_useful_mfu"] == pytest.approx(6 * 1000 * e["useful_tokens"] / (e["update_s"] * 1e6))
+
+
+def test_expected_step_from_a_compiled_continuous_loop_scales_its_slot_step():
+  """The report compiled the continuous programs: the decode figures are the 4 slots' (fill 1),
+  100 steps of 1.0 s HBM-bound; a call has 8 rows."""
+  shape = estimate_lib.StepShape(rows=8, rows_per_call=8, prompt_tokens=6, seq_len=107, update_shards=2,
+                                 num_params=1000, logprob_forwards=1, peak_flops=1e6)
+  d = _decode_program(rows=4, kv_fill=1.0, call_rows=8, continuous=True)
+  # At its own slot count the step is the compiled one: 1.0 s / 100 steps.
+  assert estimate_lib.slot_step_s(d, 4) == pytest.approx(0.01)
+  lengths = np.array([50, 10, 10, 10, 10, 10, 10, 10])
+  e = estimate_lib.expected_step(shape, lengths, d, slots=4, micro_batch_tokens=0, prefill_s=0.0,
+                                 logprobs_s=0.0, update_s=1.0)
+  assert e["decode_steps"] == 50 and e["decode_s"] == pytest.approx(0.5)
+  # The static call of 8 rows runs 50 steps of 8 rows: 1000 + 4 x 100 bytes per chip against the
+  # compiled 1000 + 2 x 100.
+  assert e["static_decode_steps"] == 50
+  assert e["static_decode_s"] == pytest.approx(50 * 0.01 * 1400 / 1200)
 
 
 def test_config_validation_names_an_empty_response_lengths_key():

@@ -94,7 +94,7 @@ def test_output_rows_have_all_fields_and_consistent_values(run_output, ckpt):
   finished_count = 0
   for r in rows:
     for key in ("responses", "pred_answers", "acc_list", "self_rewarding_scores", "self_rewarding_logprobs",
-                "response_token_ids", "stop_token_ids", "score_after_truncation"):
+                "response_token_ids", "stop_token_ids", "score_after_truncation", "mean_token_logprobs"):
       assert len(r[key]) == N, key
     assert prompts_lib.INSTRUCTION in r["prompt"] and r["problem"] in r["prompt"]
     assert r["prompt_token_ids"] == tok(r["prompt"], add_special_tokens=False)["input_ids"]
@@ -125,15 +125,21 @@ def test_self_reward_logprobs_match_transformers_forward(run_output, ckpt):
   model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
   checked = {"finished": 0, "truncated": 0}
   for r in rows:
-    for ids, stop, lp in zip(r["response_token_ids"], r["stop_token_ids"], r["self_rewarding_logprobs"]):
+    for ids, stop, lp, mean_lp in zip(r["response_token_ids"], r["stop_token_ids"], r["self_rewarding_logprobs"],
+                                      r["mean_token_logprobs"]):
       kind = "finished" if stop is not None else "truncated"
       if checked[kind] >= 4:
         continue
       seq = torch.tensor([r["prompt_token_ids"] + ids + [hf_fixtures.EOS_ID if stop is None else stop]])
       with torch.no_grad():
-        logits = model(seq).logits[0, -1].double()
-      ref = torch.log_softmax(logits, -1)[hf_fixtures.ZC_ID].item()
+        all_logprobs = torch.log_softmax(model(seq).logits[0].double(), -1)
+      ref = all_logprobs[-1, hf_fixtures.ZC_ID].item()
       assert lp == pytest.approx(ref, abs=1e-4), kind
+      # The likelihood baseline's signal (temperature 1): the mean token log-prob of the response,
+      # its EOS included when it emitted one (not the EOS appended for the score).
+      targets = seq[0, len(r["prompt_token_ids"]):len(r["prompt_token_ids"]) + len(ids) + (stop is not None)]
+      token_logprobs = all_logprobs[len(r["prompt_token_ids"]) - 1:-1][torch.arange(len(targets)), targets]
+      assert mean_lp == pytest.approx(token_logprobs.mean().item(), abs=1e-4), kind
       checked[kind] += 1
   assert checked == {"finished": 4, "truncated": 4}
 
@@ -214,25 +220,47 @@ def reference_metrics(rows, threshold, num_bootstrap, seed):
   lps = np.array([[np.nan if s is None else s for s in r["self_rewarding_logprobs"]] for r in rows])
   out["z_logprob/mean"] = np.nanmean(lps)
   out["z_logprob/std"] = np.nanstd(lps)
+  # Within a problem: pairwise AUROC over its scored responses (ties 1/2), problems with both classes.
+  within = []
+  for a_row, s_row in zip(acc, scores):
+    pos = [s for a, s in zip(a_row, s_row) if a > 0.5 and not np.isnan(s)]
+    neg = [s for a, s in zip(a_row, s_row) if a <= 0.5 and not np.isnan(s)]
+    if pos and neg:
+      within.append(np.mean([1.0 if x > y else 0.5 if x == y else 0.0 for x in pos for y in neg]))
+  out["self_verification/within_auroc"] = np.mean(within) if within else np.nan
+  out["self_verification/within_auroc_problems"] = len(within)
+  out["reward/variance_explained_by_problem"] = acc.mean(1).var() / acc.var() if acc.var() > 0 else np.nan
+  if all("responses" in r for r in rows):
+    for name, pick in (("correct", lambda a: a > 0.5), ("incorrect", lambda a: a <= 0.5)):
+      texts = [(i, t) for i, r in enumerate(rows) for t, a in zip(r["responses"], r["acc_list"]) if pick(a)]
+      out[f"distinct_frac/{name}"] = len(set(texts)) / len(texts) if texts else np.nan
   ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
   rng = np.random.default_rng(seed)
   sums = defaultdict(float)
+  # The likelihood baselines: exp(mean token log-prob) weights, the highest mean token log-prob.
+  with_likelihood = all("mean_token_logprobs" in r for r in rows)
+  names = ("maj", "self_weighted_maj", "best") + (("likelihood_weighted_maj", "best_by_likelihood")
+                                                  if with_likelihood else ())
   for p, r in enumerate(rows):
     answers = [_canon(a) for a in r["pred_answers"]]
     order = {a: i for i, a in reversed(list(enumerate(answers)))}  # first appearance
     for k in ks:
       draws = rng.integers(n, size=(num_bootstrap, k))
-      for name in ("maj", "self_weighted_maj", "best"):
+      for name in names:
         total = 0.0
         for d in draws:
-          if name == "best":
-            s = [-math.inf if np.isnan(scores[p, j]) else scores[p, j] for j in d]
+          if name in ("best", "best_by_likelihood"):
+            s = [-math.inf if np.isnan(scores[p, j]) else scores[p, j] for j in d] if name == "best" \
+                else [r["mean_token_logprobs"][j] for j in d]
             total += acc[p, d[int(np.argmax(s))]]
             continue
           tally = {}
           for j in d:
             if answers[j] is not None:
-              w = 1.0 if name == "maj" else (0.0 if np.isnan(scores[p, j]) else scores[p, j])
+              # Self-reward weights are max(r_s, 0), no score 0 (README "Evaluation").
+              w = (1.0 if name == "maj" else math.exp(r["mean_token_logprobs"][j])
+                   if name == "likelihood_weighted_maj" else
+                   0.0 if np.isnan(scores[p, j]) else max(scores[p, j], 0.0))
               tally[answers[j]] = tally.get(answers[j], 0.0) + w
           if tally:
             best = max(tally.values())

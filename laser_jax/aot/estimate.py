@@ -16,7 +16,10 @@ roofline times to a step whose responses have the lengths of `lengths.ResponseLe
     the static step's scaled by (weights + slots x row bytes) / (weights + rows x row bytes x
     fill), the static loop's KV reads being `fill` of the cache (its decode segments: the
     prompt plus half the response on average) and the continuous loop's the whole cache window
-    of every slot (it attends over every chunk). `slot_step_s`.
+    of every slot (it attends over every chunk). `slot_step_s`. When the report compiled the
+    continuous programs themselves (`DecodeProgram.continuous`: `rows` are the slots, fill 1),
+    the step scaled from is the compiled one, and the static figures (`static_decode_s`) are
+    that step scaled to the call's rows.
   * Prefill: the same prompts are prefilled either way: the worst case's time.
   * Old / reference log-probs and the update, packed (`config.micro_batch_tokens` > 0): the
     sequences (prompt bucket + response tokens; prompts are counted at their bucket, an upper
@@ -82,6 +85,8 @@ class DecodeProgram:
   weight_bytes: float  # this chip's rollout weights
   row_bytes: float  # this chip's bytes of one row's sampling state (KV cache + buffers)
   kv_fill: float  # mean fraction of the cache a static step reads (decode segments)
+  call_rows: int = 0  # rows of the sampler call (0: `rows`); a continuous program's `rows` are its slots
+  continuous: bool = False  # compiled as continuous batching: `rows` slots, every step reads the whole cache
 
 
 def slot_step_s(decode: DecodeProgram, slots: int) -> float:
@@ -127,7 +132,10 @@ def expected_step(shape: StepShape, response_tokens: np.ndarray, decode: DecodeP
   packed = (packed_tokens(shape.prompt_tokens + response_tokens, micro_batch_tokens, shape.update_shards)
             if micro_batch_tokens else padded)
   static_steps = static_decode_steps(response_tokens, shape.rows_per_call)
-  static_step_s = max(decode.compute_s, decode.hbm_s, decode.ici_s) / decode.steps
+  if decode.continuous:  # no static loop compiled: a step of all the call's rows, scaled from the slots'
+    static_step_s = slot_step_s(decode, shape.rows_per_call)
+  else:
+    static_step_s = max(decode.compute_s, decode.hbm_s, decode.ici_s) / decode.steps
   if slots:
     calls = range(0, len(response_tokens), shape.rows_per_call)
     steps = sum(continuous_decode_steps(response_tokens[i:i + shape.rows_per_call], slots, refill_every)

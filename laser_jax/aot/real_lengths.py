@@ -52,7 +52,7 @@ def expected(c, setup: run_setup_lib.RunSetup, tpu: topology.Slice, reports: lis
     return {}
   step_total = lambda name: by_name[name].roofline_s * by_name[name].calls_per_step
   shape = estimate_lib.StepShape(
-      rows=setup.rows_per_update * setup.updates_per_step, rows_per_call=decode.rows,
+      rows=setup.rows_per_update * setup.updates_per_step, rows_per_call=decode.call_rows or decode.rows,
       prompt_tokens=setup.prompt_bucket, seq_len=setup.seq_len, update_shards=setup.pack_rows,
       num_params=setup.model_cfg.num_params(), logprob_forwards=setup.logprob_forwards,
       peak_flops=tpu.chip.peak_flops * tpu.num_chips)
@@ -101,10 +101,10 @@ def format_expected(report: dict) -> list[str]:
            "useful-token MFU | update useful-token MFU |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   useful_worst = report["expected"]["useful_tokens"]
-  worst_steps = int(next(p["calls_per_step"] for p in report["programs"] if p["name"] == "rollout decode")
-                    * lengths["budget"])
+  decode = next(p for p in report["programs"] if p["name"] == "rollout decode")
+  worst_steps = int(decode["calls_per_step"] * (decode["decode_steps"] or lengths["budget"]))
   update_mfu_worst = report["expected"]["update_useful_mfu"] * report["expected"]["update_s"] / worst["update_s"]
-  lines.append(f"| worst case (every row at the budget) | static | {worst_steps} | "
+  lines.append(f"| worst case (every row at the budget) | {decode['decode_slots'] or 'static'} | {worst_steps} | "
                f"{worst['rollout_s']:.1f} | {worst['update_s']:.1f} | {worst['step_s']:.1f} | 100 | "
                f"{100 * worst['mfu'] * useful_worst / report['expected']['padded_tokens']:.1f} | "
                f"{100 * update_mfu_worst:.1f} |")

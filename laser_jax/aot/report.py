@@ -29,7 +29,9 @@ How the counts are made (`cost_model.jaxpr_flops` and `cost_model.hlo_costs`):
   * Collective bytes: the data moved by each all-gather / all-reduce / reduce-scatter /
     all-to-all / collective-permute per chip, loops multiplied out.
   * Decode loops end when every row is done; they are counted at their worst case, every row
-    generating `max_new_tokens` tokens.
+    generating `max_new_tokens` tokens. With `rollout.decode_slots` > 0 the sampler programs are
+    the continuous-batching ones (`Sampler.continuous_prefill` / `continuous_decode`), the decode
+    loop counted at `estimate.continuous_decode_steps` of the call's rows at that length.
 Beside that worst case: the fit counting the training state resident during every program
 (`ProgramReport.resident_bytes`), the most decode slots that fit next to it, and the step at
 real response lengths (`config.aot.response_lengths`, `laser_jax.aot.lengths`), scaled from
@@ -94,6 +96,11 @@ class ProgramReport:
   # The training state (f32 params + Adam moments, the reference weights when a term reads them)
   # resident on the chip while this program runs and not among its arguments.
   resident_bytes: float = 0.0
+  # Sampler programs: the continuous-batching slots (0: the static sampler), and for a decode
+  # loop the steps its costs are multiplied by (static: max_new_tokens; continuous:
+  # `estimate.continuous_decode_steps` with every row at the budget).
+  decode_slots: int = 0
+  decode_steps: int = 0
 
   def _times(self) -> dict:
     times = {"compute": self.compute_s, "HBM": self.hbm_s, "ICI": self.ici_s}
@@ -194,6 +201,9 @@ def _report(name, traced, calls, chip: topology.Chip, num_chips: int, loop_trips
 def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, prompt_len: int, prefix: str,
                       calls: float, chip, num_chips, log) -> tuple[list[ProgramReport], estimate_lib.DecodeProgram]:
   """(the prefill and decode reports, the decode loop's figures for `estimate`) of one call."""
+  if sampling.decode_slots:
+    return _continuous_programs(programs, abstract_params, sampling, num_prompts, prompt_len, prefix, calls,
+                                chip, num_chips, log)
   sampler = programs.sampler
   args = sampler.abstract_prefill_args(abstract_params, num_prompts, prompt_len, sampling)
   prefill = sampler.prefill.trace(*args, sampling=sampling)
@@ -210,6 +220,7 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
       f"{len(sampling.decode_chunk_lengths)} loops)")
   decode_report = _report(f"{prefix} decode", decode, calls, chip, num_chips,
                           loop_trips=sampling.decode_chunk_lengths)[0]
+  decode_report.decode_steps = sampling.max_new_tokens
   # Its HBM-bandwidth floor: every step reads this chip's weights and the KV cache written so
   # far (with decode segments, attention reads the chunks written so far: the prompt plus half
   # the response on average).
@@ -224,8 +235,47 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
   decode = estimate_lib.DecodeProgram(
       steps=sampling.max_new_tokens, rows=rows, data_parallel=rows // rows_per_chip,
       compute_s=decode_report.compute_s, hbm_s=decode_report.hbm_s, ici_s=decode_report.ici_s,
-      weight_bytes=weights, row_bytes=row_bytes, kv_fill=average_fill)
+      weight_bytes=weights, row_bytes=row_bytes, kv_fill=average_fill, call_rows=rows)
   return [report, decode_report], decode
+
+
+def _continuous_programs(programs, abstract_params, sampling, num_prompts: int, prompt_len: int, prefix: str,
+                         calls: float, chip, num_chips, log) -> tuple[list[ProgramReport], estimate_lib.DecodeProgram]:
+  """`_sampler_programs` for continuous batching (`sampling.decode_slots` > 0): compiles
+  `Sampler.continuous_prefill` and `Sampler.continuous_decode`. The decode is one while_loop of
+  refill + step over the slots; its costs are multiplied by `estimate.continuous_decode_steps`
+  with every row of the call at the budget (the worst case, as the static loop's). A refill
+  (a `lax.cond`) is counted as not taken: HBM bytes are a lower bound by the refills' cache
+  copies. The decode figures for `estimate` are per slot: `rows` = the slots, `row_bytes` a
+  slot's KV cache + per-slot state, `kv_fill` 1 (every step attends over the whole cache)."""
+  sampler = programs.sampler
+  args, _ = sampler.abstract_continuous_args(abstract_params, num_prompts, prompt_len, sampling)
+  slots = sampling.decode_slots
+  log(f"compiling {prefix} prefill (continuous, {num_prompts} prompts x n={sampling.n}, {prompt_len} prompt tokens)")
+  prefill = sampler.continuous_prefill.trace(*args, sampling=sampling)
+  report, compiled = _report(f"{prefix} prefill", prefill, calls, chip, num_chips)
+  if compiled is None:
+    raise RuntimeError(f"{prefix} prefill does not fit: {report.error}")
+  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       sampler.continuous_prefill.eval_shape(*args, sampling=sampling), compiled.output_shardings)
+  rows = args[3].shape[0]  # row_valid: [rows]
+  steps = estimate_lib.continuous_decode_steps(np.full(rows, sampling.max_new_tokens), slots)
+  log(f"compiling {prefix} decode (continuous, {slots} slots, {rows} rows: {steps} steps at the budget)")
+  decode = sampler.continuous_decode.trace(abstract_params, state, sampling=sampling, prompt_len=prompt_len)
+  decode_report = _report(f"{prefix} decode", decode, calls, chip, num_chips, loop_trips=(steps,))[0]
+  report.decode_slots = decode_report.decode_slots = slots
+  decode_report.decode_steps = steps
+  weights = sum(cost_model.shard_bytes(p) for p in jax.tree.leaves(abstract_params))
+  cache = sum(cost_model.shard_bytes(x) for x in jax.tree.leaves(state.cache))
+  decode_report.ideal_hbm_s = steps * (weights + cache) / chip.hbm_bandwidth
+  slots_per_chip = state.slot_row.sharding.shard_shape(state.slot_row.shape)[0]
+  per_slot = (state.slot_row, state.slot_step, state.last_token, state.next_pos, state.active, state.pending)
+  slot_bytes = (cache + sum(cost_model.shard_bytes(x) for x in per_slot)) / slots_per_chip
+  decode_program = estimate_lib.DecodeProgram(
+      steps=steps, rows=slots, data_parallel=slots // slots_per_chip, compute_s=decode_report.compute_s,
+      hbm_s=decode_report.hbm_s, ici_s=decode_report.ici_s, weight_bytes=weights, row_bytes=slot_bytes,
+      kv_fill=1.0, call_rows=rows, continuous=True)
+  return [report, decode_report], decode_program
 
 
 PROGRAM_GROUPS = ("rollout", "eval", "logprobs", "update")
@@ -288,6 +338,8 @@ def compile_step(config, tpu: topology.Slice, devices=None, log=print,
   report["program_groups"] = list(groups)
   report["resident_state_bytes"] = resident
   report["response_lengths"] = response_lengths.as_dict()
+  if decode is not None:  # the rollout decode loop's figures `estimate` scales (per chip, per call)
+    report["rollout_decode"] = dataclasses.asdict(decode)
   report.update(real_lengths.expected(c, setup, tpu, reports, decode, response_lengths))
   return report
 
@@ -355,7 +407,8 @@ def format_report(report: dict) -> str:
            "HBM GB | coll. GB (in loops) | roofline s | bound | compile s |",
            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|"]
   for r in report["programs"]:
-    row = (f"| {r['name']} | {r['calls_per_step']:g} | {gib(r['argument_bytes'])} | "
+    name = r["name"] + (f" (continuous, {r['decode_slots']} slots)" if r.get("decode_slots") else "")
+    row = (f"| {name} | {r['calls_per_step']:g} | {gib(r['argument_bytes'])} | "
            f"{gib(r['output_bytes'])} | {gib(r['temp_bytes'])} | {gib(r['total_bytes'])} | "
            f"{100 * r['hbm_fraction']:.1f} | {'yes' if r['fits'] else 'NO'} | {r['flops'] / 1e12:.2f} | "
            f"{r['hbm_bytes'] / 1e9:.2f} | {r['collective_bytes'] / 1e9:.2f} "

@@ -8,15 +8,18 @@ Output, one JSON line per problem, field names as in the official LaSeR release'
   the official evaluation reads it, after an appended EOS), score_after_truncation (per response:
   true where the score is that of a truncated response with EOS appended, `eval.score_truncated`;
   with it off, a truncated response's score and log-prob are null) and stop_token_ids (the EOS id
-  each response emitted, null if truncated: models may have several). With the exact score
+  each response emitted, null if truncated: models may have several) and mean_token_logprobs (the
+  policy's mean token log-likelihood of each response, from the sampler's token log-probs, the
+  EOS included for a finished response: the likelihood baselines' signal). With the exact score
   (`config.laser.ref_hf_path`, or a checkpoint of a run trained with `laser.use_ref_model_score`),
   scores are beta_v * (logprob - ref_logprob) and the records add self_rewarding_ref_logprobs
   (log pi_ref(z_c | x, y, EOS), one reference-model forward per batch). JSON never holds NaN: a
   missing value is null.
 The summary (`summary_path(output_file)`: `foo.jsonl` -> `foo.summary.json`) holds the metrics of
 `tts.summarize` (mean@n as reward/mean; self_verification/* with the official conventions over
-every response and self_verification/*_finished over finished ones; maj@k, self_weighted_maj@k,
-best@k), the run's statistics (truncated_frac, response_length/mean with the EOS counted as
+every response and self_verification/*_finished over finished ones; the within-problem measures;
+maj@k, self_weighted_maj@k, best@k and the likelihood baselines likelihood_weighted_maj@k,
+best_by_likelihood@k), the run's statistics (truncated_frac, response_length/mean with the EOS counted as
 training counts it, z_logprob/mean and /std over the scored responses, verifier_timeouts, ...)
 and the config; the same numbers are printed as a table. README.md's table lists every key.
 
@@ -42,6 +45,14 @@ def _nullable(x: float) -> float | None:
   return None if not math.isfinite(x) else float(x)
 
 
+def mean_token_logprobs(out) -> np.ndarray:
+  """[N] the policy's mean token log-likelihood of each response of a `SampleOutput`: the mean of
+  its token log-probs, the EOS included for a finished response (the tokens training scores)."""
+  lengths = out.response_lengths
+  mask = np.arange(out.logprobs.shape[1])[None, :] < lengths[:, None]
+  return np.where(mask, out.response_logprobs, 0.0).sum(1) / np.maximum(lengths, 1)
+
+
 def build_rows(items, scored: scoring.ScoredSamples) -> list[dict]:
   """One output record per problem (the n rows of a problem are contiguous in `scored`).
 
@@ -50,6 +61,7 @@ def build_rows(items, scored: scoring.ScoredSamples) -> list[dict]:
   """
   out, texts = scored.sample, scored.texts
   n = len(texts) // len(items)
+  likelihoods = mean_token_logprobs(out)
   rows = []
   for i, item in enumerate(items):
     sl = slice(i * n, (i + 1) * n)
@@ -62,6 +74,7 @@ def build_rows(items, scored: scoring.ScoredSamples) -> list[dict]:
         "acc_list": [float(r) for r in scored.rewards[sl]],
         "self_rewarding_scores": [_nullable(float(x)) for x in scored.scores[sl]],
         "self_rewarding_logprobs": logprobs,
+        "mean_token_logprobs": [float(x) for x in likelihoods[sl]],
         "score_after_truncation": [bool(x) for x in scored.scored_after_truncation[sl]],
         "prompt": item["prompt"],
         "prompt_token_ids": [int(t) for t in item["prompt_ids"]],
@@ -83,8 +96,12 @@ def metrics_from_rows(rows: Sequence[dict], threshold: float = 0.5, num_bootstra
                     np.float64)
   finished = np.array([[t is not None for t in r["stop_token_ids"]] for r in rows], bool)
   answers = [[answers_lib.canonical_answer(a) for a in r["pred_answers"]] for r in rows]
+  # Records written before these fields existed (e.g. a resumed paper table) lack them: NaN figures.
+  likelihoods = (np.array([r["mean_token_logprobs"] for r in rows], np.float64)
+                 if all("mean_token_logprobs" in r for r in rows) else None)
+  responses = [r["responses"] for r in rows] if all("responses" in r for r in rows) else None
   out = tts.summarize(answers, acc, scores, threshold=threshold, num_bootstrap=num_bootstrap, seed=seed,
-                      finished=finished)
+                      finished=finished, likelihoods=likelihoods, responses=responses)
   logprobs = np.array([[np.nan if x is None else x for x in r["self_rewarding_logprobs"]]
                        for r in rows], np.float64)
   # EOS included, as the trainer's rollout/response_length/* count it (the response mask's tokens).
@@ -137,11 +154,17 @@ def format_table(summary: dict) -> str:
            f"  F1                               {f('self_verification/f1')}",
            f"  F1 of the finished responses     {f('self_verification/f1_finished')}",
            f"  AUROC of the score               {f('self_verification/auroc')}",
+           f"  AUROC within a problem ({summary['self_verification/within_auroc_problems']:4d})    "
+           f"{f('self_verification/within_auroc')}",
            f"  calibration error (ECE, 10 bins) {f('self_verification/ece')}",
-           "   k    maj@k  self_weighted_maj@k  best@k"]
+           f"distinct responses: correct {f('distinct_frac/correct')}  incorrect "
+           f"{f('distinct_frac/incorrect')}; reward variance explained by the problem "
+           f"{f('reward/variance_explained_by_problem')}",
+           "   k    maj@k  self_weighted_maj@k  best@k  likelihood_weighted_maj@k  best_by_likelihood@k"]
   for k in tts.scaling_ks(summary["n"]):
     lines.append(f"{k:4d}   {f(f'maj@{k}')}               {f(f'self_weighted_maj@{k}')}  "
-                 f"{f(f'best@{k}')}")
+                 f"{f(f'best@{k}')}                     {f(f'likelihood_weighted_maj@{k}')}                "
+                 f"{f(f'best_by_likelihood@{k}')}")
   return "\n".join(lines)
 
 
