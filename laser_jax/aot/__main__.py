@@ -11,6 +11,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from laser_jax import cli
+from laser_jax.aot import program_report
 from laser_jax.aot import report as report_lib
 from laser_jax.aot import topology
 from laser_jax.training import programs as programs_lib
@@ -34,7 +35,7 @@ def main(argv=None):
     try:
       tpu = topology.parse_topology(FLAGS.topology)
       log = lambda msg: print(msg, file=sys.stderr, flush=True)
-      report_lib.HLO_DUMP_DIR = FLAGS.hlo_dir
+      program_report.HLO_DUMP_DIR = FLAGS.hlo_dir
       report = report_lib.compile_step(FLAGS.config, tpu, log=log, groups=FLAGS.programs)
     except (ValueError, RuntimeError) as e:  # ConfigError is a ValueError
       print(f"error: {e}", file=sys.stderr)

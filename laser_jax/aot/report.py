@@ -42,11 +42,8 @@ These are compile-time estimates: a real slice confirms them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
-import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +51,7 @@ import numpy as np
 
 from laser_jax import config_check
 from laser_jax.aot import cost_model
+from laser_jax.aot import program_report
 from laser_jax.aot import estimate as estimate_lib
 from laser_jax.aot import lengths as lengths_lib
 from laser_jax.aot import real_lengths
@@ -66,78 +64,6 @@ from laser_jax.rl import rl_metrics
 from laser_jax.training import programs as programs_lib
 from laser_jax.training import run_setup as run_setup_lib
 from laser_jax.training import tasks
-
-
-@dataclasses.dataclass
-class ProgramReport:
-  """One compiled program: per-chip memory from the compiler, counted costs, roofline time."""
-  name: str
-  calls_per_step: float  # Calls in one RL step (0: not part of the step, e.g. the eval sampler).
-  argument_bytes: float
-  output_bytes: float
-  alias_bytes: float  # Outputs written into donated arguments (counted once).
-  temp_bytes: float
-  code_bytes: float
-  flops: float  # Per chip per call.
-  hbm_bytes: float  # Per chip per call.
-  collective_bytes: float  # Per chip per call.
-  collective_bytes_in_loops: float
-  compute_s: float  # flops / peak FLOP/s, per call.
-  hbm_s: float  # hbm_bytes / HBM bandwidth, per call.
-  ici_s: float  # collective_bytes / ICI bandwidth, per call.
-  compile_s: float
-  capacity_bytes: float
-  # Set when libtpu refused the program for its size: temp_bytes is then the temporaries it
-  # asked for, output_bytes is not known (0) and the byte counts are NaN.
-  error: str = ""
-  # Decode loops: the HBM-bandwidth floor, every step reading the weights and the KV cache
-  # written so far once (NaN for other programs).
-  ideal_hbm_s: float = float("nan")
-  # The training state (f32 params + Adam moments, the reference weights when a term reads them)
-  # resident on the chip while this program runs and not among its arguments.
-  resident_bytes: float = 0.0
-  # Sampler programs: the continuous-batching slots (0: the static sampler), and for a decode
-  # loop the steps its costs are multiplied by (static: max_new_tokens; continuous:
-  # `estimate.continuous_decode_steps` with every row at the budget).
-  decode_slots: int = 0
-  decode_steps: int = 0
-
-  def _times(self) -> dict:
-    times = {"compute": self.compute_s, "HBM": self.hbm_s, "ICI": self.ici_s}
-    return {k: v for k, v in times.items() if not math.isnan(v)}  # NaN: not compiled
-
-  @property
-  def roofline_s(self) -> float:
-    return max(self._times().values())
-
-  @property
-  def bound(self) -> str:
-    """What sets the roofline time: "compute", "HBM" or "ICI"."""
-    times = self._times()
-    return max(times, key=times.get)
-
-  @property
-  def total_bytes(self) -> float:
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
-
-  @property
-  def hbm_fraction(self) -> float:
-    return self.total_bytes / self.capacity_bytes
-
-  @property
-  def fits(self) -> bool:
-    return not self.error and self.total_bytes <= self.capacity_bytes
-
-  @property
-  def hbm_fraction_with_resident(self) -> float:
-    return (self.total_bytes + self.resident_bytes) / self.capacity_bytes
-
-  def as_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d.update(total_bytes=self.total_bytes, hbm_fraction=self.hbm_fraction, fits=self.fits,
-             roofline_s=self.roofline_s, bound=self.bound,
-             hbm_fraction_with_resident=self.hbm_fraction_with_resident)
-    return d
 
 
 def model_config(config, platform: str | None = "tpu"):
@@ -157,49 +83,8 @@ def model_config(config, platform: str | None = "tpu"):
   return tasks.model_config(config, tokenizer_size, platform=platform)
 
 
-HLO_DUMP_DIR = ""  # When set (--hlo_dir), each compiled program's HLO text is written there.
-
-
-def _report(name, traced, calls, chip: topology.Chip, num_chips: int, loop_trips=()
-            ) -> tuple[ProgramReport, Any]:
-  """(the report, the compiled program) of a traced program."""
-  t0 = time.perf_counter()
-  flops = cost_model.jaxpr_flops(traced.jaxpr.jaxpr, loop_trips) / num_chips
-  try:
-    compiled = traced.lower().compile()
-  except Exception as e:  # libtpu refuses a program that does not fit: report it, go on
-    needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
-    if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
-      raise
-    arguments = sum(cost_model.shard_bytes(a) for a in jax.tree.leaves(traced.args_info) if hasattr(a, "sharding"))
-    nan = float("nan")
-    return ProgramReport(
-        name=name, calls_per_step=calls, argument_bytes=arguments, output_bytes=0.0, alias_bytes=0.0,
-        temp_bytes=float(needed.group(1)) * GiB, code_bytes=0.0, flops=flops, hbm_bytes=nan,
-        collective_bytes=nan, collective_bytes_in_loops=nan, compute_s=flops / chip.peak_flops,
-        hbm_s=nan, ici_s=nan, compile_s=time.perf_counter() - t0, capacity_bytes=chip.hbm_bytes,
-        error=str(e).splitlines()[0][:300]), None
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  hlo = compiled.as_text()
-  if HLO_DUMP_DIR:
-    os.makedirs(HLO_DUMP_DIR, exist_ok=True)
-    with open(os.path.join(HLO_DUMP_DIR, name.replace("/", "_").replace(" ", "_") + ".hlo.txt"), "w") as f:
-      f.write(hlo)
-  costs = cost_model.hlo_costs(hlo, loop_trips)
-  return ProgramReport(
-      name=name, calls_per_step=calls, argument_bytes=mem.argument_size_in_bytes,
-      output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-      temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
-      flops=flops, hbm_bytes=costs.hbm_bytes, collective_bytes=costs.collective_bytes,
-      collective_bytes_in_loops=costs.collective_bytes_in_loops,
-      compute_s=flops / chip.peak_flops, hbm_s=costs.hbm_bytes / chip.hbm_bandwidth,
-      ici_s=costs.collective_bytes / chip.ici_bandwidth, compile_s=compile_s,
-      capacity_bytes=chip.hbm_bytes), compiled
-
-
 def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, prompt_len: int, prefix: str,
-                      calls: float, chip, num_chips, log) -> tuple[list[ProgramReport], estimate_lib.DecodeProgram]:
+                      calls: float, chip, num_chips, log) -> tuple[list[program_report.ProgramReport], estimate_lib.DecodeProgram]:
   """(the prefill and decode reports, the decode loop's figures for `estimate`) of one call."""
   if sampling.decode_slots:
     return _continuous_programs(programs, abstract_params, sampling, num_prompts, prompt_len, prefix, calls,
@@ -208,7 +93,7 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
   args = sampler.abstract_prefill_args(abstract_params, num_prompts, prompt_len, sampling)
   prefill = sampler.prefill.trace(*args, sampling=sampling)
   log(f"compiling {prefix} prefill ({num_prompts} prompts x n={sampling.n}, {prompt_len} prompt tokens)")
-  report, compiled = _report(f"{prefix} prefill", prefill, calls, chip, num_chips)
+  report, compiled = program_report.compile_report(f"{prefix} prefill", prefill, calls, chip, num_chips)
   state_shapes = sampler.prefill.eval_shape(*args, sampling=sampling)
   if compiled is None:
     raise RuntimeError(f"{prefix} prefill does not fit: {report.error}")
@@ -218,7 +103,7 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
   decode = sampler.decode.trace(abstract_params, state, sampling=sampling, prompt_len=prompt_len)
   log(f"compiling {prefix} decode ({sampling.max_new_tokens} tokens in "
       f"{len(sampling.decode_chunk_lengths)} loops)")
-  decode_report = _report(f"{prefix} decode", decode, calls, chip, num_chips,
+  decode_report = program_report.compile_report(f"{prefix} decode", decode, calls, chip, num_chips,
                           loop_trips=sampling.decode_chunk_lengths)[0]
   decode_report.decode_steps = sampling.max_new_tokens
   # Its HBM-bandwidth floor: every step reads this chip's weights and the KV cache written so
@@ -240,7 +125,7 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
 
 
 def _continuous_programs(programs, abstract_params, sampling, num_prompts: int, prompt_len: int, prefix: str,
-                         calls: float, chip, num_chips, log) -> tuple[list[ProgramReport], estimate_lib.DecodeProgram]:
+                         calls: float, chip, num_chips, log) -> tuple[list[program_report.ProgramReport], estimate_lib.DecodeProgram]:
   """`_sampler_programs` for continuous batching (`sampling.decode_slots` > 0): compiles
   `Sampler.continuous_prefill` and `Sampler.continuous_decode`. The decode is one while_loop of
   refill + step over the slots; its costs are multiplied by `estimate.continuous_decode_steps`
@@ -253,7 +138,7 @@ def _continuous_programs(programs, abstract_params, sampling, num_prompts: int, 
   slots = sampling.decode_slots
   log(f"compiling {prefix} prefill (continuous, {num_prompts} prompts x n={sampling.n}, {prompt_len} prompt tokens)")
   prefill = sampler.continuous_prefill.trace(*args, sampling=sampling)
-  report, compiled = _report(f"{prefix} prefill", prefill, calls, chip, num_chips)
+  report, compiled = program_report.compile_report(f"{prefix} prefill", prefill, calls, chip, num_chips)
   if compiled is None:
     raise RuntimeError(f"{prefix} prefill does not fit: {report.error}")
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -262,7 +147,7 @@ def _continuous_programs(programs, abstract_params, sampling, num_prompts: int, 
   steps = estimate_lib.continuous_decode_steps(np.full(rows, sampling.max_new_tokens), slots)
   log(f"compiling {prefix} decode (continuous, {slots} slots, {rows} rows: {steps} steps at the budget)")
   decode = sampler.continuous_decode.trace(abstract_params, state, sampling=sampling, prompt_len=prompt_len)
-  decode_report = _report(f"{prefix} decode", decode, calls, chip, num_chips, loop_trips=(steps,))[0]
+  decode_report = program_report.compile_report(f"{prefix} decode", decode, calls, chip, num_chips, loop_trips=(steps,))[0]
   report.decode_slots = decode_report.decode_slots = slots
   decode_report.decode_steps = steps
   weights = sum(cost_model.shard_bytes(p) for p in jax.tree.leaves(abstract_params))
@@ -320,7 +205,7 @@ def compile_step(config, tpu: topology.Slice, devices=None, log=print,
       batch = programs_lib.abstract_logprob_batch(mesh, micro, seq_len)
       log(f"compiling old/ref log-probs ({micro} x {seq_len} tokens)")
       calls = c.batch_size * c.rollout.n // micro * setup.logprob_forwards
-      reports.append(_report("old/ref log-probs", programs.logprobs.trace(state.params, batch),
+      reports.append(program_report.compile_report("old/ref log-probs", programs.logprobs.trace(state.params, batch),
                              calls, chip, n)[0])
     if "update" in groups:
       update_batch = programs_lib.abstract_update_batch(
@@ -329,7 +214,7 @@ def compile_step(config, tpu: topology.Slice, devices=None, log=print,
       normalisers = jax.eval_shape(lambda mask: objective.loss_normalisers(setup.loss_cfg, mask),
                                    jax.ShapeDtypeStruct((setup.rows_per_update, seq_len), np.float32))
       log(f"compiling update ({setup.num_micro_batches} micro-batches of {micro} x {seq_len} tokens)")
-      reports.append(_report("update", programs.update.trace(state, update_batch, normalisers,
+      reports.append(program_report.compile_report("update", programs.update.trace(state, update_batch, normalisers,
                                                              jax.ShapeDtypeStruct((), jnp.bool_)),
                              setup.updates_per_step, chip, n)[0])
   resident = real_lengths.set_resident_bytes(reports, setup, sampler_holds_params=rollout_params is state.params)
@@ -369,7 +254,7 @@ def _eval_set_size(c) -> int:
   return c.data.eval_size or c.batch_size
 
 
-def _summary(c, tpu: topology.Slice, model_cfg, reports: list[ProgramReport], rows_per_step: int,
+def _summary(c, tpu: topology.Slice, model_cfg, reports: list[program_report.ProgramReport], rows_per_step: int,
              seq_len: int, logprob_forwards: int) -> dict:
   """One RL step's estimated time (rollout = sampler + old/ref log-probs, update) and its MFU."""
   def total(names):
