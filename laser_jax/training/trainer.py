@@ -171,10 +171,12 @@ class Trainer:
     (packed into rows of config.micro_batch_tokens when it is > 0: `packing.pack_update_batch`),
     and its loss normalisers; class weights and normalisers span exactly the update's rows of
     every host."""
-    c = self.config
     first = jax.process_index() * roll.num_rows  # this host's first row in `vectors`
-    weights = objective.self_reward_class_weights(
-        hosts.gather_rows(roll.verified.rewards[rows]), hosts.gather_rows(roll.finished[rows]), c.laser.balanced)
+    # Every host holds the same `rows` of its block (update_rows), so the update's rows of the
+    # whole batch, in process order, are read from the vectors already gathered.
+    everyone = np.concatenate([h * roll.num_rows + rows for h in range(jax.process_count())])
+    weights = objective.self_reward_class_weights(vectors.verifier_rewards[everyone], vectors.finished[everyone],
+                                                  self.config.laser.balanced)
     mine = jax.process_index() * len(rows)
     batch = records.make_update_batch(roll, rows, vectors.advantages[first + rows],
                                       np.asarray(weights, np.float32)[mine:mine + len(rows)])
