@@ -60,12 +60,12 @@ def test_concat_samples_pads_prompts_and_offsets_groups():
   def make(p, groups):
     n = len(groups)
     return _sample(np.full((n, p), 4), np.ones((n, p)), np.ones((n, 2)), np.full(n, 2), np.ones(n), groups=groups)
-  merged = calls.concat_samples([make(2, [0, 0, 1, 1]), make(4, [0, 0])])
+  merged = calls.concat_samples([make(2, [0, 0, 1, 1]), make(4, [0, 0])], [0, 2])
   assert merged.prompt_tokens.shape == (6, 4)
   np.testing.assert_array_equal(merged.prompt_tokens[0], [PAD, PAD, 4, 4])
   np.testing.assert_array_equal(merged.prompt_mask[0], [False, False, True, True])
   np.testing.assert_array_equal(merged.group_ids, [0, 0, 1, 1, 2, 2])
-  # With the calls' first prompts given (a call whose rows were all kept, then one of 1 prompt).
+  # Offsets are the given starts, not inferred from the rows (a call whose first prompt is 5).
   np.testing.assert_array_equal(calls.concat_samples([make(2, [0, 0, 1, 1]), make(4, [0, 0])], [0, 5]).group_ids,
                                 [0, 0, 1, 1, 5, 5])
 

@@ -44,14 +44,12 @@ def take_prompts(out: SampleOutput, num_prompts: int) -> SampleOutput:
       if isinstance(getattr(out, f.name), np.ndarray)})
 
 
-def concat_samples(outputs: Sequence[SampleOutput], starts: Sequence[int] | None = None) -> SampleOutput:
+def concat_samples(outputs: Sequence[SampleOutput], starts: Sequence[int]) -> SampleOutput:
   """One SampleOutput from those of consecutive calls: prompts left-padded to the longest bucket,
-  group ids offset by each call's first prompt (`starts`; default: the prompts before it) so
+  group ids offset by each call's first prompt (`starts`, as `sample_in_calls` yields them) so
   they index the full prompt list."""
-  if len(outputs) == 1 and (starts is None or starts[0] == 0):
+  if len(outputs) == 1 and starts[0] == 0:
     return outputs[0]
-  if starts is None:
-    starts = np.cumsum([0] + [int(o.group_ids.max()) + 1 if len(o.group_ids) else 0 for o in outputs[:-1]])
   pad_id = outputs[0].pad_id
   width = max(o.prompt_tokens.shape[1] for o in outputs)
   merged = {}
