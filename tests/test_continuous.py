@@ -3,9 +3,8 @@
 Reference: the static sampler on the same prompts and key (row r draws token t with
 fold_in(fold_in(key, r), t) in both). A toy step function whose logits depend on the whole cache
 (every consumed token, at its slot) makes any wrong slot, write index, position or refill show up
-as different draws; there the two samplers agree exactly on every field. On the Transformer the
-tokens, lengths and finished flags agree exactly, the log-probs and scores to float rounding (the
-per-slot decode step is another XLA program).
+as different draws; there the two samplers agree exactly on every field, and so they do on the
+Transformer (one decode step program for both; `attention.attend_cached`).
 """
 import dataclasses
 
@@ -130,8 +129,9 @@ def test_slot_count_is_validated_against_the_mesh():
 
 @pytest.mark.slow
 def test_continuous_on_the_transformer():
-  """Several slot counts on the tiny Transformer: tokens, lengths and finished exact; log-probs
-  and scores to float rounding."""
+  """Several slot counts on the tiny Transformer: every field of every row the same bit for bit
+  (the decode step is one program for both samplers; attention adds exact zeros for the chunks
+  the static step does not read)."""
   sp = SamplingParams(n=3, temperature=0.8, top_p=0.95, top_k=60, max_new_tokens=10,
                       eos_ids=tuple(range(10, 24)), pad_id=0, self_reward_token_id=Z_C,
                       decode_segments=3, min_segment_tokens=1)
@@ -140,9 +140,7 @@ def test_continuous_on_the_transformer():
   for slots in (4, 7):
     cont = sampler_lib.sample(tiny_params(), TINY, PROMPTS, dataclasses.replace(sp, decode_slots=slots),
                               jax.random.key(5))
-    assert_same_rows(static, cont, ("tokens", "lengths", "eos_token", "finished", "truncated", "group_ids"))
-    for f in ("logprobs", "eos_logprob", "self_reward_logprob"):
-      np.testing.assert_allclose(getattr(cont, f), getattr(static, f), atol=1e-5, rtol=0, err_msg=f)
+    assert_same_rows(static, cont)
 
 
 @pytest.mark.slow

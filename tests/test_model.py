@@ -115,6 +115,33 @@ def test_cached_decode_matches_full_forward(checkpoints, case, chunked):
   assert np.isfinite(cached).all()
 
 
+def test_per_row_decode_attends_over_the_chunks_in_use_only(checkpoints):
+  """Decode steps with a write index per row and chunk None (the continuous sampler's) read the
+  chunks up to the deepest consuming row's: values in later chunks (NaN here) never reach the
+  logits, a row that consumes nothing does not widen the step, and the logits equal the step with
+  that chunk given statically (the static sampler's) bit for bit."""
+  cfg, params, _ = checkpoints[("qwen2", None)]
+  tokens, positions, mask = padded_batch("left", seed=1)
+  rows, prompt_len, lengths = tokens.shape[0], 6, (6, 2, 2, 4)
+  cache = model.init_cache(cfg, rows, sum(lengths), lengths)
+  _, cache = forward_cached(params, cfg, tokens[:, :prompt_len], positions[:, :prompt_len], mask[:, :prompt_len],
+                            cache, 0, chunk=0)
+  poison = lambda c, chunk: c._replace(v=tuple(v[:chunk + 1] + tuple(jnp.full_like(x, jnp.nan) for x in v[chunk + 1:])
+                                               for v in c.v))
+  for s, chunk in ((6, 1), (7, 1), (8, 2), (9, 2)):
+    step = (tokens[:, s:s + 1], positions[:, s:s + 1], mask[:, s:s + 1])
+    write = jnp.full((rows,), s, jnp.int32)
+    static, next_cache = forward_cached(params, cfg, *step, cache, write, chunk=chunk)
+    bounded, _ = forward_cached(params, cfg, *step, poison(cache, chunk), write)
+    np.testing.assert_array_equal(bounded, static)
+    assert np.isfinite(np.asarray(bounded)).all()
+    # The last row consumes nothing this step; its write index points into the last chunk.
+    idle = jnp.asarray(mask[:, s:s + 1]).at[-1].set(False)
+    bounded, _ = forward_cached(params, cfg, step[0], step[1], idle, poison(cache, chunk), write.at[-1].set(13))
+    assert np.isfinite(np.asarray(bounded[:-1])).all()
+    cache = next_cache
+
+
 def test_cache_layout(checkpoints):
   cfg, params, _ = checkpoints[("qwen2", None)]
   cache = model.init_cache(cfg, batch=2, max_len=7)

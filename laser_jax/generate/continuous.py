@@ -11,8 +11,12 @@ decode slots, with the insert done in the loop (no host round trip per refill).
 Per-row results equal the static sampler's: the prefill is the static one (every distinct prompt
 once, its first tokens drawn for all its rows), a row keeps the static cache layout in its slot
 (prompt in slots [0, P), its t-th token's key/value in slot P + t - 1: per-slot positions and a
-per-slot cache write index), the step attends over every cache chunk (the masked ones add exact
-zeros) and row r draws token t with key fold_in(fold_in(call key, r), t) whatever slot runs it.
+per-slot cache write index), the step is the static step's program (per-row write indices in
+both) attending over the cache chunks up to the deepest consuming slot's (a chunk no query sees adds
+exact zeros: `attention.attend_cached`), and row r draws token t with key
+fold_in(fold_in(call key, r), t) whatever slot runs it. So every field of every row is the same bit
+for bit (tests/test_continuous.py, on the Transformer too). A step reads the chunks in use, not the
+whole window: while every slot is early in its response, the later chunks are not read.
 
 Programs (public on `Sampler`, so that `laser_jax.aot` compiles exactly these):
   `continuous_prefill(params, prompt_tokens, prompt_mask, row_valid, rng, *, sampling)` -> state
@@ -165,9 +169,9 @@ def _step(sampler, params, s: ContinuousState, sampling: SamplingParams, prompt_
   max_new, z_c = sampling.max_new_tokens, sampling.self_reward_token_id
   consumes = s.active | s.pending
   write_index = prompt_len + jnp.clip(s.slot_step - 1, 0, max_new - 1)  # each slot's own cache slot
-  last_chunk = len(sampling.decode_chunk_lengths)
+  # chunk None: the step attends over the chunks up to the deepest consuming slot's (model.Decoder.cached).
   logits, cache = sampler.decode_fn(params, s.last_token[:, None], s.next_pos[:, None], consumes[:, None],
-                                    s.cache, write_index, last_chunk)
+                                    s.cache, write_index, None)
   logits = logits[:, 0].astype(jnp.float32)
   keys = draw.step_keys(draw.row_keys(s.rng, s.slot_row), s.slot_step)
   new, new_lp, lse = draw.choose_tokens(logits, keys, sampling)

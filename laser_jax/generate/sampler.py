@@ -22,9 +22,12 @@ The core (`Sampler`) is generic over the step function
     decode_fn(params, tokens[B,T], positions[B,T], token_mask[B,T], cache, write_index, chunk)
         -> (logits[B,T,V] float32, cache)
 and `init_cache_fn(batch, chunk_lengths) -> cache`, so it can be tested with a toy logits table.
-The cache's slots are split into chunks: the prompt's, then one per decode segment
-(`SamplingParams.decode_segments`); `chunk` (static) is the chunk that holds the slots written,
-and a step only needs to attend over chunks 0..chunk. Only the last position's logits
+The prefill passes a scalar write_index (0) and T = the prompt bucket; a decode step passes
+write_index [B] (each row's slot, T = 1: the static loop's rows share one, the continuous
+sampler's slots each have their own). The cache's slots are split into chunks: the prompt's, then
+one per decode segment (`SamplingParams.decode_segments`); `chunk` (static) is the chunk that
+holds the slots written, and a step only needs to attend over chunks 0..chunk; chunk None (the
+continuous sampler) leaves it to the decode_fn to find from the write indices. Only the last position's logits
 (`logits[:, -1]`) are read, so a decode_fn may return T' = 1.
 `sample(params, cfg, prompts, sampling, rng, mesh=None)` is the convenience entry point for
 the Transformer in `laser_jax.models.model`; the trainer and the evaluator both use it.
@@ -209,8 +212,11 @@ class Sampler:
 
     def body(s: SamplingState, chunk: int):
       consumes = s.active | s.pending
+      # Every row writes the same slot, passed per row: the step is then the very program the
+      # continuous sampler runs per slot (same writes, same fusions), so both agree bit for bit.
+      write_index = jnp.full(consumes.shape, s.write_index, jnp.int32)
       logits, cache = self.decode_fn(params, s.last_token[:, None], s.next_pos[:, None], consumes[:, None],
-                                     s.cache, s.write_index, chunk)
+                                     s.cache, write_index, chunk)
       logits = logits[:, 0].astype(jnp.float32)
       rows = jnp.arange(logits.shape[0])
       keys = draw.step_keys(draw.row_keys(s.rng, rows), jnp.full(rows.shape, s.step))

@@ -7,6 +7,7 @@ here too: the Pallas / custom-call kernels run per shard of the same layout (`_p
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -187,30 +188,53 @@ def attend_cudnn(q, k, v, key_valid, implementation: str | None = "cudnn"):
   return _per_shard(run, q, k, v, key_valid)
 
 
-def attend_cached(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: jax.Array) -> jax.Array:
+def attend_cached(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: jax.Array,
+                  chunks_in_use: jax.Array | None = None) -> jax.Array:
   """`attend` over cache chunks: q [B,T,N,D], k_chunks [B,K,D,S_c] (keys transposed), v_chunks
   [B,K,S_c,D], mask [B,T,sum(S_c)] -> [B,T,N,D].
+
+  chunks_in_use (traced int32, optional): attend over chunks 0..chunks_in_use only, the caller
+  guaranteeing that no query sees a key in a later chunk; a `lax.switch` over the chunk count, so
+  a step reads only the chunks in use (the continuous sampler's step, whose slots sit at
+  different depths). The result is the same bit for bit as attending over every chunk (below).
 
   Both matmuls are batched (B, K) products in plain row-major form, (G*T, D) @ (D, S_c) and
   (G*T, S_c) @ (S_c, D), so XLA reads the cache buffers in place (with an einsum over a
   [B,S,K,D] cache XLA:CPU copied every layer's keys and values into a transposed layout on every
-  decode step). Scores of all chunks share one softmax; the outputs of the chunks are summed.
+  decode step).
   """
+  if chunks_in_use is None or len(k_chunks) == 1:
+    return _attend_chunks(q, k_chunks, v_chunks, mask)
+  ends = [sum(k.shape[-1] for k in k_chunks[:c + 1]) for c in range(len(k_chunks))]
+  branches = [lambda q, m, c=c: _attend_chunks(q, k_chunks[:c + 1], v_chunks[:c + 1], m[..., :ends[c]])
+              for c in range(len(k_chunks))]
+  return jax.lax.switch(chunks_in_use, branches, q, mask)
+
+
+def _attend_chunks(q, k_chunks, v_chunks, mask):
   b, t, n, d = q.shape
   kv_heads = k_chunks[0].shape[1]
   g = n // kv_heads  # query head h uses kv head h // g
   q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
   batch_dims = ((0, 1), (0, 1))
-  scores = [jax.lax.dot_general(q, k_t, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)
-            for k_t in k_chunks]
-  scores = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
-  s = scores.shape[-1]
-  scores = scores.reshape(b, kv_heads, g, t, s) / math.sqrt(d)
-  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_chunks[0].dtype).reshape(b, kv_heads, g * t, s)
-  out, start = None, 0
-  for v in v_chunks:
-    length = v.shape[2]
-    part = jax.lax.dot_general(probs[..., start:start + length], v, (((3,), (2,)), batch_dims))  # [B,K,G*T,D]
-    out, start = (part if out is None else out + part), start + length
+  lowest = jnp.finfo(jnp.float32).min
+  scores, start = [], 0
+  for k_t in k_chunks:
+    length = k_t.shape[-1]
+    s = jax.lax.dot_general(q, k_t, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)
+    s = s.reshape(b, kv_heads, g, t, length) / math.sqrt(d)
+    scores.append(jnp.where(mask[:, None, None, :, start:start + length], s, lowest))
+    start += length
+  # One softmax over all chunks, its max and denominator taken chunk by chunk in chunk order: a
+  # chunk with no visible key adds exact zeros, so a row's values do not depend on how many
+  # trailing chunks the step attends over (the continuous sampler's step attends over the chunks
+  # its deepest slot uses, the static one over the chunks written so far: they agree bit for bit).
+  peak = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
+  weights = [jnp.exp(s - peak) for s in scores]
+  total = functools.reduce(jnp.add, [jnp.sum(w, axis=-1, keepdims=True) for w in weights])
+  out = None
+  for w, v in zip(weights, v_chunks):
+    probs = (w / total).astype(v.dtype).reshape(b, kv_heads, g * t, v.shape[2])
+    part = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [B,K,G*T,D]
+    out = part if out is None else out + part
   return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)

@@ -125,7 +125,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None):
+  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None, chunks_in_use=None):
     """x [B,T,H], rope = `rope_tables` at x's positions. Without a cache attends causally within
     x over its valid tokens (mask = key validity [B,T]; with segment_ids [B,T], a packed row's,
     within each token's own segment: `attend_causal`). With kv_cache = (key chunks, value chunks), the chunks of this layer's cache
@@ -151,7 +151,7 @@ class Attention(nn.Module):
       # One slot per row (continuous batching, T = 1): row b's key/value go to slot
       # write_offset[b] of the whole cache, scattered into whichever chunk holds it.
       new_cache = _scatter_rows(*kv_cache, k[:, 0], v[:, 0], write_offset)
-      out = attend_cached(q, *new_cache, mask)
+      out = attend_cached(q, *new_cache, mask, chunks_in_use)
     else:
       # In-place dynamic-update-slices of the (donated) cache buffers.
       k_chunks, v_chunks = kv_cache
@@ -196,11 +196,11 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None):
+  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None, chunks_in_use=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), rope, mask,
-                                                      kv_cache, write_offset, segment_ids)
+                                                      kv_cache, write_offset, segment_ids, chunks_in_use)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
     return constrain(x, BATCH, None, None), new_cache
@@ -256,13 +256,19 @@ class Decoder(nn.Module):
   def finish(self, x):
     return self.final_norm(x)
 
-  def cached(self, tokens, positions, token_mask, cache: KVCache, write_index, chunk: int):
+  def cached(self, tokens, positions, token_mask, cache: KVCache, write_index, chunk: int | None):
     """Prefill / decode step into `cache` at slots [write_index, write_index + T), which lie in
-    chunk `chunk` (static); attends over chunks 0..chunk."""
+    chunk `chunk` (static); attends over chunks 0..chunk. A per-row write_index [B] (T = 1) with
+    chunk None: attends over the chunks up to the one holding the largest write of a row with
+    token_mask set (traced: a switch over the chunk count in every layer's attention)."""
     t = tokens.shape[1]
     lengths = cache.chunk_lengths
-    if write_index.ndim == 1:  # a slot per row (continuous batching): T = 1, every chunk visible
+    in_use = None
+    if chunk is None:  # per row, bounded by the rows that consume a token
       chunk = len(lengths) - 1
+      ends = np.cumsum(lengths)
+      in_use = jnp.searchsorted(jnp.asarray(ends), jnp.max(jnp.where(token_mask[:, 0], write_index, 0)), side="right")
+      in_use = jnp.minimum(in_use, chunk).astype(jnp.int32)
     chunk_start, visible_len = sum(lengths[:chunk]), sum(lengths[:chunk + 1])
     if write_index.ndim == 1:
       rows = jnp.arange(tokens.shape[0])
@@ -279,7 +285,8 @@ class Decoder(nn.Module):
     rope = rope_tables(positions, rope_inv_freq(self.cfg))
     keys, values = [], []
     for layer, k_chunks, v_chunks in zip(self.layers, cache.k, cache.v):
-      x, (k_seen, v_seen) = layer(x, rope, mask, (k_chunks[:chunk + 1], v_chunks[:chunk + 1]), offset)
+      x, (k_seen, v_seen) = layer(x, rope, mask, (k_chunks[:chunk + 1], v_chunks[:chunk + 1]), offset,
+                                  chunks_in_use=in_use)
       keys.append(k_seen + k_chunks[chunk + 1:])
       values.append(v_seen + v_chunks[chunk + 1:])
     return self.final_norm(x), KVCache(tuple(keys), tuple(values), cache_mask)
@@ -379,8 +386,11 @@ def forward_cached(params, cfg: ModelConfig, tokens, positions, token_mask, cach
 
   Writes the new tokens' keys/values into cache slots [write_index, write_index + T), sets
   cache.mask there to token_mask, and lets the query in slot s attend to valid slots <= s.
-  A write_index of shape [B] (decode, T = 1: continuous batching) gives each row its own slot;
-  the step then attends over every chunk and `chunk` is ignored.
+  A write_index of shape [B] (decode, T = 1) gives each row its own slot (the sampler's decode
+  steps: the same program for the static loop and continuous batching, so they agree bit for bit);
+  with `chunk` None the step attends over the chunks up to the one holding the largest write of a
+  row whose token_mask is set (found on device: a `lax.switch` in each layer's attention, so only
+  the chunks in use are read).
   Returns (float32 logits [B,T,V], updated cache); with `last_logits_only`, logits [B,1,V] of the
   last position only (a sampler's prefill reads nothing else, and unembedding the whole prompt
   costs as much as many decode steps).
@@ -390,13 +400,11 @@ def forward_cached(params, cfg: ModelConfig, tokens, positions, token_mask, cach
   caller guarantees the slots lie in that chunk (write_index is traced, so this is not checked).
   """
   num_chunks = len(cache.chunk_lengths)
-  if chunk is None and jnp.ndim(write_index) == 1:
-    chunk = num_chunks - 1
-  if chunk is None:
+  if chunk is None and jnp.ndim(write_index) == 0:
     if num_chunks > 1:
       raise ValueError(f"forward_cached: the cache has {num_chunks} chunks; pass chunk= (the chunk written)")
     chunk = 0
-  if not 0 <= chunk < num_chunks:
+  if chunk is not None and not 0 <= chunk < num_chunks:
     raise ValueError(f"forward_cached: chunk={chunk} but the cache has {num_chunks} chunks")
   write_index = jnp.asarray(write_index, jnp.int32)
   hidden, cache = Decoder(cfg).apply({"params": params}, tokens, positions, token_mask, cache, write_index,
