@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from laser_jax.generate import continuous, draw
+from laser_jax.generate import sampling as sampling_lib
 from laser_jax.generate.sampling import SampleOutput, SamplingParams
 from laser_jax.models import hosts as hosts_lib
 from laser_jax.models import model as model_lib
@@ -333,33 +334,8 @@ class Sampler:
     else:
       state = self.prefill(*args, sampling=sampling)
       state = self.decode(params, state, sampling=sampling, prompt_len=bucket)
-    return _to_output(state, np.repeat(prompt_tokens, repeats, axis=0), np.repeat(prompt_mask, repeats, axis=0),
+    return sampling_lib.to_output(state, np.repeat(prompt_tokens, repeats, axis=0), np.repeat(prompt_mask, repeats, axis=0),
                       num_rows, sampling)
-
-
-def _to_output(state: SamplingState | continuous.ContinuousState, prompt_tokens, prompt_mask, num_rows: int, sampling: SamplingParams) -> SampleOutput:
-  """Host post-processing of this host's rows: strip padding rows, split the EOS out of the
-  token buffer."""
-  max_new = sampling.max_new_tokens
-  buf = hosts_lib.local_rows(state.tokens)[:num_rows, :max_new]
-  lps = hosts_lib.local_rows(state.logprobs)[:num_rows, :max_new]
-  finished = hosts_lib.local_rows(state.finished)[:num_rows].astype(bool)
-  self_reward = hosts_lib.local_rows(state.self_reward)[:num_rows].astype(np.float32)
-  is_eos = np.isin(buf, np.asarray(sampling.eos_ids, np.int32)) if sampling.eos_ids else np.zeros(buf.shape, bool)
-  lengths = np.where(finished, np.argmax(is_eos, axis=1), max_new).astype(np.int32)
-  rows = np.arange(num_rows)
-  eos_col = np.minimum(lengths, max_new - 1)
-  eos_token = np.where(finished, buf[rows, eos_col], sampling.pad_id).astype(np.int32)
-  eos_logprob = np.where(finished, lps[rows, eos_col], np.nan).astype(np.float32)
-  after_end = np.arange(max_new)[None, :] >= lengths[:, None]
-  tokens = np.where(after_end, sampling.pad_id, buf).astype(np.int32)
-  logprobs = np.where(after_end, 0.0, lps).astype(np.float32)
-  self_reward = np.where(finished, self_reward, np.nan).astype(np.float32)
-  return SampleOutput(
-      prompt_tokens=prompt_tokens[:num_rows], prompt_mask=prompt_mask[:num_rows], tokens=tokens,
-      lengths=lengths, logprobs=logprobs, eos_token=eos_token, eos_logprob=eos_logprob,
-      finished=finished, truncated=~finished, self_reward_logprob=self_reward,
-      group_ids=(rows // sampling.n).astype(np.int32), pad_id=sampling.pad_id)
 
 
 # ---- the Transformer entry point --------------------------------------------------------------
