@@ -12,6 +12,11 @@ Joins the other processes, loads the HF checkpoint straight into shards of a (da
 tensor 2) mesh spanning every process's devices, and writes from process 0: the logits of a fixed
 batch (logits.npy), greedy samples with their self-reward log-probs (sample.npz) and the
 parameters exported back to an HF directory (OUT_DIR/export).
+
+Or one process of the continuous-batching run:
+usage: python tests/multihost_helpers.py continuous COORDINATOR NUM_PROCESSES PROCESS_ID OUT_DIR
+Samples this process's block of CONTINUOUS_PROMPTS with `continuous_sample` and writes its own
+rows to OUT_DIR/process<PROCESS_ID>.npz.
 """
 import sys
 
@@ -53,6 +58,48 @@ def results(checkpoint, mesh, eos_ids, max_new_tokens):
   return logits, out, params, cfg
 
 
+# Six prompts x 3 responses = 18 rows through 4 decode slots (one per data x fsdp shard): slots
+# are refilled across the hosts' rows, and rows end at different steps, some at the budget. On two
+# hosts each has 9 rows over its 2 batch shards: padded to 10, so the hosts' padding rows sit
+# between their real rows (one process pads only at the end).
+CONTINUOUS_PROMPTS = [[5, 17, 33, 2], [9], [40, 41, 42, 43, 44, 45, 46], [77, 3], [8, 8], [100, 2, 7]]
+SLOT_COUNTS = (0, 4)  # the static sampler and continuous batching
+ROW_FIELDS = ("tokens", "lengths", "logprobs", "eos_token", "eos_logprob", "finished", "truncated",
+              "self_reward_logprob")
+
+
+def continuous_sample(mesh) -> dict:
+  """This process's rows of one sampler call per SLOT_COUNTS entry (decode_slots, temperature 1)
+  of the tiny Transformer of tests/test_sampler.py, its weights sharded over `mesh`; each process
+  passes its block of CONTINUOUS_PROMPTS (all of them in a single process)."""
+  from laser_jax.generate import sampler as sampler_lib
+  from laser_jax.generate.sampling import SamplingParams
+  from laser_jax.models import model as model_lib
+  from laser_jax.models import sharding as sharding_lib
+  from test_sampler import TINY, Z_C
+  shardings = jax.tree.map(lambda s: s.sharding, sharding_lib.abstract_params(TINY, mesh))
+  params = jax.jit(lambda: model_lib.init_params(TINY, jax.random.key(0)), out_shardings=shardings)()
+  # EOS ids 1..8 of a 128-token vocabulary end about one row in 16 per step.
+  block = len(CONTINUOUS_PROMPTS) // jax.process_count()
+  mine = CONTINUOUS_PROMPTS[jax.process_index() * block:(jax.process_index() + 1) * block]
+  return {slots: sampler_lib.sample(params, TINY, mine, SamplingParams(
+              n=3, temperature=1.0, max_new_tokens=16, eos_ids=tuple(range(1, 9)), pad_id=0,
+              self_reward_token_id=Z_C, decode_slots=slots), jax.random.key(3), mesh=mesh)
+          for slots in SLOT_COUNTS}
+
+
+def main_continuous(coordinator, num_processes, process_id, out_dir):
+  jax.distributed.initialize(coordinator, int(num_processes), int(process_id))
+  from jax.experimental import multihost_utils
+
+  from laser_jax.models import sharding as sharding_lib
+  assert jax.process_count() == int(num_processes) and len(jax.devices()) == 8, jax.devices()
+  out = continuous_sample(sharding_lib.make_mesh(data=2, fsdp=2, tensor=2))
+  np.savez(f"{out_dir}/process{jax.process_index()}.npz",
+           **{f"{f}{slots}": getattr(out[slots], f) for f in ROW_FIELDS for slots in SLOT_COUNTS})
+  multihost_utils.sync_global_devices("done")
+
+
 def main(coordinator, num_processes, process_id, checkpoint, out_dir, eos_ids, max_new_tokens):
   jax.distributed.initialize(coordinator, int(num_processes), int(process_id))
   from jax.experimental import multihost_utils
@@ -75,4 +122,7 @@ def main(coordinator, num_processes, process_id, checkpoint, out_dir, eos_ids, m
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:])
+  if sys.argv[1] == "continuous":
+    main_continuous(*sys.argv[2:])
+  else:
+    main(*sys.argv[1:])

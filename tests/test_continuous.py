@@ -96,7 +96,7 @@ def test_slots_run_the_sum_of_lengths():
   sp = SamplingParams(n=8, max_new_tokens=9, eos_ids=(3, 11), self_reward_token_id=5, decode_slots=4)
   prompt_tokens, prompt_mask = sampler_lib.left_pad(TOY_PROMPTS, 32, 0)
   rows = len(TOY_PROMPTS) * 8
-  state = sampler.continuous_prefill(table, prompt_tokens, prompt_mask, np.ones(rows, bool), jax.random.key(0),
+  state = sampler.continuous_prefill(table, prompt_tokens, prompt_mask, np.arange(rows, dtype=np.int32), jax.random.key(0),
                                      sampling=sp)
   state = sampler.continuous_decode(table, state, sampling=sp, prompt_len=32)
   out = sampler(table, TOY_PROMPTS, sp, jax.random.key(0))

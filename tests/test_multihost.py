@@ -229,3 +229,36 @@ def test_hf_checkpoint_loaded_sampled_and_exported_across_two_processes(tmp_path
   assert sorted(exported) == sorted(original)
   for name, value in original.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+# 35 s of CPU (67 s wall on the loaded 2-core machine): two processes each compiling the
+# continuous sampler, and the one-process reference; slow, like the other two-process training run.
+@pytest.mark.slow
+def test_sampling_across_two_processes_gives_each_host_its_rows(tmp_path):
+  """The static sampler and continuous batching (decode slots refilled on device from a queue of
+  global rows) on two processes whose rows are padded (9 rows per host over 2 shards): each host
+  gets, for its own prompts, exactly the rows one process sampling all the prompts with the same
+  key gets (the contract of `Sampler.__call__`: a row's draws are keyed by its index among the
+  real rows, not by its padded position)."""
+  import multihost_helpers as worker
+  from laser_jax.models import sharding as sharding_lib
+
+  references = worker.continuous_sample(sharding_lib.make_mesh(data=2, fsdp=2, tensor=2))
+  reference = references[4]
+  assert reference.lengths.min() < reference.lengths.max() == 16  # rows end at different steps
+  assert reference.finished.any() and not reference.finished.all()
+  procs = _spawn(lambda i, port: [os.path.join(REPO, "tests", "multihost_helpers.py"), "continuous",
+                                  f"localhost:{port}", "2", str(i), str(tmp_path)],
+                 lambda i: tmp_path / f"process{i}.log")
+  assert _wait(procs) == [0, 0], [(tmp_path / f"process{i}.log").read_text()[-3000:] for i in range(2)]
+  rows = len(reference.lengths) // 2
+  for slots, reference in references.items():
+    for i in range(2):
+      host = np.load(tmp_path / f"process{i}.npz")
+      mine = slice(i * rows, (i + 1) * rows)  # the rows of this host's prompts
+      for field in ("tokens", "lengths", "eos_token", "finished", "truncated"):
+        np.testing.assert_array_equal(host[f"{field}{slots}"], getattr(reference, field)[mine],
+                                      err_msg=f"slots {slots} process {i} {field}")
+      for field in ("logprobs", "eos_logprob", "self_reward_logprob"):  # NaN where truncated, on both sides
+        np.testing.assert_allclose(host[f"{field}{slots}"], getattr(reference, field)[mine], atol=1e-5, rtol=0,
+                                   err_msg=f"slots {slots} process {i} {field}")

@@ -19,7 +19,7 @@ for bit (tests/test_continuous.py, on the Transformer too). A step reads the chu
 whole window: while every slot is early in its response, the later chunks are not read.
 
 Programs (public on `Sampler`, so that `laser_jax.aot` compiles exactly these):
-  `continuous_prefill(params, prompt_tokens, prompt_mask, row_valid, rng, *, sampling)` -> state
+  `continuous_prefill(params, prompt_tokens, prompt_mask, row_ids, rng, *, sampling)` -> state
   `continuous_decode(params, state, *, sampling, prompt_len)` -> state (donated)
 """
 from __future__ import annotations
@@ -55,6 +55,7 @@ class ContinuousState(NamedTuple):
   pending: jax.Array       # [S] bool EOS emitted, score read in the next step
   steps: jax.Array         # int32 decode steps run (one step = all slots)
   rng: jax.Array           # the call's key
+  row_ids: jax.Array       # [N] int32 each row's index among the call's real rows (-1: padding): its key
   prompt_length: jax.Array  # [P] int32 real tokens of each prompt (the first decode position)
   prompt_cache: Any        # the prefilled prompts' cache, P rows, chunk lengths (prompt_len,)
   cache: Any               # the slots' cache, S rows, chunk lengths (prompt_len,) + decode chunks
@@ -99,20 +100,21 @@ def insert_kv_cache(slots: model_lib.KVCache, prompts: model_lib.KVCache, take: 
   return model_lib.KVCache(k, v, jnp.where(take[:, None], fresh, slots.mask))
 
 
-def prefill(sampler, params, prompt_tokens, prompt_mask, row_valid, rng, *, sampling: SamplingParams
+def prefill(sampler, params, prompt_tokens, prompt_mask, row_ids, rng, *, sampling: SamplingParams
             ) -> ContinuousState:
   """The static prefill (each distinct prompt once, first tokens of all rows), into a prompt
   cache; the slots start empty."""
   sampler.num_traces += 1
   num_prompts, prompt_len = prompt_tokens.shape
-  rows = row_valid.shape[0]
+  rows = row_ids.shape[0]
+  row_valid = row_ids >= 0
   slots, max_new = sampling.decode_slots, sampling.max_new_tokens
   prompt_cache = sampler.init_cache_fn(num_prompts, (prompt_len,))
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0).astype(jnp.int32)
   logits, prompt_cache = sampler.decode_fn(params, prompt_tokens, positions, prompt_mask, prompt_cache,
                                            jnp.int32(0), 0)
   logits = jnp.repeat(logits[:, -1], rows // num_prompts, axis=0).astype(jnp.float32)
-  keys = draw.step_keys(draw.row_keys(rng, jnp.arange(rows)), jnp.zeros((rows,), jnp.int32))
+  keys = draw.step_keys(draw.row_keys(rng, row_ids), jnp.zeros((rows,), jnp.int32))
   first, first_lp, _ = draw.choose_tokens(logits, keys, sampling)
   first = jnp.where(row_valid, first, sampling.pad_id)
   is_eos = draw.is_eos(first, sampling.eos_ids) & row_valid
@@ -134,6 +136,7 @@ def prefill(sampler, params, prompt_tokens, prompt_mask, row_valid, rng, *, samp
       pending=jnp.zeros((slots,), bool),
       steps=jnp.int32(0),
       rng=rng,
+      row_ids=row_ids,
       prompt_length=jnp.sum(prompt_mask, axis=-1).astype(jnp.int32),
       prompt_cache=prompt_cache,
       cache=sampler.init_cache_fn(slots, (prompt_len,) + sampling.decode_chunk_lengths),
@@ -173,7 +176,7 @@ def _step(sampler, params, s: ContinuousState, sampling: SamplingParams, prompt_
   logits, cache = sampler.decode_fn(params, s.last_token[:, None], s.next_pos[:, None], consumes[:, None],
                                     s.cache, write_index, None)
   logits = logits[:, 0].astype(jnp.float32)
-  keys = draw.step_keys(draw.row_keys(s.rng, s.slot_row), s.slot_step)
+  keys = draw.step_keys(draw.row_keys(s.rng, s.row_ids[jnp.minimum(s.slot_row, rows - 1)]), s.slot_step)
   new, new_lp, lse = draw.choose_tokens(logits, keys, sampling)
   self_reward = s.self_reward
   if z_c is not None:

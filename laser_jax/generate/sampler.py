@@ -67,6 +67,7 @@ class SamplingState(NamedTuple):
   step: jax.Array         # int32: tokens generated so far = column the next step writes.
   write_index: jax.Array  # int32: cache slot of `last_token`.
   rng: jax.Array          # the call's PRNG key: row r draws token t with fold_in(fold_in(rng, r), t).
+  row_ids: jax.Array      # [B] int32 each row's r: its index in the call's unpadded rows (-1: padding).
   cache: Any              # decode_fn's cache pytree (a model.KVCache for the Transformer).
 
 
@@ -154,16 +155,19 @@ class Sampler:
     return hosts_lib.put_rows(x, NamedSharding(self.mesh, self._batch_spec(x.ndim)))
 
   # ---- jitted pieces ----------------------------------------------------------------------
-  def _prefill_impl(self, params, prompt_tokens, prompt_mask, row_valid, rng, *, sampling: SamplingParams):
+  def _prefill_impl(self, params, prompt_tokens, prompt_mask, row_ids, rng, *, sampling: SamplingParams):
     """Runs the prompts through the model and samples every row's first token. Returns the state.
 
     `prompt_tokens`/`prompt_mask` hold either one row per sampled response or, when the batch
     divides evenly, each distinct prompt once: then the prompt is prefilled once and its cache
-    and last logits are repeated for its n rows (`row_valid` [rows] gives the row count).
+    and last logits are repeated for its n rows (`row_ids` [rows] gives the row count). row_ids:
+    each row's index among the call's real rows in their global order, -1 for a padding row; the
+    row's draws are keyed by it, so padding (which differs between one host and many) moves no draw.
     """
     self.num_traces += 1
     num_prompts, prompt_len = prompt_tokens.shape
-    batch = row_valid.shape[0]
+    batch = row_ids.shape[0]
+    row_valid = row_ids >= 0
     repeats = batch // num_prompts
     max_new = sampling.max_new_tokens
     # Slots: the prompt's chunk, then one chunk per decode segment. The last consumed token is
@@ -176,7 +180,7 @@ class Sampler:
       # Row r is prompt r // n. A repeat of the (batch-sharded) leading axis stays on each device.
       expand = functools.partial(jnp.repeat, repeats=repeats, axis=0)
       logits, prompt_mask, cache = expand(logits), expand(prompt_mask), jax.tree.map(expand, cache)
-    keys = draw.step_keys(draw.row_keys(rng, jnp.arange(batch)), jnp.zeros((batch,), jnp.int32))
+    keys = draw.step_keys(draw.row_keys(rng, row_ids), jnp.zeros((batch,), jnp.int32))
     first, first_lp, _ = draw.choose_tokens(logits.astype(jnp.float32), keys, sampling)
     first = jnp.where(row_valid, first, sampling.pad_id)
     is_eos = draw.is_eos(first, sampling.eos_ids) & row_valid
@@ -194,6 +198,7 @@ class Sampler:
         step=jnp.int32(1),
         write_index=jnp.int32(prompt_len),
         rng=rng,
+        row_ids=row_ids,
         cache=cache,
     )
     return self._constrain_state(state)
@@ -219,8 +224,7 @@ class Sampler:
       logits, cache = self.decode_fn(params, s.last_token[:, None], s.next_pos[:, None], consumes[:, None],
                                      s.cache, write_index, chunk)
       logits = logits[:, 0].astype(jnp.float32)
-      rows = jnp.arange(logits.shape[0])
-      keys = draw.step_keys(draw.row_keys(s.rng, rows), jnp.full(rows.shape, s.step))
+      keys = draw.step_keys(draw.row_keys(s.rng, s.row_ids), jnp.full(s.row_ids.shape, s.step))
       new, new_lp, lse = draw.choose_tokens(logits, keys, sampling)
       self_reward = s.self_reward
       if z_c is not None:
@@ -248,6 +252,7 @@ class Sampler:
           step=s.step + 1,
           write_index=s.write_index + 1,
           rng=s.rng,
+          row_ids=s.row_ids,
           cache=cache,
       )
       return self._constrain_state(out)
@@ -287,7 +292,7 @@ class Sampler:
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype,
                                sharding=None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec()))
     return (params, batch((prefill_rows, prompt_len), jnp.int32), batch((prefill_rows, prompt_len), jnp.bool_),
-            batch((rows,), jnp.bool_), rng)
+            batch((rows,), jnp.int32), rng)
 
   def abstract_continuous_args(self, params, num_prompts: int, prompt_len: int, sampling: SamplingParams):
     """(prefill args, decode state) of the continuous programs (`decode_slots` > 0): `.lower(*args,
@@ -324,9 +329,12 @@ class Sampler:
     else:
       prefill_rows = [list(p) for p in prompts for _ in range(n)] + [[sampling.pad_id]] * (batch - num_rows)
     prompt_tokens, prompt_mask = left_pad(prefill_rows, bucket, sampling.pad_id)
-    row_valid = np.arange(batch) < num_rows
+    # This host's rows are rows [first, first + num_rows) of the call's real rows (every host has
+    # as many); its padding rows (-1) come after them.
+    first = jax.process_index() * num_rows
+    row_ids = np.where(np.arange(batch) < num_rows, first + np.arange(batch), -1).astype(np.int32)
 
-    args = (params, self._put_batch(prompt_tokens), self._put_batch(prompt_mask), self._put_batch(row_valid), rng)
+    args = (params, self._put_batch(prompt_tokens), self._put_batch(prompt_mask), self._put_batch(row_ids), rng)
     if sampling.decode_slots:
       continuous.check_slots(self, sampling)
       state = self.continuous_prefill(*args, sampling=sampling)
