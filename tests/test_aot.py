@@ -1,5 +1,6 @@
 """laser_jax.aot: slice names, loop-aware cost counts, and the whole report for a small model on
 a TPU v4-8 compiled on this CPU (when libtpu is installed: the `test` extra brings it)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -498,18 +499,62 @@ def test_packed_tokens_and_slot_sizing_by_hand():
 
 
 def _decode_program(**kw):
+  """A static loop compiled at 8 rows (4 per chip), 100 steps of 1.0 s HBM-bound, a row's 100
+  bytes all KV cache, prompt chunk 6 then decode chunks (50, 50)."""
   base = dict(steps=100, rows=8, data_parallel=2, compute_s=0.1, hbm_s=1.0, ici_s=0.0, weight_bytes=1000.0,
-              row_bytes=100.0, kv_fill=0.5)
+              row_bytes=100.0, kv_row_bytes=100.0, prompt_len=6, chunk_lengths=(50, 50),
+              kv_fill=estimate_lib.mean_visible_fraction(6, (50, 50)))
   return estimate_lib.DecodeProgram(**{**base, **kw})
 
 
-def test_a_continuous_step_reads_the_weights_and_every_slots_whole_cache():
-  d = _decode_program()
-  # Static step: 1.0 s / 100 steps for 1000 + 4 rows x 100 x 0.5 bytes; at 16 slots (8 per chip)
-  # 1000 + 8 x 100 bytes: 1800 / 1200 as long.
-  assert estimate_lib.slot_step_s(d, 16) == pytest.approx(0.01 * 1800 / 1200)
-  # Compute-bound: per-row work scales with the slots.
-  assert estimate_lib.slot_step_s(_decode_program(compute_s=10.0), 16) == pytest.approx(0.1 * 2)
+def test_replays_give_each_steps_deepest_write_and_visible_chunks_by_hand():
+  """3 or 4 rows on 2 slots, cache = prompt chunk 4 then decode chunks (2, 2, 4): window 12,
+  chunk ends 4, 6, 8, 12."""
+  chunks = (2, 2, 4)
+  # Rows of 5, 2, 3 tokens: row 0 holds slot A for steps 0-4, row 1 slot B for 0-1, row 2 slot
+  # B for 2-4. Row 0 writes offset t at step t: cache slots 4..8, in chunks 1, 1, 2, 2, 3.
+  r = estimate_lib.continuous_replay(np.array([5, 2, 3]), slots=2)
+  assert r.deepest.tolist() == [0, 1, 2, 3, 4] and r.refills.tolist() == [True, False, True, False, False]
+  np.testing.assert_allclose(estimate_lib.visible_fraction(r.deepest, 4, chunks), [6 / 12, 6 / 12, 8 / 12, 8 / 12, 1])
+  # Rows of 3, 1, 1, 2: row 0 on slot A for steps 0-2; rows 1, 2, 3 on slot B at steps 0, 1,
+  # 2-3. At step 3 only row 3 runs, at its offset 1: back to chunks 0..1.
+  r = estimate_lib.continuous_replay(np.array([3, 1, 1, 2]), slots=2)
+  assert r.deepest.tolist() == [0, 1, 2, 1] and r.refills.tolist() == [True, True, True, False]
+  np.testing.assert_allclose(estimate_lib.visible_fraction(r.deepest, 4, chunks), [6 / 12, 6 / 12, 8 / 12, 6 / 12])
+  # A static call runs until its longest row is done, every row at offset t.
+  assert estimate_lib.static_replay(np.array([3, 1, 1, 2])).deepest.tolist() == [0, 1, 2]
+  # No row consuming (a slot waiting for its refill): the prompt chunk alone.
+  assert estimate_lib.visible_fraction(np.array([-1]), 4, chunks).tolist() == [4 / 12]
+  # The static loop at the budget (8 steps): 2 steps see 6, 2 see 8, 4 see 12 of 12.
+  assert estimate_lib.mean_visible_fraction(4, chunks) == pytest.approx((2 * 6 + 2 * 8 + 4 * 12) / (8 * 12))
+  # 1024 rows of up to 8192 tokens on 256 slots replay fast.
+  import time
+  rows = np.random.default_rng(0).integers(1, 8193, size=1024)
+  start = time.perf_counter()
+  r = estimate_lib.continuous_replay(rows, 256)
+  assert time.perf_counter() - start < 1.0 and r.steps == estimate_lib.continuous_decode_steps(rows, 256)
+
+
+def test_a_decode_step_reads_the_weights_and_each_rows_cache_up_to_the_deepest_chunk():
+  """The second schedule above (3, 1, 1, 2 on 2 slots, chunk ends 4, 6, 8, 12), scaled from a
+  static loop compiled at 8 rows (4 per chip) over the budget of 8 steps: a row 120 bytes, 96 of
+  them KV cache, weights 1000 bytes; the compiled steps read 19/24 of the cache on average
+  (1000 + 4 x (96 x 19/24 + 24) = 1400 bytes), 0.014 s each (1e-5 s per byte)."""
+  d = estimate_lib.DecodeProgram(steps=8, rows=8, data_parallel=2, compute_s=0.0, hbm_s=8 * 0.014, ici_s=0.0,
+                                 weight_bytes=1000.0, row_bytes=120.0, kv_row_bytes=96.0, prompt_len=4,
+                                 chunk_lengths=(2, 2, 4), kv_fill=19 / 24)
+  assert d.kv_fill == pytest.approx(estimate_lib.mean_visible_fraction(4, (2, 2, 4)))
+  r = estimate_lib.continuous_replay(np.array([3, 1, 1, 2]), slots=2)
+  # 4 slots (2 per chip): 1000 + 2 x (96 x 1/2 + 24) = 1144 bytes at fraction 1/2, 1176 at 2/3.
+  assert estimate_lib.decode_seconds(d, 4, r) == pytest.approx(1e-5 * (3 * 1144 + 1176))
+  # The static loop at its own rows over the budget is the compiled loop.
+  assert estimate_lib.decode_seconds(d, 8, estimate_lib.static_replay(np.array([8]))) == pytest.approx(8 * 0.014)
+  # A refill (0.001 s at 8 slots) in the steps where free slots take rows (steps 0, 1, 2).
+  refilling = dataclasses.replace(d, refill_hbm_s=0.001)
+  assert estimate_lib.decode_seconds(refilling, 4, r) == pytest.approx(1e-5 * (3 * 1144 + 1176) + 3 * 0.0005)
+  # Compute-bound: per-row work scales with the slots, whatever the chunks.
+  busy = dataclasses.replace(d, compute_s=8.0)
+  assert estimate_lib.decode_seconds(busy, 4, r) == pytest.approx(4 * 0.5)
 
 
 def test_expected_step_at_the_budget_is_the_worst_case_and_real_lengths_cost_less():
@@ -518,18 +563,23 @@ def test_expected_step_at_the_budget_is_the_worst_case_and_real_lengths_cost_les
   d = _decode_program()
   worst = dict(prefill_s=0.5, logprobs_s=2.0, update_s=4.0)
   at_budget = estimate_lib.expected_step(shape, np.full(16, 100), d, slots=0, micro_batch_tokens=0, **worst)
+  # Two static calls at the budget replay the compiled loop's chunks: its 1.0 s each.
   assert at_budget["decode_steps"] == 2 * 100 and at_budget["decode_s"] == pytest.approx(2 * 1.0)
   assert at_budget["rollout_s"] == pytest.approx(0.5 + 2.0 + 2.0) and at_budget["update_s"] == 4.0
   short = np.array([100] + [10] * 15)
   e = estimate_lib.expected_step(shape, short, d, slots=8, micro_batch_tokens=107, **worst)
-  # As many slots as a call has rows: continuous batching has nothing to refill.
+  # As many slots as a call has rows: nothing to refill, the static steps reading the same chunks.
   assert e["static_decode_steps"] == e["decode_steps"] == 100 + 10
-  # One call of all 16 rows: the 15 short rows share 7 slots while the long one runs.
-  import dataclasses
+  assert e["decode_s"] == pytest.approx(e["static_decode_s"])
+  # The second call's 10 steps read only chunks 0..1 (56 of 106 slots): less than 10 steps of the
+  # compiled loop's average.
+  assert e["static_decode_s"] < 1.0 + 10 * 0.01
+  # One call of all 16 rows: the 15 short rows share 7 slots while the long one runs; the long
+  # row is the deepest at every step, as in a static call at the budget: the compiled 1.0 s.
   one_call = estimate_lib.expected_step(dataclasses.replace(shape, rows_per_call=16), short, d, slots=8,
                                         micro_batch_tokens=107, **worst)
   assert one_call["decode_steps"] == estimate_lib.continuous_decode_steps(short, 8) == 100
-  assert one_call["decode_s"] == pytest.approx(100 * estimate_lib.slot_step_s(d, 8))
+  assert one_call["decode_s"] == pytest.approx(1.0)
   # 106 + 15 x 16 tokens in rows of 107 on 2 shards: 106 | 6 x 16 | 6 x 16 | 3 x 16 -> 2 micro-batches.
   assert e["packed_tokens"] == 2 * 2 * 107 and e["update_s"] == pytest.approx(4.0 * 428 / (16 * 107))
   assert e["useful_tokens"] == 106 + 15 * 16
@@ -537,21 +587,43 @@ def test_expected_step_at_the_budget_is_the_worst_case_and_real_lengths_cost_les
 
 
 def test_expected_step_from_a_compiled_continuous_loop_scales_its_slot_step():
-  """The report compiled the continuous programs: the decode figures are the 4 slots' (fill 1),
-  100 steps of 1.0 s HBM-bound; a call has 8 rows."""
+  """The report compiled the continuous programs: the decode figures are the 4 slots' (counted
+  with every chunk visible, fill 1), 100 steps of 1.0 s HBM-bound; a call has 8 rows."""
   shape = estimate_lib.StepShape(rows=8, rows_per_call=8, prompt_tokens=6, seq_len=107, update_shards=2,
                                  num_params=1000, logprob_forwards=1, peak_flops=1e6)
   d = _decode_program(rows=4, kv_fill=1.0, call_rows=8, continuous=True)
-  # At its own slot count the step is the compiled one: 1.0 s / 100 steps.
-  assert estimate_lib.slot_step_s(d, 4) == pytest.approx(0.01)
   lengths = np.array([50, 10, 10, 10, 10, 10, 10, 10])
   e = estimate_lib.expected_step(shape, lengths, d, slots=4, micro_batch_tokens=0, prefill_s=0.0,
                                  logprobs_s=0.0, update_s=1.0)
-  assert e["decode_steps"] == 50 and e["decode_s"] == pytest.approx(0.5)
-  # The static call of 8 rows runs 50 steps of 8 rows: 1000 + 4 x 100 bytes per chip against the
-  # compiled 1000 + 2 x 100.
+  # Row 0 runs steps 0-49, the deepest, at offsets 0..49: cache slots 6..55, chunks 0..1 (56 of
+  # 106) at every step. 2 slots per chip: 1000 + 2 x 100 x 56/106 bytes against the compiled
+  # 1000 + 2 x 100, 0.01 s.
+  assert e["decode_steps"] == 50
+  assert e["decode_s"] == pytest.approx(50 * 0.01 * (1000 + 200 * 56 / 106) / 1200)
+  # The static call of 8 rows runs 50 steps of 8 rows (4 per chip) reading the same chunks.
   assert e["static_decode_steps"] == 50
-  assert e["static_decode_s"] == pytest.approx(50 * 0.01 * 1400 / 1200)
+  assert e["static_decode_s"] == pytest.approx(50 * 0.01 * (1000 + 400 * 56 / 106) / 1200)
+
+
+_SWITCH_BYTES = 1024 * 256 * 4  # the costliest branch reads all of x
+
+
+def test_hlo_costs_count_a_switchs_costliest_branch_and_a_cond_that_may_do_nothing_apart():
+  """`lax.switch` over how much of x to read (the continuous decode step's chunks in use): the
+  worst case reads all of x, whichever branch comes first. `lax.cond(p, work, identity)` (the
+  continuous sampler's refill): not counted, its bytes (read y, write 2y) reported apart."""
+  x = jnp.ones((1024, 256))
+  def costs(fn, *args):
+    return cost_model.hlo_costs(jax.jit(fn).lower(*args).compile().as_text())
+  branches = [lambda x: x[:8].sum(), lambda x: x[:64].sum(), lambda x: x.sum()]
+  for order in (branches, branches[::-1]):
+    switch = costs(lambda i, x: jax.lax.switch(i, order, x), jnp.int32(0), x)
+    assert _SWITCH_BYTES <= switch.hbm_bytes < _SWITCH_BYTES + 1024 and switch.optional_hbm_bytes == 0
+  y = jnp.ones((512, 512))
+  maybe = costs(lambda p, y: jax.lax.cond(p, lambda: y * 2.0, lambda: y), jnp.bool_(True), y)
+  assert maybe.optional_hbm_bytes == 2 * 512 * 512 * 4
+  # Counted as not taken: only what surrounds it (at most a copy of y in and out).
+  assert maybe.hbm_bytes <= 2 * 512 * 512 * 4 + 1024
 
 
 def test_config_validation_names_an_empty_response_lengths_key():

@@ -6,7 +6,10 @@
     module: operands + results in HBM of every top-level instruction (fusions count what they
     read and write; buffers in on-chip memory are not HBM traffic), slices and gathers what they
     read, an in-place dynamic-update-slice only the slice written, a collective its data twice;
-    loops multiplied by XLA's known trip count, a `counter < constant` condition, or the counts given.
+    loops multiplied by XLA's known trip count, a `counter < constant` condition, or the counts given;
+    a conditional its costliest branch (the worst case), unless another branch does nothing (a
+    `lax.cond(p, work, lambda: x)`, taken only when needed): then it is counted as not taken and
+    its bytes reported apart (`HloCosts.optional_hbm_bytes`).
 """
 from __future__ import annotations
 
@@ -181,6 +184,9 @@ class HloCosts:
   collective_bytes: float = 0.0  # per chip, loops multiplied out
   collective_bytes_in_loops: float = 0.0  # the part of collective_bytes inside while loops
   loops_without_trip_count: int = 0  # loops counted once (no count known or given)
+  # HBM bytes of conditionals counted as not taken (one branch does nothing; `hlo_costs`), loops
+  # multiplied out as if taken on every trip.
+  optional_hbm_bytes: float = 0.0
 
 
 def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: dict | None = None) -> HloCosts:
@@ -188,13 +194,35 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
 
   Loops whose trip count XLA knows or whose condition is `i < constant` are multiplied by it;
   the others (the sampler's decode loops) take the entries of `while_trip_counts` in program
-  order, or count once (`loops_without_trip_count`).
+  order, or count once (`loops_without_trip_count`). A conditional counts its costliest branch,
+  or nothing when one branch does nothing (`optional_hbm_bytes` then holds the other's bytes).
   """
   computations, entry = _parse_hlo(hlo_text)
   counts = list(while_trip_counts)
   out = HloCosts()
 
-  def walk(comp: str, times: float, in_loop: bool):
+  def _conditional(branches: list[str], times: float, in_loop: bool, acc: HloCosts):
+    """Branches are alternatives: count the costliest (a `lax.switch` over how much to read, e.g.
+    the continuous decode step's chunks in use, is counted at its worst case). A conditional
+    with a branch that does nothing (`lax.cond(p, work, lambda: x)`, e.g. the continuous
+    sampler's refill) counts as not taken, its work going to `optional_hbm_bytes`: the caller
+    knows how often it is taken."""
+    left = list(counts)
+    options = []
+    for b in branches:
+      counts[:] = left
+      branch = HloCosts()
+      walk(b, times, in_loop, branch)
+      options.append((branch, list(counts)))
+    moved = [o[0].hbm_bytes + o[0].collective_bytes + o[0].optional_hbm_bytes for o in options]
+    costliest, counts[:] = options[moved.index(max(moved))]
+    if len(options) > 1 and min(moved) == 0:
+      acc.optional_hbm_bytes += costliest.hbm_bytes + costliest.optional_hbm_bytes
+      return
+    for field in dataclasses.fields(HloCosts):
+      setattr(acc, field.name, getattr(acc, field.name) + getattr(costliest, field.name))
+
+  def walk(comp: str, times: float, in_loop: bool, acc: HloCosts):
     instrs = computations.get(comp, [])
     types = {i.name: i.type_str for i in instrs}
     for ins in instrs:
@@ -208,18 +236,17 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
             trips = counts.pop(0)
           else:
             trips = 1
-            out.loops_without_trip_count += 1
-        walk(_attr(ins.attrs, "body"), times * trips, True)
-        walk(_attr(ins.attrs, "condition"), times * trips, True)
+            acc.loops_without_trip_count += 1
+        walk(_attr(ins.attrs, "body"), times * trips, True, acc)
+        walk(_attr(ins.attrs, "condition"), times * trips, True, acc)
         continue
       if op == "conditional":
         branches = re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
                                                or re.search(r"(true_computation=.*)", ins.attrs)).group(1))
-        for b in branches[:1]:  # branches are alternatives: count the first
-          walk(b, times, in_loop)
+        _conditional(branches, times, in_loop, acc)
         continue
       if op == "call":
-        walk(_attr(ins.attrs, "to_apply"), times, in_loop)
+        walk(_attr(ins.attrs, "to_apply"), times, in_loop, acc)
         continue
       base = op[:-len("-start")] if op.endswith("-start") else op
       if op.endswith("-done"):
@@ -234,16 +261,16 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
         if len(arrays) >= 2:
           source, result = ("{}[{}]{}".format(*a) for a in arrays[:2])
           read = _type_bytes(result) if _type_bytes(source, hbm_only=True) else 0.0
-          out.hbm_bytes += times * (read + _type_bytes(result, hbm_only=True))
+          acc.hbm_bytes += times * (read + _type_bytes(result, hbm_only=True))
         continue
       if base in _COLLECTIVES:
         moved = _type_bytes(ins.type_str, largest_only=op.endswith("-start"))
         if base in ("all-reduce", "reduce-scatter", "all-to-all", "collective-permute"):
           moved = max(moved, sum(_type_bytes(types.get(o, "")) for o in ins.operands))
-        out.collective_bytes += times * moved
+        acc.collective_bytes += times * moved
         if in_loop:
-          out.collective_bytes_in_loops += times * moved
-        out.hbm_bytes += times * 2 * moved
+          acc.collective_bytes_in_loops += times * moved
+        acc.hbm_bytes += times * 2 * moved
         continue
       operand_bytes = [_type_bytes(types.get(o, ""), hbm_only=True) for o in ins.operands]
       fused_root = ""
@@ -256,11 +283,11 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
       result_bytes = _type_bytes(ins.type_str, hbm_only=True)
       if op == "dynamic-update-slice" or fused_root == "dynamic-update-slice":
         # Written in place: reads and writes the update, not the whole buffer.
-        out.hbm_bytes += times * 2 * sum(operand_bytes[1:])
+        acc.hbm_bytes += times * 2 * sum(operand_bytes[1:])
         continue
-      out.hbm_bytes += times * (sum(operand_bytes) + result_bytes)
+      acc.hbm_bytes += times * (sum(operand_bytes) + result_bytes)
       if breakdown is not None:  # (computation, instruction) -> bytes, for reading a report
         breakdown[(comp, ins.name, op, fused_root)] = times * (sum(operand_bytes) + result_bytes)
 
-  walk(entry, 1.0, False)
+  walk(entry, 1.0, False, out)
   return out

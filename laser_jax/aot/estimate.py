@@ -4,22 +4,29 @@ r"""One RL step at real response lengths, from the worst-case compiled programs'
 `max_new_tokens`, every update row is `seq_len` tokens). `expected_step` scales those per-call
 roofline times to a step whose responses have the lengths of `lengths.ResponseLengths`:
 
-  * Rollout decode, static sampler (`rollout.decode_slots` = 0): a call of `rows_per_call`
-    rows decodes until its longest row is done, so it runs max(lengths of its rows) steps;
-    `static_decode_steps`.
-  * Rollout decode, continuous batching (`rollout.decode_slots` > 0): each call of
-    `rows_per_call` rows runs `slots` decode slots, a finished row's slot refilled with the
-    call's next row every `refill_every` steps (`laser_jax.generate.continuous` refills on
-    device before every step: 1); `continuous_decode_steps` replays that schedule, so a call's
-    steps follow sum(lengths) / slots plus the tail of its last rows. The time of one step at
-    `slots` slots: compute and interconnect scale with the slots (per-row work); HBM bytes are
-    the static step's scaled by (weights + slots x row bytes) / (weights + rows x row bytes x
-    fill), the static loop's KV reads being `fill` of the cache (its decode segments: the
-    prompt plus half the response on average) and the continuous loop's the whole cache window
-    of every slot (it attends over every chunk). `slot_step_s`. When the report compiled the
-    continuous programs themselves (`DecodeProgram.continuous`: `rows` are the slots, fill 1),
-    the step scaled from is the compiled one, and the static figures (`static_decode_s`) are
-    that step scaled to the call's rows.
+  * Rollout decode, replayed step by step for each sampler call of `rows_per_call` rows
+    (`DecodeReplay`): which rows run at each step, hence the deepest cache slot a consuming row
+    writes. A row's t-th generated token (t >= 1) is consumed at cache slot prompt_len + t - 1,
+    and the cache is the prompt chunk then `SamplingParams.decode_chunk_lengths`: a step reads
+    the chunks up to the one holding the deepest write, the fraction f(t) = (end of that chunk)
+    / window of every row's KV cache (`visible_fraction`).
+      - Static sampler (`rollout.decode_slots` = 0, `static_replay`): a call decodes until its
+        longest row is done; at step t every row writes offset t (segment j of its loop attends
+        over chunks 0..j).
+      - Continuous batching (`rollout.decode_slots` > 0, `continuous_replay`): the call's rows
+        take the first free slot in order, a finished row's slot refilled with the next row
+        every `refill_every` steps (`laser_jax.generate.continuous` refills on device before
+        every step: 1); the step attends over the chunks up to the one holding the deepest
+        write of its consuming slots (a `lax.switch` over the chunk count in every layer).
+    A step's seconds: max(compute, HBM, ICI), compute and interconnect the compiled step's
+    scaled by the rows (per-row work), HBM the compiled step's scaled by the bytes read,
+    weights + rows x (KV bytes x f(t) + the rest of a row's state), against the compiled
+    count's (its mean fraction `kv_fill`: the static loop's segments at the budget,
+    `mean_visible_fraction`; the continuous loop counted with every chunk visible, 1), plus,
+    in a step where free slots take rows, one refill's bytes (`hlo_costs` counts the refill
+    apart: `optional_hbm_bytes`). `decode_seconds`. When the report compiled the continuous
+    programs (`DecodeProgram.continuous`: `rows` are the slots), the static figures
+    (`static_decode_s`) are the same replay of the static calls scaled from that step.
   * Prefill: the same prompts are prefilled either way: the worst case's time.
   * Old / reference log-probs and the update, packed (`config.micro_batch_tokens` > 0): the
     sequences (prompt bucket + response tokens; prompts are counted at their bucket, an upper
@@ -49,19 +56,66 @@ def static_decode_steps(tokens: np.ndarray, rows_per_call: int) -> int:
   return int(sum(int(np.max(tokens[i:i + rows_per_call])) for i in range(0, len(tokens), rows_per_call)))
 
 
-def continuous_decode_steps(tokens: np.ndarray, slots: int, refill_every: int = 1) -> int:
-  """Decode steps of continuous batching: rows (in order) take the first free slot; a slot
-  freed at step t takes its next row at the next multiple of `refill_every` (>= t); a row
-  of length L holds its slot L steps. Returns the step the last row finishes."""
+def continuous_starts(tokens: np.ndarray, slots: int, refill_every: int = 1) -> np.ndarray:
+  """The step each row starts decoding at under continuous batching: rows (in order) take the
+  first free slot; a slot freed at step t takes its next row at the next multiple of
+  `refill_every` (>= t); a row of length L holds its slot L steps."""
   free_at = [0] * min(slots, len(tokens))  # heap: the step each slot is free from
   heapq.heapify(free_at)
-  end = 0
-  for length in tokens:
-    start = -(-heapq.heappop(free_at) // refill_every) * refill_every
-    finish = start + int(length)
-    end = max(end, finish)
-    heapq.heappush(free_at, finish)
-  return end
+  starts = np.zeros(len(tokens), np.int64)
+  for i, length in enumerate(tokens):
+    starts[i] = -(-heapq.heappop(free_at) // refill_every) * refill_every
+    heapq.heappush(free_at, int(starts[i] + length))
+  return starts
+
+
+def continuous_decode_steps(tokens: np.ndarray, slots: int, refill_every: int = 1) -> int:
+  """Decode steps of continuous batching (`continuous_starts`): the step the last row finishes."""
+  return int(np.max(continuous_starts(tokens, slots, refill_every) + tokens)) if len(tokens) else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeReplay:
+  """One sampler call's decode loop, step by step."""
+  deepest: np.ndarray  # [steps] the largest decode offset (tokens generated - 1) a consuming row
+  #   writes at that step; -1 when no row consumes (the step then attends over the prompt chunk)
+  refills: np.ndarray  # [steps] bool: free slots take rows before the step (continuous only)
+
+  @property
+  def steps(self) -> int:
+    return int(self.deepest.size)
+
+
+def static_replay(tokens: np.ndarray) -> DecodeReplay:
+  """A static call: every row writes offset t at step t, until its longest row is done."""
+  steps = int(np.max(tokens))
+  return DecodeReplay(np.arange(steps), np.zeros(steps, bool))
+
+
+def continuous_replay(tokens: np.ndarray, slots: int, refill_every: int = 1) -> DecodeReplay:
+  """A continuous call (`continuous_starts`): a row started at step s writes offset t - s at
+  step t, so the deepest write is t - (the earliest start among the rows running at t)."""
+  starts = continuous_starts(tokens, slots, refill_every)
+  ends = starts + tokens
+  steps = int(np.max(ends))
+  earliest = np.full(steps, steps, np.int64)  # `steps`: no row running
+  for start, end in zip(starts, ends):  # rows in start order hold their slot in [start, end)
+    view = earliest[start:end]
+    np.minimum(view, start, out=view)
+  t = np.arange(steps)
+  refills = np.zeros(steps, bool)
+  refills[starts] = True
+  return DecodeReplay(np.where(earliest < steps, t - earliest, -1), refills)
+
+
+def visible_fraction(deepest: np.ndarray, prompt_len: int, chunk_lengths: tuple[int, ...]) -> np.ndarray:
+  """Per step, the share of a row's cache window (prompt chunk + decode chunks) attention
+  reads: up to the end of the chunk holding cache slot prompt_len + deepest (the prompt chunk
+  alone when no row consumes)."""
+  ends = np.cumsum((prompt_len,) + tuple(chunk_lengths))
+  written = np.where(deepest < 0, 0, prompt_len + deepest)
+  chunk = np.minimum(np.searchsorted(ends, written, side="right"), len(ends) - 1)
+  return ends[chunk] / ends[-1]
 
 
 def packed_tokens(sequence_tokens: np.ndarray, micro_batch_tokens: int, shards: int) -> int:
@@ -76,27 +130,42 @@ def packed_tokens(sequence_tokens: np.ndarray, micro_batch_tokens: int, shards: 
 @dataclasses.dataclass(frozen=True)
 class DecodeProgram:
   """The worst-case decode loop of one sampler call, as compiled (per chip, per call)."""
-  steps: int  # max_new_tokens: the steps it was counted at
-  rows: int  # rows of the call
+  steps: int  # the steps it was counted at (static: max_new_tokens)
+  rows: int  # rows of the call; a continuous program's: its slots
   data_parallel: int  # shards of the rows
   compute_s: float
   hbm_s: float
   ici_s: float
   weight_bytes: float  # this chip's rollout weights
   row_bytes: float  # this chip's bytes of one row's sampling state (KV cache + buffers)
-  kv_fill: float  # mean fraction of the cache a static step reads (decode segments)
+  kv_row_bytes: float  # the KV cache's part of row_bytes (keys, values, mask): read up to the chunk in use
+  prompt_len: int  # the prompt chunk of the cache
+  chunk_lengths: tuple[int, ...]  # the decode chunks of the cache (`SamplingParams.decode_chunk_lengths`)
+  kv_fill: float  # mean share of the cache window a compiled step was counted reading
   call_rows: int = 0  # rows of the sampler call (0: `rows`); a continuous program's `rows` are its slots
-  continuous: bool = False  # compiled as continuous batching: `rows` slots, every step reads the whole cache
+  continuous: bool = False  # compiled as continuous batching, counted with every chunk visible
+  refill_hbm_s: float = 0.0  # HBM seconds of one refill of the compiled slots (continuous)
 
 
-def slot_step_s(decode: DecodeProgram, slots: int) -> float:
-  """Roofline seconds of one continuous-batching decode step at `slots` slots (module docstring)."""
-  per_step = lambda t: t / decode.steps
-  scale = slots / decode.rows
-  static_bytes = decode.weight_bytes + decode.rows / decode.data_parallel * decode.row_bytes * decode.kv_fill
-  slot_bytes = decode.weight_bytes + slots / decode.data_parallel * decode.row_bytes
-  return max(per_step(decode.compute_s) * scale, per_step(decode.ici_s) * scale,
-             per_step(decode.hbm_s) * slot_bytes / static_bytes)
+def mean_visible_fraction(prompt_len: int, chunk_lengths: tuple[int, ...]) -> float:
+  """The static loop's mean `visible_fraction` when every row runs to the budget: its compiled
+  count (segment j's loop reads chunks 0..j)."""
+  return float(np.mean(visible_fraction(np.arange(sum(chunk_lengths)), prompt_len, chunk_lengths)))
+
+
+def decode_seconds(decode: DecodeProgram, rows: int, replay: DecodeReplay) -> float:
+  """Roofline seconds of a decode loop of `rows` rows (or slots) run as `replay` (module
+  docstring): per step max(compute, HBM, ICI), compute and ICI the compiled step's scaled by
+  rows, HBM the compiled step's scaled by the bytes read: weights + rows x (KV bytes x the
+  visible fraction + the rest of a row's state), plus a refill's bytes where one happens."""
+  per_row = rows / decode.rows
+  compute, ici = decode.compute_s / decode.steps * per_row, decode.ici_s / decode.steps * per_row
+  read = lambda rows_, fill: decode.weight_bytes + rows_ / decode.data_parallel * (
+      decode.kv_row_bytes * fill + decode.row_bytes - decode.kv_row_bytes)
+  fill = visible_fraction(replay.deepest, decode.prompt_len, decode.chunk_lengths)
+  hbm = decode.hbm_s / decode.steps * read(rows, fill) / read(decode.rows, decode.kv_fill)
+  hbm = hbm + replay.refills * decode.refill_hbm_s * per_row
+  return float(np.sum(np.maximum(np.maximum(compute, ici), hbm)))
 
 
 def max_slots(capacity: float, fixed_bytes: float, row_bytes: float, data_parallel: int,
@@ -131,18 +200,15 @@ def expected_step(shape: StepShape, response_tokens: np.ndarray, decode: DecodeP
   padded = shape.rows * shape.seq_len
   packed = (packed_tokens(shape.prompt_tokens + response_tokens, micro_batch_tokens, shape.update_shards)
             if micro_batch_tokens else padded)
-  static_steps = static_decode_steps(response_tokens, shape.rows_per_call)
-  if decode.continuous:  # no static loop compiled: a step of all the call's rows, scaled from the slots'
-    static_step_s = slot_step_s(decode, shape.rows_per_call)
-  else:
-    static_step_s = max(decode.compute_s, decode.hbm_s, decode.ici_s) / decode.steps
+  calls = [response_tokens[i:i + shape.rows_per_call] for i in range(0, len(response_tokens), shape.rows_per_call)]
+  static = [static_replay(call) for call in calls]
+  static_steps = sum(r.steps for r in static)
+  static_s = sum(decode_seconds(decode, shape.rows_per_call, r) for r in static)
   if slots:
-    calls = range(0, len(response_tokens), shape.rows_per_call)
-    steps = sum(continuous_decode_steps(response_tokens[i:i + shape.rows_per_call], slots, refill_every)
-                for i in calls)
-    decode_s = steps * slot_step_s(decode, slots)
+    replays = [continuous_replay(call, slots, refill_every) for call in calls]
+    steps, decode_s = sum(r.steps for r in replays), sum(decode_seconds(decode, slots, r) for r in replays)
   else:
-    steps, decode_s = static_steps, static_steps * static_step_s
+    steps, decode_s = static_steps, static_s
   rollout_s = prefill_s + decode_s + logprobs_s * packed / padded
   update = update_s * packed / padded
   step_s = rollout_s + update
@@ -150,7 +216,7 @@ def expected_step(shape: StepShape, response_tokens: np.ndarray, decode: DecodeP
   update_mfu = 6 * shape.num_params * useful / (update * shape.peak_flops)
   return {
       "slots": slots, "micro_batch_tokens": micro_batch_tokens, "refill_every": refill_every,
-      "static_decode_steps": static_steps, "static_decode_s": static_steps * static_step_s,
+      "static_decode_steps": static_steps, "static_decode_s": static_s,
       "decode_steps": steps, "decode_s": decode_s,
       "useful_tokens": useful, "padded_tokens": padded, "packed_tokens": packed,
       "rollout_s": rollout_s, "update_s": update, "step_s": step_s,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 
 from laser_jax.aot import cost_model
 from laser_jax.aot import estimate as estimate_lib
@@ -45,7 +46,9 @@ def expected(c, setup: run_setup_lib.RunSetup, tpu: topology.Slice, reports: lis
   rows in one continuous-batching call (`rollout.prompts_per_chunk` = 0) on as many slots as a
   static call has rows (the KV cache compiled here) or on the slot count, of those that fit
   next to the resident state, with the shortest expected step, and packing (at `micro_batch_tokens`, else at the padded micro-batch's
-  tokens per shard). {} without the rollout, log-prob and update programs."""
+  tokens per shard), beside the padded worst case by the same model (`worst_at_budget`: every row
+  at the budget, the static sampler, padded rows). {} without the rollout, log-prob and update
+  programs."""
   by_name = {r.name: r for r in reports}
   needed = ("rollout prefill", "rollout decode", "old/ref log-probs", "update")
   if decode is None or any(name not in by_name or by_name[name].error for name in needed):
@@ -71,8 +74,13 @@ def expected(c, setup: run_setup_lib.RunSetup, tpu: topology.Slice, reports: lis
   # beyond the step's rows never fill).
   most_used = min(most, -(-shape.rows // decode.data_parallel) * decode.data_parallel)
   candidates = [at(one_call, k, packed) for k in range(decode.data_parallel, most_used + 1, decode.data_parallel)]
+  # The padded worst case by the same model: every row at the budget, the static sampler, padded rows.
+  budget = np.full_like(lengths.tokens, lengths.budget)
+  worst = estimate_lib.expected_step(shape, budget, decode, 0, 0, step_total("rollout prefill"),
+                                     step_total("old/ref log-probs"), step_total("update"))
   return {"decode_slots": {"configured": setup.sampling.decode_slots, "max_with_10pct_spare": most,
                            "row_bytes": decode.row_bytes, "fixed_bytes": fixed},
+          "worst_at_budget": worst,
           "expected": at(shape, setup.sampling.decode_slots, setup.micro_batch_tokens),
           "expected_continuous_packed": at(one_call, decode.rows, packed),
           "expected_continuous_packed_best_slots": min(candidates, key=lambda e: e["step_s"]) if candidates else None}
@@ -89,10 +97,11 @@ def format_resident(report: dict) -> list[str]:
 
 
 def format_expected(report: dict) -> list[str]:
-  """The step at real response lengths beside the worst case (`estimate`)."""
+  """The step at real response lengths beside the padded worst case, both by `estimate`'s model
+  (the worst case's useful tokens are every row's prompt bucket + budget)."""
   if not report.get("expected"):
     return []
-  lengths, slots, worst = report["response_lengths"], report["decode_slots"], report["step"]
+  lengths, slots, worst = report["response_lengths"], report["decode_slots"], report["worst_at_budget"]
   lines = ["", f"### At real response lengths ({lengths['source']}: mean {lengths['mean']:.0f} of "
                f"{lengths['budget']} tokens, median {lengths['p50']:.0f}, {100 * lengths['truncated_fraction']:.1f}% "
                f"truncated; `laser_jax/aot/estimate.py` scales the compiled worst case)",
@@ -100,15 +109,8 @@ def format_expected(report: dict) -> list[str]:
            "| estimate | decode slots | decode steps | rollout s | update s | step s | % of worst step | "
            "useful-token MFU | update useful-token MFU |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  useful_worst = report["expected"]["useful_tokens"]
-  decode = next(p for p in report["programs"] if p["name"] == "rollout decode")
-  worst_steps = int(decode["calls_per_step"] * (decode["decode_steps"] or lengths["budget"]))
-  update_mfu_worst = report["expected"]["update_useful_mfu"] * report["expected"]["update_s"] / worst["update_s"]
-  lines.append(f"| worst case (every row at the budget) | {decode['decode_slots'] or 'static'} | {worst_steps} | "
-               f"{worst['rollout_s']:.1f} | {worst['update_s']:.1f} | {worst['step_s']:.1f} | 100 | "
-               f"{100 * worst['mfu'] * useful_worst / report['expected']['padded_tokens']:.1f} | "
-               f"{100 * update_mfu_worst:.1f} |")
-  for name, e in (("expected as configured", report["expected"]),
+  for name, e in (("worst case (every row at the budget, static, padded)", worst),
+                  ("expected as configured", report["expected"]),
                   ("expected, one continuous call + packing", report.get("expected_continuous_packed")),
                   ("expected, one continuous call at the fastest slot count + packing",
                    report.get("expected_continuous_packed_best_slots"))):

@@ -28,10 +28,14 @@ How the counts are made (`cost_model.jaxpr_flops` and `cost_model.hlo_costs`):
     collective its data twice (read and written).
   * Collective bytes: the data moved by each all-gather / all-reduce / reduce-scatter /
     all-to-all / collective-permute per chip, loops multiplied out.
+  * A conditional counts its costliest branch (a `lax.switch` over the cache chunks a step reads
+    counts every chunk), or nothing when its other branch does nothing (the continuous
+    sampler's refill: counted apart, `HloCosts.optional_hbm_bytes`).
   * Decode loops end when every row is done; they are counted at their worst case, every row
     generating `max_new_tokens` tokens. With `rollout.decode_slots` > 0 the sampler programs are
     the continuous-batching ones (`Sampler.continuous_prefill` / `continuous_decode`), the decode
-    loop counted at `estimate.continuous_decode_steps` of the call's rows at that length.
+    loop counted at `estimate.continuous_decode_steps` of the call's rows at that length, every
+    step reading every cache chunk (an upper bound: the step reads the chunks in use).
 Beside that worst case: the fit counting the training state resident during every program
 (`ProgramReport.resident_bytes`), the most decode slots that fit next to it, and the step at
 real response lengths (`config.aot.response_lengths`, `laser_jax.aot.lengths`), scaled from
@@ -107,11 +111,11 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
                           loop_trips=sampling.decode_chunk_lengths)[0]
   decode_report.decode_steps = sampling.max_new_tokens
   # Its HBM-bandwidth floor: every step reads this chip's weights and the KV cache written so
-  # far (with decode segments, attention reads the chunks written so far: the prompt plus half
-  # the response on average).
+  # far (with decode segments, attention reads the chunks written so far: about the prompt
+  # plus half the response on average).
   weights = sum(cost_model.shard_bytes(p) for p in jax.tree.leaves(abstract_params))
   cache = sum(cost_model.shard_bytes(x) for x in jax.tree.leaves(state.cache))
-  average_fill = (prompt_len + sampling.max_new_tokens / 2) / (prompt_len + sampling.max_new_tokens)
+  average_fill = estimate_lib.mean_visible_fraction(prompt_len, sampling.decode_chunk_lengths)
   decode_report.ideal_hbm_s = sampling.max_new_tokens * (weights + cache * average_fill) / chip.hbm_bandwidth
   rows = args[3].shape[0]  # row_valid: [rows]
   rows_per_chip = args[3].sharding.shard_shape(args[3].shape)[0]
@@ -120,7 +124,8 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
   decode = estimate_lib.DecodeProgram(
       steps=sampling.max_new_tokens, rows=rows, data_parallel=rows // rows_per_chip,
       compute_s=decode_report.compute_s, hbm_s=decode_report.hbm_s, ici_s=decode_report.ici_s,
-      weight_bytes=weights, row_bytes=row_bytes, kv_fill=average_fill, call_rows=rows)
+      weight_bytes=weights, row_bytes=row_bytes, kv_row_bytes=cache / rows_per_chip, prompt_len=prompt_len,
+      chunk_lengths=sampling.decode_chunk_lengths, kv_fill=average_fill, call_rows=rows)
   return [report, decode_report], decode
 
 
@@ -129,10 +134,13 @@ def _continuous_programs(programs, abstract_params, sampling, num_prompts: int, 
   """`_sampler_programs` for continuous batching (`sampling.decode_slots` > 0): compiles
   `Sampler.continuous_prefill` and `Sampler.continuous_decode`. The decode is one while_loop of
   refill + step over the slots; its costs are multiplied by `estimate.continuous_decode_steps`
-  with every row of the call at the budget (the worst case, as the static loop's). A refill
-  (a `lax.cond`) is counted as not taken: HBM bytes are a lower bound by the refills' cache
-  copies. The decode figures for `estimate` are per slot: `rows` = the slots, `row_bytes` a
-  slot's KV cache + per-slot state, `kv_fill` 1 (every step attends over the whole cache)."""
+  with every row of the call at the budget, each step's attention (a `lax.switch` over the
+  chunks in use) at its costliest branch, every chunk visible: an upper bound, which
+  `estimate` scales down to the chunks a step uses. A refill (a `lax.cond` that does nothing
+  when no slot is free) is counted apart (`cost_model.HloCosts.optional_hbm_bytes`, here per
+  step as if taken every step): `estimate` adds it in the steps that refill. The decode figures
+  for `estimate` are per slot: `rows` = the slots, `row_bytes` a slot's KV cache + per-slot
+  state, `kv_fill` 1."""
   sampler = programs.sampler
   args, _ = sampler.abstract_continuous_args(abstract_params, num_prompts, prompt_len, sampling)
   slots = sampling.decode_slots
@@ -159,7 +167,9 @@ def _continuous_programs(programs, abstract_params, sampling, num_prompts: int, 
   decode_program = estimate_lib.DecodeProgram(
       steps=steps, rows=slots, data_parallel=slots // slots_per_chip, compute_s=decode_report.compute_s,
       hbm_s=decode_report.hbm_s, ici_s=decode_report.ici_s, weight_bytes=weights, row_bytes=slot_bytes,
-      kv_fill=1.0, call_rows=rows, continuous=True)
+      kv_row_bytes=cache / slots_per_chip, prompt_len=prompt_len, chunk_lengths=sampling.decode_chunk_lengths,
+      kv_fill=1.0, call_rows=rows, continuous=True,
+      refill_hbm_s=decode_report.optional_hbm_bytes / steps / chip.hbm_bandwidth)
   return [report, decode_report], decode_program
 
 
