@@ -1,6 +1,6 @@
 r"""Issue 27 measured here, side by side: what a long-tailed batch costs per useful token.
 
-  python bench/length_skew.py [--quick] [--out=PATH]
+  python bench/length_skew.py [--quick | --tiny] [--out=PATH]
 
 One process, one machine, two comparisons (each variant timed after its compile, its calls
 alternating with the others' where the callee does so):
@@ -13,11 +13,13 @@ alternating with the others' where the callee does so):
     rows that fill the whole budget.
 Time per useful (real, non-pad) token is the figure of merit. The issue's targets (--quick, CPU):
 continuous rollout >= 1.8x faster than static; packed update within 1.3x of the full rows' time
-per useful token. Prints a table and writes bench/results/length_skew.json.
+per useful token. Prints a table and writes bench/results/length_skew.json. `--tiny` is a smoke
+run (batches too small for the targets to mean anything) that tests/test_bench.py runs.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -29,15 +31,47 @@ from bench import update_skew  # noqa: E402
 from laser_jax.aot import lengths as lengths_lib  # noqa: E402
 
 
-def run(quick: bool) -> dict:
-  """Both comparisons; returns {"rollout": compare_rollout's dict, "update": measure's rows, ...}."""
-  rollout = rollout_skew.compare_rollout(quick, mean_fraction=lengths_lib.DEFAULT_MEAN_FRACTION)
-  rows, max_new, prompt_len, micro = (32, 256, 32, 8) if quick else (64, 512, 32, 8)
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """One size of the run: the rollout comparison's arguments and the update batch."""
+  rollout: dict  # compare_rollout's keyword arguments
+  rows: int  # responses of the update batch
+  max_new_tokens: int  # their length budget
+  prompt_len: int
+  micro_batch_size: int  # rows of a padded micro-batch
+  repeats: int  # timed updates per variant (the best counts)
+  update_model: update_skew.model_lib.ModelConfig = update_skew.MODEL
+
+
+SIZES = {
+    "full": Size({"quick": False}, rows=64, max_new_tokens=512, prompt_len=32, micro_batch_size=8, repeats=3),
+    "quick": Size({"quick": True}, rows=32, max_new_tokens=256, prompt_len=32, micro_batch_size=8, repeats=3),
+    # The test's smoke run (compiles dominate): one-layer models, 16 rows of 64 tokens in each stage.
+    "tiny": Size({"quick": True, "prompts": 4, "n": 4, "max_new_tokens": 64,
+                  "model_cfg": dataclasses.replace(rollout_skew.bench_model(True), vocab_size=256, hidden_size=64,
+                                                   intermediate_size=128, num_layers=1, head_dim=8)},
+                 rows=16, max_new_tokens=64, prompt_len=16, micro_batch_size=4, repeats=1,
+                 update_model=dataclasses.replace(update_skew.MODEL, hidden_size=64, intermediate_size=128,
+                                                  num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32)),
+}
+
+
+def run(quick: bool, size: str | None = None) -> dict:
+  """Both comparisons at `size` (default "quick" or "full" after `quick`); returns
+  {"rollout": compare_rollout's dict, "update": measure's rows, ...}."""
+  size = size or ("quick" if quick else "full")
+  sz = SIZES[size]
+  rows, max_new, prompt_len, micro, repeats = sz.rows, sz.max_new_tokens, sz.prompt_len, sz.micro_batch_size, sz.repeats
+  rollout = rollout_skew.compare_rollout(**sz.rollout, mean_fraction=lengths_lib.DEFAULT_MEAN_FRACTION)
   lengths = lengths_lib.response_lengths("rlvr_long_tail", budget=max_new, rows=rows)
   seq_len = prompt_len + max_new + 1
   update = update_skew.measure(lengths.tokens, prompt_len=prompt_len, max_new_tokens=max_new,
-                               micro_batch_size=micro, micro_batch_tokens=2 * seq_len, repeats=3)
-  return {"quick": quick, "rollout": rollout, "update_lengths": lengths.as_dict(), "update": update}
+                               micro_batch_size=micro, micro_batch_tokens=2 * seq_len, repeats=repeats,
+                               model_cfg=sz.update_model)
+  return {"quick": quick, "size": size, "rollout": rollout, "update_lengths": lengths.as_dict(),
+          "update_batch": {"rows": rows, "max_new_tokens": max_new, "prompt_len": prompt_len,
+                           "micro_batch_size": micro, "micro_batch_tokens": 2 * seq_len, "repeats": repeats},
+          "update": update}
 
 
 def table_rows(result: dict) -> list[list]:
@@ -54,9 +88,11 @@ def table_rows(result: dict) -> list[list]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="small model and batches: a CPU run under 5 minutes")
+  parser.add_argument("--tiny", action="store_true",
+                      help="smaller still: a smoke run of both comparisons in well under a minute (the test's)")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/length_skew.json)")
   args = parser.parse_args()
-  result = run(args.quick)
+  result = run(args.quick, "tiny" if args.tiny else None)
   r = result["rollout"]
   common.print_table(["stage", "variant", "useful tokens", "seconds", "us / useful token",
                       "time vs static (rollout) / per token vs full rows (update)"], table_rows(result),

@@ -39,10 +39,12 @@ def _timed(fn):
 
 
 def compare_rollout(quick: bool = True, *, prompts: int | None = None, n: int = 8, max_new_tokens: int | None = None,
-                    mean_fraction: float = 0.25, decode_slots: int | None = None, seed: int = 0) -> dict:
-  """Times one sampler call static vs continuous on the same long-tailed rows. Returns a dict:
-  lengths stats, seconds and seconds per useful token of each mode, and the speed-up."""
-  cfg = bench_model(quick)
+                    mean_fraction: float = 0.25, decode_slots: int | None = None, seed: int = 0,
+                    model_cfg: ModelConfig | None = None) -> dict:
+  """Times one sampler call static vs continuous on the same long-tailed rows (a random-init
+  `model_cfg`, default `bench_model(quick)`). Returns a dict: lengths stats, seconds and seconds
+  per useful token of each mode, and the speed-up."""
+  cfg = model_cfg or bench_model(quick)
   prompts = prompts or (8 if quick else 32)
   max_new = max_new_tokens or (256 if quick else 1024)
   rows = prompts * n
