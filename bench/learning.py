@@ -8,10 +8,13 @@ the test-time-scaling columns. Writes
                                 time and final scaling summary; the per-method mean and std
   bench/results/learning.png    held-out accuracy and self-verification F1 over steps: mean
                                 curves over the seeds with a +-1 std band
-and prints one table with mean +- std over seeds per column: held-out accuracy at the first and
+and prints the table with mean +- std over seeds per column: held-out accuracy at the first and
 last eval, self-verification F1 and AUROC at the last eval (the runs' eval records: the held-out
-set x eval.n samples), and on the final models mean@n, maj@n, score-weighted maj@n and best-of-n
-by score (bootstrapped with a fixed seed). Then it checks the learning issue's bars.
+set x eval.n samples), and on the final models (`tts.summarize`, bootstrapped with a fixed seed)
+what test-time use needs: within-problem AUROC of the score and its problem count; best-of-n by
+score vs by the policy's mean token log-likelihood vs mean@n; score-weighted vs
+likelihood-weighted vs plain maj@n; the reward variance explained by the problem and the distinct
+shares of correct / incorrect responses. Then it checks the learning issue's bars.
 
   python bench/learning.py --seeds=3                      # 3 x 2 runs from scratch (~50 min on 2 cores)
   python bench/learning.py --seeds=3 --reuse              # reuse finished runs in --workdir
@@ -23,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,9 +41,22 @@ from laser_jax.training import metrics_writer  # noqa: E402
 from laser_jax.training import trainer  # noqa: E402
 
 METHODS = {"laser": True, "grpo": False}  # name -> laser.use_self_reward_loss
-# Columns of the table: (key in a run's summary, header).
+# Columns of the table: (key in a run's summary, header), printed in rows of COLUMNS_PER_LINE.
 COLUMNS = (("acc_first", "acc start"), ("acc_last", "acc end"), ("f1", "F1"), ("auroc", "AUROC"),
-           ("mean@n", "mean@n"), ("maj@n", "maj@n"), ("self_weighted_maj@n", "wmaj@n"), ("best@n", "best@n"))
+           ("within_auroc", "within AUROC"), ("within_auroc_problems", "within #problems"),
+           ("best@n", "best@n score"), ("best_by_likelihood@n", "best@n likelihood"), ("mean@n", "mean@n"),
+           ("self_weighted_maj@n", "wmaj@n score"), ("likelihood_weighted_maj@n", "wmaj@n likelihood"),
+           ("maj@n", "maj@n"), ("variance_explained_by_problem", "var by problem"),
+           ("distinct_frac/correct", "distinct correct"), ("distinct_frac/incorrect", "distinct incorrect"))
+COLUMNS_PER_LINE = 8
+# Summary keys of the final models' columns -> `tts.summarize`'s keys (@n: at k = n).
+SCALING_KEYS = {"mean@n": "reward/mean", "within_auroc": "self_verification/within_auroc",
+                "within_auroc_problems": "self_verification/within_auroc_problems",
+                "variance_explained_by_problem": "reward/variance_explained_by_problem",
+                "distinct_frac/correct": "distinct_frac/correct",
+                "distinct_frac/incorrect": "distinct_frac/incorrect",
+                **{f"{m}@n": f"{m}@{{n}}" for m in ("best", "best_by_likelihood", "self_weighted_maj",
+                                                     "likelihood_weighted_maj", "maj")}}
 
 
 def run_config(workdir: str, seed: int, laser: bool, overrides: dict, base: str):
@@ -55,8 +72,9 @@ def eval_records(workdir: str) -> list[dict]:
 
 
 def final_scaling(config, n: int, num_problems: int) -> dict:
-  """mean@n, maj@k, score-weighted maj@k and best@k (tts.summarize) of the run's last checkpoint
-  on its first `num_problems` held-out problems, n samples each (eval sampling settings)."""
+  """`tts.summarize` (mean@n, the within-problem measures, maj@k, weighted maj@k and best@k by
+  score and by likelihood) of the run's last checkpoint on its first `num_problems` held-out
+  problems, n samples each (eval sampling settings)."""
   import dataclasses
   t = trainer.Trainer(config)
   params = notebook_utils.restore_params(t, config.workdir)
@@ -67,7 +85,8 @@ def final_scaling(config, n: int, num_problems: int) -> dict:
       solutions = notebook_utils.sample_solutions(
           params, t.model_cfg, t.tokenizer, prompts, sampling, verifier, jax.random.key(123),
           kl_coef=config.laser.kl_coef, ref_constant=config.laser.ref_constant, mesh=t.mesh)
-  return tts.summarize(solutions.answers, solutions.acc, solutions.scores)
+  return tts.summarize(solutions.answers, solutions.acc, solutions.scores,
+                       likelihoods=solutions.likelihoods, responses=solutions.texts)
 
 
 def summarize_run(evals: list[dict], scaling: dict, n: int) -> dict:
@@ -76,14 +95,15 @@ def summarize_run(evals: list[dict], scaling: dict, n: int) -> dict:
   return {"acc_first": nan(evals[0]["eval/reward/mean"]), "acc_last": nan(evals[-1]["eval/reward/mean"]),
           "f1": nan(evals[-1].get("eval/self_verification/f1_finished")),
           "auroc": nan(evals[-1].get("eval/self_verification/auroc_finished")),
-          "mean@n": scaling["reward/mean"], "maj@n": scaling[f"maj@{n}"],
-          "self_weighted_maj@n": scaling[f"self_weighted_maj@{n}"], "best@n": scaling[f"best@{n}"]}
+          **{key: nan(scaling[name.format(n=n)]) for key, name in SCALING_KEYS.items()}}
 
 
 def mean_std(rows: list[dict]) -> dict:
-  """{column: [mean, std (population)]} over the seeds' rows, NaN-aware."""
-  return {key: [float(np.nanmean([r[key] for r in rows])), float(np.nanstd([r[key] for r in rows]))]
-          for key, _ in COLUMNS}
+  """{column: [mean, std (population)]} over the seeds' rows, NaN-aware (NaN if every seed's is)."""
+  with warnings.catch_warnings():  # numpy warns of an all-NaN column (e.g. F1 with an empty class)
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return {key: [float(np.nanmean([r[key] for r in rows])), float(np.nanstd([r[key] for r in rows]))]
+            for key, _ in COLUMNS}
 
 
 def bars(stats: dict) -> dict:
@@ -102,10 +122,12 @@ def bars(stats: dict) -> dict:
 
 
 def format_table(stats: dict, num_seeds: int, n: int) -> str:
-  header = f"{'method':7}" + "".join(f"{title.replace('@n', f'@{n}'):>16}" for _, title in COLUMNS)
-  lines = [f"mean +- std over {num_seeds} seed(s)", header]
-  for method, columns in stats.items():
-    lines.append(f"{method:7}" + "".join(f"{columns[k][0]:9.3f}+-{columns[k][1]:.3f}" for k, _ in COLUMNS))
+  lines = [f"mean +- std over {num_seeds} seed(s)"]
+  for start in range(0, len(COLUMNS), COLUMNS_PER_LINE):
+    part = COLUMNS[start:start + COLUMNS_PER_LINE]
+    lines.append(f"{'method':7}" + "".join(f"{title.replace('@n', f'@{n}'):>19}" for _, title in part))
+    for method, columns in stats.items():
+      lines.append(f"{method:7}" + "".join(f"{columns[k][0]:12.3f}+-{columns[k][1]:.3f}" for k, _ in part))
   return "\n".join(lines)
 
 

@@ -3,9 +3,10 @@
 The notebooks stay readable by keeping the plumbing here:
 - `smoke_mode()`: the tests run every notebook with LASER_JAX_SMOKE=1 (tiny local model, no network).
 - `device_numerics()`: the compute dtype and attention kernel the device supports (Colab T4 vs A100).
-- `sample_solutions(...)`: n responses per problem with their verifier reward, extracted answer and
-  last-token self-reward score r_s = beta_v * (log pi(z_c | x, y) - c_ref), as [P, n] arrays that
-  `laser_jax.evaluation.tts` consumes directly.
+- `sample_solutions(...)`: n responses per problem with their verifier reward, extracted answer,
+  mean token log-likelihood and last-token self-reward score
+  r_s = beta_v * (log pi(z_c | x, y) - c_ref), as [P, n] arrays that `laser_jax.evaluation.tts`
+  consumes directly.
 - `restore_params(trainer, workdir)`: the parameters of a finished `trainer.train` run.
 - `metric_series` / `plot_training`: reward and self-verification F1 over RL steps.
 - `scaling_curves` / `plot_scaling`: maj@k, self-reward-weighted maj@k and best@k against k.
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from laser_jax.data import answers
+from laser_jax.evaluation import report
 from laser_jax.generate import sampler
 from laser_jax.generate import sampling as sampling_lib
 from laser_jax.models import model as model_lib
@@ -79,6 +81,7 @@ class Solutions:
   prompt_ids: list[list[int]]  # [P] the prompt token ids
   response_ids: list[list[list[int]]]  # [P][n] generated ids, EOS excluded
   eos_token: np.ndarray  # int [P, n] the EOS id each finished response emitted
+  likelihoods: np.ndarray  # float [P, n] the policy's mean token log-likelihood (report.mean_token_logprobs)
 
   @property
   def num_problems(self) -> int:
@@ -121,7 +124,7 @@ def sample_solutions(params, model_cfg, tokenizer, prompts: Sequence[Any], sampl
       finished=scored.finished.reshape(num, n), z_logprob=z_logprob.reshape(num, n),
       prompt_ids=[list(p.token_ids) for p in prompts],
       response_ids=rows([row[:k].tolist() for row, k in zip(tokens, lengths)]),
-      eos_token=out.eos_token.reshape(num, n))
+      eos_token=out.eos_token.reshape(num, n), likelihoods=report.mean_token_logprobs(out).reshape(num, n))
 
 
 def full_forward_z_logprob(params, model_cfg, prompt_ids: Sequence[int],

@@ -6,7 +6,8 @@ first to the last eval (the learning issue's bar), and at the end self-verificat
 the score's AUROC >= 0.80. Those floors are the mean minus two standard deviations over 3 seeds
 (`python bench/learning.py --seeds=3`: F1 0.711 +- 0.051, AUROC 0.838 +- 0.016; seed 0 measured
 0.764 and 0.858). The issue's F1 >= 0.80 is not reached at this scale (README, "Learning
-demonstration").
+demonstration"). The within-problem measures of the last eval (issue 28) must be present and
+in [0, 1]; no floor is pinned on them until `bench/learning.py --seeds=3` has measured them.
 """
 import json
 import os
@@ -32,3 +33,9 @@ def test_default_run_learns_to_solve_and_to_verify(tmp_path):
   assert gain >= 0.10, [(r["step"], r["eval/reward/mean"]) for r in evals]
   assert evals[-1]["eval/self_verification/f1_finished"] >= 0.60, evals[-1]
   assert evals[-1]["eval/self_verification/auroc_finished"] >= 0.80, evals[-1]
+  # The within-problem measures (issue 28) are reported; their floors wait for a 3-seed measurement.
+  last = evals[-1]
+  assert last["eval/self_verification/within_auroc_problems"] > 0, last
+  for key in ("eval/self_verification/within_auroc", "eval/reward/variance_explained_by_problem",
+              "eval/distinct_frac/correct", "eval/distinct_frac/incorrect"):
+    assert last[key] is not None and 0 <= last[key] <= 1, (key, last)

@@ -193,3 +193,24 @@ def test_step_model_flops_by_hand():
   # each log-prob pass (recomputed old log-probs, pi_ref) adds another 2N per token.
   assert rl_metrics.step_model_flops(1_000_000, 1000, 0) == 8e9
   assert rl_metrics.step_model_flops(1_000_000, 1000, 2) == 12e9
+
+
+def test_problem_text_ids_and_rows_by_problem_hand_worked():
+  # Two hosts' rows, each host numbering its own problems 0, 1: ids are the first row (in the
+  # host's list) of the same problem with the same text, so "b" of problem 0 (row 1) and of
+  # problem 1 (row 3) stay apart.
+  texts, group_ids = ["a", "b", "a", "b", "b", "c"], [0, 0, 0, 1, 1, 1]
+  np.testing.assert_array_equal(rl_metrics.problem_text_ids(texts, group_ids), [0, 1, 0, 3, 3, 5])
+  # Rows in any order -> [problems, n] in group-id order, each problem's rows in their order.
+  acc, ids = rl_metrics.rows_by_problem([1, 0, 1, 0], [1.0, 0.0, 0.5, 0.25], [7, 8, 9, 7])
+  np.testing.assert_array_equal(acc, [[0.0, 0.25], [1.0, 0.5]])
+  np.testing.assert_array_equal(ids, [[8, 7], [7, 9]])
+  with pytest.raises(ValueError, match="different numbers of responses"):
+    rl_metrics.rows_by_problem([0, 0, 1], [1, 2, 3])
+  # AUROC 1 and 0 within the two problems; the distinct shares count those ids as they count texts.
+  measures = rl_metrics.within_problem_measures([[1, 1, 0], [0, 0, 1]], [[0.9, 0.9, 0.1], [0.4, 0.4, 0.3]],
+                                                [rl_metrics.problem_text_ids(["x", "x", "y"], [0] * 3),
+                                                 rl_metrics.problem_text_ids(["x", "x", "z"], [1] * 3)])
+  assert measures == {"self_verification/within_auroc": 0.5, "self_verification/within_auroc_problems": 2,
+                      "reward/variance_explained_by_problem": pytest.approx(1 / 9),
+                      "distinct_frac/correct": pytest.approx(2 / 3), "distinct_frac/incorrect": pytest.approx(2 / 3)}

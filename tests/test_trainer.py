@@ -453,6 +453,36 @@ def test_eval_with_the_exact_score_subtracts_the_reference_logprob(tmp_path):
     t.evaluate(params, jax.random.key(0))
 
 
+def test_eval_reports_the_within_problem_measures_of_its_samples(tmp_path):
+  """The periodic eval's within-problem AUROC, reward variance explained by the problem and
+  distinct shares equal those worked out here, by pairwise counting and sets of texts, from the
+  same samples (`generate` with the eval's key: the eval's pipeline)."""
+  from laser_jax.rl import scoring
+  c = tiny_config(tmp_path, **{"reward.fn": "multihost_helpers:parity_reward", "reward.num_workers": 0,
+                               "eval.n": 8, "eval_every": 0})
+  t = trainer.Trainer(c)
+  params, key = t.initial_params(), jax.random.key(4)  # 4 problems with both classes scored
+  ev = t.evaluate(params, key)
+  with jax.set_mesh(t.mesh):
+    scored = t.generate(params, t.task.eval_prompts, t.eval_sampling, key,
+                        score=scoring.Score(kl_coef=c.laser.kl_coef, ref_constant=c.laser.ref_constant))
+  acc, scores = scored.rewards.reshape(8, 8), scored.scores.reshape(8, 8)  # a problem's rows are contiguous
+  texts = [scored.texts[8 * p:8 * p + 8] for p in range(8)]
+  within = []
+  for a, s in zip(acc, scores):
+    pos, neg = s[(a == 1) & ~np.isnan(s)], s[(a == 0) & ~np.isnan(s)]
+    if len(pos) and len(neg):  # P(a correct one scores above an incorrect one), ties 1/2
+      within.append(np.mean([(x > y) + 0.5 * (x == y) for x in pos for y in neg]))
+  assert len(within) >= 3, "the sample must exercise the within-problem AUROC"
+  assert ev["eval/self_verification/within_auroc_problems"] == len(within)
+  assert ev["eval/self_verification/within_auroc"] == pytest.approx(np.mean(within))
+  between = np.mean((acc.mean(1) - acc.mean()) ** 2)
+  assert ev["eval/reward/variance_explained_by_problem"] == pytest.approx(between / np.mean((acc - acc.mean()) ** 2))
+  for name, verdict in (("correct", 1), ("incorrect", 0)):
+    chosen = [(p, text) for p in range(8) for text, a in zip(texts[p], acc[p]) if a == verdict]
+    assert ev[f"eval/distinct_frac/{name}"] == pytest.approx(len(set(chosen)) / len(chosen))
+
+
 @pytest.mark.slow  # 55 s: a warm start, a run, a resume and an evaluation.
 def test_reference_policy_is_the_post_warm_start_initial_policy_and_resumes_restore_it(tmp_path, monkeypatch):
   """pi_ref (KL loss, exact score) is the policy RL starts from: after the supervised warm start,

@@ -38,10 +38,11 @@ Conventions (documented because they change numbers):
 - @k metrics are bootstrapped as verl reports maj@k / best@k: per problem, `num_bootstrap`
   subsets of k responses drawn with replacement (seeded), averaged, then averaged over problems.
 - Within-problem measures (what best-of-n and weighted voting rely on: ranking the solutions of
-  one problem): `within_problem_auroc` (mean over the problems whose scored responses include
-  both a correct and an incorrect one, and their count), `distinct_fractions` (distinct response
-  texts over responses, per class, pooled over problems) and
-  `reward_variance_explained_by_problem` (between-problem variance of the reward over its total).
+  one problem; `rl_metrics`', which the trainer's eval reports too): `within_problem_auroc` (mean
+  over the problems whose scored responses include both a correct and an incorrect one, and
+  their count), `distinct_fractions` (distinct response texts over responses, per class, pooled
+  over problems) and `reward_variance_explained_by_problem` (between-problem variance of the
+  reward over its total).
 """
 from __future__ import annotations
 
@@ -77,42 +78,11 @@ def self_verification(acc, scores, threshold: float = 0.5, finished=None) -> dic
           **rl_metrics.self_verification_finished(scores, acc, finished, threshold)}
 
 
-def within_problem_auroc(acc, scores) -> tuple[float, int]:
-  """(mean AUROC of the score within a problem, number of problems it averages over).
-
-  Only a problem's scored responses are compared with each other; a problem counts iff they
-  include both a correct and an incorrect response. NaN and 0 when no problem does."""
-  acc = _as_2d(acc, "acc", np.float64)
-  scores = _as_2d(scores, "scores", np.float64)
-  values = []
-  for problem_acc, problem_scores in zip(acc, scores):
-    scored = ~np.isnan(problem_scores)
-    value = rl_metrics.auroc(problem_scores[scored], problem_acc[scored] > 0.5)
-    if not np.isnan(value):
-      values.append(value)
-  return (float(np.mean(values)) if values else float("nan")), len(values)
-
-
-def distinct_fractions(responses: Sequence[Sequence[str]], acc) -> dict[str, float]:
-  """Share of distinct response texts among the correct and among the incorrect responses
-  (distinct within a problem, pooled over problems): `distinct_frac/correct`, `.../incorrect`;
-  NaN for a class without responses. Few distinct correct texts let a noisy max pick a rare
-  wrong outlier over the repeated right one."""
-  acc = _as_2d(acc, "acc", np.float64)
-  out = {}
-  for name, is_class in (("correct", acc > 0.5), ("incorrect", acc <= 0.5)):
-    texts = [(p, t) for p, row in enumerate(responses) for t, c in zip(row, is_class[p]) if c]
-    out[f"distinct_frac/{name}"] = len(set(texts)) / len(texts) if texts else float("nan")
-  return out
-
-
-def reward_variance_explained_by_problem(acc) -> float:
-  """Between-problem variance of the reward (of the per-problem means) over its total variance:
-  1 when every problem's responses agree, 0 when every problem has the same accuracy; NaN when
-  the reward is constant."""
-  acc = _as_2d(acc, "acc", np.float64)
-  total = acc.var()
-  return float(acc.mean(axis=1).var() / total) if total > 0 else float("nan")
+# The within-problem measures are rl_metrics' (the trainer's periodic eval reports them too, and
+# training does not import evaluation); under these names as well, beside the other test-time metrics.
+within_problem_auroc = rl_metrics.within_problem_auroc
+distinct_fractions = rl_metrics.distinct_fractions
+reward_variance_explained_by_problem = rl_metrics.reward_variance_explained_by_problem
 
 
 def self_reward_weights(scores) -> np.ndarray:
@@ -224,12 +194,7 @@ def summarize(answers: Sequence[Sequence[str | None]], acc, scores, threshold: f
   distinct shares are (records written before they existed): the keys are always the same."""
   out = {"reward/mean": mean_at_n(acc)}  # mean@n, under the trainer's name for it
   out.update(self_verification(acc, scores, threshold, finished))
-  within, num_within = within_problem_auroc(acc, scores)
-  out.update({"self_verification/within_auroc": within,
-              "self_verification/within_auroc_problems": num_within,
-              "reward/variance_explained_by_problem": reward_variance_explained_by_problem(acc)})
-  out.update(distinct_fractions(responses, acc) if responses is not None else
-             {"distinct_frac/correct": float("nan"), "distinct_frac/incorrect": float("nan")})
+  out.update(rl_metrics.within_problem_measures(acc, scores, responses))
   scaling = scaling_metrics(answers, acc, scores, num_bootstrap=num_bootstrap, seed=seed,
                             likelihoods=likelihoods)
   if likelihoods is None:

@@ -6,6 +6,10 @@ Two kinds of metric live here:
     summing the pieces and dividing once gives exactly the full-batch value.
   * Rollout-batch statistics computed once on the whole batch (self-verification accuracy,
     response length, truncation rate, zero-std groups). These return plain scalars.
+  * Within-problem measures over [problems, n] arrays (the score's AUROC within a problem, the
+    distinct shares of correct / incorrect responses, the reward variance explained by the
+    problem): what best-of-n and weighted voting rely on, reported by the evaluator and the
+    trainer's periodic eval alike.
 
 Self-verification (the model predicts "correct" iff its score r_s > 0.5; accuracy on
 verified-correct responses, on verified-incorrect ones, overall, and F1 = the harmonic mean of the
@@ -254,6 +258,91 @@ def score_separation(scores, rewards, finished) -> dict:
   correct = np.asarray(rewards, np.float64)[finished] > 0.5
   ece, bins = calibration(scores, correct)
   return {"auroc": auroc(scores, correct), "ece": ece, "reliability": bins}
+
+
+# ---- within-problem measures: what best-of-n and weighted voting rely on ----------------------
+# Over [P, n] arrays (P problems, n responses each): the score's ranking of one problem's
+# solutions, how repetitive each class is, how much of the reward is the problem's difficulty.
+# `laser_jax.evaluate` (via `evaluation.tts`), the trainer's periodic eval and bench/learning.py
+# all report them from here.
+
+
+def _by_problem(x, name: str) -> np.ndarray:
+  arr = np.asarray(x, np.float64)
+  if arr.ndim != 2:
+    raise ValueError(f"{name} must be [num_problems, n], got shape {arr.shape}")
+  return arr
+
+
+def within_problem_auroc(acc, scores) -> tuple[float, int]:
+  """(mean AUROC of the score within a problem, number of problems it averages over).
+
+  Only a problem's scored responses (score not NaN) are compared with each other; a problem
+  counts iff they include both a correct and an incorrect response. NaN and 0 when no problem
+  does."""
+  acc, scores = _by_problem(acc, "acc"), _by_problem(scores, "scores")
+  values = []
+  for problem_acc, problem_scores in zip(acc, scores):
+    scored = ~np.isnan(problem_scores)
+    value = auroc(problem_scores[scored], problem_acc[scored] > 0.5)
+    if not np.isnan(value):
+      values.append(value)
+  return (float(np.mean(values)) if values else float("nan")), len(values)
+
+
+def distinct_fractions(responses, acc) -> dict[str, float]:
+  """Share of distinct responses among the correct and among the incorrect responses (distinct
+  within a problem, pooled over problems): `distinct_frac/correct`, `.../incorrect`; NaN for a
+  class without responses. `responses`: P rows of n texts, or of any hashable standing for them
+  (`problem_text_ids`). Few distinct correct texts let a noisy max pick a rare wrong outlier over
+  the repeated right one."""
+  acc = _by_problem(acc, "acc")
+  out = {}
+  for name, is_class in (("correct", acc > 0.5), ("incorrect", acc <= 0.5)):
+    texts = [(p, t) for p, row in enumerate(responses) for t, c in zip(row, is_class[p]) if c]
+    out[f"distinct_frac/{name}"] = len(set(texts)) / len(texts) if texts else float("nan")
+  return out
+
+
+def reward_variance_explained_by_problem(acc) -> float:
+  """Between-problem variance of the reward (of the per-problem means) over its total variance:
+  1 when every problem's responses agree, 0 when every problem has the same accuracy; NaN when
+  the reward is constant."""
+  acc = _by_problem(acc, "acc")
+  total = acc.var()
+  return float(acc.mean(axis=1).var() / total) if total > 0 else float("nan")
+
+
+def within_problem_measures(acc, scores, responses=None) -> dict[str, float]:
+  """The within-problem measures under their summary names; without `responses` the distinct
+  shares are NaN (the keys are always the same)."""
+  within, num_within = within_problem_auroc(acc, scores)
+  out = {"self_verification/within_auroc": within,
+         "self_verification/within_auroc_problems": num_within,
+         "reward/variance_explained_by_problem": reward_variance_explained_by_problem(acc)}
+  out.update(distinct_fractions(responses, acc) if responses is not None else
+             {"distinct_frac/correct": float("nan"), "distinct_frac/incorrect": float("nan")})
+  return out
+
+
+def problem_text_ids(texts, group_ids) -> np.ndarray:
+  """[N] for each response, the index (in `texts`) of the first response of its problem (same
+  group id) with the same text: equal within a problem iff the texts are, so the distinct shares
+  can be counted from integers, which `hosts.gather_rows` gathers and strings it does not."""
+  first: dict = {}
+  return np.array([first.setdefault((int(g), t), r) for r, (g, t) in enumerate(zip(group_ids, texts))],
+                  np.int64)
+
+
+def rows_by_problem(group_ids, *rows) -> list[np.ndarray]:
+  """Per-response vectors [N] -> [P, n] arrays, row p = the responses of the p-th smallest group
+  id in their order (a stable sort); every problem must have the same number of responses."""
+  group_ids = np.asarray(group_ids)
+  order = np.argsort(group_ids, kind="stable")
+  counts = np.unique(group_ids, return_counts=True)[1]
+  if counts.size == 0 or (counts != counts[0]).any():
+    raise ValueError(f"rows_by_problem: problems have different numbers of responses: {sorted(set(counts.tolist()))}")
+  return [np.asarray(r)[order].reshape(counts.size, counts[0]) for r in rows]
 
 
 def step_model_flops(num_params: int, tokens: float, logprob_forwards: int) -> float:

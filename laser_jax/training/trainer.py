@@ -348,6 +348,11 @@ class Trainer:
     # Named as `laser_jax.evaluate`'s summary names the same quantity, with `eval/` in front: the
     # truncated responses have no score here, hence the finished-only self-verification figures.
     verification = rl_metrics.self_verification_finished(scores, rewards, finished)
+    # Per problem ([problems, n]; texts cross hosts as per-problem ids): within-problem AUROC etc.
+    group_ids = hosts.gather_rows(scored.sample.group_ids + jax.process_index() * len(prompts))[keep]
+    text_ids = hosts.gather_rows(rl_metrics.problem_text_ids(scored.texts, scored.sample.group_ids))[keep]
+    verification.update(rl_metrics.within_problem_measures(
+        *rl_metrics.rows_by_problem(group_ids, rewards, scores, text_ids)))
     return {
         "eval/reward/mean": float(np.mean(rewards)),
         **{f"eval/{k}": v for k, v in verification.items()},
