@@ -137,7 +137,10 @@ def get_config() -> ml_collections.ConfigDict:
   # the KV cache written so far (about half the attention reads of one loop over the whole
   # cache); each loop is compiled separately.
   c.rollout.decode_segments = 4
-  c.rollout.decode_slots = 0  # 0 = static sampler calls; > 0 = continuous batching over this many decode slots.
+  # 0 = static sampler calls; > 0 = continuous batching over this many decode slots: a finished
+  # row's slot takes the next row, so a call costs the sum of its lengths, not rows x longest. The
+  # rows are the static sampler's bit for bit; a step reads the cache chunks its slots use.
+  c.rollout.decode_slots = 0
   # Sampling layout. 0: sample with the training layout (weights sharded over fsdp are gathered
   # at every generated token). k > 0: once per RL step the weights are copied in the compute
   # dtype onto a (data = devices / k, tensor = k) mesh of the same devices and sampled there, the
