@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from laser_jax.evaluation import tts
+from laser_jax.rl import rl_metrics
 
 NAN = float("nan")
 
@@ -151,13 +152,13 @@ def test_within_problem_auroc_hand_worked():
   # Problem 2: all correct -> not counted. Problem 3: one correct with a score, the incorrect unscored -> not counted.
   acc = [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
   scores = [[0.9, 0.2, 0.5], [0.3, 0.1, NAN], [0.1, 0.2, 0.3], [0.4, NAN, NAN]]
-  value, count = tts.within_problem_auroc(acc, scores)
+  value, count = rl_metrics.within_problem_auroc(acc, scores)
   assert (value, count) == (pytest.approx(0.75), 2)
   # Ties count 1/2; the over-all AUROC can be high while within a problem it is chance: each
   # problem's scores are its difficulty.
-  value, count = tts.within_problem_auroc([[1, 0], [1, 0]], [[0.8, 0.8], [0.1, 0.1]])
+  value, count = rl_metrics.within_problem_auroc([[1, 0], [1, 0]], [[0.8, 0.8], [0.1, 0.1]])
   assert (value, count) == (0.5, 2)
-  value, count = tts.within_problem_auroc([[1, 1]], [[0.1, 0.2]])
+  value, count = rl_metrics.within_problem_auroc([[1, 1]], [[0.1, 0.2]])
   assert math.isnan(value) and count == 0
 
 
@@ -166,15 +167,15 @@ def test_distinct_fractions_and_variance_explained_hand_worked():
   acc = [[1, 1, 0, 0], [1, 0, 0, 0]]
   # Correct: "a", "a" (problem 0) and "a" (problem 1: another problem, so distinct) -> 2 / 3.
   # Incorrect: "b", "c" (problem 0), "d" x3 (problem 1) -> 3 / 5.
-  assert tts.distinct_fractions(responses, acc) == {"distinct_frac/correct": pytest.approx(2 / 3),
+  assert rl_metrics.distinct_fractions(responses, acc) == {"distinct_frac/correct": pytest.approx(2 / 3),
                                                    "distinct_frac/incorrect": pytest.approx(3 / 5)}
-  assert math.isnan(tts.distinct_fractions([["x"]], [[0]])["distinct_frac/correct"])
+  assert math.isnan(rl_metrics.distinct_fractions([["x"]], [[0]])["distinct_frac/correct"])
   # Rewards [1 1 0 0], [1 0 0 0]: mean 3/8, total variance 3/8 * 5/8 = 15/64; problem means 1/2 and
   # 1/4 around 3/8: between variance (1/8)^2 = 1/64 -> 1/15.
-  assert tts.reward_variance_explained_by_problem(acc) == pytest.approx(1 / 15)
-  assert tts.reward_variance_explained_by_problem([[1, 1], [0, 0]]) == 1.0
-  assert tts.reward_variance_explained_by_problem([[1, 0], [0, 1]]) == 0.0
-  assert math.isnan(tts.reward_variance_explained_by_problem([[1, 1], [1, 1]]))
+  assert rl_metrics.reward_variance_explained_by_problem(acc) == pytest.approx(1 / 15)
+  assert rl_metrics.reward_variance_explained_by_problem([[1, 1], [0, 0]]) == 1.0
+  assert rl_metrics.reward_variance_explained_by_problem([[1, 0], [0, 1]]) == 0.0
+  assert math.isnan(rl_metrics.reward_variance_explained_by_problem([[1, 1], [1, 1]]))
 
 
 def test_likelihood_baselines_hand_enumeration():

@@ -78,13 +78,6 @@ def self_verification(acc, scores, threshold: float = 0.5, finished=None) -> dic
           **rl_metrics.self_verification_finished(scores, acc, finished, threshold)}
 
 
-# The within-problem measures are rl_metrics' (the trainer's periodic eval reports them too, and
-# training does not import evaluation); under these names as well, beside the other test-time metrics.
-within_problem_auroc = rl_metrics.within_problem_auroc
-distinct_fractions = rl_metrics.distinct_fractions
-reward_variance_explained_by_problem = rl_metrics.reward_variance_explained_by_problem
-
-
 def self_reward_weights(scores) -> np.ndarray:
   """Vote weights from self-reward scores: max(r_s, 0), NaN (no score) -> 0 (module docstring)."""
   return np.maximum(np.nan_to_num(np.asarray(scores, np.float64), nan=0.0), 0.0)
