@@ -7,9 +7,10 @@
     read and write; buffers in on-chip memory are not HBM traffic), slices and gathers what they
     read, an in-place dynamic-update-slice only the slice written, a collective its data twice;
     loops multiplied by XLA's known trip count, a `counter < constant` condition, or the counts given;
-    a conditional its costliest branch (the worst case), unless another branch does nothing (a
-    `lax.cond(p, work, lambda: x)`, taken only when needed): then it is counted as not taken and
-    its bytes reported apart (`HloCosts.optional_hbm_bytes`).
+    a conditional its costliest branch (the worst case), unless another branch does next to
+    nothing (a `lax.cond(p, work, lambda: x)`, taken only when needed; XLA may leave a convert of
+    a flag in it): then it is counted as not taken and its bytes reported apart
+    (`HloCosts.optional_hbm_bytes`, `optional_collective_bytes`).
 """
 from __future__ import annotations
 
@@ -184,9 +185,17 @@ class HloCosts:
   collective_bytes: float = 0.0  # per chip, loops multiplied out
   collective_bytes_in_loops: float = 0.0  # the part of collective_bytes inside while loops
   loops_without_trip_count: int = 0  # loops counted once (no count known or given)
-  # HBM bytes of conditionals counted as not taken (one branch does nothing; `hlo_costs`), loops
-  # multiplied out as if taken on every trip.
+  # HBM and collective bytes of conditionals counted as not taken (one branch does next to
+  # nothing; `hlo_costs`), loops multiplied out as if taken on every trip.
   optional_hbm_bytes: float = 0.0
+  optional_collective_bytes: float = 0.0
+
+
+# A conditional's branch that moves at most this share of its costliest branch's bytes "does
+# nothing": the cond is work taken only when needed (the continuous sampler's refill, whose idle
+# branch keeps a convert of a [slots] flag), not alternatives of one step (a `lax.switch` over the
+# chunks in use reads at least the prompt chunk in every branch).
+IDLE_BRANCH_SHARE = 1e-3
 
 
 def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: dict | None = None) -> HloCosts:
@@ -195,7 +204,8 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
   Loops whose trip count XLA knows or whose condition is `i < constant` are multiplied by it;
   the others (the sampler's decode loops) take the entries of `while_trip_counts` in program
   order, or count once (`loops_without_trip_count`). A conditional counts its costliest branch,
-  or nothing when one branch does nothing (`optional_hbm_bytes` then holds the other's bytes).
+  or nothing when one branch does next to nothing (`optional_hbm_bytes` /
+  `optional_collective_bytes` then hold the other's bytes).
   """
   computations, entry = _parse_hlo(hlo_text)
   counts = list(while_trip_counts)
@@ -216,8 +226,9 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
       options.append((branch, list(counts)))
     moved = [o[0].hbm_bytes + o[0].collective_bytes + o[0].optional_hbm_bytes for o in options]
     costliest, counts[:] = options[moved.index(max(moved))]
-    if len(options) > 1 and min(moved) == 0:
+    if len(options) > 1 and min(moved) <= IDLE_BRANCH_SHARE * max(moved):
       acc.optional_hbm_bytes += costliest.hbm_bytes + costliest.optional_hbm_bytes
+      acc.optional_collective_bytes += costliest.collective_bytes + costliest.optional_collective_bytes
       return
     for field in dataclasses.fields(HloCosts):
       setattr(acc, field.name, getattr(acc, field.name) + getattr(costliest, field.name))

@@ -145,6 +145,7 @@ class DecodeProgram:
   call_rows: int = 0  # rows of the sampler call (0: `rows`); a continuous program's `rows` are its slots
   continuous: bool = False  # compiled as continuous batching, counted with every chunk visible
   refill_hbm_s: float = 0.0  # HBM seconds of one refill of the compiled slots (continuous)
+  refill_ici_s: float = 0.0  # interconnect seconds of one refill (continuous)
 
 
 def mean_visible_fraction(prompt_len: int, chunk_lengths: tuple[int, ...]) -> float:
@@ -157,7 +158,8 @@ def decode_seconds(decode: DecodeProgram, rows: int, replay: DecodeReplay) -> fl
   """Roofline seconds of a decode loop of `rows` rows (or slots) run as `replay` (module
   docstring): per step max(compute, HBM, ICI), compute and ICI the compiled step's scaled by
   rows, HBM the compiled step's scaled by the bytes read: weights + rows x (KV bytes x the
-  visible fraction + the rest of a row's state), plus a refill's bytes where one happens."""
+  visible fraction + the rest of a row's state), plus a refill's bytes (HBM and interconnect)
+  where one happens."""
   per_row = rows / decode.rows
   compute, ici = decode.compute_s / decode.steps * per_row, decode.ici_s / decode.steps * per_row
   read = lambda rows_, fill: decode.weight_bytes + rows_ / decode.data_parallel * (
@@ -165,6 +167,7 @@ def decode_seconds(decode: DecodeProgram, rows: int, replay: DecodeReplay) -> fl
   fill = visible_fraction(replay.deepest, decode.prompt_len, decode.chunk_lengths)
   hbm = decode.hbm_s / decode.steps * read(rows, fill) / read(decode.rows, decode.kv_fill)
   hbm = hbm + replay.refills * decode.refill_hbm_s * per_row
+  ici = ici + replay.refills * decode.refill_ici_s * per_row
   return float(np.sum(np.maximum(np.maximum(compute, ici), hbm)))
 
 

@@ -54,6 +54,7 @@ class ProgramReport:
   # Per chip per call: HBM bytes of conditionals counted as not taken (`cost_model.hlo_costs`:
   # one branch does nothing, e.g. the continuous sampler's refill), as if taken at every trip.
   optional_hbm_bytes: float = 0.0
+  optional_collective_bytes: float = 0.0
 
   def _times(self) -> dict:
     times = {"compute": self.compute_s, "HBM": self.hbm_s, "ICI": self.ici_s}
@@ -131,4 +132,5 @@ def compile_report(name, traced, calls, chip: topology.Chip, num_chips: int, loo
       collective_bytes_in_loops=costs.collective_bytes_in_loops,
       compute_s=flops / chip.peak_flops, hbm_s=costs.hbm_bytes / chip.hbm_bandwidth,
       ici_s=costs.collective_bytes / chip.ici_bandwidth, compile_s=compile_s,
-      capacity_bytes=chip.hbm_bytes, optional_hbm_bytes=costs.optional_hbm_bytes), compiled
+      capacity_bytes=chip.hbm_bytes, optional_hbm_bytes=costs.optional_hbm_bytes,
+      optional_collective_bytes=costs.optional_collective_bytes), compiled
