@@ -317,6 +317,17 @@ ENTRY %main (table: f32[1024,256], i: s32[], x: f32[8,256]) -> f32[16,256] {
 """
 
 
+def test_hlo_costs_count_an_in_place_scatter_by_what_it_writes():
+  """A per-row scatter into a donated buffer (the decode step's cache writes) is done in place:
+  it moves its indices and updates (read and written), not the whole buffer."""
+  cache = jnp.zeros((64, 4, 128, 256))
+  rows = jnp.ones((64, 4, 128))
+  write = jax.jit(lambda c, i, u: c.at[jnp.arange(64), :, :, i].set(u), donate_argnums=0)
+  costs = cost_model.hlo_costs(write.lower(cache, jnp.arange(64) % 256, rows).compile().as_text())
+  assert 2 * rows.nbytes <= costs.hbm_bytes <= 2 * rows.nbytes + 4096  # + the indices
+  assert costs.hbm_bytes < cache.nbytes / 100
+
+
 def test_hlo_costs_count_only_the_rows_a_slice_reads():
   """An embedding lookup or a scan reading layer i of stacked weights reads a slice, not the table."""
   rows, out = 8 * 256 * 4, 16 * 256 * 4

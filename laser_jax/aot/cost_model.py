@@ -5,7 +5,7 @@
   * `hlo_costs`: HBM bytes and collective bytes per chip of a compiled, SPMD-partitioned HLO
     module: operands + results in HBM of every top-level instruction (fusions count what they
     read and write; buffers in on-chip memory are not HBM traffic), slices and gathers what they
-    read, an in-place dynamic-update-slice only the slice written, a collective its data twice;
+    read, an in-place dynamic-update-slice or scatter only what it writes, a collective its data twice;
     loops multiplied by XLA's known trip count, a `counter < constant` condition, or the counts given;
     a conditional its costliest branch (the worst case), unless another branch does next to
     nothing (a `lax.cond(p, work, lambda: x)`, taken only when needed; XLA may leave a convert of
@@ -295,6 +295,13 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
       if op == "dynamic-update-slice" or fused_root == "dynamic-update-slice":
         # Written in place: reads and writes the update, not the whole buffer.
         acc.hbm_bytes += times * 2 * sum(operand_bytes[1:])
+        continue
+      if (op == "scatter" or fused_root == "scatter") and result_bytes in operand_bytes:
+        # Also in place (XLA shares a scatter's operand buffer with its result, e.g. a decode
+        # step's per-row cache writes): the indices and updates, not the buffer they land in.
+        updated = list(operand_bytes)
+        updated.remove(result_bytes)
+        acc.hbm_bytes += times * 2 * sum(updated)
         continue
       acc.hbm_bytes += times * (sum(operand_bytes) + result_bytes)
       if breakdown is not None:  # (computation, instruction) -> bytes, for reading a report

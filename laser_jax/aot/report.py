@@ -24,7 +24,7 @@ How the counts are made (`cost_model.jaxpr_flops` and `cost_model.hlo_costs`):
   * HBM bytes: operands + results in HBM of every top-level instruction of the compiled per-chip
     HLO (fusions count what they read and write, not their insides; buffers the compiler placed
     in on-chip memory are not HBM traffic), loops multiplied by their trip count; a slice or
-    gather counts what it reads, an in-place dynamic-update-slice only the slice written, a
+    gather counts what it reads, an in-place dynamic-update-slice or scatter only what it writes, a
     collective its data twice (read and written).
   * Collective bytes: the data moved by each all-gather / all-reduce / reduce-scatter /
     all-to-all / collective-permute per chip, loops multiplied out.
