@@ -2,8 +2,8 @@ r"""Issue 27 measured here, side by side: what a long-tailed batch costs per use
 
   python bench/length_skew.py [--quick | --tiny] [--out=PATH]
 
-One process, one machine, two comparisons (each variant timed after its compile, its calls
-alternating with the others' where the callee does so):
+One process, one machine, two comparisons (each variant compiled first, then timed a few times,
+its calls alternating with the other variants'; the best time counts, all are in the JSON):
   * rollout, static sampler vs continuous batching (`bench/rollout_skew.compare_rollout`): the
     same rows (same per-row keys) of a random-init model whose EOS set ends a row after about
     a third of the budget on average (its lengths are the model's draws, about geometric);
@@ -47,7 +47,7 @@ SIZES = {
     "full": Size({"quick": False}, rows=64, max_new_tokens=512, prompt_len=32, micro_batch_size=8, repeats=3),
     "quick": Size({"quick": True}, rows=32, max_new_tokens=256, prompt_len=32, micro_batch_size=8, repeats=3),
     # The test's smoke run (compiles dominate): one-layer models, 16 rows of 64 tokens in each stage.
-    "tiny": Size({"quick": True, "prompts": 4, "n": 4, "max_new_tokens": 64,
+    "tiny": Size({"quick": True, "prompts": 4, "n": 4, "max_new_tokens": 64, "repeats": 1,
                   "model_cfg": dataclasses.replace(rollout_skew.bench_model(True), vocab_size=256, hidden_size=64,
                                                    intermediate_size=128, num_layers=1, head_dim=8)},
                  rows=16, max_new_tokens=64, prompt_len=16, micro_batch_size=4, repeats=1,

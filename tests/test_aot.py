@@ -111,6 +111,12 @@ def test_hlo_costs_read_the_trip_count_from_the_loop_condition():
   # what it moves, counted as 2x) and the s32 add (3 scalars); the compare (2 scalars, 1 byte out).
   broadcast = 32 * 256 * 2 + gathered
   assert costs.hbm_bytes == broadcast + 5 * (2 * gathered + 12) + 5 * (8 + 1)
+  # The breakdown names every instruction's share (the collective's too) and sums to the total.
+  breakdown = {}
+  assert cost_model.hlo_costs(_HLO, breakdown=breakdown).hbm_bytes == costs.hbm_bytes
+  assert breakdown[("body", "all-gather", "all-gather", "")] == 5 * 2 * gathered
+  assert breakdown[("main", "init", "broadcast", "")] == broadcast
+  assert sum(breakdown.values()) == costs.hbm_bytes
 
 
 def test_hlo_costs_take_given_trip_counts_for_data_dependent_loops():

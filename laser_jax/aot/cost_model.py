@@ -205,11 +205,19 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
   the others (the sampler's decode loops) take the entries of `while_trip_counts` in program
   order, or count once (`loops_without_trip_count`). A conditional counts its costliest branch,
   or nothing when one branch does next to nothing (`optional_hbm_bytes` /
-  `optional_collective_bytes` then hold the other's bytes).
+  `optional_collective_bytes` then hold the other's bytes). `breakdown`, when given, receives
+  each instruction's HBM bytes as walked, {(computation, name, opcode, fused root): bytes}, every
+  branch of a conditional included (so it can sum to more than `hbm_bytes`): for reading a report.
   """
   computations, entry = _parse_hlo(hlo_text)
   counts = list(while_trip_counts)
   out = HloCosts()
+
+  def charge(acc: HloCosts, comp: str, ins, op: str, fused_root: str, hbm_bytes: float):
+    acc.hbm_bytes += hbm_bytes
+    if breakdown is not None:  # (computation, instruction, opcode, fused root) -> HBM bytes, summed
+      key = (comp, ins.name, op, fused_root)
+      breakdown[key] = breakdown.get(key, 0.0) + hbm_bytes
 
   def _conditional(branches: list[str], times: float, in_loop: bool, acc: HloCosts):
     """Branches are alternatives: count the costliest (a `lax.switch` over how much to read, e.g.
@@ -272,7 +280,7 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
         if len(arrays) >= 2:
           source, result = ("{}[{}]{}".format(*a) for a in arrays[:2])
           read = _type_bytes(result) if _type_bytes(source, hbm_only=True) else 0.0
-          acc.hbm_bytes += times * (read + _type_bytes(result, hbm_only=True))
+          charge(acc, comp, ins, op, "", times * (read + _type_bytes(result, hbm_only=True)))
         continue
       if base in _COLLECTIVES:
         moved = _type_bytes(ins.type_str, largest_only=op.endswith("-start"))
@@ -281,7 +289,7 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
         acc.collective_bytes += times * moved
         if in_loop:
           acc.collective_bytes_in_loops += times * moved
-        acc.hbm_bytes += times * 2 * moved
+        charge(acc, comp, ins, op, "", times * 2 * moved)
         continue
       operand_bytes = [_type_bytes(types.get(o, ""), hbm_only=True) for o in ins.operands]
       fused_root = ""
@@ -294,18 +302,16 @@ def hlo_costs(hlo_text: str, while_trip_counts: Sequence[int] = (), breakdown: d
       result_bytes = _type_bytes(ins.type_str, hbm_only=True)
       if op == "dynamic-update-slice" or fused_root == "dynamic-update-slice":
         # Written in place: reads and writes the update, not the whole buffer.
-        acc.hbm_bytes += times * 2 * sum(operand_bytes[1:])
+        charge(acc, comp, ins, op, fused_root, times * 2 * sum(operand_bytes[1:]))
         continue
       if (op == "scatter" or fused_root == "scatter") and result_bytes in operand_bytes:
         # Also in place (XLA shares a scatter's operand buffer with its result, e.g. a decode
         # step's per-row cache writes): the indices and updates, not the buffer they land in.
         updated = list(operand_bytes)
         updated.remove(result_bytes)
-        acc.hbm_bytes += times * 2 * sum(updated)
+        charge(acc, comp, ins, op, fused_root, times * 2 * sum(updated))
         continue
-      acc.hbm_bytes += times * (sum(operand_bytes) + result_bytes)
-      if breakdown is not None:  # (computation, instruction) -> bytes, for reading a report
-        breakdown[(comp, ins.name, op, fused_root)] = times * (sum(operand_bytes) + result_bytes)
+      charge(acc, comp, ins, op, fused_root, times * (sum(operand_bytes) + result_bytes))
 
   walk(entry, 1.0, False, out)
   return out

@@ -15,7 +15,10 @@ per-slot cache write index), the step is the static step's program (per-row writ
 both) attending over the cache chunks up to the deepest consuming slot's (a chunk no query sees adds
 exact zeros: `attention.attend_cached`), and row r draws token t with key
 fold_in(fold_in(call key, r), t) whatever slot runs it. So every field of every row is the same bit
-for bit (tests/test_continuous.py, on the Transformer too). A step reads the chunks in use, not the
+for bit (tests/test_continuous.py, on the Transformer too) wherever the matmuls round a batch of S
+slots as they round the static call's batch of rows. Not every backend does: XLA's CPU GEMM rounds
+a 16-row and a 64-row batch differently in the last bit (log-probs ~5e-6 apart), and a draw on a
+bucket edge then flips and its row diverges (bench/rollout_skew.py counts such rows). A step reads the chunks in use, not the
 whole window: while every slot is early in its response, the later chunks are not read.
 
 Programs (public on `Sampler`, so that `laser_jax.aot` compiles exactly these):
