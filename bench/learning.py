@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import verifier_signals  # noqa: E402
 from laser_jax import default_config  # noqa: E402
 from laser_jax import notebook_utils  # noqa: E402
 from laser_jax.evaluation import tts  # noqa: E402
@@ -75,8 +76,8 @@ def final_scaling(config, n: int, num_problems: int) -> dict:
   """`tts.summarize` (mean@n, the within-problem measures, maj@k, weighted maj@k and best@k by
   score and by likelihood) of the run's last checkpoint on its first `num_problems` held-out
   problems, n samples each (eval sampling settings). The samples' per-response arrays are kept
-  in <workdir>/final_solutions.npz (acc, scores, likelihoods, finished [P, n]; answers, texts)
-  for analyses of the same draws."""
+  in <workdir>/final_solutions.npz (`verifier_signals.save`) for analyses of the same draws
+  (bench/verifier_signals.py)."""
   import dataclasses
   t = trainer.Trainer(config)
   params = notebook_utils.restore_params(t, config.workdir)
@@ -87,11 +88,7 @@ def final_scaling(config, n: int, num_problems: int) -> dict:
       solutions = notebook_utils.sample_solutions(
           params, t.model_cfg, t.tokenizer, prompts, sampling, verifier, jax.random.key(123),
           kl_coef=config.laser.kl_coef, ref_constant=config.laser.ref_constant, mesh=t.mesh)
-  np.savez(os.path.join(config.workdir, "final_solutions.npz"), acc=solutions.acc, scores=solutions.scores,
-           likelihoods=solutions.likelihoods, finished=solutions.finished,
-           answers=np.array([[a if a is not None else "" for a in row] for row in solutions.answers]),
-           has_answer=np.array([[a is not None for a in row] for row in solutions.answers]),
-           texts=np.array(solutions.texts))
+  verifier_signals.save(os.path.join(config.workdir, "final_solutions.npz"), solutions)
   return tts.summarize(solutions.answers, solutions.acc, solutions.scores,
                        likelihoods=solutions.likelihoods, responses=solutions.texts)
 

@@ -176,3 +176,41 @@ def test_learning_benchmark_runs_both_methods_per_seed(tmp_path, capsys):
                                   np.array(list(columns.values())))  # NaN == NaN here
   assert (tmp_path / "learning.png").exists()
   assert "mean +- std over 1 seed(s)" in capsys.readouterr().out
+
+
+def test_verifier_signals_hand_worked(tmp_path):
+  """bench/verifier_signals.py on two problems of four responses: the likelihood ranks every
+  correct response above every incorrect one; the score is constant on problem A and ranks
+  backwards on B (a NaN score: no EOS); their sum keeps the likelihood's order."""
+  import importlib.util
+  import types
+  spec = importlib.util.spec_from_file_location("bench_signals", os.path.join(REPO, "bench", "verifier_signals.py"))
+  signals = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(signals)
+  acc = np.array([[1, 1, 0, 0], [0, 1, 0, 1]], float)
+  likelihoods = np.array([[-0.1, -0.2, -1.0, -2.0], [-3.0, -0.5, -2.0, -0.4]])
+  scores = np.array([[0.3, 0.3, 0.3, 0.3], [0.9, 0.1, np.nan, 0.2]])
+  answers = [["1", "1", "2", "3"], ["5", "4", None, "4"]]
+  run = signals.measure(acc, scores, likelihoods, answers, k=4, num_bootstrap=4000)
+  assert run["mean@4"] == 0.5
+  assert run["likelihood"]["within_auroc"] == 1.0 and run["likelihood"]["auroc"] == 1.0
+  # A: all tied (1/2); B: the scored rows 0, 1, 3 rank the wrong one first (0).
+  assert run["score"]["within_auroc"] == 0.25 and run["score"]["within_problems"] == 2
+  assert run["score + likelihood"]["within_auroc"] == 1.0
+  # best@4 by a perfect ranking: a correct response is drawn at least once, 1 - (1/2)^4 per problem.
+  assert run["likelihood"]["best@4"] == pytest.approx(1 - 0.5**4, abs=0.02)
+  # Weighted votes: B's right answer "4" carries both heavy weights under the likelihood, and
+  # the score's vote follows the wrong "5" whenever it is drawn (weight 0.9 > 0.1 + 0.2).
+  assert run["likelihood"]["weighted_maj@4"] > run["score"]["weighted_maj@4"]
+  # The file round trip that bench/learning.py writes, and the script's table and JSON.
+  solutions = types.SimpleNamespace(acc=acc, scores=scores, likelihoods=likelihoods, finished=~np.isnan(scores),
+                                    answers=answers, texts=[["a"] * 4, ["b"] * 4])
+  os.makedirs(tmp_path / "laser_seed0")
+  signals.save(str(tmp_path / "laser_seed0" / "final_solutions.npz"), solutions)
+  loaded = signals.load(str(tmp_path / "laser_seed0" / "final_solutions.npz"))
+  assert loaded[3] == answers and np.array_equal(loaded[1], scores, equal_nan=True)
+  signals.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'signals.json'}"])
+  result = json.loads((tmp_path / "signals.json").read_text())
+  assert result["runs"]["laser_seed0"]["likelihood"]["within_auroc"] == 1.0
+  with pytest.raises(SystemExit, match="no \\*/final_solutions.npz"):
+    signals.main([f"--workdir={tmp_path / 'empty'}"])
