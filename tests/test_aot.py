@@ -538,6 +538,13 @@ def test_replays_give_each_steps_deepest_write_and_visible_chunks_by_hand():
   r = estimate_lib.continuous_replay(np.array([3, 1, 1, 2]), slots=2)
   assert r.deepest.tolist() == [0, 1, 2, 1] and r.refills.tolist() == [True, True, True, False]
   np.testing.assert_allclose(estimate_lib.visible_fraction(r.deepest, 4, chunks), [6 / 12, 6 / 12, 8 / 12, 6 / 12])
+  # Per data shard (2 shards, 1 slot each): shard 0 runs rows 5, 2 (starts 0, 5), shard 1 rows
+  # 3, 1 (starts 0, 3); 7 steps, where one queue over both slots takes 6 (row 3 starts at 5).
+  r = estimate_lib.continuous_replay(np.array([5, 2, 3, 1]), slots=2, shards=2)
+  assert r.deepest.tolist() == [0, 1, 2, 3, 4, 0, 1]
+  assert r.refills.tolist() == [True, False, False, True, False, True, False]
+  assert estimate_lib.continuous_decode_steps(np.array([5, 2, 3, 1]), 2, shards=2) == 7
+  assert estimate_lib.continuous_decode_steps(np.array([5, 2, 3, 1]), 2) == 6
   # A static call runs until its longest row is done, every row at offset t.
   assert estimate_lib.static_replay(np.array([3, 1, 1, 2])).deepest.tolist() == [0, 1, 2]
   # No row consuming (a slot waiting for its refill): the prompt chunk alone.

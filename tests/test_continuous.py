@@ -40,7 +40,9 @@ def history_cache(batch, chunk_lengths):
   return jnp.zeros((batch, sum(chunk_lengths)), jnp.int32)
 
 
-def history_insert(slots, prompts, take, prompt_of_slot):
+def history_insert(slots, prompts, take, prompt_of_slot, shards):
+  # A plain gather (across shards): the Transformer's insert gathers within them.
+  del shards
   fresh = jnp.zeros_like(slots).at[:, :prompts.shape[1]].set(prompts[prompt_of_slot])
   return jnp.where(take[:, None], fresh, slots)
 
@@ -157,3 +159,41 @@ def test_sharded_continuous_equals_static():
   assert_same_rows(static, sharded(table, TOY_PROMPTS, dataclasses.replace(sp, decode_slots=4), jax.random.key(2)))
   with pytest.raises(ValueError, match=r"decode_slots=6 does not divide over the mesh's batch axes"):
     sharded(table, TOY_PROMPTS, dataclasses.replace(sp, decode_slots=6), jax.random.key(2))
+
+
+def test_take_in_shards_gathers_within_each_shard():
+  """The refill's gather (each slot takes a prompt of its own data shard's block): x[index], and
+  compiled on a mesh it moves nothing between devices, where a plain gather all-gathers x."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  from laser_jax.generate import continuous
+  from laser_jax.models import sharding as sharding_lib
+  x = jnp.arange(8 * 3 * 5, dtype=jnp.float32).reshape(8, 3, 5)
+  index = jnp.array([1, 0, 3, 3, 4, 5, 7, 6], jnp.int32)  # 4 shards: rows 2b, 2b + 1 are block b's
+  np.testing.assert_array_equal(continuous.take_in_shards(x, index, 4), x[index])
+  np.testing.assert_array_equal(continuous.take_in_shards(x, index[::2], 4), x[index[::2]])  # 1 slot per shard
+  mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
+  batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  x, index = jax.device_put(x, batch), jax.device_put(index, batch)
+  local = jax.jit(lambda x, i: continuous.take_in_shards(x, i, 4), out_shardings=batch)
+  plain = jax.jit(lambda x, i: x[i], out_shardings=batch)
+  np.testing.assert_array_equal(local(x, index), plain(x, index))
+  collectives = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+  assert not any(c in local.lower(x, index).compile().as_text() for c in collectives)
+  assert any(c in plain.lower(x, index).compile().as_text() for c in collectives)
+
+
+@pytest.mark.slow
+def test_sharded_continuous_on_the_transformer():
+  """On a (data 2, fsdp 2, tensor 2) mesh, 4 slots (one per data shard): each shard refills its
+  slots from its own rows and prompt cache; every field of every row equals the static sampler's."""
+  from laser_jax.models import sharding as sharding_lib
+  mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
+  shardings = jax.tree.map(lambda s: s.sharding, sharding_lib.abstract_params(TINY, mesh))
+  params = jax.device_put(tiny_params(), shardings)
+  sp = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, eos_ids=tuple(range(10, 24)), pad_id=0,
+                      self_reward_token_id=Z_C, decode_segments=2, min_segment_tokens=1)
+  static = sampler_lib.sample(params, TINY, PROMPTS, sp, jax.random.key(5), mesh=mesh)
+  assert len(set(static.lengths.tolist())) >= 3
+  cont = sampler_lib.sample(params, TINY, PROMPTS, dataclasses.replace(sp, decode_slots=4), jax.random.key(5),
+                            mesh=mesh)
+  assert_same_rows(static, cont)

@@ -13,10 +13,10 @@ roofline times to a step whose responses have the lengths of `lengths.ResponseLe
       - Static sampler (`rollout.decode_slots` = 0, `static_replay`): a call decodes until its
         longest row is done; at step t every row writes offset t (segment j of its loop attends
         over chunks 0..j).
-      - Continuous batching (`rollout.decode_slots` > 0, `continuous_replay`): the call's rows
-        take the first free slot in order, a finished row's slot refilled with the next row
-        every `refill_every` steps (`laser_jax.generate.continuous` refills on device before
-        every step: 1); the step attends over the chunks up to the one holding the deepest
+      - Continuous batching (`rollout.decode_slots` > 0, `continuous_replay`): each data
+        shard's rows (a block of the call's) take the first free slot of that shard's slots in
+        order, a finished row's slot refilled with the shard's next row every `refill_every`
+        steps (`laser_jax.generate.continuous` refills on device before every step: 1); the step attends over the chunks up to the one holding the deepest
         write of its consuming slots (a `lax.switch` over the chunk count in every layer).
     A step's seconds: max(compute, HBM, ICI), compute and interconnect the compiled step's
     scaled by the rows (per-row work), HBM the compiled step's scaled by the bytes read,
@@ -69,9 +69,9 @@ def continuous_starts(tokens: np.ndarray, slots: int, refill_every: int = 1) -> 
   return starts
 
 
-def continuous_decode_steps(tokens: np.ndarray, slots: int, refill_every: int = 1) -> int:
-  """Decode steps of continuous batching (`continuous_starts`): the step the last row finishes."""
-  return int(np.max(continuous_starts(tokens, slots, refill_every) + tokens)) if len(tokens) else 0
+def continuous_decode_steps(tokens: np.ndarray, slots: int, refill_every: int = 1, shards: int = 1) -> int:
+  """Decode steps of continuous batching (`continuous_replay`): the step the last row finishes."""
+  return continuous_replay(tokens, slots, refill_every, shards).steps if len(tokens) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +92,21 @@ def static_replay(tokens: np.ndarray) -> DecodeReplay:
   return DecodeReplay(np.arange(steps), np.zeros(steps, bool))
 
 
-def continuous_replay(tokens: np.ndarray, slots: int, refill_every: int = 1) -> DecodeReplay:
+def continuous_replay(tokens: np.ndarray, slots: int, refill_every: int = 1, shards: int = 1) -> DecodeReplay:
   """A continuous call (`continuous_starts`): a row started at step s writes offset t - s at
-  step t, so the deepest write is t - (the earliest start among the rows running at t)."""
+  step t, so the deepest write is t - (the earliest start among the rows running at t). With
+  `shards` data shards (`laser_jax.generate.continuous`), shard b's slots / shards slots take only
+  shard b's block of the rows: each shard is replayed alone, and a step's deepest write and
+  refill are the shards' deepest and any; the call lasts until the last shard is done."""
+  if shards > 1:
+    parts = [continuous_replay(block, slots // shards, refill_every) for block in np.array_split(tokens, shards)
+             if len(block)]
+    steps = max(p.steps for p in parts)
+    deepest = np.full((len(parts), steps), -1, np.int64)
+    refills = np.zeros((len(parts), steps), bool)
+    for i, p in enumerate(parts):
+      deepest[i, :p.steps], refills[i, :p.steps] = p.deepest, p.refills
+    return DecodeReplay(deepest.max(axis=0), refills.any(axis=0))
   starts = continuous_starts(tokens, slots, refill_every)
   ends = starts + tokens
   steps = int(np.max(ends))
@@ -208,7 +220,7 @@ def expected_step(shape: StepShape, response_tokens: np.ndarray, decode: DecodeP
   static_steps = sum(r.steps for r in static)
   static_s = sum(decode_seconds(decode, shape.rows_per_call, r) for r in static)
   if slots:
-    replays = [continuous_replay(call, slots, refill_every) for call in calls]
+    replays = [continuous_replay(call, slots, refill_every, decode.data_parallel) for call in calls]
     steps, decode_s = sum(r.steps for r in replays), sum(decode_seconds(decode, slots, r) for r in replays)
   else:
     steps, decode_s = static_steps, static_s

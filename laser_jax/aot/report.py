@@ -117,7 +117,7 @@ def _sampler_programs(programs, abstract_params, sampling, num_prompts: int, pro
   cache = sum(cost_model.shard_bytes(x) for x in jax.tree.leaves(state.cache))
   average_fill = estimate_lib.mean_visible_fraction(prompt_len, sampling.decode_chunk_lengths)
   decode_report.ideal_hbm_s = sampling.max_new_tokens * (weights + cache * average_fill) / chip.hbm_bandwidth
-  rows = args[3].shape[0]  # row_valid: [rows]
+  rows = args[3].shape[0]  # row_ids: [rows]
   rows_per_chip = args[3].sharding.shard_shape(args[3].shape)[0]
   # A row's share of the sampling state on this chip: every leaf whose leading axis is the rows.
   row_bytes = sum(cost_model.shard_bytes(x) for x in jax.tree.leaves(state) if x.ndim and x.shape[0] == rows) / rows_per_chip
@@ -152,8 +152,9 @@ def _continuous_programs(programs, abstract_params, sampling, num_prompts: int, 
     raise RuntimeError(f"{prefix} prefill does not fit: {report.error}")
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        sampler.continuous_prefill.eval_shape(*args, sampling=sampling), compiled.output_shardings)
-  rows = args[3].shape[0]  # row_valid: [rows]
-  steps = estimate_lib.continuous_decode_steps(np.full(rows, sampling.max_new_tokens), slots)
+  rows = args[3].shape[0]  # row_ids: [rows]
+  steps = estimate_lib.continuous_decode_steps(np.full(rows, sampling.max_new_tokens), slots,
+                                              shards=sampler.data_parallel_size)
   log(f"compiling {prefix} decode (continuous, {slots} slots, {rows} rows: {steps} steps at the budget)")
   decode = sampler.continuous_decode.trace(abstract_params, state, sampling=sampling, prompt_len=prompt_len)
   decode_report = program_report.compile_report(f"{prefix} decode", decode, calls, chip, num_chips, loop_trips=(steps,))[0]

@@ -6,7 +6,9 @@ response keeps every finished row decoding padding. Here one compiled decode pro
 next queued rows (on device, inside the `lax.while_loop`, only in steps where a slot is free),
 then runs one decode step for every slot. A call's cost follows the sum of response lengths over
 the slot count, not rows x longest. The design is JetStream's prefill / insert / generate over
-decode slots, with the insert done in the loop (no host round trip per refill).
+decode slots, with the insert done in the loop (no host round trip per refill), and its
+per-replica slots: each data shard keeps its own queue of its own rows and refills its own slots
+from the prompt cache it holds, so a refill moves nothing between shards.
 
 Per-row results equal the static sampler's: the prefill is the static one (every distinct prompt
 once, its first tokens drawn for all its rows), a row keeps the static cache layout in its slot
@@ -45,10 +47,12 @@ class ContinuousState(NamedTuple):
   logprobs: jax.Array      # [N, R+1] float32
   finished: jax.Array      # [N] bool
   self_reward: jax.Array   # [N] float32, NaN until read
-  # The queue: rows that need decode steps, in row order; rows [next_row, num_queued) wait.
+  # The queues, one per data shard D (its block of N / D rows, of S / D slots and of the prompt
+  # cache): block d of `queue` holds shard d's rows that need decode steps, in row order;
+  # entries [next_row[d], num_queued[d]) of it wait.
   queue: jax.Array         # [N] int32 row ids
-  num_queued: jax.Array    # int32
-  next_row: jax.Array      # int32
+  num_queued: jax.Array    # [D] int32
+  next_row: jax.Array      # [D] int32
   # Per slot: its row (N = none yet) and that row's decode state.
   slot_row: jax.Array      # [S] int32
   slot_step: jax.Array     # [S] int32 tokens the row has generated = column its next step writes
@@ -83,22 +87,34 @@ def constrain(sampler, state: ContinuousState) -> ContinuousState:
   if sampler.cache_sharding_fn is not None:
     caches = {f: jax.lax.with_sharding_constraint(getattr(state, f), sampler.cache_sharding_fn(getattr(state, f)))
               for f in ("cache", "prompt_cache")}
-  scalars = ("num_queued", "next_row", "steps", "rng", "cache", "prompt_cache")
+  scalars = ("steps", "rng", "cache", "prompt_cache")
   fields = {f: batch(getattr(state, f)) for f in ContinuousState._fields if f not in scalars}
   return state._replace(**caches, **fields)
 
 
+def take_in_shards(x: jax.Array, index: jax.Array, shards: int) -> jax.Array:
+  """x[index] ([S] rows of x [P, ...]) where block b of `index` (S / shards entries) points into
+  block b of x's rows (P / shards): a gather within each block, so with the blocks on their data
+  shards no shard reads another's rows (a plain x[index] all-gathers x)."""
+  rows = x.shape[0] // shards
+  blocks = x.reshape((shards, rows) + x.shape[1:])
+  local = index.reshape(shards, -1) - (jnp.arange(shards, dtype=index.dtype) * rows)[:, None]
+  out = jax.vmap(lambda block, i: jnp.take(block, i, axis=0))(blocks, local)
+  return out.reshape(index.shape + x.shape[1:])
+
+
 def insert_kv_cache(slots: model_lib.KVCache, prompts: model_lib.KVCache, take: jax.Array,
-                    prompt_of_slot: jax.Array) -> model_lib.KVCache:
+                    prompt_of_slot: jax.Array, shards: int = 1) -> model_lib.KVCache:
   """The slots' cache with slot s (where take[s]) holding prompt prompt_of_slot[s]'s prefill in
-  its prompt chunk and no valid decode slot (the previous row's keys stay but are masked)."""
+  its prompt chunk and no valid decode slot (the previous row's keys stay but are masked). Every
+  slot's prompt lies in the slot's block of `shards` (`take_in_shards`)."""
   def put(slot_leaf, prompt_leaf):
-    new = jnp.take(prompt_leaf, prompt_of_slot, axis=0)
+    new = take_in_shards(prompt_leaf, prompt_of_slot, shards)
     return jnp.where(take.reshape((-1,) + (1,) * (new.ndim - 1)), new, slot_leaf)
   k = tuple((put(s[0], p[0]),) + tuple(s[1:]) for s, p in zip(slots.k, prompts.k))
   v = tuple((put(s[0], p[0]),) + tuple(s[1:]) for s, p in zip(slots.v, prompts.v))
   decode_len = slots.mask.shape[1] - prompts.mask.shape[1]
-  fresh = jnp.concatenate([jnp.take(prompts.mask, prompt_of_slot, axis=0),
+  fresh = jnp.concatenate([take_in_shards(prompts.mask, prompt_of_slot, shards),
                            jnp.zeros((take.shape[0], decode_len), bool)], axis=1)
   return model_lib.KVCache(k, v, jnp.where(take[:, None], fresh, slots.mask))
 
@@ -122,15 +138,20 @@ def prefill(sampler, params, prompt_tokens, prompt_mask, row_ids, rng, *, sampli
   first = jnp.where(row_valid, first, sampling.pad_id)
   is_eos = draw.is_eos(first, sampling.eos_ids) & row_valid
   needs_decode = (row_valid & ~is_eos & (max_new > 1)) | (is_eos & (sampling.self_reward_token_id is not None))
+  # Each data shard queues its own rows (stable: in row order).
+  shards = sampler.data_parallel_size
+  needs_by_shard = needs_decode.reshape(shards, rows // shards)
+  queue = (jnp.argsort(~needs_by_shard, axis=1, stable=True)
+           + (jnp.arange(shards) * (rows // shards))[:, None]).astype(jnp.int32)
   pad_col = jnp.full((rows, max_new + 1), sampling.pad_id, jnp.int32)
   state = ContinuousState(
       tokens=pad_col.at[:, 0].set(first),
       logprobs=jnp.zeros((rows, max_new + 1), jnp.float32).at[:, 0].set(jnp.where(row_valid, first_lp, 0.0)),
       finished=is_eos,
       self_reward=jnp.full((rows,), jnp.nan, jnp.float32),
-      queue=jnp.argsort(~needs_decode, stable=True).astype(jnp.int32),
-      num_queued=jnp.sum(needs_decode).astype(jnp.int32),
-      next_row=jnp.int32(0),
+      queue=queue.reshape(rows),
+      num_queued=jnp.sum(needs_by_shard, axis=1).astype(jnp.int32),
+      next_row=jnp.zeros((shards,), jnp.int32),
       slot_row=jnp.full((slots,), rows, jnp.int32),
       slot_step=jnp.zeros((slots,), jnp.int32),
       last_token=jnp.full((slots,), sampling.pad_id, jnp.int32),
@@ -147,26 +168,38 @@ def prefill(sampler, params, prompt_tokens, prompt_mask, row_ids, rng, *, sampli
   return constrain(sampler, state)
 
 
+def _free_by_shard(s: ContinuousState) -> jax.Array:
+  """[D, S / D] the slots free to take a row, by data shard."""
+  return ~(s.active | s.pending).reshape(s.next_row.shape[0], -1)
+
+
 def _refill(sampler, s: ContinuousState, sampling: SamplingParams) -> ContinuousState:
-  """Gives each free slot (in slot order) the next queued row (in row order)."""
-  rows = s.tokens.shape[0]
+  """Gives each free slot (in slot order) the next row of its data shard's queue (in row order):
+  a shard's slots take its own rows, whose prompts' prefill it holds, so a refill moves no
+  cache between shards (JetStream's per-replica slots)."""
+  rows, slots, shards = s.tokens.shape[0], s.slot_row.shape[0], s.next_row.shape[0]
   repeats = rows // s.prompt_length.shape[0]
-  free = ~(s.active | s.pending)
-  index = s.next_row + jnp.cumsum(free) - 1
-  take = free & (index < s.num_queued)
-  row = jnp.where(take, s.queue[jnp.minimum(index, rows - 1)], s.slot_row)
-  prompt = jnp.minimum(row, rows - 1) // repeats
-  first = s.tokens[jnp.minimum(row, rows - 1), 0]
+  free = _free_by_shard(s)
+  index = s.next_row[:, None] + jnp.cumsum(free, axis=1) - 1  # [D, S / D] place in the shard's queue
+  take = free & (index < s.num_queued[:, None])
+  queued = jnp.take_along_axis(s.queue.reshape(shards, -1), jnp.minimum(index, rows // shards - 1), axis=1)
+  # A slot that takes nothing looks up its shard's first row (the result is not used).
+  own = jnp.repeat(jnp.arange(shards, dtype=jnp.int32) * (rows // shards), slots // shards)
+  lookup = jnp.where(take, queued, own.reshape(shards, -1)).reshape(slots)
+  take = take.reshape(slots)
+  row = jnp.where(take, lookup, s.slot_row)
+  prompt = lookup // repeats
+  first = take_in_shards(s.tokens[:, 0], lookup, shards)
   is_eos = draw.is_eos(first, sampling.eos_ids)
   return s._replace(
-      next_row=s.next_row + jnp.sum(take).astype(jnp.int32),
+      next_row=s.next_row + jnp.sum(take.reshape(shards, -1), axis=1).astype(jnp.int32),
       slot_row=row,
       slot_step=jnp.where(take, 1, s.slot_step),
       last_token=jnp.where(take, first, s.last_token),
-      next_pos=jnp.where(take, s.prompt_length[prompt], s.next_pos),
+      next_pos=jnp.where(take, take_in_shards(s.prompt_length, prompt, shards), s.next_pos),
       active=jnp.where(take, ~is_eos & (sampling.max_new_tokens > 1), s.active),
       pending=jnp.where(take, is_eos & (sampling.self_reward_token_id is not None), s.pending),
-      cache=sampler.insert_fn(s.cache, s.prompt_cache, take, prompt))
+      cache=sampler.insert_fn(s.cache, s.prompt_cache, take, prompt, shards))
 
 
 def _step(sampler, params, s: ContinuousState, sampling: SamplingParams, prompt_len: int) -> ContinuousState:
@@ -212,10 +245,10 @@ def decode(sampler, params, state: ContinuousState, *, sampling: SamplingParams,
   sampler.num_traces += 1
 
   def cond(s: ContinuousState):
-    return (s.next_row < s.num_queued) | jnp.any(s.active | s.pending)
+    return jnp.any(s.next_row < s.num_queued) | jnp.any(s.active | s.pending)
 
   def body(s: ContinuousState):
-    refill = jnp.any(~(s.active | s.pending)) & (s.next_row < s.num_queued)
+    refill = jnp.any(jnp.any(_free_by_shard(s), axis=1) & (s.next_row < s.num_queued))
     s = jax.lax.cond(refill, lambda: _refill(sampler, s, sampling), lambda: s)
     return constrain(sampler, _step(sampler, params, s, sampling, prompt_len))
 

@@ -105,9 +105,11 @@ class Sampler:
       mesh: when given, the batch is sharded over its ("data", "fsdp") axes.
       cache_sharding_fn: cache -> NamedSharding pytree for it on `mesh` (None = XLA chooses).
       min_bucket: smallest prompt bucket length.
-      insert_fn: (slots' cache, prompts' cache, take [S] bool, prompt of each slot [S]) -> the
-        slots' cache with the taken slots holding that prompt's prefill and no decode slot valid
-        (`continuous.insert_kv_cache`); needed for continuous batching (`decode_slots` > 0).
+      insert_fn: (slots' cache, prompts' cache, take [S] bool, prompt of each slot [S], shards)
+        -> the slots' cache with the taken slots holding that prompt's prefill and no decode
+        slot valid (`continuous.insert_kv_cache`); a slot's prompt lies in the slot's block of
+        `shards` (the data shards: `continuous.take_in_shards`). Needed for continuous batching
+        (`decode_slots` > 0).
     """
     self.decode_fn = decode_fn
     self.init_cache_fn = init_cache_fn
