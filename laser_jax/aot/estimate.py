@@ -16,8 +16,9 @@ roofline times to a step whose responses have the lengths of `lengths.ResponseLe
       - Continuous batching (`rollout.decode_slots` > 0, `continuous_replay`): each data
         shard's rows (a block of the call's) take the first free slot of that shard's slots in
         order, a finished row's slot refilled with the shard's next row every `refill_every`
-        steps (`laser_jax.generate.continuous` refills on device before every step: 1); the step attends over the chunks up to the one holding the deepest
-        write of its consuming slots (a `lax.switch` over the chunk count in every layer).
+        steps (`laser_jax.generate.continuous` refills on device before every step: 1); the
+        step attends over the chunks up to the one holding the deepest write of its consuming
+        slots (a `lax.switch` over the chunk count in every layer).
     A step's seconds: max(compute, HBM, ICI), compute and interconnect the compiled step's
     scaled by the rows (per-row work), HBM the compiled step's scaled by the bytes read,
     weights + rows x (KV bytes x f(t) + the rest of a row's state), against the compiled

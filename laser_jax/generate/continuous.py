@@ -20,8 +20,9 @@ fold_in(fold_in(call key, r), t) whatever slot runs it. So every field of every 
 for bit (tests/test_continuous.py, on the Transformer too) wherever the matmuls round a batch of S
 slots as they round the static call's batch of rows. Not every backend does: XLA's CPU GEMM rounds
 a 16-row and a 64-row batch differently in the last bit (log-probs ~5e-6 apart), and a draw on a
-bucket edge then flips and its row diverges (bench/rollout_skew.py counts such rows). A step reads the chunks in use, not the
-whole window: while every slot is early in its response, the later chunks are not read.
+bucket edge then flips and its row diverges (bench/rollout_skew.py counts such rows). A step
+reads the chunks in use, not the whole window: while every slot is early in its response, the
+later chunks are not read.
 
 Programs (public on `Sampler`, so that `laser_jax.aot` compiles exactly these):
   `continuous_prefill(params, prompt_tokens, prompt_mask, row_ids, rng, *, sampling)` -> state
