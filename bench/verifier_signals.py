@@ -4,7 +4,7 @@ Reads the per-response arrays `bench/learning.py` keeps for each run's final mod
 (<workdir>/<run>/final_solutions.npz: acc, scores r_s, likelihoods = mean token log-prob, answers)
 and reports, per run, for each signal: AUROC over all responses, within-problem AUROC (and its
 problem count), best@8 and weighted maj@8 (`laser_jax.evaluation.tts`, bootstrapped as there),
-beside mean@8 and maj@8. Signals:
+beside mean@8 and maj@8. Signals (`measure`):
   score               r_s; vote weight max(r_s, 0) (`tts.self_reward_weights`)
   likelihood          l = mean token log-prob; vote weight exp(l) (`tts.likelihood_weights`)
   score + likelihood  r_s + l; vote weight exp(r_s + l) (non-negative, same order)
@@ -29,42 +29,29 @@ from laser_jax.evaluation import tts  # noqa: E402
 from laser_jax.rl import rl_metrics  # noqa: E402
 
 
-def signals(scores: np.ndarray, likelihoods: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{name: (ranking values [P, n], vote weights [P, n])}; a NaN score (no EOS) ranks last and
-  weighs 0 in the score's signals."""
-  both = scores + likelihoods
-  return {"score": (scores, tts.self_reward_weights(scores)),
-          "likelihood": (likelihoods, tts.likelihood_weights(likelihoods)),
-          "score + likelihood": (both, np.nan_to_num(np.exp(both), nan=0.0))}
-
-
 def measure(acc, scores, likelihoods, answers, k: int = 8, num_bootstrap: int = 1000, seed: int = 0) -> dict:
   """One run's figures: {"mean@k", "maj@k", signal: {auroc, within_auroc, within_problems,
-  best@k, weighted_maj@k}}."""
+  best@k, weighted_maj@k}}. The @k figures are `tts.scaling_metrics`' on the same bootstrap draws
+  for every signal: the score's own columns, its likelihood columns (best by l, weights exp(l)),
+  and those columns again with r_s + l in place of l. A NaN score (no EOS) leaves its response
+  out of the score's AUROCs and ranks it last, weight 0, in the @k figures."""
   acc, scores, likelihoods = (np.asarray(x, np.float64) for x in (acc, scores, likelihoods))
-  out = {}
-  for name, (values, weights) in signals(scores, likelihoods).items():
+  both = scores + likelihoods
+  by_score = tts.scaling_metrics(answers, acc, scores, ks=[k], num_bootstrap=num_bootstrap, seed=seed,
+                                 likelihoods=likelihoods)
+  by_both = tts.scaling_metrics(answers, acc, scores, ks=[k], num_bootstrap=num_bootstrap, seed=seed,
+                                likelihoods=np.where(np.isnan(both), -np.inf, both))
+  columns = {"score": (scores, by_score[f"best@{k}"], by_score[f"self_weighted_maj@{k}"]),
+             "likelihood": (likelihoods, by_score[f"best_by_likelihood@{k}"],
+                            by_score[f"likelihood_weighted_maj@{k}"]),
+             "score + likelihood": (both, by_both[f"best_by_likelihood@{k}"], by_both[f"likelihood_weighted_maj@{k}"])}
+  out = {f"mean@{k}": float(acc.mean()), f"maj@{k}": by_score[f"maj@{k}"]}
+  for name, (values, best, voted) in columns.items():
     within, problems = rl_metrics.within_problem_auroc(acc, values)
     ranked = np.where(np.isnan(values), -np.inf, values)
-    scaling = tts.scaling_metrics(answers, acc, ranked, ks=[k], num_bootstrap=num_bootstrap, seed=seed,
-                                  likelihoods=None)
-    voted = _weighted_vote(answers, acc, weights, k, num_bootstrap, seed)
     out[name] = {"auroc": rl_metrics.auroc(ranked.ravel(), acc.ravel() > 0.5), "within_auroc": within,
-                 "within_problems": problems, f"best@{k}": scaling[f"best@{k}"], f"weighted_maj@{k}": voted}
-    out[f"maj@{k}"] = scaling[f"maj@{k}"]
-  out[f"mean@{k}"] = float(acc.mean())
+                 "within_problems": problems, f"best@{k}": best, f"weighted_maj@{k}": voted}
   return out
-
-
-def _weighted_vote(answers, acc, weights, k, num_bootstrap, seed) -> float:
-  """Bootstrapped weighted maj@k with given non-negative weights (the draws of `tts.scaling_metrics`)."""
-  rng = np.random.default_rng(seed)
-  total = 0.0
-  for p in range(acc.shape[0]):
-    gid, groups = tts._group_ids(answers[p])
-    idx = rng.integers(acc.shape[1], size=(num_bootstrap, k))
-    total += tts._vote(gid[idx], acc[p][idx], weights[p][idx], groups).mean()
-  return float(total / acc.shape[0])
 
 
 def save(path: str, solutions) -> None:
