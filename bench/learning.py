@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 from bench import verifier_signals  # noqa: E402
 from laser_jax import default_config  # noqa: E402
 from laser_jax import notebook_utils  # noqa: E402
@@ -210,8 +211,8 @@ def main(argv=None):
             flush=True)
   stats = {m: mean_std([r["summary"] for r in runs if r["method"] == m]) for m in methods}
   result = {"command": " ".join(["python bench/learning.py"] + (sys.argv[1:] if argv is None else list(argv))),
-            "config": args.config, "overrides": overrides, "seeds": args.seeds, "n": args.n,
-            "problems": args.problems, "stats": stats, "bars": bars(stats), "runs": runs}
+            "machine": common.machine_info(), "config": args.config, "overrides": overrides,
+            "seeds": args.seeds, "n": args.n, "problems": args.problems, "stats": stats, "bars": bars(stats), "runs": runs}
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
     json.dump(result, f, indent=1, default=float)

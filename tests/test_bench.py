@@ -171,6 +171,7 @@ def test_learning_benchmark_runs_both_methods_per_seed(tmp_path, capsys):
       assert 0 <= summary[key] <= 1, (key, summary[key])
     assert summary["within_auroc_problems"] >= 1
   on_disk = json.loads((tmp_path / "learning.json").read_text())
+  assert on_disk["machine"]["cpu_count"] >= 1  # the figures name the machine that made them
   for method, columns in result["stats"].items():
     np.testing.assert_array_equal(np.array(list(on_disk["stats"][method].values())),
                                   np.array(list(columns.values())))  # NaN == NaN here
