@@ -581,6 +581,40 @@ def test_a_decode_step_reads_the_weights_and_each_rows_cache_up_to_the_deepest_c
   assert estimate_lib.decode_seconds(busy, 4, r) == pytest.approx(4 * 0.5)
 
 
+def test_replay_counts_each_shards_running_rows_and_their_own_keys_by_hand():
+  """Rows of 3, 1, 4, 2, 5 tokens on 2 slots: row 0 runs steps 0-2, row 1 step 0, row 2 steps 1-4,
+  row 3 steps 3-4, row 4 steps 5-9; a row adds offset + 1 keys (its decode tokens so far)."""
+  r = estimate_lib.continuous_replay(np.array([3, 1, 4, 2, 5]), slots=2)
+  assert r.running.tolist() == [[2, 2, 2, 2, 2, 1, 1, 1, 1, 1]]
+  # t=1: row 0 at offset 1 (2 keys) + row 2 at 0 (1); t=4: row 2 at 3 (4) + row 3 at 1 (2).
+  assert r.decode_keys.tolist() == [[2, 3, 5, 4, 6, 1, 2, 3, 4, 5]]
+  # 2 shards of 1 slot: rows 3, 1, 4 (shard 0) and 2, 5 (shard 1), each replayed alone.
+  r = estimate_lib.continuous_replay(np.array([3, 1, 4, 2, 5]), slots=2, shards=2)
+  assert r.running.tolist() == [[1] * 8, [1] * 7 + [0]]
+  assert r.decode_keys.tolist() == [[1, 2, 3, 1, 1, 2, 3, 4], [1, 2, 1, 2, 3, 4, 5, 0]]
+
+
+def test_a_ragged_decode_step_reads_each_slots_own_prefix():
+  """The program of the test above, compiled as continuous with every chunk visible (fill 1:
+  1000 + 4 x 120 = 1480 bytes a step, 1e-5 s per byte), its attention the per-slot kernel:
+  a step reads the weights, and per running slot its prompt chunk (4 of the 12-slot window) and
+  its own decode keys, at 96 / 12 = 8 KV bytes per key plus 24 of other state; the step waits
+  for the shard that reads the most."""
+  d = estimate_lib.DecodeProgram(steps=8, rows=8, data_parallel=2, compute_s=0.0, hbm_s=8 * 0.0148, ici_s=0.0,
+                                 weight_bytes=1000.0, row_bytes=120.0, kv_row_bytes=96.0, prompt_len=4,
+                                 chunk_lengths=(2, 2, 4), kv_fill=1.0, continuous=True, ragged=True)
+  r = estimate_lib.continuous_replay(np.array([3, 1, 4, 2, 5]), slots=2, shards=2)
+  # Shard 0 at step 0: one row, 4 + 1 keys -> 1000 + 24 + 5 x 8 = 1064; shard 1 the same.
+  keys = np.maximum(np.array([4 + 1, 4 + 2, 4 + 3, 4 + 1, 4 + 1, 4 + 2, 4 + 3, 4 + 4]),
+                    np.array([4 + 1, 4 + 2, 4 + 1, 4 + 2, 4 + 3, 4 + 4, 4 + 5, 0]))
+  assert estimate_lib.decode_seconds(d, 2, r) == pytest.approx(1e-5 * np.sum(1000 + 24 + 8 * keys))
+  # The same program without the kernel reads every slot's cache up to the deepest chunk.
+  chunked = dataclasses.replace(d, ragged=False)
+  fill = estimate_lib.visible_fraction(r.deepest, 4, (2, 2, 4))
+  assert estimate_lib.decode_seconds(chunked, 2, r) == pytest.approx(1e-5 * np.sum(1000 + 1 * (96 * fill + 24)))
+  assert estimate_lib.decode_seconds(d, 2, r) < estimate_lib.decode_seconds(chunked, 2, r)
+
+
 def test_expected_step_at_the_budget_is_the_worst_case_and_real_lengths_cost_less():
   shape = estimate_lib.StepShape(rows=16, rows_per_call=8, prompt_tokens=6, seq_len=6 + 100 + 1, update_shards=2,
                                  num_params=1000, logprob_forwards=1, peak_flops=1e6)

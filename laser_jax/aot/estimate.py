@@ -18,7 +18,10 @@ roofline times to a step whose responses have the lengths of `lengths.ResponseLe
         order, a finished row's slot refilled with the shard's next row every `refill_every`
         steps (`laser_jax.generate.continuous` refills on device before every step: 1); the
         step attends over the chunks up to the one holding the deepest write of its consuming
-        slots (a `lax.switch` over the chunk count in every layer).
+        slots (a `lax.switch` over the chunk count in every layer), or, with the TPU decode
+        kernel (`DecodeProgram.ragged`, `laser_jax.models.ragged_attention`), each running slot
+        reads its prompt chunk and its own decode keys (`DecodeReplay.running`,
+        `decode_keys`), the step waiting for the data shard that reads the most.
     A step's seconds: max(compute, HBM, ICI), compute and interconnect the compiled step's
     scaled by the rows (per-row work), HBM the compiled step's scaled by the bytes read,
     weights + rows x (KV bytes x f(t) + the rest of a row's state), against the compiled
@@ -81,6 +84,10 @@ class DecodeReplay:
   deepest: np.ndarray  # [steps] the largest decode offset (tokens generated - 1) a consuming row
   #   writes at that step; -1 when no row consumes (the step then attends over the prompt chunk)
   refills: np.ndarray  # [steps] bool: free slots take rows before the step (continuous only)
+  # Per data shard and step (continuous only): the rows running and the cache keys their decode
+  # tokens add up to (offset + 1 each): what a step reads when each row reads its own prefix.
+  running: np.ndarray | None = None  # [shards, steps]
+  decode_keys: np.ndarray | None = None  # [shards, steps]
 
   @property
   def steps(self) -> int:
@@ -105,9 +112,11 @@ def continuous_replay(tokens: np.ndarray, slots: int, refill_every: int = 1, sha
     steps = max(p.steps for p in parts)
     deepest = np.full((len(parts), steps), -1, np.int64)
     refills = np.zeros((len(parts), steps), bool)
+    running, decode_keys = np.zeros((2, len(parts), steps), np.int64)
     for i, p in enumerate(parts):
       deepest[i, :p.steps], refills[i, :p.steps] = p.deepest, p.refills
-    return DecodeReplay(deepest.max(axis=0), refills.any(axis=0))
+      running[i, :p.steps], decode_keys[i, :p.steps] = p.running[0], p.decode_keys[0]
+    return DecodeReplay(deepest.max(axis=0), refills.any(axis=0), running, decode_keys)
   starts = continuous_starts(tokens, slots, refill_every)
   ends = starts + tokens
   steps = int(np.max(ends))
@@ -118,7 +127,13 @@ def continuous_replay(tokens: np.ndarray, slots: int, refill_every: int = 1, sha
   t = np.arange(steps)
   refills = np.zeros(steps, bool)
   refills[starts] = True
-  return DecodeReplay(np.where(earliest < steps, t - earliest, -1), refills)
+  # A row running over [start, end) adds t - start + 1 keys at step t: sum (t + 1) - start over
+  # the rows running, from running counts and sums of starts (difference arrays).
+  running = np.cumsum(np.bincount(starts, minlength=steps + 1) - np.bincount(ends, minlength=steps + 1))[:steps]
+  start_sum = np.cumsum(np.bincount(starts, starts, minlength=steps + 1)
+                        - np.bincount(ends, starts, minlength=steps + 1))[:steps]
+  decode_keys = np.rint((t + 1) * running - start_sum).astype(np.int64)
+  return DecodeReplay(np.where(earliest < steps, t - earliest, -1), refills, running[None], decode_keys[None])
 
 
 def visible_fraction(deepest: np.ndarray, prompt_len: int, chunk_lengths: tuple[int, ...]) -> np.ndarray:
@@ -157,6 +172,7 @@ class DecodeProgram:
   kv_fill: float  # mean share of the cache window a compiled step was counted reading
   call_rows: int = 0  # rows of the sampler call (0: `rows`); a continuous program's `rows` are its slots
   continuous: bool = False  # compiled as continuous batching, counted with every chunk visible
+  ragged: bool = False  # continuous, each slot reading its own cache prefix (`ragged_attention`)
   refill_hbm_s: float = 0.0  # HBM seconds of one refill of the compiled slots (continuous)
   refill_ici_s: float = 0.0  # interconnect seconds of one refill (continuous)
 
@@ -177,8 +193,16 @@ def decode_seconds(decode: DecodeProgram, rows: int, replay: DecodeReplay) -> fl
   compute, ici = decode.compute_s / decode.steps * per_row, decode.ici_s / decode.steps * per_row
   read = lambda rows_, fill: decode.weight_bytes + rows_ / decode.data_parallel * (
       decode.kv_row_bytes * fill + decode.row_bytes - decode.kv_row_bytes)
-  fill = visible_fraction(replay.deepest, decode.prompt_len, decode.chunk_lengths)
-  hbm = decode.hbm_s / decode.steps * read(rows, fill) / read(decode.rows, decode.kv_fill)
+  if decode.ragged and replay.running is not None:
+    # Each running slot reads the prompt chunk and its own decode keys; the step waits for the
+    # data shard that reads the most (a free slot reads one block per chunk: not counted).
+    window = decode.prompt_len + sum(decode.chunk_lengths)
+    keys = replay.running * decode.prompt_len + replay.decode_keys  # [shards, steps]
+    state = decode.weight_bytes + replay.running * (decode.row_bytes - decode.kv_row_bytes)
+    bytes_read = np.max(state + keys * (decode.kv_row_bytes / window), axis=0)
+  else:
+    bytes_read = read(rows, visible_fraction(replay.deepest, decode.prompt_len, decode.chunk_lengths))
+  hbm = decode.hbm_s / decode.steps * bytes_read / read(decode.rows, decode.kv_fill)
   hbm = hbm + replay.refills * decode.refill_hbm_s * per_row
   ici = ici + replay.refills * decode.refill_ici_s * per_row
   return float(np.sum(np.maximum(np.maximum(compute, ici), hbm)))

@@ -22,7 +22,10 @@ slots as they round the static call's batch of rows. Not every backend does: XLA
 a 16-row and a 64-row batch differently in the last bit (log-probs ~5e-6 apart), and a draw on a
 bucket edge then flips and its row diverges (bench/rollout_skew.py counts such rows). A step
 reads the chunks in use, not the whole window: while every slot is early in its response, the
-later chunks are not read.
+later chunks are not read. On TPU (the model's attention "splash") the step's attention is a
+Pallas kernel in which each slot reads only its own cache prefix (`models.ragged_attention`);
+it equals the XLA attention to float rounding, so there the two samplers' rows agree to rounding,
+not bit for bit.
 
 Programs (public on `Sampler`, so that `laser_jax.aot` compiles exactly these):
   `continuous_prefill(params, prompt_tokens, prompt_mask, row_ids, rng, *, sampling)` -> state

@@ -48,10 +48,12 @@ class ModelConfig:
   # a time, each block recomputed in the backward pass, so memory grows with attention_block * T;
   # "splash" is JAX's Pallas splash-attention kernel for TPU (blocks of attention_block, never
   # holds scores beyond a block); "cudnn" is jax.nn.dot_product_attention's cuDNN flash attention
-  # (GPU, bf16/fp16 compute). `resolve_attention` picks one for a platform.
+  # (GPU, bf16/fp16 compute). `resolve_attention` picks one for a platform. With "splash" the
+  # continuous sampler's decode step also runs a Pallas kernel (`ragged_attention`: each slot reads
+  # its own cache prefix); with the others it reads every slot's cache up to the deepest slot's chunk.
   attention: str = "xla"
   attention_block: int = 512
-  # Run Pallas kernels ("splash") in the Pallas interpreter: any backend, slow; for tests on CPU.
+  # Run the Pallas kernels ("splash", the ragged decode) in the interpreter: any backend, slow; for tests on CPU.
   interpret_kernels: bool = False
   # Full forward as a lax.scan over the layers (weights stacked per call): one compiled layer
   # instead of num_layers, and with remat one layer's recomputation alive at a time.

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from laser_jax.models.attention import BATCH, attend_cached, attend_causal, constrain
+from laser_jax.models import ragged_attention
 from laser_jax.models.config import ModelConfig
 
 Params = Any
@@ -125,7 +126,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None, chunks_in_use=None):
+  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None, chunks_in_use=None,
+               row_lengths=None):
     """x [B,T,H], rope = `rope_tables` at x's positions. Without a cache attends causally within
     x over its valid tokens (mask = key validity [B,T]; with segment_ids [B,T], a packed row's,
     within each token's own segment: `attend_causal`). With kv_cache = (key chunks, value chunks), the chunks of this layer's cache
@@ -151,7 +153,12 @@ class Attention(nn.Module):
       # One slot per row (continuous batching, T = 1): row b's key/value go to slot
       # write_offset[b] of the whole cache, scattered into whichever chunk holds it.
       new_cache = _scatter_rows(*kv_cache, k[:, 0], v[:, 0], write_offset)
-      out = attend_cached(q, *new_cache, mask, chunks_in_use)
+      if row_lengths is not None and cfg.attention == "splash":
+        # TPU: each row reads its own cache prefix (the continuous step; `ragged_attention`).
+        out = ragged_attention.attend_cached_ragged(q, *new_cache, mask, row_lengths, cfg.attention_block,
+                                                    cfg.interpret_kernels)
+      else:
+        out = attend_cached(q, *new_cache, mask, chunks_in_use)
     else:
       # In-place dynamic-update-slices of the (donated) cache buffers.
       k_chunks, v_chunks = kv_cache
@@ -196,11 +203,13 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None, chunks_in_use=None):
+  def __call__(self, x, rope, mask, kv_cache=None, write_offset=None, segment_ids=None, chunks_in_use=None,
+               row_lengths=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), rope, mask,
-                                                      kv_cache, write_offset, segment_ids, chunks_in_use)
+                                                      kv_cache, write_offset, segment_ids, chunks_in_use,
+                                                      row_lengths)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
     return constrain(x, BATCH, None, None), new_cache
@@ -263,12 +272,13 @@ class Decoder(nn.Module):
     token_mask set (traced: a switch over the chunk count in every layer's attention)."""
     t = tokens.shape[1]
     lengths = cache.chunk_lengths
-    in_use = None
+    in_use = row_lengths = None
     if chunk is None:  # per row, bounded by the rows that consume a token
       chunk = len(lengths) - 1
       ends = np.cumsum(lengths)
       in_use = jnp.searchsorted(jnp.asarray(ends), jnp.max(jnp.where(token_mask[:, 0], write_index, 0)), side="right")
       in_use = jnp.minimum(in_use, chunk).astype(jnp.int32)
+      row_lengths = jnp.where(token_mask[:, 0], write_index + 1, 0)  # keys each row reads
     chunk_start, visible_len = sum(lengths[:chunk]), sum(lengths[:chunk + 1])
     if write_index.ndim == 1:
       rows = jnp.arange(tokens.shape[0])
@@ -286,7 +296,7 @@ class Decoder(nn.Module):
     keys, values = [], []
     for layer, k_chunks, v_chunks in zip(self.layers, cache.k, cache.v):
       x, (k_seen, v_seen) = layer(x, rope, mask, (k_chunks[:chunk + 1], v_chunks[:chunk + 1]), offset,
-                                  chunks_in_use=in_use)
+                                  chunks_in_use=in_use, row_lengths=row_lengths)
       keys.append(k_seen + k_chunks[chunk + 1:])
       values.append(v_seen + v_chunks[chunk + 1:])
     return self.final_norm(x), KVCache(tuple(keys), tuple(values), cache_mask)

@@ -1,0 +1,159 @@
+"""Decode attention that reads each row's own cache prefix: a Pallas kernel for TPU.
+
+The continuous sampler's slots sit at different depths. `attention.attend_cached` (XLA) reads
+every slot's cache up to the chunk of the deepest slot, so with hundreds of slots a step pays for
+most of the window whatever the slots hold. Here a row reads the key/value blocks up to its own
+last key and no further: over the grid (row, kv head, key block), a block past the row's last
+one maps to the row's last block, so the pipeline fetches nothing new, and compute skips it
+(the scalar-prefetch clamp of JAX's paged-attention kernel, on this cache's layout, one
+kernel call per cache chunk). Each call
+returns the online-softmax partials (running max, denominator, unnormalised output) of its
+chunk, merged across chunks in XLA. A row that reads no key of a chunk (lengths 0 there) fetches
+one block and computes nothing.
+
+Used by the continuous sampler's decode step when the model's attention is the TPU kernel
+("splash", what "auto" picks on TPU); on CPU / GPU `attend_cached` runs, which is also the
+reference (tests/test_ragged_attention.py, in Pallas interpret mode). The result equals
+`attend_cached` to float rounding, not bit for bit.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from laser_jax.models.attention import BATCH
+
+_MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - _MASKED) is 1, never NaN
+
+
+def _chunk_kernel(last_block_ref, used_ref, q_ref, k_hbm, v_hbm, mask_ref, m_ref, l_ref, acc_ref, k_buf, v_buf, sem, *,
+                  block: int, scale: float):
+  """One (row b, kv head h, key block j) step of the online softmax over one chunk. The keys and
+  values stay in HBM (the caller pins them there: XLA would otherwise prefetch whole chunks into
+  on-chip memory); the kernel copies in only the row's blocks, block j + 1 while computing j."""
+  b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  used = used_ref[b]
+
+  def copies(index, slot):
+    rows = pl.ds(pl.multiple_of(index * block, block), block)
+    return (pltpu.make_async_copy(k_hbm.at[h, b, rows], k_buf.at[slot], sem.at[0, slot]),
+            pltpu.make_async_copy(v_hbm.at[h, b, rows], v_buf.at[slot], sem.at[1, slot]))
+
+  @pl.when(j == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(used > 0)
+    def _first():
+      for c in copies(0, 0):
+        c.start()
+
+  @pl.when(j * block < used)  # a block holding at least one of the row's keys
+  def _block():
+    slot = j % 2
+    for c in copies(j, slot):
+      c.wait()
+
+    @pl.when((j + 1) * block < used)
+    def _next():
+      for c in copies(j + 1, 1 - slot):
+        c.start()
+
+    q = q_ref[0, 0]  # [G, D]
+    s = jax.lax.dot_general(q, k_buf[slot], (((1,), (1,)), ((), ())),  # q k^T: [G, block]
+                            preferred_element_type=jnp.float32) * scale
+    column = j * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    valid = (mask_ref[0] > 0) & (column < used)  # [1, block] key validity, broadcast over G
+    s = jnp.where(valid, s, _MASKED)
+    m_prev = m_ref[0, 0]  # [G, 1]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m_prev - m_new)
+    l_ref[0, 0] = alpha * l_ref[0, 0] + jnp.sum(p, axis=1, keepdims=True)
+    # Slots past the row's last key hold whatever an earlier row left there: zeroed, so that
+    # not even a non-finite leftover reaches the sum (0 x NaN is NaN).
+    row = j * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
+    v = jnp.where(row < used, v_buf[slot], jnp.zeros((), v_buf.dtype))
+    acc_ref[0, 0] = alpha * acc_ref[0, 0] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    m_ref[0, 0] = m_new
+
+
+def _chunk_partials(q, k, v, mask, used, *, block: int, interpret: bool):
+  """Online-softmax partials of q [B,K,G,D] over one chunk (k, v [K,B,S,D], mask [B,1,S]
+  int32), row b reading its first used[b] keys only: (max [B,K,G,1], denominator [B,K,G,1],
+  unnormalised output [B,K,G,D]), float32."""
+  b, kv_heads, g, d = q.shape
+  length = k.shape[2]
+  block = block if length % block == 0 else length
+  last_block = jnp.maximum(-(-used // block) - 1, 0).astype(jnp.int32)
+  # The mask's blocks past a row's last map to its last: the pipeline fetches nothing new.
+  mask_block = lambda b_, h, j, last, used_: (b_, 0, jnp.minimum(j, last[b_]))
+  per_row_head = lambda b_, h, j, last, used_: (b_, h, 0, 0)
+  hbm = pl.BlockSpec(memory_space=pltpu.MemorySpace.HBM)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(b, kv_heads, length // block),
+      in_specs=[pl.BlockSpec((1, 1, g, d), per_row_head), hbm, hbm, pl.BlockSpec((1, 1, block), mask_block)],
+      out_specs=[pl.BlockSpec((1, 1, g, 1), per_row_head), pl.BlockSpec((1, 1, g, 1), per_row_head),
+                 pl.BlockSpec((1, 1, g, d), per_row_head)],
+      scratch_shapes=[pltpu.VMEM((2, block, d), k.dtype), pltpu.VMEM((2, block, d), v.dtype),
+                      pltpu.SemaphoreType.DMA((2, 2))])
+  itemsize = jnp.dtype(k.dtype).itemsize
+  cost = pl.CostEstimate(  # the worst case: every row reads the whole chunk
+      flops=4 * b * kv_heads * g * length * d, transcendentals=b * kv_heads * g * length,
+      bytes_accessed=2 * b * kv_heads * length * d * itemsize + b * length * 4 + 2 * q.size * 4)
+  return pl.pallas_call(
+      functools.partial(_chunk_kernel, block=block, scale=1 / math.sqrt(d)),
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, g, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kv_heads, g, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kv_heads, g, d), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      cost_estimate=cost, interpret=interpret,
+  )(last_block, used, q, k, v, mask)
+
+
+def attend_cached_ragged(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: jax.Array, lengths: jax.Array,
+                         block: int = 512, interpret: bool = False) -> jax.Array:
+  """`attention.attend_cached` for one decode step (T = 1) where row b reads only its first
+  lengths[b] keys of the window (0: none; its output is then 0): q [B,1,N,D], k_chunks
+  [B,K,D,S_c], v_chunks [B,K,S_c,D], mask [B,1,sum(S_c)] -> [B,1,N,D]. Keys at or past
+  lengths[b] must be masked in `mask` (their blocks are not read). Runs per shard under the
+  laser_jax mesh (batch over BATCH, kv heads over "tensor")."""
+  mask = mask[:, :, :sum(k.shape[-1] for k in k_chunks)].astype(jnp.int32)
+
+  def run(q, k_chunks, v_chunks, mask, lengths):
+    b, _, n, d = q.shape
+    kv_heads = k_chunks[0].shape[1]
+    q = q.reshape(b, kv_heads, n // kv_heads, d)  # query head h uses kv head h // G
+    parts, start = [], 0
+    for k_t, v in zip(k_chunks, v_chunks):
+      length = k_t.shape[-1]
+      used = jnp.clip(lengths - start, 0, length).astype(jnp.int32)
+      # Keys and values as [K, B, S, D]: the physical order XLA gives the cache's [B, K, D, S]
+      # keys and [B, K, S, D] values in the decode loop, so this is a relabelling, not a copy (a
+      # kernel reading them in their logical order made XLA copy every chunk at every step).
+      parts.append(_chunk_partials(q.astype(k_t.dtype), k_t.transpose(1, 0, 3, 2), v.transpose(1, 0, 2, 3),
+                                   mask[:, :, start:start + length], used, block=block, interpret=interpret))
+      start += length
+    peak = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
+    total = sum(l * jnp.exp(m - peak) for m, l, _ in parts)
+    out = sum(acc * jnp.exp(m - peak) for m, _, acc in parts)
+    out = jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)
+    return out.reshape(b, 1, n, d).astype(q.dtype)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
+    return run(q, k_chunks, v_chunks, mask, lengths)
+  P = jax.sharding.PartitionSpec
+  batch = BATCH if q.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+  heads = "tensor" if k_chunks[0].shape[1] % mesh.shape["tensor"] == 0 else None
+  cache = tuple(P(batch, heads, None, None) for _ in k_chunks)
+  return jax.shard_map(run, in_specs=(P(batch, None, heads, None), cache, cache, P(batch, None, None), P(batch)),
+                       out_specs=P(batch, None, heads, None), check_vma=False)(q, k_chunks, v_chunks, mask, lengths)
