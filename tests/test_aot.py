@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from laser_jax import default_config
 from laser_jax.aot import cost_model
+from laser_jax.aot import program_report
 from laser_jax.aot import report as report_lib
 from laser_jax.aot import topology as topology_lib
 from laser_jax.models import attention as attention_lib
@@ -265,7 +266,7 @@ def test_rollout_layout_takes_the_weight_gathers_out_of_the_decode_loop(monkeypa
   assert decode[4]["roofline_s"] < decode[0]["roofline_s"] / 2
 
 
-def test_continuous_rollout_compiles_its_slot_programs_for_a_v4_8(monkeypatch):
+def test_continuous_rollout_compiles_its_slot_programs_for_a_v4_8(monkeypatch, tmp_path):
   """rollout.decode_slots > 0: the report compiles `Sampler.continuous_prefill` / `continuous_decode`
   (not the static pair), counts the decode loop at `estimate.continuous_decode_steps` with every
   row at the budget, and sizes a slot by its KV cache."""
@@ -276,10 +277,13 @@ def test_continuous_rollout_compiles_its_slot_programs_for_a_v4_8(monkeypatch):
   monkeypatch.setitem(presets.PRESETS, "qwen2.5-0.5b", cfg)
   c = _small_config()
   c.rollout.decode_slots = 8
+  monkeypatch.setattr(program_report, "HLO_DUMP_DIR", str(tmp_path))
   report = report_lib.compile_step(c, topology_lib.parse_topology("v4-8"), log=lambda _: None,
                                    groups=("rollout",))
   programs = report["programs"]
   assert [p["name"] for p in programs] == ["rollout prefill", "rollout decode"]
+  decode_hlo = (tmp_path / "rollout_decode.hlo.txt").read_text()
+  assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 3  # 2 layers x 3 cache chunks
   assert [p["decode_slots"] for p in programs] == [8, 8]
   assert report["fits"] and "rollout decode (continuous, 8 slots)" in report_lib.format_report(report)
   decode = programs[1]
@@ -291,6 +295,9 @@ def test_continuous_rollout_compiles_its_slot_programs_for_a_v4_8(monkeypatch):
   kv = 2 * 2 * cfg.num_kv_heads * cfg.head_dim * (64 + 128) * 2
   slot = report["rollout_decode"]
   assert slot["continuous"] and (slot["rows"], slot["call_rows"], slot["steps"]) == (8, 16, 256)
+  # The TPU attention ("auto" = splash): the step's attention is the ragged Pallas kernel, lowered
+  # by Mosaic for v4 here, and the estimate replays each slot's own prefix.
+  assert slot["ragged"]
   assert slot["row_bytes"] == kv + (64 + 128) + 4 * 4 + 2
   # The slots' cache is an argument of the decode program (2 slots per chip) besides the weights.
   assert decode["argument_bytes"] > 2 * kv
