@@ -3,13 +3,11 @@
 The continuous sampler's slots sit at different depths. `attention.attend_cached` (XLA) reads
 every slot's cache up to the chunk of the deepest slot, so with hundreds of slots a step pays for
 most of the window whatever the slots hold. Here a row reads the key/value blocks up to its own
-last key and no further: over the grid (row, kv head, key block), a block past the row's last
-one maps to the row's last block, so the pipeline fetches nothing new, and compute skips it
-(the scalar-prefetch clamp of JAX's paged-attention kernel, on this cache's layout, one
-kernel call per cache chunk). Each call
-returns the online-softmax partials (running max, denominator, unnormalised output) of its
-chunk, merged across chunks in XLA. A row that reads no key of a chunk (lengths 0 there) fetches
-one block and computes nothing.
+last key and no further: one grid step per (row, kv head) loops over that row's blocks, copying
+each in from HBM (double-buffered) as JAX's paged-attention kernel copies its pages, on this
+cache's layout, one kernel call per cache chunk. Each call returns the online-softmax partials
+(running max, denominator, unnormalised output) of its chunk, merged across chunks in XLA. A row
+that reads no key of a chunk copies and computes nothing there.
 
 Used by the continuous sampler's decode step when the model's attention is the TPU kernel
 ("splash", what "auto" picks on TPU); on CPU / GPU `attend_cached` runs, which is also the
@@ -31,46 +29,46 @@ from laser_jax.models.attention import BATCH
 _MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - _MASKED) is 1, never NaN
 
 
-def _chunk_kernel(last_block_ref, used_ref, q_ref, k_hbm, v_hbm, mask_ref, m_ref, l_ref, acc_ref, k_buf, v_buf, sem, *,
+def _chunk_kernel(used_ref, q_ref, k_hbm, v_hbm, mask_ref, m_ref, l_ref, acc_ref, k_buf, v_buf, sem, *,
                   block: int, scale: float):
-  """One (row b, kv head h, key block j) step of the online softmax over one chunk. The keys and
-  values stay in HBM (the caller pins them there: XLA would otherwise prefetch whole chunks into
-  on-chip memory); the kernel copies in only the row's blocks, block j + 1 while computing j."""
-  b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  """The online softmax of row b, kv head h over one chunk: one grid step per (row, head), a loop
+  over the row's own key blocks only (a grid over the blocks too would pay a grid step for each
+  block of every row, used or not). Keys and values stay in HBM; block j + 1 is copied in while
+  block j is computed on."""
+  b, h = pl.program_id(0), pl.program_id(1)
   used = used_ref[b]
+  q = q_ref[0, 0]  # [G, D]
 
   def copies(index, slot):
     rows = pl.ds(pl.multiple_of(index * block, block), block)
     return (pltpu.make_async_copy(k_hbm.at[h, b, rows], k_buf.at[slot], sem.at[0, slot]),
             pltpu.make_async_copy(v_hbm.at[h, b, rows], v_buf.at[slot], sem.at[1, slot]))
 
-  @pl.when(j == 0)
-  def _init():
-    m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  m_ref[0, 0] = jnp.full(m_ref.shape[2:], _MASKED, jnp.float32)
+  l_ref[0, 0] = jnp.zeros(l_ref.shape[2:], jnp.float32)
+  acc_ref[0, 0] = jnp.zeros(acc_ref.shape[2:], jnp.float32)
+  num_blocks = (used + block - 1) // block
 
-    @pl.when(used > 0)
-    def _first():
-      for c in copies(0, 0):
-        c.start()
+  @pl.when(num_blocks > 0)
+  def _first():
+    for c in copies(0, 0):
+      c.start()
 
-  @pl.when(j * block < used)  # a block holding at least one of the row's keys
-  def _block():
+  def one_block(j, carry):
     slot = j % 2
     for c in copies(j, slot):
       c.wait()
 
-    @pl.when((j + 1) * block < used)
+    @pl.when(j + 1 < num_blocks)
     def _next():
       for c in copies(j + 1, 1 - slot):
         c.start()
 
-    q = q_ref[0, 0]  # [G, D]
     s = jax.lax.dot_general(q, k_buf[slot], (((1,), (1,)), ((), ())),  # q k^T: [G, block]
                             preferred_element_type=jnp.float32) * scale
     column = j * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    valid = (mask_ref[0] > 0) & (column < used)  # [1, block] key validity, broadcast over G
+    mask = mask_ref[0, :, pl.ds(pl.multiple_of(j * block, block), block)]  # [1, block]
+    valid = (mask > 0) & (column < used)  # key validity, broadcast over G
     s = jnp.where(valid, s, _MASKED)
     m_prev = m_ref[0, 0]  # [G, 1]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -83,6 +81,9 @@ def _chunk_kernel(last_block_ref, used_ref, q_ref, k_hbm, v_hbm, mask_ref, m_ref
     v = jnp.where(row < used, v_buf[slot], jnp.zeros((), v_buf.dtype))
     acc_ref[0, 0] = alpha * acc_ref[0, 0] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     m_ref[0, 0] = m_new
+    return carry
+
+  jax.lax.fori_loop(0, num_blocks, one_block, 0)
 
 
 def _chunk_partials(q, k, v, mask, used, *, block: int, interpret: bool):
@@ -92,14 +93,12 @@ def _chunk_partials(q, k, v, mask, used, *, block: int, interpret: bool):
   b, kv_heads, g, d = q.shape
   length = k.shape[2]
   block = block if length % block == 0 else length
-  last_block = jnp.maximum(-(-used // block) - 1, 0).astype(jnp.int32)
-  # The mask's blocks past a row's last map to its last: the pipeline fetches nothing new.
-  mask_block = lambda b_, h, j, last, used_: (b_, 0, jnp.minimum(j, last[b_]))
-  per_row_head = lambda b_, h, j, last, used_: (b_, h, 0, 0)
+  per_row_head = lambda b_, h, used_: (b_, h, 0, 0)
   hbm = pl.BlockSpec(memory_space=pltpu.MemorySpace.HBM)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(b, kv_heads, length // block),
-      in_specs=[pl.BlockSpec((1, 1, g, d), per_row_head), hbm, hbm, pl.BlockSpec((1, 1, block), mask_block)],
+      num_scalar_prefetch=1, grid=(b, kv_heads),
+      in_specs=[pl.BlockSpec((1, 1, g, d), per_row_head), hbm, hbm,
+                pl.BlockSpec((1, 1, length), lambda b_, h, used_: (b_, 0, 0))],
       out_specs=[pl.BlockSpec((1, 1, g, 1), per_row_head), pl.BlockSpec((1, 1, g, 1), per_row_head),
                  pl.BlockSpec((1, 1, g, d), per_row_head)],
       scratch_shapes=[pltpu.VMEM((2, block, d), k.dtype), pltpu.VMEM((2, block, d), v.dtype),
@@ -114,9 +113,9 @@ def _chunk_partials(q, k, v, mask, used, *, block: int, interpret: bool):
       out_shape=[jax.ShapeDtypeStruct((b, kv_heads, g, 1), jnp.float32),
                  jax.ShapeDtypeStruct((b, kv_heads, g, 1), jnp.float32),
                  jax.ShapeDtypeStruct((b, kv_heads, g, d), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       cost_estimate=cost, interpret=interpret,
-  )(last_block, used, q, k, v, mask)
+  )(used, q, k, v, mask)
 
 
 def attend_cached_ragged(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: jax.Array, lengths: jax.Array,
