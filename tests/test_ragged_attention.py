@@ -13,7 +13,7 @@ from laser_jax.models import attention
 from laser_jax.models import ragged_attention
 
 B, K, G, D = 5, 2, 3, 16
-CHUNKS = (8, 16, 16)  # a prompt chunk, then two decode chunks of 2 blocks of 8
+CHUNKS = (128, 256, 256)  # a prompt chunk, then two decode chunks of 2 blocks of 128
 
 
 def _cache(seed=0):
@@ -26,9 +26,9 @@ def _cache(seed=0):
   return q, k_chunks, v_chunks, cache_mask
 
 
-# Keys each row reads: inside the prompt chunk, at a block edge (8 + 8), mid-block, the whole
+# Keys each row reads: inside the prompt chunk, at a block edge (128 + 128), mid-block, the whole
 # window, and none (a slot without a row: output 0).
-LENGTHS = jnp.array([3, 16, 21, 40, 0], jnp.int32)
+LENGTHS = jnp.array([3, 256, 300, 640, 0], jnp.int32)
 
 
 def _mask(cache_mask, lengths):
@@ -38,24 +38,24 @@ def _mask(cache_mask, lengths):
 def test_each_row_reading_its_own_prefix_equals_attention_over_every_chunk():
   q, k_chunks, v_chunks, cache_mask = _cache()
   mask = _mask(cache_mask, LENGTHS)
-  out = ragged_attention.attend_cached_ragged(q, k_chunks, v_chunks, mask, LENGTHS, block=8, interpret=True)
+  out = ragged_attention.attend_cached_ragged(q, k_chunks, v_chunks, mask, LENGTHS, block=128, interpret=True)
   reference = attention.attend_cached(q, k_chunks, v_chunks, mask)
   np.testing.assert_allclose(out[:4], reference[:4], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out[4], 0.0)
 
 
-def test_keys_past_a_rows_length_are_not_read():
-  """NaN in every cache slot at or past each row's length (what a slot's earlier row may have
-  left there) leaves the output as it was: blocks past the row's last are not computed on (nor
-  fetched: their block index is clamped), and the last block's tail is masked."""
+def test_whatever_lies_past_a_rows_length_never_reaches_its_output():
+  """NaN in every cache slot at or past each row's length (an earlier row's leftovers, or
+  anything) leaves the output as it was: the row's last block is masked past its length, keys and
+  values alike (0 x NaN would be NaN), and the blocks after it are not in the row's loop."""
   q, k_chunks, v_chunks, cache_mask = _cache()
   mask = _mask(cache_mask, LENGTHS)
   past = jnp.arange(sum(CHUNKS))[None, :] >= LENGTHS[:, None]  # [B, window]
   split = lambda x, axis: tuple(jnp.split(x, np.cumsum(CHUNKS)[:-1], axis=axis))
   k_poisoned = split(jnp.where(past[:, None, None, :], jnp.nan, jnp.concatenate(k_chunks, axis=3)), 3)
   v_poisoned = split(jnp.where(past[:, None, :, None], jnp.nan, jnp.concatenate(v_chunks, axis=2)), 2)
-  clean = ragged_attention.attend_cached_ragged(q, k_chunks, v_chunks, mask, LENGTHS, block=8, interpret=True)
-  out = ragged_attention.attend_cached_ragged(q, k_poisoned, v_poisoned, mask, LENGTHS, block=8, interpret=True)
+  clean = ragged_attention.attend_cached_ragged(q, k_chunks, v_chunks, mask, LENGTHS, block=128, interpret=True)
+  out = ragged_attention.attend_cached_ragged(q, k_poisoned, v_poisoned, mask, LENGTHS, block=128, interpret=True)
   np.testing.assert_array_equal(out, clean)
 
 
@@ -63,15 +63,15 @@ def test_sharded_over_the_mesh_equals_one_device():
   """Rows over the batch axes, kv heads over "tensor" (shard_map), on a 2 x 2 x 2 mesh."""
   from laser_jax.models import sharding as sharding_lib
   q, k_chunks, v_chunks, cache_mask = _cache(1)
-  lengths = jnp.array([3, 16, 21, 40, 0, 9, 12, 1], jnp.int32)
+  lengths = jnp.array([3, 256, 300, 640, 0, 129, 400, 1], jnp.int32)
   q = jnp.concatenate([q, q[:3]])
   k_chunks = tuple(jnp.concatenate([k, k[:3]]) for k in k_chunks)
   v_chunks = tuple(jnp.concatenate([v, v[:3]]) for v in v_chunks)
   mask = _mask(jnp.concatenate([cache_mask, cache_mask[:3]]), lengths)
-  expected = ragged_attention.attend_cached_ragged(q, k_chunks, v_chunks, mask, lengths, block=8, interpret=True)
+  expected = ragged_attention.attend_cached_ragged(q, k_chunks, v_chunks, mask, lengths, block=128, interpret=True)
   mesh = sharding_lib.make_mesh(data=2, fsdp=2, tensor=2)
   with jax.set_mesh(mesh):
-    out = jax.jit(lambda *a: ragged_attention.attend_cached_ragged(*a, block=8, interpret=True))(
+    out = jax.jit(lambda *a: ragged_attention.attend_cached_ragged(*a, block=128, interpret=True))(
         q, k_chunks, v_chunks, mask, lengths)
   np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
 

@@ -67,7 +67,10 @@ def _chunk_kernel(used_ref, q_ref, k_hbm, v_hbm, mask_ref, m_ref, l_ref, acc_ref
     s = jax.lax.dot_general(q, k_buf[slot], (((1,), (1,)), ((), ())),  # q k^T: [G, block]
                             preferred_element_type=jnp.float32) * scale
     column = j * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    mask = mask_ref[0, :, pl.ds(pl.multiple_of(j * block, block), block)]  # [1, block]
+    if block == mask_ref.shape[-1]:  # one block: the whole chunk (a traced offset, even 0, is not provably aligned)
+      mask = mask_ref[0]  # [1, block]
+    else:
+      mask = mask_ref[0, :, pl.ds(pl.multiple_of(j * block, block), block)]
     valid = (mask > 0) & (column < used)  # key validity, broadcast over G
     s = jnp.where(valid, s, _MASKED)
     m_prev = m_ref[0, 0]  # [G, 1]
@@ -92,7 +95,9 @@ def _chunk_partials(q, k, v, mask, used, *, block: int, interpret: bool):
   unnormalised output [B,K,G,D]), float32."""
   b, kv_heads, g, d = q.shape
   length = k.shape[2]
-  block = block if length % block == 0 else length
+  # Blocks tile the chunk, and a lane-dimension slice of the mask must start at a multiple of
+  # 128: otherwise the chunk is one block.
+  block = block if length % block == 0 and block % 128 == 0 else length
   per_row_head = lambda b_, h, used_: (b_, h, 0, 0)
   hbm = pl.BlockSpec(memory_space=pltpu.MemorySpace.HBM)
   grid_spec = pltpu.PrefetchScalarGridSpec(
