@@ -103,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
   # otherwise: a T4 gets chunked). With splash, continuous-batching decode (rollout.decode_slots > 0)
   # runs the ragged Pallas kernel too: each slot reads only its own KV-cache prefix.
   c.model.attention = "auto"
-  c.model.attention_block = 512  # Queries per block of chunked attention; tile size of splash and the ragged decode.
+  c.model.attention_block = 512  # Queries per block of chunked attention; tile of splash and the ragged decode.
   c.model.scan_layers = False  # Training forward as a lax.scan over the layers (faster compiles, bounded remat).
   c.model.logprob_chunk = 0  # Sequence chunk for the vocab projection in training (0 = whole sequence).
 

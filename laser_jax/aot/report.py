@@ -137,12 +137,12 @@ def _continuous_programs(programs, abstract_params, sampling, num_prompts: int, 
   with every row of the call at the budget, each step's attention (a `lax.switch` over the
   chunks in use) at its costliest branch, every chunk visible: an upper bound, which
   `estimate` scales down to the chunks a step uses (with the TPU kernel, `ragged_attention`,
-  which declares its cost at the whole window, to each slot's own prefix). A refill (a `lax.cond` that does nothing
-  when no slot is free) is counted apart (`cost_model.HloCosts.optional_hbm_bytes` and
-  `optional_collective_bytes`, here per step as if taken every step): `estimate` adds it in the
-  steps that refill. The decode figures
-  for `estimate` are per slot: `rows` = the slots, `row_bytes` a slot's KV cache + per-slot
-  state, `kv_fill` 1."""
+  which declares its cost at the whole window, to each slot's own prefix). A refill (a
+  `lax.cond` that does nothing when no slot is free) is counted apart
+  (`cost_model.HloCosts.optional_hbm_bytes` and `optional_collective_bytes`, here per step as if
+  taken every step): `estimate` adds it in the steps that refill. The decode figures for
+  `estimate` are per slot: `rows` = the slots, `row_bytes` a slot's KV cache + per-slot state,
+  `kv_fill` 1."""
   sampler = programs.sampler
   args, _ = sampler.abstract_continuous_args(abstract_params, num_prompts, prompt_len, sampling)
   slots = sampling.decode_slots
@@ -171,7 +171,8 @@ def _continuous_programs(programs, abstract_params, sampling, num_prompts: int, 
       steps=steps, rows=slots, data_parallel=slots // slots_per_chip, compute_s=decode_report.compute_s,
       hbm_s=decode_report.hbm_s, ici_s=decode_report.ici_s, weight_bytes=weights, row_bytes=slot_bytes,
       kv_row_bytes=cache / slots_per_chip, prompt_len=prompt_len, chunk_lengths=sampling.decode_chunk_lengths,
-      kv_fill=1.0, call_rows=rows, continuous=True, ragged=programs.statics.model_cfg.attention == "splash",
+      kv_fill=1.0, call_rows=rows, continuous=True,
+      ragged=programs.statics.model_cfg.attention == "splash",  # the step's attention: the TPU kernel
       refill_hbm_s=decode_report.optional_hbm_bytes / steps / chip.hbm_bandwidth,
       refill_ici_s=decode_report.optional_collective_bytes / steps / chip.ici_bandwidth)
   return [report, decode_report], decode_program
