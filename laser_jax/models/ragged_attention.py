@@ -67,7 +67,7 @@ def _chunk_kernel(used_ref, q_ref, k_hbm, v_hbm, mask_ref, m_ref, l_ref, acc_ref
     s = jax.lax.dot_general(q, k_buf[slot], (((1,), (1,)), ((), ())),  # q k^T: [G, block]
                             preferred_element_type=jnp.float32) * scale
     column = j * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    if block == mask_ref.shape[-1]:  # one block: the whole chunk (a traced offset, even 0, is not provably aligned)
+    if block == mask_ref.shape[-1]:  # the whole chunk: a traced lane offset, even 0, is not provably aligned
       mask = mask_ref[0]  # [1, block]
     else:
       mask = mask_ref[0, :, pl.ds(pl.multiple_of(j * block, block), block)]
@@ -140,9 +140,10 @@ def attend_cached_ragged(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: j
     for k_t, v in zip(k_chunks, v_chunks):
       length = k_t.shape[-1]
       used = jnp.clip(lengths - start, 0, length).astype(jnp.int32)
-      # Keys and values as [K, B, S, D]: the physical order XLA gives the cache's [B, K, D, S]
-      # keys and [B, K, S, D] values in the decode loop, so this is a relabelling, not a copy (a
-      # kernel reading them in their logical order made XLA copy every chunk at every step).
+      # Keys and values as [K, B, S, D]: the physical order XLA chose for the cache's [B, K, D, S]
+      # keys and [B, K, S, D] values in the v4-64 decode loop, so the transposes are relabellings,
+      # not copies there (a kernel reading them in their logical order made XLA convert every
+      # chunk's layout at every step: `aot --hlo_dir` shows such copies).
       parts.append(_chunk_partials(q.astype(k_t.dtype), k_t.transpose(1, 0, 3, 2), v.transpose(1, 0, 2, 3),
                                    mask[:, :, start:start + length], used, block=block, interpret=interpret))
       start += length
