@@ -141,7 +141,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 = static sampler calls; > 0 = continuous batching over this many decode slots: a finished
   # row's slot takes the next row, so a call costs the sum of its lengths, not rows x longest. The
   # rows are the static sampler's (same per-row program and keys: bit for bit at equal batch sizes;
-  # a CPU GEMM may round a slots-sized batch in the last bit); a step reads the chunks in use.
+  # a CPU GEMM may round a slots-sized batch in the last bit); a step reads the chunks in use, and
+  # on TPU (model.attention splash) each slot only its own KV-cache prefix (ragged Pallas kernel).
   c.rollout.decode_slots = 0
   # Sampling layout. 0: sample with the training layout (weights sharded over fsdp are gathered
   # at every generated token). k > 0: once per RL step the weights are copied in the compute
