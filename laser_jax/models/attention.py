@@ -103,16 +103,25 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array
   return out.swapaxes(0, 1).reshape(q.shape[0], num_blocks * block, *q.shape[2:])[:, :t]
 
 
-def _per_shard(fn, q, k, v, key_valid):
-  """Runs fn(q, k, v, key_valid) per shard under the laser_jax mesh (batch over BATCH, heads over
-  "tensor" where they divide), since a Pallas / custom call cannot be partitioned by GSPMD; calls
-  it directly without such a mesh. Query head h uses kv head h // (N // K) in every shard, because
-  both head axes are split into the same number of contiguous pieces."""
+def kernel_shard_axes(batch_size: int, kv_heads: int) -> tuple | None:
+  """(batch axes, heads axis) a Pallas / custom-call kernel runs per shard over under the
+  laser_jax mesh (batch over BATCH, heads over "tensor", each only where it divides; None for a
+  replicated dimension), since GSPMD cannot partition such a call; None without such a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
+    return None
+  batch = BATCH if batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+  return batch, "tensor" if kv_heads % mesh.shape["tensor"] == 0 else None
+
+
+def _per_shard(fn, q, k, v, key_valid):
+  """Runs fn(q, k, v, key_valid) per shard (`kernel_shard_axes`); directly without the mesh.
+  Query head h uses kv head h // (N // K) in every shard, because both head axes are split into
+  the same number of contiguous pieces."""
+  axes = kernel_shard_axes(q.shape[0], k.shape[2])
+  if axes is None:
     return fn(q, k, v, key_valid)
-  batch = BATCH if q.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
-  heads = "tensor" if k.shape[2] % mesh.shape["tensor"] == 0 else None
+  batch, heads = axes
   qkv = jax.sharding.PartitionSpec(batch, None, heads, None)
   return jax.shard_map(fn, in_specs=(qkv, qkv, qkv, jax.sharding.PartitionSpec(batch, None)),
                        out_specs=qkv, check_vma=False)(q, k, v, key_valid)

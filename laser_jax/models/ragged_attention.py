@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from laser_jax.models.attention import BATCH
+from laser_jax.models.attention import kernel_shard_axes
 
 _MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - _MASKED) is 1, never NaN
 
@@ -129,13 +129,14 @@ def attend_cached_ragged(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: j
   lengths[b] keys of the window (0: none; its output is then 0): q [B,1,N,D], k_chunks
   [B,K,D,S_c], v_chunks [B,K,S_c,D], mask [B,1,sum(S_c)] -> [B,1,N,D]. Keys at or past
   lengths[b] must be masked in `mask` (their blocks are not read). Runs per shard under the
-  laser_jax mesh (batch over BATCH, kv heads over "tensor")."""
+  laser_jax mesh (`attention.kernel_shard_axes`)."""
   mask = mask[:, :, :sum(k.shape[-1] for k in k_chunks)].astype(jnp.int32)
 
   def run(q, k_chunks, v_chunks, mask, lengths):
     b, _, n, d = q.shape
     kv_heads = k_chunks[0].shape[1]
-    q = q.reshape(b, kv_heads, n // kv_heads, d)  # query head h uses kv head h // G
+    dtype = q.dtype
+    q = q.reshape(b, kv_heads, n // kv_heads, d).astype(k_chunks[0].dtype)  # query head h uses kv head h // G
     parts, start = [], 0
     for k_t, v in zip(k_chunks, v_chunks):
       length = k_t.shape[-1]
@@ -144,21 +145,20 @@ def attend_cached_ragged(q: jax.Array, k_chunks: tuple, v_chunks: tuple, mask: j
       # keys and [B, K, S, D] values in the v4-64 decode loop, so the transposes are relabellings,
       # not copies there (a kernel reading them in their logical order made XLA convert every
       # chunk's layout at every step: `aot --hlo_dir` shows such copies).
-      parts.append(_chunk_partials(q.astype(k_t.dtype), k_t.transpose(1, 0, 3, 2), v.transpose(1, 0, 2, 3),
+      parts.append(_chunk_partials(q, k_t.transpose(1, 0, 3, 2), v.transpose(1, 0, 2, 3),
                                    mask[:, :, start:start + length], used, block=block, interpret=interpret))
       start += length
     peak = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
     total = sum(l * jnp.exp(m - peak) for m, l, _ in parts)
     out = sum(acc * jnp.exp(m - peak) for m, _, acc in parts)
     out = jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)
-    return out.reshape(b, 1, n, d).astype(q.dtype)
+    return out.reshape(b, 1, n, d).astype(dtype)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
+  axes = kernel_shard_axes(q.shape[0], k_chunks[0].shape[1])
+  if axes is None:
     return run(q, k_chunks, v_chunks, mask, lengths)
   P = jax.sharding.PartitionSpec
-  batch = BATCH if q.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
-  heads = "tensor" if k_chunks[0].shape[1] % mesh.shape["tensor"] == 0 else None
+  batch, heads = axes
   cache = tuple(P(batch, heads, None, None) for _ in k_chunks)
   return jax.shard_map(run, in_specs=(P(batch, None, heads, None), cache, cache, P(batch, None, None), P(batch)),
                        out_specs=P(batch, None, heads, None), check_vma=False)(q, k_chunks, v_chunks, mask, lengths)
